@@ -1,0 +1,633 @@
+//! The Zenoh bus: a session from config, typed publishers, subscribers and queryables over the
+//! NanoBot envelope, liveliness tokens, and the W3C trace context in the attachment.
+//!
+//! Big payloads are not copied on the way through: the envelope's header and body go in one
+//! small buffer, each blob is handed to Zenoh as its own slice, and on receipt a contiguous
+//! payload is shared with the decoded message (`bytes::Bytes::from_owner`).
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nanobot_messages::{codec, CodecError, Header, Message, TraceContext};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use zenoh::bytes::ZBytes;
+use zenoh::qos::{CongestionControl, Priority};
+use zenoh::sample::Sample;
+use zenoh::Session;
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("zenoh config: {0}")]
+    Config(String),
+    #[error("cannot open the zenoh session ({endpoints}): {reason}")]
+    Open { endpoints: String, reason: String },
+    #[error("zenoh on {key}: {reason}")]
+    Zenoh { key: String, reason: String },
+    #[error("message on {key}: {source}")]
+    Codec { key: String, source: CodecError },
+}
+
+/// The role of this process in the Zenoh network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Peer,
+    Client,
+    Router,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Peer => "peer",
+            Mode::Client => "client",
+            Mode::Router => "router",
+        }
+    }
+}
+
+/// How to open the session. Peer by default, multicast scouting off unless asked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    pub mode: Mode,
+    /// Endpoints to listen on, e.g. `tcp/127.0.0.1:7447` or `unixsock-stream//tmp/nb.sock`.
+    pub listen: Vec<String>,
+    /// Endpoints to connect to (other nodes, or a `zenohd` router).
+    pub connect: Vec<String>,
+    pub multicast_scouting: bool,
+    /// A Zenoh JSON5 config file; the fields above are applied on top of it.
+    pub config_file: Option<PathBuf>,
+}
+
+impl BusConfig {
+    pub fn to_zenoh(&self) -> Result<zenoh::Config, BusError> {
+        let mut cfg = match &self.config_file {
+            Some(path) => zenoh::Config::from_file(path)
+                .map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?,
+            None => zenoh::Config::default(),
+        };
+        let set = |cfg: &mut zenoh::Config, key: &str, value: String| {
+            cfg.insert_json5(key, &value)
+                .map_err(|e| BusError::Config(format!("{key} = {value}: {e}")))
+        };
+        set(&mut cfg, "mode", format!("{:?}", self.mode.as_str()))?;
+        set(
+            &mut cfg,
+            "scouting/multicast/enabled",
+            self.multicast_scouting.to_string(),
+        )?;
+        let list = |v: &[String]| serde_json::to_string(v).expect("strings serialize");
+        if !self.listen.is_empty() {
+            set(&mut cfg, "listen/endpoints", list(&self.listen))?;
+        } else if self.config_file.is_none() && self.mode != Mode::Router {
+            // No listener: a peer that only connects out (CLI tools, robots behind NAT).
+            set(&mut cfg, "listen/endpoints", "[]".into())?;
+        }
+        if !self.connect.is_empty() {
+            set(&mut cfg, "connect/endpoints", list(&self.connect))?;
+        }
+        // Keep retrying connections instead of failing at start: nodes start in any order.
+        if self.config_file.is_none() {
+            set(&mut cfg, "connect/timeout_ms", "0".into())?;
+            set(&mut cfg, "connect/exit_on_failure", "false".into())?;
+        }
+        Ok(cfg)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "mode={} listen=[{}] connect=[{}] multicast_scouting={}",
+            self.mode.as_str(),
+            self.listen.join(", "),
+            self.connect.join(", "),
+            self.multicast_scouting
+        )
+    }
+}
+
+/// Publication QoS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PubQos {
+    /// Control paths (actions, observations): never block, send at once; a congested link drops.
+    Control,
+    /// Data that must arrive (logging, checkpoints): block on congestion.
+    Data,
+}
+
+/// A session on the fleet's Zenoh network.
+#[derive(Clone)]
+pub struct Bus {
+    session: Session,
+    fleet: Arc<str>,
+}
+
+/// A message received from the bus.
+#[derive(Clone, Debug)]
+pub struct Received<T> {
+    pub key: String,
+    pub header: Header,
+    pub msg: T,
+    pub trace: Option<TraceContext>,
+}
+
+/// Counters of one subscription.
+#[derive(Debug, Default)]
+pub struct SubStats {
+    pub received: AtomicU64,
+    /// Latest-only: messages replaced before they were taken.
+    pub replaced: AtomicU64,
+    /// Lossless: arrivals that found the queue full and waited.
+    pub waited: AtomicU64,
+    pub decode_errors: AtomicU64,
+    last_warn: Mutex<Option<Instant>>,
+}
+
+impl SubStats {
+    fn decode_error(&self, key: &str, err: &CodecError) {
+        let n = self.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            tracing::warn!(key, error = %err, total = n, "undecodable message dropped");
+        }
+    }
+    pub fn dropped(&self) -> u64 {
+        self.replaced.load(Ordering::Relaxed) + self.decode_errors.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes of a Zenoh payload: shared with Zenoh when contiguous, else gathered once.
+pub fn payload_bytes(z: &ZBytes) -> Bytes {
+    struct Contiguous(ZBytes);
+    impl AsRef<[u8]> for Contiguous {
+        fn as_ref(&self) -> &[u8] {
+            self.0.slices().next().unwrap_or(&[])
+        }
+    }
+    let mut slices = z.slices();
+    match (slices.next(), slices.next()) {
+        (None, _) => Bytes::new(),
+        (Some(_), None) => Bytes::from_owner(Contiguous(z.clone())),
+        _ => Bytes::from(z.to_bytes().into_owned()),
+    }
+}
+
+/// The trace context of a sample, if its attachment holds a `traceparent`.
+pub fn sample_trace(sample: &Sample) -> Option<TraceContext> {
+    let att = sample.attachment()?;
+    let text = att.try_to_string().ok()?;
+    TraceContext::parse(&text)
+}
+
+fn decode_sample<T: Message>(sample: &Sample) -> Result<Received<T>, CodecError> {
+    let (header, msg) = codec::decode::<T>(payload_bytes(sample.payload()))?;
+    Ok(Received {
+        key: sample.key_expr().as_str().to_string(),
+        header,
+        msg,
+        trace: sample_trace(sample),
+    })
+}
+
+fn encoded_zbytes(e: codec::Encoded) -> ZBytes {
+    if e.blobs.is_empty() {
+        return ZBytes::from(e.head);
+    }
+    let mut w = ZBytes::writer();
+    w.append(ZBytes::from(e.head));
+    for b in e.blobs {
+        if !b.is_empty() {
+            w.append(ZBytes::from(b));
+        }
+    }
+    w.finish()
+}
+
+fn zerr(key: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Zenoh {
+        key: key.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl Bus {
+    pub async fn open(cfg: &BusConfig, fleet: &str) -> Result<Bus, BusError> {
+        let zcfg = cfg.to_zenoh()?;
+        let session = zenoh::open(zcfg).await.map_err(|e| BusError::Open {
+            endpoints: cfg.describe(),
+            reason: e.to_string(),
+        })?;
+        Ok(Bus {
+            session,
+            fleet: fleet.into(),
+        })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+    pub fn fleet(&self) -> &str {
+        &self.fleet
+    }
+
+    /// A typed publisher that stamps `robot` and a per-publisher sequence in every envelope.
+    pub async fn publisher<T: Message>(
+        &self,
+        key: &str,
+        robot: &str,
+        qos: PubQos,
+    ) -> Result<Publisher<T>, BusError> {
+        let (cc, prio, express) = match qos {
+            PubQos::Control => (CongestionControl::Drop, Priority::InteractiveHigh, true),
+            PubQos::Data => (CongestionControl::Block, Priority::Data, false),
+        };
+        let inner = self
+            .session
+            .declare_publisher(key.to_string())
+            .congestion_control(cc)
+            .priority(prio)
+            .express(express)
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(Publisher {
+            inner,
+            key: key.to_string(),
+            robot: robot.to_string(),
+            seq: AtomicU64::new(0),
+            _t: PhantomData,
+        })
+    }
+
+    /// Latest-only subscription: a message not yet taken is replaced by a newer one (counted).
+    /// `wake` runs when a message arrives into an empty slot (to poke an actor's mailbox once).
+    pub async fn subscribe_latest<T: Message>(
+        &self,
+        key: &str,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Latest<T>, BusError> {
+        let shared = Arc::new(LatestShared::<T> {
+            slot: Mutex::new(None),
+            notify: tokio::sync::Notify::new(),
+            stats: SubStats::default(),
+            full: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let subscriber = self
+            .session
+            .declare_subscriber(key.to_string())
+            .callback(move |sample| {
+                s.stats.received.fetch_add(1, Ordering::Relaxed);
+                match decode_sample::<T>(&sample) {
+                    Ok(r) => {
+                        let old = s.slot.lock().unwrap_or_else(|e| e.into_inner()).replace(r);
+                        if old.is_some() {
+                            s.stats.replaced.fetch_add(1, Ordering::Relaxed);
+                        }
+                        s.notify.notify_one();
+                        if !s.full.swap(true, Ordering::AcqRel) {
+                            wake();
+                        }
+                    }
+                    Err(e) => s.stats.decode_error(sample.key_expr().as_str(), &e),
+                }
+            })
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(Latest {
+            _subscriber: subscriber,
+            shared,
+        })
+    }
+
+    /// Lossless subscription with a bounded queue: when the queue is full the arrival waits
+    /// (backpressure to publishers that block on congestion), and the wait is counted.
+    pub async fn subscribe_lossless<T: Message>(
+        &self,
+        key: &str,
+        capacity: usize,
+    ) -> Result<Lossless<T>, BusError> {
+        let (tx, rx) = flume::bounded(capacity.max(1));
+        let stats = Arc::new(SubStats::default());
+        let s = stats.clone();
+        let subscriber = self
+            .session
+            .declare_subscriber(key.to_string())
+            .callback(move |sample| {
+                s.received.fetch_add(1, Ordering::Relaxed);
+                match decode_sample::<T>(&sample) {
+                    Ok(r) => {
+                        if tx.is_full() {
+                            s.waited.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = tx.send(r);
+                    }
+                    Err(e) => s.decode_error(sample.key_expr().as_str(), &e),
+                }
+            })
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(Lossless {
+            _subscriber: subscriber,
+            rx,
+            stats,
+        })
+    }
+
+    /// A typed queryable: requests of type `Q` arrive on a bounded queue.
+    pub async fn queryable<Q: Message>(
+        &self,
+        key: &str,
+        capacity: usize,
+    ) -> Result<Queryable<Q>, BusError> {
+        let inner = self
+            .session
+            .declare_queryable(key.to_string())
+            .with(flume::bounded(capacity.max(1)))
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(Queryable {
+            inner,
+            key: key.to_string(),
+            stats: SubStats::default(),
+            _q: PhantomData,
+        })
+    }
+
+    /// Ask every matching queryable; each reply decodes to `R` or an error naming the key.
+    pub async fn get<Q: Message, R: Message>(
+        &self,
+        key: &str,
+        robot: &str,
+        request: &Q,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Received<R>, BusError>>, BusError> {
+        let enc =
+            codec::encode(robot, 0, codec::now_ns(), request).map_err(|e| BusError::Codec {
+                key: key.into(),
+                source: e,
+            })?;
+        let trace = TraceContext::new_root();
+        let replies = self
+            .session
+            .get(key.to_string())
+            .payload(encoded_zbytes(enc))
+            .attachment(trace.to_string())
+            .timeout(timeout)
+            .await
+            .map_err(|e| zerr(key, e))?;
+        let mut out = Vec::new();
+        while let Ok(reply) = replies.recv_async().await {
+            out.push(match reply.result() {
+                Ok(sample) => decode_sample::<R>(sample).map_err(|e| BusError::Codec {
+                    key: sample.key_expr().as_str().to_string(),
+                    source: e,
+                }),
+                Err(err) => Err(zerr(
+                    key,
+                    format!(
+                        "error reply: {}",
+                        err.payload().try_to_string().unwrap_or_default()
+                    ),
+                )),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Announce an actor: its liveliness token on `{fleet}/node/{node}/{actor}`.
+    pub async fn liveliness_token(
+        &self,
+        node: &str,
+        actor: &str,
+    ) -> Result<zenoh::liveliness::LivelinessToken, BusError> {
+        let key = nanobot_messages::topics::node_actor(&self.fleet, node, actor);
+        self.session
+            .liveliness()
+            .declare_token(key.clone())
+            .await
+            .map_err(|e| zerr(&key, e))
+    }
+
+    /// Every live actor of the fleet: `(node, actor)` pairs.
+    pub async fn live_actors(&self, timeout: Duration) -> Result<Vec<(String, String)>, BusError> {
+        let key = nanobot_messages::topics::all_actors(&self.fleet);
+        let replies = self
+            .session
+            .liveliness()
+            .get(key.clone())
+            .timeout(timeout)
+            .await
+            .map_err(|e| zerr(&key, e))?;
+        let prefix = format!("{}/node/", self.fleet);
+        let mut seen: HashMap<String, ()> = HashMap::new();
+        let mut out = Vec::new();
+        while let Ok(reply) = replies.recv_async().await {
+            if let Ok(sample) = reply.result() {
+                let k = sample.key_expr().as_str();
+                if seen.insert(k.to_string(), ()).is_none() {
+                    if let Some((node, actor)) =
+                        k.strip_prefix(&prefix).and_then(|r| r.split_once('/'))
+                    {
+                        out.push((node.to_string(), actor.to_string()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub async fn close(self) {
+        let _ = self.session.close().await;
+    }
+}
+
+/// A typed publisher.
+pub struct Publisher<T> {
+    inner: zenoh::pubsub::Publisher<'static>,
+    key: String,
+    robot: String,
+    seq: AtomicU64,
+    _t: PhantomData<fn(T)>,
+}
+
+impl<T: Message> Publisher<T> {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Publish `msg` as the start of a new trace. Returns its sequence number.
+    pub async fn put(&self, msg: &T) -> Result<u64, BusError> {
+        self.put_traced(msg, &TraceContext::new_root()).await
+    }
+
+    /// Publish `msg` in the trace `trace` (pass `parent.child()` to continue a trace).
+    pub async fn put_traced(&self, msg: &T, trace: &TraceContext) -> Result<u64, BusError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.put_with(msg, seq, codec::now_ns(), Some(trace))
+            .await?;
+        Ok(seq)
+    }
+
+    /// Publish with an explicit sequence number and stamp (bridges that forward a device's own).
+    pub async fn put_with(
+        &self,
+        msg: &T,
+        seq: u64,
+        stamp_ns: u64,
+        trace: Option<&TraceContext>,
+    ) -> Result<(), BusError> {
+        let enc = codec::encode(&self.robot, seq, stamp_ns, msg).map_err(|e| BusError::Codec {
+            key: self.key.clone(),
+            source: e,
+        })?;
+        let put = self.inner.put(encoded_zbytes(enc));
+        let put = match trace {
+            Some(t) => put.attachment(t.to_string()),
+            None => put,
+        };
+        put.await.map_err(|e| zerr(&self.key, e))
+    }
+}
+
+struct LatestShared<T> {
+    slot: Mutex<Option<Received<T>>>,
+    notify: tokio::sync::Notify,
+    stats: SubStats,
+    /// Set when a message arrives into an empty slot, cleared by `take`.
+    full: AtomicBool,
+}
+
+/// A latest-only subscription.
+pub struct Latest<T> {
+    _subscriber: zenoh::pubsub::Subscriber<()>,
+    shared: Arc<LatestShared<T>>,
+}
+
+impl<T: Message> Latest<T> {
+    /// The newest message not yet taken.
+    pub fn take(&self) -> Option<Received<T>> {
+        let r = self
+            .shared
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.shared.full.store(false, Ordering::Release);
+        r
+    }
+    /// Wait for the next message.
+    pub async fn recv(&self) -> Received<T> {
+        loop {
+            let notified = self.shared.notify.notified();
+            if let Some(r) = self.take() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+    pub fn stats(&self) -> &SubStats {
+        &self.shared.stats
+    }
+}
+
+/// A lossless subscription with a bounded queue.
+pub struct Lossless<T> {
+    _subscriber: zenoh::pubsub::Subscriber<()>,
+    rx: flume::Receiver<Received<T>>,
+    stats: Arc<SubStats>,
+}
+
+impl<T: Message> Lossless<T> {
+    pub async fn recv(&self) -> Option<Received<T>> {
+        self.rx.recv_async().await.ok()
+    }
+    pub fn try_recv(&self) -> Option<Received<T>> {
+        self.rx.try_recv().ok()
+    }
+    pub fn stats(&self) -> &SubStats {
+        &self.stats
+    }
+}
+
+/// A typed queryable.
+pub struct Queryable<Q> {
+    inner: zenoh::query::Queryable<flume::Receiver<zenoh::query::Query>>,
+    key: String,
+    stats: SubStats,
+    _q: PhantomData<fn(Q)>,
+}
+
+/// One request to a [`Queryable`].
+pub struct Request<Q> {
+    query: zenoh::query::Query,
+    pub header: Header,
+    pub msg: Q,
+    pub trace: Option<TraceContext>,
+}
+
+impl<Q: Message> Queryable<Q> {
+    /// The next well-formed request; malformed ones get an error reply and are counted.
+    pub async fn recv(&self) -> Option<Request<Q>> {
+        loop {
+            let query = self.inner.recv_async().await.ok()?;
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            let trace = query
+                .attachment()
+                .and_then(|a| a.try_to_string().ok())
+                .and_then(|t| TraceContext::parse(&t));
+            let decoded = match query.payload() {
+                Some(p) => codec::decode::<Q>(payload_bytes(p)),
+                None => Err(CodecError::Truncated {
+                    what: "header",
+                    need: 4,
+                    have: 0,
+                }),
+            };
+            match decoded {
+                Ok((header, msg)) => {
+                    return Some(Request {
+                        query,
+                        header,
+                        msg,
+                        trace,
+                    })
+                }
+                Err(e) => {
+                    self.stats.decode_error(&self.key, &e);
+                    let _ = query.reply_err(format!("{}: {e}", Q::KIND)).await;
+                }
+            }
+        }
+    }
+    pub fn stats(&self) -> &SubStats {
+        &self.stats
+    }
+}
+
+impl<Q> Request<Q> {
+    pub async fn reply<R: Message>(&self, robot: &str, msg: &R) -> Result<(), BusError> {
+        let key = self.query.key_expr().as_str().to_string();
+        let enc = codec::encode(robot, self.header.seq, codec::now_ns(), msg).map_err(|e| {
+            BusError::Codec {
+                key: key.clone(),
+                source: e,
+            }
+        })?;
+        let mut reply = self
+            .query
+            .reply(self.query.key_expr().clone(), encoded_zbytes(enc));
+        if let Some(t) = &self.trace {
+            reply = reply.attachment(t.child().to_string());
+        }
+        reply.await.map_err(|e| zerr(&key, e))
+    }
+}

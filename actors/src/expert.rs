@@ -1,0 +1,150 @@
+//! `expert`: the scripted expert as a controller on the bus, standing in for the policy until
+//! one is trained. It answers each state frame of its robot (`{fleet}/{robot}/raw/state`,
+//! latest-only) with an ActionChunk on `{fleet}/{robot}/act`, in the same trace.
+
+use std::sync::atomic::Ordering;
+
+use nanobot_messages::{topics, ActionChunk, ActionSource, RawFrame};
+use nanobot_sim::{expert_action_from_state, ACTION_DIM, STATE_DIM};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde::Deserialize;
+
+use crate::bus::{Latest, PubQos, Publisher};
+use crate::node::{ActorContext, Presence};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpertConfig {
+    /// Actions per chunk.
+    pub horizon: u32,
+    /// The robot's control rate (the chunk's time step) and top speed, for the rollout.
+    pub rate_hz: f32,
+    pub max_speed: f32,
+}
+
+impl Default for ExpertConfig {
+    fn default() -> Self {
+        ExpertConfig {
+            horizon: 16,
+            rate_hz: 20.0,
+            max_speed: 0.5,
+        }
+    }
+}
+
+pub struct ExpertActor;
+
+pub enum ExpertMsg {
+    /// A new state frame is waiting.
+    Wake,
+}
+
+pub struct ExpertState {
+    cfg: ExpertConfig,
+    robot: String,
+    state: Latest<RawFrame>,
+    act: Publisher<ActionChunk>,
+    presence: Presence,
+}
+
+/// Roll the expert out on a kinematic model of the robot for `horizon` steps.
+pub fn expert_chunk(state: &[f32], cfg: &ExpertConfig) -> Vec<f32> {
+    let mut s = state.to_vec();
+    let dt = 1.0 / cfg.rate_hz;
+    let mut out = Vec::with_capacity(cfg.horizon as usize * ACTION_DIM);
+    for _ in 0..cfg.horizon {
+        let a = expert_action_from_state(&s, cfg.max_speed);
+        s[0] = (s[0] + a[0] * cfg.max_speed * dt).clamp(0.0, 1.0);
+        s[1] = (s[1] + a[1] * cfg.max_speed * dt).clamp(0.0, 1.0);
+        out.extend_from_slice(&a);
+    }
+    out
+}
+
+impl Actor for ExpertActor {
+    type Msg = ExpertMsg;
+    type State = ExpertState;
+    type Arguments = ActorContext;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ExpertMsg>,
+        ctx: ActorContext,
+    ) -> Result<ExpertState, ActorProcessingErr> {
+        let cfg: ExpertConfig = ctx.config()?;
+        if cfg.horizon == 0 || !(cfg.rate_hz > 0.0) || !(cfg.max_speed > 0.0) {
+            return Err(ctx
+                .config_error("horizon, rate_hz and max_speed must be positive".into())
+                .into());
+        }
+        let robot = ctx.robot()?.to_string();
+        let fleet = ctx.fleet().to_string();
+        let me = myself.clone();
+        let state = ctx
+            .bus
+            .subscribe_latest::<RawFrame>(&topics::raw(&fleet, &robot, "state"), move || {
+                let _ = me.cast(ExpertMsg::Wake);
+            })
+            .await
+            .map_err(ctx.bus_err())?;
+        let act = ctx
+            .bus
+            .publisher(&topics::act(&fleet, &robot), &robot, PubQos::Control)
+            .await
+            .map_err(ctx.bus_err())?;
+        Ok(ExpertState {
+            presence: Presence::announce(&ctx).await?,
+            cfg,
+            robot,
+            state,
+            act,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ExpertMsg>,
+        _msg: ExpertMsg,
+        s: &mut ExpertState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(frame) = s.state.take() else {
+            return Ok(());
+        };
+        let span = tracing::debug_span!("expert", robot = %s.robot, seq = frame.header.seq,
+            trace_id = %frame.trace.map(|t| t.trace_id_hex()).unwrap_or_default());
+        let _g = span.enter();
+        let c = &s.presence.counters;
+        let values = match frame.msg.as_f32() {
+            Some(v) if v.len() >= STATE_DIM => v,
+            _ => {
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(robot = %s.robot, key = %frame.key, "state frame is not a {STATE_DIM}-float vector; ignored");
+                return Ok(());
+            }
+        };
+        let chunk = ActionChunk {
+            obs_seq: frame.header.seq,
+            dt_ns: (1e9 / s.cfg.rate_hz) as u64,
+            horizon: s.cfg.horizon,
+            action_dim: ACTION_DIM as u32,
+            actions: expert_chunk(&values, &s.cfg),
+            source: ActionSource::Expert,
+            policy_version: "scripted-expert".into(),
+            adapter_version: String::new(),
+        };
+        let trace = frame
+            .trace
+            .map(|t| t.child())
+            .unwrap_or_else(nanobot_messages::TraceContext::new_root);
+        match s.act.put_traced(&chunk, &trace).await {
+            Ok(_) => c.handled.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                tracing::warn!(robot = %s.robot, error = %e, "action not published");
+                c.errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        c.dropped
+            .store(s.state.stats().dropped(), Ordering::Relaxed);
+        Ok(())
+    }
+}

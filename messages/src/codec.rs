@@ -1,0 +1,344 @@
+//! The envelope codec: a fixed little-endian header, a bincode 2 body, then blob bytes.
+//! The layout is documented at the crate root and in the README.
+
+use bincode::config::{Configuration, Fixint, LittleEndian};
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::types::*;
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u8 = 1;
+pub const MAGIC: [u8; 2] = *b"NB";
+/// Bytes of the header before the robot id.
+pub const FIXED_HEADER_LEN: usize = 26;
+
+fn config() -> Configuration<LittleEndian, Fixint> {
+    bincode::config::standard()
+        .with_fixed_int_encoding()
+        .with_little_endian()
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("not a NanoBot envelope: magic is {0:02x?}, expected \"NB\"")]
+    BadMagic([u8; 2]),
+    #[error("unknown schema version {0} (this build reads version {SCHEMA_VERSION})")]
+    UnknownVersion(u8),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("wrong message kind: expected {expected}, got {got}")]
+    WrongKind { expected: Kind, got: Kind },
+    #[error("truncated {what}: need {need} bytes, have {have}")]
+    Truncated {
+        what: &'static str,
+        need: usize,
+        have: usize,
+    },
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+    #[error("robot id is not UTF-8")]
+    BadRobotId,
+    #[error("robot id is {0} bytes, at most 65535")]
+    RobotIdTooLong(usize),
+    #[error("{kind} body does not decode: {reason}")]
+    Body { kind: Kind, reason: String },
+    #[error("{kind} body does not encode: {reason}")]
+    Encode { kind: Kind, reason: String },
+}
+
+/// The envelope header of every message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u8,
+    pub kind: Kind,
+    pub robot: String,
+    pub seq: u64,
+    pub stamp_ns: u64,
+}
+
+/// An encoded message: header and body in one small buffer, blob bytes untouched beside it.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub head: Vec<u8>,
+    pub blobs: Vec<Bytes>,
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.blobs.iter().map(Bytes::len).sum::<usize>()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The whole message in one contiguous buffer (copies the blobs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        for b in &self.blobs {
+            v.extend_from_slice(b);
+        }
+        v
+    }
+}
+
+/// Encode `msg` with its envelope header.
+pub fn encode<T: Message>(
+    robot: &str,
+    seq: u64,
+    stamp_ns: u64,
+    msg: &T,
+) -> Result<Encoded, CodecError> {
+    let robot_len =
+        u16::try_from(robot.len()).map_err(|_| CodecError::RobotIdTooLong(robot.len()))?;
+    let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + 64);
+    head.extend_from_slice(&MAGIC);
+    head.push(SCHEMA_VERSION);
+    head.push(T::KIND as u8);
+    head.extend_from_slice(&0u32.to_le_bytes()); // body length, patched below
+    head.extend_from_slice(&seq.to_le_bytes());
+    head.extend_from_slice(&stamp_ns.to_le_bytes());
+    head.extend_from_slice(&robot_len.to_le_bytes());
+    head.extend_from_slice(robot.as_bytes());
+    let body_start = head.len();
+    bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| {
+        CodecError::Encode {
+            kind: T::KIND,
+            reason: e.to_string(),
+        }
+    })?;
+    let body_len = u32::try_from(head.len() - body_start).map_err(|_| CodecError::Encode {
+        kind: T::KIND,
+        reason: "body over 4 GiB".into(),
+    })?;
+    head[4..8].copy_from_slice(&body_len.to_le_bytes());
+    let blobs = msg.blobs().into_iter().map(|b| b.bytes().clone()).collect();
+    Ok(Encoded { head, blobs })
+}
+
+/// Read the header; returns it with the byte range of the body.
+pub fn peek_header(bytes: &[u8]) -> Result<(Header, std::ops::Range<usize>), CodecError> {
+    let need = |n: usize, what: &'static str| {
+        if bytes.len() < n {
+            Err(CodecError::Truncated {
+                what,
+                need: n,
+                have: bytes.len(),
+            })
+        } else {
+            Ok(())
+        }
+    };
+    need(4, "header")?;
+    if bytes[0..2] != MAGIC {
+        return Err(CodecError::BadMagic([bytes[0], bytes[1]]));
+    }
+    if bytes[2] != SCHEMA_VERSION {
+        return Err(CodecError::UnknownVersion(bytes[2]));
+    }
+    let kind = Kind::from_u8(bytes[3]).ok_or(CodecError::UnknownKind(bytes[3]))?;
+    need(FIXED_HEADER_LEN, "header")?;
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+    let body_len = u32_at(4) as usize;
+    let seq = u64_at(8);
+    let stamp_ns = u64_at(16);
+    let robot_len = u16::from_le_bytes([bytes[24], bytes[25]]) as usize;
+    let body_start = FIXED_HEADER_LEN + robot_len;
+    need(body_start, "robot id")?;
+    let robot = std::str::from_utf8(&bytes[FIXED_HEADER_LEN..body_start])
+        .map_err(|_| CodecError::BadRobotId)?
+        .to_string();
+    need(body_start + body_len, "body")?;
+    let header = Header {
+        version: SCHEMA_VERSION,
+        kind,
+        robot,
+        seq,
+        stamp_ns,
+    };
+    Ok((header, body_start..body_start + body_len))
+}
+
+/// Decode a message of kind `T`. Blob fields share `bytes`' memory (no copy).
+pub fn decode<T: Message>(bytes: Bytes) -> Result<(Header, T), CodecError> {
+    let (header, body) = peek_header(&bytes)?;
+    if header.kind != T::KIND {
+        return Err(CodecError::WrongKind {
+            expected: T::KIND,
+            got: header.kind,
+        });
+    }
+    let msg = decode_body::<T>(&bytes, body)?;
+    Ok((header, msg))
+}
+
+fn decode_body<T: Message>(bytes: &Bytes, body: std::ops::Range<usize>) -> Result<T, CodecError> {
+    let (mut msg, used): (T, usize) =
+        bincode::serde::decode_from_slice(&bytes[body.clone()], config()).map_err(|e| match e {
+            bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
+                what: "body",
+                need: body.len() + additional,
+                have: body.len(),
+            },
+            other => CodecError::Body {
+                kind: T::KIND,
+                reason: other.to_string(),
+            },
+        })?;
+    if used != body.len() {
+        return Err(CodecError::Body {
+            kind: T::KIND,
+            reason: format!("{} unread bytes inside the body", body.len() - used),
+        });
+    }
+    let mut at = body.end;
+    for blob in msg.blobs_mut() {
+        let len = blob.pending_len().unwrap_or(0);
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= bytes.len());
+        let Some(end) = end else {
+            return Err(CodecError::Truncated {
+                what: "blob",
+                need: at.saturating_add(len as usize),
+                have: bytes.len(),
+            });
+        };
+        blob.attach(bytes.slice(at..end));
+        at = end;
+    }
+    if at != bytes.len() {
+        return Err(CodecError::TrailingBytes(bytes.len() - at));
+    }
+    Ok(msg)
+}
+
+/// Decode whatever message `bytes` holds.
+pub fn decode_any(bytes: Bytes) -> Result<(Header, AnyMessage), CodecError> {
+    let (header, body) = peek_header(&bytes)?;
+    let msg = match header.kind {
+        Kind::RawFrame => AnyMessage::RawFrame(decode_body(&bytes, body)?),
+        Kind::Observation => AnyMessage::Observation(decode_body(&bytes, body)?),
+        Kind::ActionChunk => AnyMessage::ActionChunk(decode_body(&bytes, body)?),
+        Kind::Event => AnyMessage::Event(decode_body(&bytes, body)?),
+        Kind::SegmentFinalized => AnyMessage::SegmentFinalized(decode_body(&bytes, body)?),
+        Kind::ReplayRequest => AnyMessage::ReplayRequest(decode_body(&bytes, body)?),
+        Kind::ReplayBatch => AnyMessage::ReplayBatch(decode_body(&bytes, body)?),
+        Kind::Candidate => AnyMessage::Candidate(decode_body(&bytes, body)?),
+        Kind::Promoted => AnyMessage::Promoted(decode_body(&bytes, body)?),
+        Kind::Stats => AnyMessage::Stats(decode_body(&bytes, body)?),
+    };
+    Ok((header, msg))
+}
+
+/// Encode any message (the CLI's `topic pub`).
+pub fn encode_any(
+    robot: &str,
+    seq: u64,
+    stamp_ns: u64,
+    msg: &AnyMessage,
+) -> Result<Encoded, CodecError> {
+    match msg {
+        AnyMessage::RawFrame(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::Observation(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::ActionChunk(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::Event(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::SegmentFinalized(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::ReplayRequest(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::ReplayBatch(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::Candidate(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::Promoted(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::Stats(m) => encode(robot, seq, stamp_ns, m),
+    }
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk() -> ActionChunk {
+        ActionChunk {
+            obs_seq: 7,
+            dt_ns: 50_000_000,
+            horizon: 2,
+            action_dim: 2,
+            actions: vec![0.5, -0.5, 1.0, 0.0],
+            source: ActionSource::Expert,
+            policy_version: "expert".into(),
+            adapter_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn header_layout_is_the_documented_one() {
+        let e = encode("r0", 0x0102, 0x0304, &chunk()).unwrap();
+        let h = &e.head;
+        assert_eq!(&h[0..2], b"NB");
+        assert_eq!(h[2], 1);
+        assert_eq!(h[3], Kind::ActionChunk as u8);
+        assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), 0x0102);
+        assert_eq!(u64::from_le_bytes(h[16..24].try_into().unwrap()), 0x0304);
+        assert_eq!(u16::from_le_bytes([h[24], h[25]]), 2);
+        assert_eq!(&h[26..28], b"r0");
+        let body_len = u32::from_le_bytes(h[4..8].try_into().unwrap()) as usize;
+        assert_eq!(h.len(), 28 + body_len);
+        // Fixed-width body: obs_seq is the first u64 after the robot id.
+        assert_eq!(u64::from_le_bytes(h[28..36].try_into().unwrap()), 7);
+    }
+
+    #[test]
+    fn blobs_follow_the_body_and_are_not_copied_on_decode() {
+        let frame = RawFrame {
+            sensor: "cam".into(),
+            encoding: Encoding::Jpeg,
+            shape: vec![64, 64, 3],
+            data: Blob::new(vec![9u8; 1000]),
+        };
+        let e = encode("r1", 1, 2, &frame).unwrap();
+        assert_eq!(e.blobs.len(), 1);
+        let wire = Bytes::from(e.to_vec());
+        let (h, back): (Header, RawFrame) = decode(wire.clone()).unwrap();
+        assert_eq!(h.robot, "r1");
+        assert_eq!(back, frame);
+        let start = wire.len() - 1000;
+        assert_eq!(back.data.bytes().as_ptr(), wire[start..].as_ptr());
+    }
+
+    #[test]
+    fn wrong_kind_unknown_kind_and_version_are_named() {
+        let wire = Bytes::from(encode("r0", 1, 2, &chunk()).unwrap().to_vec());
+        assert_eq!(
+            decode::<Event>(wire.clone()).unwrap_err(),
+            CodecError::WrongKind {
+                expected: Kind::Event,
+                got: Kind::ActionChunk
+            }
+        );
+        let mut v = wire.to_vec();
+        v[2] = 9;
+        assert_eq!(
+            decode_any(Bytes::from(v.clone())).unwrap_err(),
+            CodecError::UnknownVersion(9)
+        );
+        v[2] = 1;
+        v[3] = 200;
+        assert_eq!(
+            decode_any(Bytes::from(v)).unwrap_err(),
+            CodecError::UnknownKind(200)
+        );
+        assert!(matches!(
+            decode_any(Bytes::from_static(b"xx12")),
+            Err(CodecError::BadMagic(_))
+        ));
+    }
+}

@@ -1,0 +1,124 @@
+//! Zenoh key expressions of every topic, built in one place (DESIGN.md's topic table).
+
+use thiserror::Error;
+
+/// The default fleet name.
+pub const DEFAULT_FLEET: &str = "nb";
+
+/// Second-level names that belong to fleet services, not robots.
+pub const RESERVED: [&str; 4] = ["log", "replay", "ckpt", "node"];
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum NameError {
+    #[error("{what} name is empty")]
+    Empty { what: &'static str },
+    #[error("{what} name {name:?} has {ch:?}, which a Zenoh key chunk cannot hold (use letters, digits, '-', '_', '.')")]
+    BadChar {
+        what: &'static str,
+        name: String,
+        ch: char,
+    },
+    #[error("robot name {0:?} is reserved for fleet services ({list})", list = RESERVED.join(", "))]
+    Reserved(String),
+}
+
+/// Check that `name` can stand as one chunk of a key expression.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { what });
+    }
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(NameError::BadChar {
+            what,
+            name: name.to_string(),
+            ch,
+        });
+    }
+    Ok(())
+}
+
+/// Check a robot id: a valid chunk that is not a reserved service name.
+pub fn validate_robot(name: &str) -> Result<(), NameError> {
+    validate_name("robot", name)?;
+    if RESERVED.contains(&name) {
+        return Err(NameError::Reserved(name.to_string()));
+    }
+    Ok(())
+}
+
+pub fn raw(fleet: &str, robot: &str, sensor: &str) -> String {
+    format!("{fleet}/{robot}/raw/{sensor}")
+}
+pub fn obs(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/{robot}/obs")
+}
+pub fn act(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/{robot}/act")
+}
+pub fn event(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/{robot}/event")
+}
+pub fn segment(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/log/{robot}/segment")
+}
+pub fn replay_sample(fleet: &str) -> String {
+    format!("{fleet}/replay/sample")
+}
+pub fn ckpt_candidate(fleet: &str) -> String {
+    format!("{fleet}/ckpt/candidate")
+}
+pub fn ckpt_promoted(fleet: &str) -> String {
+    format!("{fleet}/ckpt/promoted")
+}
+/// Liveliness token and stats of one actor.
+pub fn node_actor(fleet: &str, node: &str, actor: &str) -> String {
+    format!("{fleet}/node/{node}/{actor}")
+}
+/// Every actor of the fleet (liveliness queries).
+pub fn all_actors(fleet: &str) -> String {
+    format!("{fleet}/node/**")
+}
+
+/// The robot a robot-scoped key belongs to (`nb/r0/act` → `r0`).
+pub fn robot_of<'a>(fleet: &str, key: &'a str) -> Option<&'a str> {
+    let rest = key.strip_prefix(fleet)?.strip_prefix('/')?;
+    let robot = rest.split('/').next()?;
+    (!RESERVED.contains(&robot) && !robot.is_empty()).then_some(robot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_robot_of() {
+        assert_eq!(raw("nb", "r0", "cam"), "nb/r0/raw/cam");
+        assert_eq!(robot_of("nb", &act("nb", "r3")), Some("r3"));
+        assert_eq!(robot_of("nb", &segment("nb", "r3")), None);
+        assert_eq!(robot_of("nb", "other/r3/act"), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_robot("arm-01.left").is_ok());
+        assert!(matches!(
+            validate_robot("a/b"),
+            Err(NameError::BadChar { ch: '/', .. })
+        ));
+        assert!(matches!(
+            validate_robot("a*"),
+            Err(NameError::BadChar { ch: '*', .. })
+        ));
+        assert_eq!(
+            validate_robot("log"),
+            Err(NameError::Reserved("log".into()))
+        );
+        assert!(matches!(
+            validate_name("node", ""),
+            Err(NameError::Empty { .. })
+        ));
+    }
+}

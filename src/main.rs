@@ -1,0 +1,157 @@
+//! `nanobot`: the one CLI — launch a fleet, run a node, and look at any topic.
+
+mod bench;
+mod conn;
+mod fleet;
+mod launcher;
+mod topic;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use nanobot_actors::{launch, node, ACTOR_KINDS};
+
+#[derive(Parser)]
+#[command(
+    name = "nanobot",
+    version,
+    about = "NanoBot: a fleet of robots that learns while it works, over Zenoh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start every node of a launch file as child processes; restart crashed ones.
+    Launch {
+        file: PathBuf,
+        /// Start only these nodes (repeatable).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        /// Seconds a node gets to stop after SIGTERM before SIGKILL.
+        #[arg(long, default_value_t = 10.0)]
+        grace: f64,
+    },
+    /// Run one node of a launch file in this process (the multi-machine case).
+    Run {
+        #[arg(long)]
+        launch: PathBuf,
+        #[arg(long)]
+        node: String,
+    },
+    /// Inspect and publish topics of a running fleet.
+    Topic {
+        #[command(subcommand)]
+        cmd: topic::TopicCmd,
+    },
+    /// Nodes and actors of a running fleet.
+    Node {
+        #[command(subcommand)]
+        cmd: fleet::NodeCmd,
+    },
+    /// Check config, endpoints, connectivity and data flow.
+    Doctor {
+        #[command(flatten)]
+        conn: conn::ConnectArgs,
+    },
+    /// Benchmarks, each printed beside a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        cmd: bench::BenchCmd,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Launch { file, nodes, grace } => {
+            init_tracing("info");
+            launcher::launch(&file, &nodes, grace)
+        }
+        Cmd::Run {
+            launch: file,
+            node: name,
+        } => {
+            init_tracing("info,zenoh=warn");
+            run_node(&file, &name)
+        }
+        Cmd::Topic { cmd } => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(topic::run(cmd)))
+        }
+        Cmd::Node { cmd } => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(fleet::node_cmd(cmd)))
+        }
+        Cmd::Doctor { conn } => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(fleet::doctor(conn)))
+        }
+        Cmd::Bench { cmd } => {
+            init_tracing("warn,zenoh=error");
+            bench::run(cmd)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("nanobot: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit codes of `nanobot run`: 2 for a bad launch file or actor config (restarting will not
+/// help), 3 when an actor exhausted its restart policy, 1 for anything else.
+fn run_node(file: &std::path::Path, name: &str) -> anyhow::Result<u8> {
+    let lf = match launch::load(file, ACTOR_KINDS) {
+        Ok(lf) => lf,
+        Err(e) => {
+            eprintln!("nanobot: error: {e}");
+            return Ok(2);
+        }
+    };
+    let Some(plan) = lf.node(name).cloned() else {
+        let known: Vec<_> = lf.nodes.iter().map(|n| n.name.as_str()).collect();
+        eprintln!(
+            "nanobot: error: {}: no node named {name:?} (nodes: {})",
+            file.display(),
+            known.join(", ")
+        );
+        return Ok(2);
+    };
+    let rt = runtime()?;
+    match rt.block_on(node::run_node(plan)) {
+        Ok(()) => Ok(0),
+        Err(e @ node::NodeError::Start { .. }) => {
+            eprintln!("nanobot: error: {e}");
+            Ok(2)
+        }
+        Err(e @ node::NodeError::GaveUp { .. }) => {
+            eprintln!("nanobot: error: {e}");
+            Ok(3)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
