@@ -48,9 +48,7 @@ pub enum BenchCmd {
 }
 
 pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cmd {
         BenchCmd::Bus {
             secs,
@@ -106,9 +104,7 @@ impl Sink {
         let n = self.n.load(Ordering::Relaxed);
         let (f, l) = (*self.first.lock().unwrap(), *self.last.lock().unwrap());
         match (f, l) {
-            (Some(f), Some(l)) if n > 1 && l > f => {
-                (n, (n - 1) as f64 / l.duration_since(f).as_secs_f64())
-            }
+            (Some(f), Some(l)) if n > 1 && l > f => (n, (n - 1) as f64 / l.duration_since(f).as_secs_f64()),
             _ => (n, 0.0),
         }
     }
@@ -130,19 +126,14 @@ async fn serve(
     let sk = sinks.clone();
     tasks.push(tokio::spawn(async move {
         while let Ok(sample) = raw.recv_async().await {
-            let k = format!(
-                "raw/{}",
-                sample.key_expr().as_str().rsplit('/').next().unwrap_or("")
-            );
+            let k = format!("raw/{}", sample.key_expr().as_str().rsplit('/').next().unwrap_or(""));
             let sink = sk.lock().unwrap().entry(k).or_default().clone();
             let _ = sample.payload().len();
             sink.hit();
         }
     }));
     // NanoBot sink: the bus's typed lossless subscription.
-    let nb = bus
-        .subscribe_lossless::<RawFrame>("bench/nb/thr/*", 256)
-        .await?;
+    let nb = bus.subscribe_lossless::<RawFrame>("bench/nb/thr/*", 256).await?;
     let sk = sinks.clone();
     tasks.push(tokio::spawn(async move {
         while let Some(r) = nb.recv().await {
@@ -161,13 +152,7 @@ async fn serve(
     tasks.push(tokio::spawn(async move {
         let mut pubs: BTreeMap<String, zenoh::pubsub::Publisher<'static>> = BTreeMap::new();
         while let Ok(sample) = ping.recv_async().await {
-            let size = sample
-                .key_expr()
-                .as_str()
-                .rsplit('/')
-                .next()
-                .unwrap_or("")
-                .to_string();
+            let size = sample.key_expr().as_str().rsplit('/').next().unwrap_or("").to_string();
             if !pubs.contains_key(&size) {
                 let p = s2
                     .declare_publisher(format!("bench/raw/pong/{size}"))
@@ -181,9 +166,7 @@ async fn serve(
         }
     }));
     // NanoBot echo: typed in, typed out.
-    let ping = bus
-        .subscribe_lossless::<RawFrame>("bench/nb/ping/*", 16)
-        .await?;
+    let ping = bus.subscribe_lossless::<RawFrame>("bench/nb/ping/*", 16).await?;
     let b2 = bus.clone();
     tasks.push(tokio::spawn(async move {
         let mut pubs: BTreeMap<String, nanobot_actors::bus::Publisher<RawFrame>> = BTreeMap::new();
@@ -191,11 +174,7 @@ async fn serve(
             let size = r.key.rsplit('/').next().unwrap_or("").to_string();
             if !pubs.contains_key(&size) {
                 let Ok(p) = b2
-                    .publisher::<RawFrame>(
-                        &format!("bench/nb/pong/{size}"),
-                        "bench",
-                        PubQos::Control,
-                    )
+                    .publisher::<RawFrame>(&format!("bench/nb/pong/{size}"), "bench", PubQos::Control)
                     .await
                 else {
                     continue;
@@ -268,9 +247,7 @@ async fn blast(bus: &Bus, v: Variant, size: usize, secs: f64) -> anyhow::Result<
             }
         }
         Variant::NanoBot => {
-            let p = bus
-                .publisher::<RawFrame>(&key, "bench", PubQos::Data)
-                .await?;
+            let p = bus.publisher::<RawFrame>(&key, "bench", PubQos::Data).await?;
             let msg = frame(&payload);
             let trace = nanobot_messages::TraceContext::new_root();
             while Instant::now() < deadline {
@@ -352,11 +329,7 @@ async fn ping_pong(bus: &Bus, v: Variant, size: usize, n: usize) -> anyhow::Resu
 async fn wait_matching(p: &zenoh::pubsub::Publisher<'_>) {
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        if p.matching_status()
-            .await
-            .map(|m| m.matching())
-            .unwrap_or(false)
-        {
+        if p.matching_status().await.map(|m| m.matching()).unwrap_or(false) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             return;
         }
@@ -370,12 +343,7 @@ async fn report(
     key: &str,
 ) -> anyhow::Result<(u64, f64)> {
     if let Some(sinks) = local {
-        return Ok(sinks
-            .lock()
-            .unwrap()
-            .get(key)
-            .map(|s| s.rate())
-            .unwrap_or((0, 0.0)));
+        return Ok(sinks.lock().unwrap().get(key).map(|s| s.rate()).unwrap_or((0, 0.0)));
     }
     let replies = session
         .get(format!("bench/report/{key}"))
@@ -386,14 +354,9 @@ async fn report(
         .recv_async()
         .await
         .map_err(|e| anyhow::anyhow!("the bench peer did not answer: {e}"))?;
-    let sample = reply
-        .result()
-        .map_err(|e| anyhow::anyhow!("bench peer error: {e:?}"))?;
+    let sample = reply.result().map_err(|e| anyhow::anyhow!("bench peer error: {e:?}"))?;
     let v: serde_json::Value = serde_json::from_slice(&sample.payload().to_bytes())?;
-    Ok((
-        v["n"].as_u64().unwrap_or(0),
-        v["rate"].as_f64().unwrap_or(0.0),
-    ))
+    Ok((v["n"].as_u64().unwrap_or(0), v["rate"].as_f64().unwrap_or(0.0)))
 }
 
 fn human(rate: f64) -> String {
@@ -425,15 +388,7 @@ async fn measure(
     println!("\n== {label} ==");
     println!(
         "{:<9} {:>12} {:>12} {:>7} | {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "size",
-        "raw msg/s",
-        "nanobot",
-        "ratio",
-        "raw p50",
-        "raw p99",
-        "nb p50",
-        "nb p99",
-        "added p50"
+        "size", "raw msg/s", "nanobot", "ratio", "raw p50", "raw p99", "nb p50", "nb p99", "added p50"
     );
     for &size in sizes {
         let mut thr = [0.0f64; 2];
@@ -459,11 +414,7 @@ async fn measure(
                 peer_rate(bus.session(), &key, n0, n1, rate)
             };
         }
-        let n = if size >= 65536 {
-            round_trips / 2
-        } else {
-            round_trips
-        };
+        let n = if size >= 65536 { round_trips / 2 } else { round_trips };
         let raw = ping_pong(bus, Variant::Raw, size, n).await?;
         let nb = ping_pong(bus, Variant::NanoBot, size, n).await?;
         let (r50, r99, n50, n99) = (
@@ -494,18 +445,13 @@ fn peer_rate(_s: &Session, _key: &str, _n0: u64, _n1: u64, rate: f64) -> f64 {
     rate
 }
 
-async fn bench_bus(
-    secs: f64,
-    round_trips: usize,
-    sizes: &[usize],
-    only: Option<&str>,
-) -> anyhow::Result<u8> {
-    println!("nanobot bench bus: {secs}s of publishing per throughput figure, {round_trips} round trips per latency figure");
+async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<&str>) -> anyhow::Result<u8> {
+    println!(
+        "nanobot bench bus: {secs}s of publishing per throughput figure, {round_trips} round trips per latency figure"
+    );
     println!("throughput: blocking congestion control, batched; latency: express, one message in flight (round trip)");
     if only != Some("one") {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let endpoint = format!("tcp/127.0.0.1:{port}");
         let cfg = BusConfig {
             listen: vec![endpoint.clone()],
@@ -527,15 +473,7 @@ async fn bench_bus(
             bail!("the bench peer did not start: {line:?}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let result = measure(
-            &bus,
-            None,
-            "two processes, tcp on loopback",
-            secs,
-            round_trips,
-            sizes,
-        )
-        .await;
+        let result = measure(&bus, None, "two processes, tcp on loopback", secs, round_trips, sizes).await;
         let _ = bus.session().put("bench/quit", "").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let _ = child.kill();
@@ -547,15 +485,7 @@ async fn bench_bus(
         let bus = Bus::open(&BusConfig::default(), "bench").await?;
         let sinks: Arc<Mutex<BTreeMap<String, Arc<Sink>>>> = Arc::default();
         let _tasks = serve(&bus, sinks.clone()).await?;
-        measure(
-            &bus,
-            Some(&sinks),
-            "one process, one session",
-            secs,
-            round_trips,
-            sizes,
-        )
-        .await?;
+        measure(&bus, Some(&sinks), "one process, one session", secs, round_trips, sizes).await?;
         bus.close().await;
     }
     Ok(0)

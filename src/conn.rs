@@ -23,9 +23,11 @@ pub struct ConnectArgs {
     /// Fleet name (key prefix).
     #[arg(long)]
     pub fleet: Option<String>,
-    /// Connect as a client of a router instead of as a peer.
+    /// Join as a peer instead of as a client. A client reaches everything through the node
+    /// or router it connects to; a peer that does not listen only sees what its direct
+    /// neighbours publish.
     #[arg(long)]
-    pub client: bool,
+    pub peer: bool,
     /// Turn multicast scouting on (off by default).
     #[arg(long)]
     pub scout: bool,
@@ -47,12 +49,7 @@ impl ConnectArgs {
             fleet.get_or_insert(lf.fleet.clone());
             if connect.is_empty() {
                 for node in &lf.nodes {
-                    connect.extend(
-                        node.bus
-                            .listen
-                            .iter()
-                            .map(|e| e.replace("0.0.0.0", "127.0.0.1")),
-                    );
+                    connect.extend(node.bus.listen.iter().map(|e| e.replace("0.0.0.0", "127.0.0.1")));
                     connect.extend(node.bus.connect.iter().cloned());
                 }
                 connect.sort();
@@ -61,18 +58,12 @@ impl ConnectArgs {
         }
         if connect.is_empty() && !self.scout && self.zenoh_config.is_none() {
             match std::env::var("NANOBOT_CONNECT") {
-                Ok(v) if !v.trim().is_empty() => {
-                    connect.extend(v.split(',').map(|s| s.trim().to_string()))
-                }
+                Ok(v) if !v.trim().is_empty() => connect.extend(v.split(',').map(|s| s.trim().to_string())),
                 _ => connect.push(DEFAULT_ENDPOINT.to_string()),
             }
         }
         let cfg = BusConfig {
-            mode: if self.client {
-                Mode::Client
-            } else {
-                Mode::Peer
-            },
+            mode: if self.peer { Mode::Peer } else { Mode::Client },
             listen: Vec::new(),
             connect,
             multicast_scouting: self.scout,
@@ -87,21 +78,29 @@ impl ConnectArgs {
     /// Open a session and wait until some peer or router answers; fail with a clear message.
     pub async fn open(&self) -> anyhow::Result<Bus> {
         let (cfg, fleet) = self.resolve()?;
-        let bus = Bus::open(&cfg, &fleet)
-            .await
-            .context("opening the Zenoh session")?;
+        let unreachable = || {
+            format!(
+                "no Zenoh peer or router answered within {:.1}s at [{}]. Is the fleet running \
+                 (`nanobot launch launch/sim.toml`)? Point at it with --connect ENDPOINT or --launch FILE.",
+                self.connect_timeout,
+                cfg.connect.join(", ")
+            )
+        };
+        let bus = match Bus::open(&cfg, &fleet).await {
+            Ok(bus) => bus,
+            // A client fails at once when no endpoint answers.
+            Err(e @ nanobot_actors::bus::BusError::Open { .. }) if cfg.mode == Mode::Client => {
+                return Err(anyhow::anyhow!(e).context(unreachable()))
+            }
+            Err(e) => return Err(e).context("opening the Zenoh session"),
+        };
         let deadline = Instant::now() + Duration::from_secs_f64(self.connect_timeout);
         loop {
             if connected_count(&bus).await > 0 {
                 return Ok(bus);
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "no Zenoh peer or router answered within {:.1}s at [{}]. Is the fleet running \
-                     (`nanobot launch launch/sim.toml`)? Point at it with --connect ENDPOINT or --launch FILE.",
-                    self.connect_timeout,
-                    cfg.connect.join(", ")
-                );
+                bail!(unreachable());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -36,9 +36,7 @@ async fn collect_stats(
         .declare_subscriber(key.clone())
         .callback(move |sample| {
             if let Ok((_, s)) = codec::decode::<Stats>(payload_bytes(sample.payload())) {
-                f.lock()
-                    .unwrap()
-                    .insert((s.node.clone(), s.actor.clone()), s);
+                f.lock().unwrap().insert((s.node.clone(), s.actor.clone()), s);
             }
         })
         .await
@@ -58,7 +56,7 @@ pub async fn node_cmd(cmd: NodeCmd) -> anyhow::Result<u8> {
             let (stats, live) = (stats?, live?);
             if live.is_empty() {
                 bail!(
-                    "connected to {} peer(s), but no actor announced itself on {}",
+                    "connected to {} Zenoh node(s), but no actor announced itself on {}",
                     connected_count(&bus).await,
                     topics::all_actors(bus.fleet())
                 );
@@ -100,7 +98,7 @@ pub async fn doctor(conn: ConnectArgs) -> anyhow::Result<u8> {
     let peers: Vec<String> = info.peers_zid().await.map(|z| z.to_string()).collect();
     let routers: Vec<String> = info.routers_zid().await.map(|z| z.to_string()).collect();
     println!(
-        "ok        connected to {} peer(s) [{}] and {} router(s) [{}]",
+        "ok        connected to {} Zenoh node(s) [{}] and {} router(s) [{}]",
         peers.len(),
         peers.join(", "),
         routers.len(),
@@ -119,11 +117,7 @@ pub async fn doctor(conn: ConnectArgs) -> anyhow::Result<u8> {
         );
     }
     for (n, actors) in &nodes {
-        println!(
-            "ok        node {n}: {} actor(s): {}",
-            actors.len(),
-            actors.join(", ")
-        );
+        println!("ok        node {n}: {} actor(s): {}", actors.len(), actors.join(", "));
     }
 
     // Data flow: count messages per key for two seconds, and how many do not decode.
@@ -167,9 +161,5 @@ pub async fn doctor(conn: ConnectArgs) -> anyhow::Result<u8> {
             }
         }
     }
-    Ok(if problems == 0 && !live.is_empty() {
-        0
-    } else {
-        1
-    })
+    Ok(if problems == 0 && !live.is_empty() { 0 } else { 1 })
 }

@@ -59,12 +59,8 @@ fn spawn_node(file: &Path, name: &str) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the nanobot executable")?;
     let parent = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(exe);
-    cmd.args(["run", "--launch"])
-        .arg(file)
-        .args(["--node", name]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(["run", "--launch"]).arg(file).args(["--node", name]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -78,9 +74,7 @@ fn spawn_node(file: &Path, name: &str) -> anyhow::Result<Child> {
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting node {name}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("starting node {name}"))?;
     let prefix = format!("[{name}] ");
     if let Some(out) = child.stdout.take() {
         let p = prefix.clone();
@@ -130,11 +124,7 @@ fn on_exit(p: &mut NodeProc, status: ExitStatus, policy: &RestartPolicy) {
     }
     let now = Instant::now();
     let window = Duration::from_secs_f64(policy.window_s);
-    while p
-        .failures
-        .front()
-        .is_some_and(|t| now.duration_since(*t) > window)
-    {
+    while p.failures.front().is_some_and(|t| now.duration_since(*t) > window) {
         p.failures.pop_front();
     }
     p.failures.push_back(now);
@@ -258,10 +248,7 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> 
         if Instant::now() >= deadline {
             for p in procs.iter_mut() {
                 if let Some(mut c) = p.child.take() {
-                    say(&format!(
-                        "node {} did not stop within {grace_s}s: SIGKILL",
-                        p.name
-                    ));
+                    say(&format!("node {} did not stop within {grace_s}s: SIGKILL", p.name));
                     let _ = c.kill();
                     let _ = c.wait();
                 }

@@ -136,11 +136,7 @@ type Table = Arc<Mutex<BTreeMap<String, KeyStats>>>;
 async fn watch(
     conn: &ConnectArgs,
     key: &str,
-) -> anyhow::Result<(
-    nanobot_actors::bus::Bus,
-    zenoh::pubsub::Subscriber<()>,
-    Table,
-)> {
+) -> anyhow::Result<(nanobot_actors::bus::Bus, zenoh::pubsub::Subscriber<()>, Table)> {
     let bus = conn.open().await?;
     let table: Table = Arc::default();
     let t = table.clone();
@@ -154,9 +150,7 @@ async fn watch(
                 .map(|(h, _)| h.kind.name().to_string())
                 .unwrap_or_else(|e| format!("(not NanoBot: {e})"));
             let mut map = t.lock().unwrap();
-            let s = map
-                .entry(sample.key_expr().as_str().to_string())
-                .or_default();
+            let s = map.entry(sample.key_expr().as_str().to_string()).or_default();
             if let Some(last) = s.last {
                 s.periods.push(now.duration_since(last).as_secs_f64());
                 if s.periods.len() > 10_000 {
@@ -168,11 +162,7 @@ async fn watch(
             s.bytes += len as u64;
             s.first.get_or_insert(now);
             s.last = Some(now);
-            s.sizes_min = if s.count == 1 {
-                len
-            } else {
-                s.sizes_min.min(len)
-            };
+            s.sizes_min = if s.count == 1 { len } else { s.sizes_min.min(len) };
             s.sizes_max = s.sizes_max.max(len);
         })
         .await
@@ -180,12 +170,13 @@ async fn watch(
     Ok((bus, sub, table))
 }
 
+/// Messages per second from the mean period between arrivals.
 fn rate(s: &KeyStats) -> f64 {
-    match (s.first, s.last) {
-        (Some(a), Some(b)) if s.count > 1 && b > a => {
-            (s.count - 1) as f64 / b.duration_since(a).as_secs_f64()
-        }
-        _ => 0.0,
+    let mean = s.periods.iter().sum::<f64>() / s.periods.len().max(1) as f64;
+    if mean > 0.0 {
+        1.0 / mean
+    } else {
+        0.0
     }
 }
 
@@ -214,13 +205,13 @@ pub async fn run(cmd: TopicCmd) -> anyhow::Result<u8> {
             let map = table.lock().unwrap();
             if map.is_empty() {
                 bail!(
-                    "connected to {} peer(s), but no message on {key} within {duration}s",
+                    "connected to {} Zenoh node(s), but no message on {key} within {duration}s",
                     connected_count(&bus).await
                 );
             }
             println!("{:<40} {:<18} {:>9}", "KEY", "KIND", "RATE Hz");
             for (k, s) in map.iter() {
-                println!("{k:<40} {:<18} {:>9.1}", s.kind, rate(s));
+                println!("{k:<40} {:<18} {:>9.1}", s.kind, s.count as f64 / duration);
             }
             Ok(0)
         }
@@ -290,11 +281,7 @@ pub async fn run(cmd: TopicCmd) -> anyhow::Result<u8> {
     }
 }
 
-async fn stats_loop(
-    table: &Table,
-    duration: Option<f64>,
-    line: impl Fn(&str, &KeyStats) -> String,
-) {
+async fn stats_loop(table: &Table, duration: Option<f64>, line: impl Fn(&str, &KeyStats) -> String) {
     let print = |table: &Table| {
         let map = table.lock().unwrap();
         let mut out = std::io::stdout().lock();
@@ -319,7 +306,7 @@ async fn stats_loop(
 async fn finish(bus: &nanobot_actors::bus::Bus, table: &Table, key: &str) -> anyhow::Result<u8> {
     if table.lock().unwrap().is_empty() {
         bail!(
-            "connected to {} peer(s), but no message on {key}",
+            "connected to {} Zenoh node(s), but no message on {key}",
             connected_count(bus).await
         );
     }
@@ -342,22 +329,19 @@ async fn echo(
         .await
         .map_err(|e| anyhow::anyhow!("subscribing to {key}: {e}"))?;
     let mut printed = 0u64;
-    let first_deadline =
-        (timeout > 0.0).then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout));
+    let first_deadline = (timeout > 0.0).then(|| tokio::time::Instant::now() + Duration::from_secs_f64(timeout));
     loop {
         if count.is_some_and(|n| printed >= n) {
             return Ok(0);
         }
         let sample = match (printed, first_deadline) {
-            (0, Some(deadline)) => {
-                match tokio::time::timeout_at(deadline, sub.recv_async()).await {
-                    Ok(s) => s,
-                    Err(_) => bail!(
-                        "connected to {} peer(s), but no message on {key} within {timeout}s",
-                        connected_count(&bus).await
-                    ),
-                }
-            }
+            (0, Some(deadline)) => match tokio::time::timeout_at(deadline, sub.recv_async()).await {
+                Ok(s) => s,
+                Err(_) => bail!(
+                    "connected to {} Zenoh node(s), but no message on {key} within {timeout}s",
+                    connected_count(&bus).await
+                ),
+            },
             _ => tokio::select! {
                 s = sub.recv_async() => s,
                 _ = tokio::signal::ctrl_c() => return Ok(0),
@@ -376,11 +360,7 @@ async fn echo(
                 v["robot"].as_str().unwrap_or(""),
                 v["seq"]
             );
-            let body = v
-                .get("msg")
-                .or(v.get("error"))
-                .cloned()
-                .unwrap_or(Value::Null);
+            let body = v.get("msg").or(v.get("error")).cloned().unwrap_or(Value::Null);
             writeln!(out, "{head}\n  {body}")?;
         }
         out.flush()?;
@@ -397,8 +377,7 @@ async fn publish(
     rate: f64,
 ) -> anyhow::Result<u8> {
     let value: Value = serde_json::from_str(text).context("the message is not JSON")?;
-    let parsed = from_json(&value)
-        .map_err(|e| anyhow::anyhow!("the message does not match its kind: {e}"))?;
+    let parsed = from_json(&value).map_err(|e| anyhow::anyhow!("the message does not match its kind: {e}"))?;
     let (_, fleet) = conn.resolve()?;
     let robot = robot
         .or(parsed.robot)
@@ -413,12 +392,7 @@ async fn publish(
     // Give subscriptions a moment to propagate so that a one-shot publication is not lost.
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        if publisher
-            .matching_status()
-            .await
-            .map(|m| m.matching())
-            .unwrap_or(true)
-        {
+        if publisher.matching_status().await.map(|m| m.matching()).unwrap_or(true) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

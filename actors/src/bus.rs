@@ -70,8 +70,9 @@ pub struct BusConfig {
 impl BusConfig {
     pub fn to_zenoh(&self) -> Result<zenoh::Config, BusError> {
         let mut cfg = match &self.config_file {
-            Some(path) => zenoh::Config::from_file(path)
-                .map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?,
+            Some(path) => {
+                zenoh::Config::from_file(path).map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?
+            }
             None => zenoh::Config::default(),
         };
         let set = |cfg: &mut zenoh::Config, key: &str, value: String| {
@@ -93,11 +94,6 @@ impl BusConfig {
         }
         if !self.connect.is_empty() {
             set(&mut cfg, "connect/endpoints", list(&self.connect))?;
-        }
-        // Keep retrying connections instead of failing at start: nodes start in any order.
-        if self.config_file.is_none() {
-            set(&mut cfg, "connect/timeout_ms", "0".into())?;
-            set(&mut cfg, "connect/exit_on_failure", "false".into())?;
         }
         Ok(cfg)
     }
@@ -239,12 +235,7 @@ impl Bus {
     }
 
     /// A typed publisher that stamps `robot` and a per-publisher sequence in every envelope.
-    pub async fn publisher<T: Message>(
-        &self,
-        key: &str,
-        robot: &str,
-        qos: PubQos,
-    ) -> Result<Publisher<T>, BusError> {
+    pub async fn publisher<T: Message>(&self, key: &str, robot: &str, qos: PubQos) -> Result<Publisher<T>, BusError> {
         let (cc, prio, express) = match qos {
             PubQos::Control => (CongestionControl::Drop, Priority::InteractiveHigh, true),
             PubQos::Data => (CongestionControl::Block, Priority::Data, false),
@@ -309,11 +300,7 @@ impl Bus {
 
     /// Lossless subscription with a bounded queue: when the queue is full the arrival waits
     /// (backpressure to publishers that block on congestion), and the wait is counted.
-    pub async fn subscribe_lossless<T: Message>(
-        &self,
-        key: &str,
-        capacity: usize,
-    ) -> Result<Lossless<T>, BusError> {
+    pub async fn subscribe_lossless<T: Message>(&self, key: &str, capacity: usize) -> Result<Lossless<T>, BusError> {
         let (tx, rx) = flume::bounded(capacity.max(1));
         let stats = Arc::new(SubStats::default());
         let s = stats.clone();
@@ -342,11 +329,7 @@ impl Bus {
     }
 
     /// A typed queryable: requests of type `Q` arrive on a bounded queue.
-    pub async fn queryable<Q: Message>(
-        &self,
-        key: &str,
-        capacity: usize,
-    ) -> Result<Queryable<Q>, BusError> {
+    pub async fn queryable<Q: Message>(&self, key: &str, capacity: usize) -> Result<Queryable<Q>, BusError> {
         let inner = self
             .session
             .declare_queryable(key.to_string())
@@ -369,11 +352,10 @@ impl Bus {
         request: &Q,
         timeout: Duration,
     ) -> Result<Vec<Result<Received<R>, BusError>>, BusError> {
-        let enc =
-            codec::encode(robot, 0, codec::now_ns(), request).map_err(|e| BusError::Codec {
-                key: key.into(),
-                source: e,
-            })?;
+        let enc = codec::encode(robot, 0, codec::now_ns(), request).map_err(|e| BusError::Codec {
+            key: key.into(),
+            source: e,
+        })?;
         let trace = TraceContext::new_root();
         let replies = self
             .session
@@ -392,10 +374,7 @@ impl Bus {
                 }),
                 Err(err) => Err(zerr(
                     key,
-                    format!(
-                        "error reply: {}",
-                        err.payload().try_to_string().unwrap_or_default()
-                    ),
+                    format!("error reply: {}", err.payload().try_to_string().unwrap_or_default()),
                 )),
             });
         }
@@ -433,9 +412,7 @@ impl Bus {
             if let Ok(sample) = reply.result() {
                 let k = sample.key_expr().as_str();
                 if seen.insert(k.to_string(), ()).is_none() {
-                    if let Some((node, actor)) =
-                        k.strip_prefix(&prefix).and_then(|r| r.split_once('/'))
-                    {
+                    if let Some((node, actor)) = k.strip_prefix(&prefix).and_then(|r| r.split_once('/')) {
                         out.push((node.to_string(), actor.to_string()));
                     }
                 }
@@ -472,8 +449,7 @@ impl<T: Message> Publisher<T> {
     /// Publish `msg` in the trace `trace` (pass `parent.child()` to continue a trace).
     pub async fn put_traced(&self, msg: &T, trace: &TraceContext) -> Result<u64, BusError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.put_with(msg, seq, codec::now_ns(), Some(trace))
-            .await?;
+        self.put_with(msg, seq, codec::now_ns(), Some(trace)).await?;
         Ok(seq)
     }
 
@@ -515,12 +491,7 @@ pub struct Latest<T> {
 impl<T: Message> Latest<T> {
     /// The newest message not yet taken.
     pub fn take(&self) -> Option<Received<T>> {
-        let r = self
-            .shared
-            .slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let r = self.shared.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.shared.full.store(false, Ordering::Release);
         r
     }
@@ -616,15 +587,11 @@ impl<Q: Message> Queryable<Q> {
 impl<Q> Request<Q> {
     pub async fn reply<R: Message>(&self, robot: &str, msg: &R) -> Result<(), BusError> {
         let key = self.query.key_expr().as_str().to_string();
-        let enc = codec::encode(robot, self.header.seq, codec::now_ns(), msg).map_err(|e| {
-            BusError::Codec {
-                key: key.clone(),
-                source: e,
-            }
+        let enc = codec::encode(robot, self.header.seq, codec::now_ns(), msg).map_err(|e| BusError::Codec {
+            key: key.clone(),
+            source: e,
         })?;
-        let mut reply = self
-            .query
-            .reply(self.query.key_expr().clone(), encoded_zbytes(enc));
+        let mut reply = self.query.reply(self.query.key_expr().clone(), encoded_zbytes(enc));
         if let Some(t) = &self.trace {
             reply = reply.attachment(t.child().to_string());
         }

@@ -143,8 +143,7 @@ impl Actor for ExpertActor {
                 c.errors.fetch_add(1, Ordering::Relaxed)
             }
         };
-        c.dropped
-            .store(s.state.stats().dropped(), Ordering::Relaxed);
+        c.dropped.store(s.state.stats().dropped(), Ordering::Relaxed);
         Ok(())
     }
 }

@@ -191,10 +191,7 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 /// Expand `${VAR}` and `${VAR:-default}` from `env`, keeping line numbers.
-pub fn expand_env(
-    text: &str,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<String, (usize, String)> {
+pub fn expand_env(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut consumed = 0;
@@ -221,7 +218,10 @@ pub fn expand_env(
         match env(name).filter(|v| !v.is_empty()).or(default.map(str::to_string)) {
             Some(v) => out.push_str(&v),
             None => {
-                return Err((line_of(text, consumed + start), format!("environment variable {name} is not set and has no default (write ${{{name}:-value}})")))
+                return Err((
+                    line_of(text, consumed + start),
+                    format!("environment variable {name} is not set and has no default (write ${{{name}:-value}})"),
+                ))
             }
         }
         let used = start + 2 + end + 1;
@@ -246,11 +246,7 @@ fn template_value(v: &Value, vars: &BTreeMap<&str, String>) -> Value {
         Value::String(s) if s == "{index}" => Value::Integer(vars["index"].parse().unwrap_or(0)),
         Value::String(s) => Value::String(template(s, vars)),
         Value::Array(a) => Value::Array(a.iter().map(|x| template_value(x, vars)).collect()),
-        Value::Table(t) => Value::Table(
-            t.iter()
-                .map(|(k, x)| (k.clone(), template_value(x, vars)))
-                .collect(),
-        ),
+        Value::Table(t) => Value::Table(t.iter().map(|(k, x)| (k.clone(), template_value(x, vars))).collect()),
         other => other.clone(),
     }
 }
@@ -301,8 +297,7 @@ pub fn parse(
 
     let fleet = match &decl.fleet {
         Some(f) => {
-            topics::validate_name("fleet", f.get_ref())
-                .map_err(|e| err(at(f.span()), e.to_string()))?;
+            topics::validate_name("fleet", f.get_ref()).map_err(|e| err(at(f.span()), e.to_string()))?;
             f.get_ref().clone()
         }
         None => topics::DEFAULT_FLEET.to_string(),
@@ -318,12 +313,7 @@ pub fn parse(
             let line = at(sp.span());
             let rd = sp.get_ref();
             let ids = match (&rd.ids, rd.count) {
-                (Some(_), Some(_)) => {
-                    return Err(err(
-                        line,
-                        "[robots]: give either `count` or `ids`, not both".into(),
-                    ))
-                }
+                (Some(_), Some(_)) => return Err(err(line, "[robots]: give either `count` or `ids`, not both".into())),
                 (Some(ids), None) => ids.clone(),
                 (None, Some(n)) => {
                     let prefix = rd.prefix.clone().unwrap_or_else(|| "r".into());
@@ -343,10 +333,7 @@ pub fn parse(
     };
 
     if decl.node.is_empty() {
-        return Err(err(
-            0,
-            "no [[node]]: a launch file needs at least one node".into(),
-        ));
+        return Err(err(0, "no [[node]]: a launch file needs at least one node".into()));
     }
     let mut nodes = Vec::new();
     let mut node_names = HashSet::new();
@@ -373,10 +360,7 @@ pub fn parse(
             if !known_actors.contains(&kind.as_str()) {
                 return Err(err(
                     at(a.kind.span()),
-                    format!(
-                        "unknown actor type {kind:?} (known: {})",
-                        known_actors.join(", ")
-                    ),
+                    format!("unknown actor type {kind:?} (known: {})", known_actors.join(", ")),
                 ));
             }
             let mut config = match &a.config {
@@ -388,10 +372,7 @@ pub fn parse(
                         .map_err(|e| err(cline, format!("config file {}: {e}", cpath.display())))?;
                     toml::from_str::<Table>(&ctext).map_err(|e| {
                         let l = e.span().map(|s| line_of(&ctext, s.start)).unwrap_or(0);
-                        err(
-                            cline,
-                            format!("config file {}:{l}: {}", cpath.display(), e.message()),
-                        )
+                        err(cline, format!("config file {}:{l}: {}", cpath.display(), e.message()))
                     })?
                 }
             };
@@ -403,10 +384,7 @@ pub fn parse(
                             if !robots.contains(r) {
                                 return Err(err(
                                     at(rs.span()),
-                                    format!(
-                                        "robot {r:?} is not in [robots] ({})",
-                                        robots.join(", ")
-                                    ),
+                                    format!("robot {r:?} is not in [robots] ({})", robots.join(", ")),
                                 ));
                             }
                         }
@@ -417,10 +395,7 @@ pub fn parse(
                 let index = |r: &String| robots.iter().position(|x| x == r).unwrap_or(0);
                 if a.for_each_robot {
                     if chosen.is_empty() {
-                        return Err(err(
-                            aline,
-                            "for_each_robot = true, but [robots] lists no robot".into(),
-                        ));
+                        return Err(err(aline, "for_each_robot = true, but [robots] lists no robot".into()));
                     }
                     chosen.iter().map(|r| Some((index(r), r.clone()))).collect()
                 } else if let (Some(_), [one]) = (&a.robots, chosen.as_slice()) {
@@ -440,22 +415,17 @@ pub fn parse(
                 };
                 vars.insert("index", index.to_string());
                 vars.insert("robot", robot.clone().unwrap_or_default());
-                let default_name = if robot.is_some() {
-                    "{type}_{robot}"
-                } else {
-                    "{type}"
-                };
+                let default_name = if robot.is_some() { "{type}_{robot}" } else { "{type}" };
                 let actor_name = template(
-                    a.name
-                        .as_ref()
-                        .map(|n| n.get_ref().as_str())
-                        .unwrap_or(default_name),
+                    a.name.as_ref().map(|n| n.get_ref().as_str()).unwrap_or(default_name),
                     &vars,
                 );
-                topics::validate_name("actor", &actor_name)
-                    .map_err(|e| err(aline, e.to_string()))?;
+                topics::validate_name("actor", &actor_name).map_err(|e| err(aline, e.to_string()))?;
                 if actors.iter().any(|x| x.name == actor_name) {
-                    return Err(err(aline, format!("actor name {actor_name:?} is used twice in node {name:?} (name it with {{robot}})")));
+                    return Err(err(
+                        aline,
+                        format!("actor name {actor_name:?} is used twice in node {name:?} (name it with {{robot}})"),
+                    ));
                 }
                 let mut cfg = config.clone();
                 if let Value::Table(over) = template_value(&Value::Table(a.set.clone()), &vars) {
@@ -523,29 +493,18 @@ type = "expert"
         )
         .unwrap();
         let node = lf.node("sim").unwrap();
-        assert_eq!(
-            node.bus.listen,
-            vec!["tcp/127.0.0.1:9000", "tcp/127.0.0.1:7"]
-        );
+        assert_eq!(node.bus.listen, vec!["tcp/127.0.0.1:9000", "tcp/127.0.0.1:7"]);
         let names: Vec<_> = node.actors.iter().map(|a| a.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["sim_robot_r0", "sim_robot_r1", "sim_robot_r2", "expert"]
-        );
+        assert_eq!(names, ["sim_robot_r0", "sim_robot_r1", "sim_robot_r2", "expert"]);
         assert_eq!(node.actors[2].config["seed"], Value::Integer(2));
-        assert_eq!(
-            node.actors[1].config["label"],
-            Value::String("lab-r1".into())
-        );
+        assert_eq!(node.actors[1].config["label"], Value::String("lab-r1".into()));
         assert_eq!(node.actors[0].origin, "test.toml:8");
     }
 
     #[test]
     fn errors_name_file_and_line() {
-        let e = parse_str(
-            "[robots]\ncount = 2\n[[node]]\nname = \"a\"\n[[node.actor]]\ntype = \"sim_robo\"\n",
-        )
-        .unwrap_err();
+        let e = parse_str("[robots]\ncount = 2\n[[node]]\nname = \"a\"\n[[node.actor]]\ntype = \"sim_robo\"\n")
+            .unwrap_err();
         assert_eq!(e.line, 6, "{e}");
         assert!(
             e.to_string()
@@ -559,10 +518,7 @@ type = "expert"
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("bogus"), "{e}");
         let e = parse_str("[[node]]\nname = \"a\"\n[[node.actor]]\ntype = \"expert\"\n[[node]]\nname = \"a\"\n[[node.actor]]\ntype = \"expert\"\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.message.as_str()),
-            (6, "node \"a\" is declared twice")
-        );
+        assert_eq!((e.line, e.message.as_str()), (6, "node \"a\" is declared twice"));
         let e = parse_str("[robots]\nids = [\"log\"]\n[[node]]\nname = \"a\"\n").unwrap_err();
         assert!(e.message.contains("reserved"), "{e}");
         let e = parse_str("x = [1,\n").unwrap_err();

@@ -57,8 +57,7 @@ impl ActorContext {
 
     /// The actor's config (file + overrides), checked against its type.
     pub fn config<C: DeserializeOwned>(&self) -> Result<C, ActorError> {
-        C::deserialize(toml::Value::Table(self.spec.config.clone()))
-            .map_err(|e| self.config_error(e.to_string()))
+        C::deserialize(toml::Value::Table(self.spec.config.clone())).map_err(|e| self.config_error(e.to_string()))
     }
 
     pub fn config_error(&self, reason: String) -> ActorError {
@@ -104,11 +103,7 @@ impl Counters {
             .insert(name.to_string(), value);
     }
     pub fn get(&self, name: &str) -> Option<f64> {
-        self.extra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(name)
-            .copied()
+        self.extra.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied()
     }
 }
 
@@ -182,10 +177,7 @@ impl Drop for Presence {
 }
 
 /// Start one actor of `ctx.spec.kind`, linked to `supervisor`.
-pub async fn spawn_actor(
-    ctx: ActorContext,
-    supervisor: ActorCell,
-) -> Result<ActorCell, ActorProcessingErr> {
+pub async fn spawn_actor(ctx: ActorContext, supervisor: ActorCell) -> Result<ActorCell, ActorProcessingErr> {
     async fn linked<A: Actor<Arguments = ActorContext>>(
         a: A,
         ctx: ActorContext,
@@ -334,11 +326,7 @@ impl Actor for NodeSupervisor {
                         tracing::info!(actor = %name, restarts = state.restarts[i], "actor restarted");
                         state.children[i] = Some(cell);
                     }
-                    Err(e) => {
-                        state
-                            .failed(&myself, i, format!("restart failed: {e}"))
-                            .await
-                    }
+                    Err(e) => state.failed(&myself, i, format!("restart failed: {e}")).await,
                 }
             }
             SupervisorMsg::Restart(_) => {}
@@ -381,7 +369,16 @@ impl Actor for NodeSupervisor {
 
 /// Run one node until SIGINT/SIGTERM, or until its supervisor gives up.
 pub async fn run_node(plan: NodePlan) -> Result<(), NodeError> {
-    let bus = Bus::open(&plan.bus, &plan.fleet).await?;
+    let bus = match Bus::open(&plan.bus, &plan.fleet).await {
+        Ok(b) => b,
+        Err(e @ BusError::Config(_)) => {
+            return Err(NodeError::Start {
+                node: plan.name.clone(),
+                reason: e.to_string(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(node = %plan.name, fleet = %plan.fleet, zenoh = %plan.bus.describe(), actors = plan.actors.len(), "node starting");
     let failure = Arc::new(Mutex::new(None));
     let node = plan.name.clone();
@@ -396,8 +393,8 @@ pub async fn run_node(plan: NodePlan) -> Result<(), NodeError> {
             node: node.clone(),
             reason: e.to_string(),
         })?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| NodeError::Start {
+    let mut sigterm =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| NodeError::Start {
             node: node.clone(),
             reason: format!("SIGTERM handler: {e}"),
         })?;

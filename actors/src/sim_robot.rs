@@ -9,9 +9,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nanobot_messages::{
-    codec::now_ns, topics, ActionChunk, Encoding, Event, EventKind, RawFrame, TraceContext,
-};
+use nanobot_messages::{codec::now_ns, topics, ActionChunk, Encoding, Event, EventKind, RawFrame, TraceContext};
 use nanobot_sim::{SimConfig, SimRobot};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Deserialize;
@@ -90,9 +88,7 @@ impl SimRobotState {
         if let Some(r) = self.act.take() {
             let chunk = &r.msg;
             let skip = self.tick.saturating_sub(chunk.obs_seq + 1) as usize;
-            if chunk.action_dim as usize == 2
-                && chunk.actions.len() == (chunk.horizon * chunk.action_dim) as usize
-            {
+            if chunk.action_dim as usize == 2 && chunk.actions.len() == (chunk.horizon * chunk.action_dim) as usize {
                 self.queue = (skip..chunk.horizon as usize)
                     .filter_map(|i| chunk.action(i))
                     .map(|a| [a[0], a[1]])
@@ -101,10 +97,7 @@ impl SimRobotState {
                     self.last_action_at = Instant::now();
                 }
             } else {
-                self.presence
-                    .counters
-                    .errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.presence.counters.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(robot = %self.robot_id, dim = chunk.action_dim, len = chunk.actions.len(), "ActionChunk of the wrong shape ignored");
             }
         }
@@ -168,9 +161,7 @@ impl Actor for SimRobotActor {
                 shift: state.cfg.sim.shift.name().to_string(),
             })
             .await;
-        myself.send_interval(Duration::from_secs_f32(state.cfg.sim.dt()), || {
-            SimRobotMsg::Tick
-        });
+        myself.send_interval(Duration::from_secs_f32(state.cfg.sim.dt()), || SimRobotMsg::Tick);
         Ok(state)
     }
 
@@ -181,10 +172,7 @@ impl Actor for SimRobotActor {
         s: &mut SimRobotState,
     ) -> Result<(), ActorProcessingErr> {
         if s.cfg.fault.panic_at_tick == Some(s.tick) {
-            panic!(
-                "injected fault: sim_robot {} panics at tick {}",
-                s.robot_id, s.tick
-            );
+            panic!("injected fault: sim_robot {} panics at tick {}", s.robot_id, s.tick);
         }
         let span = tracing::debug_span!("sim_tick", robot = %s.robot_id, tick = s.tick);
         let _g = span.enter();
@@ -209,11 +197,7 @@ impl Actor for SimRobotActor {
                     s.interventions += 1;
                     let reason = format!("no action for {timeout} ms: onboard expert takes over");
                     tracing::warn!(robot = %s.robot_id, "{reason}");
-                    s.event(EventKind::Intervention {
-                        active: true,
-                        reason,
-                    })
-                    .await;
+                    s.event(EventKind::Intervention { active: true, reason }).await;
                 }
                 s.world.expert_action()
             }

@@ -83,14 +83,8 @@ impl Encoded {
 }
 
 /// Encode `msg` with its envelope header.
-pub fn encode<T: Message>(
-    robot: &str,
-    seq: u64,
-    stamp_ns: u64,
-    msg: &T,
-) -> Result<Encoded, CodecError> {
-    let robot_len =
-        u16::try_from(robot.len()).map_err(|_| CodecError::RobotIdTooLong(robot.len()))?;
+pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Result<Encoded, CodecError> {
+    let robot_len = u16::try_from(robot.len()).map_err(|_| CodecError::RobotIdTooLong(robot.len()))?;
     let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + 64);
     head.extend_from_slice(&MAGIC);
     head.push(SCHEMA_VERSION);
@@ -101,11 +95,9 @@ pub fn encode<T: Message>(
     head.extend_from_slice(&robot_len.to_le_bytes());
     head.extend_from_slice(robot.as_bytes());
     let body_start = head.len();
-    bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| {
-        CodecError::Encode {
-            kind: T::KIND,
-            reason: e.to_string(),
-        }
+    bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| CodecError::Encode {
+        kind: T::KIND,
+        reason: e.to_string(),
     })?;
     let body_len = u32::try_from(head.len() - body_start).map_err(|_| CodecError::Encode {
         kind: T::KIND,
@@ -173,19 +165,32 @@ pub fn decode<T: Message>(bytes: Bytes) -> Result<(Header, T), CodecError> {
     Ok((header, msg))
 }
 
+/// bincode with a byte limit near the body's size, so that a garbled length prefix cannot
+/// make the decoder allocate more than a small multiple of the bytes actually received.
+fn decode_bounded<T: Message>(body: &[u8]) -> Result<(T, usize), bincode::error::DecodeError> {
+    macro_rules! with_limit {
+        ($($n:literal),*) => {
+            $(if body.len() <= $n {
+                return bincode::serde::decode_from_slice(body, config().with_limit::<$n>());
+            })*
+        };
+    }
+    with_limit!(4096, 65536, 1048576, 16777216, 268435456);
+    bincode::serde::decode_from_slice(body, config())
+}
+
 fn decode_body<T: Message>(bytes: &Bytes, body: std::ops::Range<usize>) -> Result<T, CodecError> {
-    let (mut msg, used): (T, usize) =
-        bincode::serde::decode_from_slice(&bytes[body.clone()], config()).map_err(|e| match e {
-            bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
-                what: "body",
-                need: body.len() + additional,
-                have: body.len(),
-            },
-            other => CodecError::Body {
-                kind: T::KIND,
-                reason: other.to_string(),
-            },
-        })?;
+    let (mut msg, used): (T, usize) = decode_bounded::<T>(&bytes[body.clone()]).map_err(|e| match e {
+        bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
+            what: "body",
+            need: body.len() + additional,
+            have: body.len(),
+        },
+        other => CodecError::Body {
+            kind: T::KIND,
+            reason: other.to_string(),
+        },
+    })?;
     if used != body.len() {
         return Err(CodecError::Body {
             kind: T::KIND,
@@ -234,12 +239,7 @@ pub fn decode_any(bytes: Bytes) -> Result<(Header, AnyMessage), CodecError> {
 }
 
 /// Encode any message (the CLI's `topic pub`).
-pub fn encode_any(
-    robot: &str,
-    seq: u64,
-    stamp_ns: u64,
-    msg: &AnyMessage,
-) -> Result<Encoded, CodecError> {
+pub fn encode_any(robot: &str, seq: u64, stamp_ns: u64, msg: &AnyMessage) -> Result<Encoded, CodecError> {
     match msg {
         AnyMessage::RawFrame(m) => encode(robot, seq, stamp_ns, m),
         AnyMessage::Observation(m) => encode(robot, seq, stamp_ns, m),
@@ -332,10 +332,7 @@ mod tests {
         );
         v[2] = 1;
         v[3] = 200;
-        assert_eq!(
-            decode_any(Bytes::from(v)).unwrap_err(),
-            CodecError::UnknownKind(200)
-        );
+        assert_eq!(decode_any(Bytes::from(v)).unwrap_err(), CodecError::UnknownKind(200));
         assert!(matches!(
             decode_any(Bytes::from_static(b"xx12")),
             Err(CodecError::BadMagic(_))

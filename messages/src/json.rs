@@ -36,13 +36,10 @@ pub fn from_json(value: &Value) -> Result<JsonMessage, String> {
         .and_then(Value::as_str)
         .ok_or("field \"kind\" is missing (e.g. \"ActionChunk\")")?;
     let body = value.get("msg").ok_or("field \"msg\" is missing")?;
-    let msg: AnyMessage = serde_json::from_value(json!({"kind": kind, "msg": body}))
-        .map_err(|e| format!("{kind}: {e}"))?;
+    let msg: AnyMessage =
+        serde_json::from_value(json!({"kind": kind, "msg": body})).map_err(|e| format!("{kind}: {e}"))?;
     Ok(JsonMessage {
-        robot: value
-            .get("robot")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        robot: value.get("robot").and_then(Value::as_str).map(str::to_string),
         seq: value.get("seq").and_then(Value::as_u64),
         msg,
     })
@@ -72,9 +69,6 @@ mod tests {
         assert_eq!(back.msg, msg);
         assert_eq!(back.seq, Some(4));
         let err = from_json(&json!({"kind": "ActionChunk", "msg": {"obs_seq": 1}})).unwrap_err();
-        assert!(
-            err.contains("ActionChunk") && err.contains("missing field"),
-            "{err}"
-        );
+        assert!(err.contains("ActionChunk") && err.contains("missing field"), "{err}");
     }
 }

@@ -12,12 +12,10 @@ pub const RESERVED: [&str; 4] = ["log", "replay", "ckpt", "node"];
 pub enum NameError {
     #[error("{what} name is empty")]
     Empty { what: &'static str },
-    #[error("{what} name {name:?} has {ch:?}, which a Zenoh key chunk cannot hold (use letters, digits, '-', '_', '.')")]
-    BadChar {
-        what: &'static str,
-        name: String,
-        ch: char,
-    },
+    #[error(
+        "{what} name {name:?} has {ch:?}, which a Zenoh key chunk cannot hold (use letters, digits, '-', '_', '.')"
+    )]
+    BadChar { what: &'static str, name: String, ch: char },
     #[error("robot name {0:?} is reserved for fleet services ({list})", list = RESERVED.join(", "))]
     Reserved(String),
 }
@@ -104,21 +102,9 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(validate_robot("arm-01.left").is_ok());
-        assert!(matches!(
-            validate_robot("a/b"),
-            Err(NameError::BadChar { ch: '/', .. })
-        ));
-        assert!(matches!(
-            validate_robot("a*"),
-            Err(NameError::BadChar { ch: '*', .. })
-        ));
-        assert_eq!(
-            validate_robot("log"),
-            Err(NameError::Reserved("log".into()))
-        );
-        assert!(matches!(
-            validate_name("node", ""),
-            Err(NameError::Empty { .. })
-        ));
+        assert!(matches!(validate_robot("a/b"), Err(NameError::BadChar { ch: '/', .. })));
+        assert!(matches!(validate_robot("a*"), Err(NameError::BadChar { ch: '*', .. })));
+        assert_eq!(validate_robot("log"), Err(NameError::Reserved("log".into())));
+        assert!(matches!(validate_name("node", ""), Err(NameError::Empty { .. })));
     }
 }

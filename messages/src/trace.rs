@@ -56,14 +56,8 @@ impl TraceContext {
     /// Parse a `traceparent` value: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
     pub fn parse(s: &str) -> Option<Self> {
         let mut parts = s.trim().split('-');
-        let (version, trace, span, flags) =
-            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some()
-            || version != "00"
-            || trace.len() != 32
-            || span.len() != 16
-            || flags.len() != 2
-        {
+        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || version != "00" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
             return None;
         }
         let trace_id = u128::from_str_radix(trace, 16).ok()?;

@@ -303,22 +303,10 @@ impl Message for ActionChunk {
 /// What happened: `{fleet}/{robot}/event` (robot, operators → logger, replay).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EventKind {
-    EpisodeStart {
-        task: u32,
-        shift: String,
-    },
-    EpisodeEnd {
-        success: bool,
-        steps: u32,
-        reward: f32,
-    },
-    Intervention {
-        active: bool,
-        reason: String,
-    },
-    Reward {
-        value: f32,
-    },
+    EpisodeStart { task: u32, shift: String },
+    EpisodeEnd { success: bool, steps: u32, reward: f32 },
+    Intervention { active: bool, reason: String },
+    Reward { value: f32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -6,31 +6,24 @@ use nanobot_messages::*;
 use proptest::prelude::*;
 
 fn any_chunk() -> impl Strategy<Value = ActionChunk> {
-    (
-        any::<u64>(),
-        1u32..17,
-        1u32..8,
-        "[a-z0-9.]{0,12}",
-        prop::bool::ANY,
-    )
-        .prop_flat_map(|(obs_seq, horizon, dim, version, expert)| {
-            prop::collection::vec(-10.0f32..10.0, (horizon * dim) as usize).prop_map(
-                move |actions| ActionChunk {
-                    obs_seq,
-                    dt_ns: 50_000_000,
-                    horizon,
-                    action_dim: dim,
-                    actions,
-                    source: if expert {
-                        ActionSource::Expert
-                    } else {
-                        ActionSource::Policy
-                    },
-                    policy_version: version.clone(),
-                    adapter_version: format!("{version}-lora"),
+    (any::<u64>(), 1u32..17, 1u32..8, "[a-z0-9.]{0,12}", prop::bool::ANY).prop_flat_map(
+        |(obs_seq, horizon, dim, version, expert)| {
+            prop::collection::vec(-10.0f32..10.0, (horizon * dim) as usize).prop_map(move |actions| ActionChunk {
+                obs_seq,
+                dt_ns: 50_000_000,
+                horizon,
+                action_dim: dim,
+                actions,
+                source: if expert {
+                    ActionSource::Expert
+                } else {
+                    ActionSource::Policy
                 },
-            )
-        })
+                policy_version: version.clone(),
+                adapter_version: format!("{version}-lora"),
+            })
+        },
+    )
 }
 
 fn any_frame() -> impl Strategy<Value = RawFrame> {
@@ -82,19 +75,13 @@ fn any_event() -> impl Strategy<Value = Event> {
         .prop_map(|(episode, which, value, reason)| Event {
             episode,
             event: match which {
-                0 => EventKind::EpisodeStart {
-                    task: 2,
-                    shift: reason,
-                },
+                0 => EventKind::EpisodeStart { task: 2, shift: reason },
                 1 => EventKind::EpisodeEnd {
                     success: value > 0.0,
                     steps: 10,
                     reward: value,
                 },
-                2 => EventKind::Intervention {
-                    active: true,
-                    reason,
-                },
+                2 => EventKind::Intervention { active: true, reason },
                 _ => EventKind::Reward { value },
             },
         })
@@ -159,10 +146,7 @@ proptest! {
 fn wrong_version_is_refused_with_its_number() {
     let mut v = wire("r0", 1, &any_event_fixed()).to_vec();
     v[2] = 2;
-    assert_eq!(
-        decode_any(Bytes::from(v)).unwrap_err(),
-        CodecError::UnknownVersion(2)
-    );
+    assert_eq!(decode_any(Bytes::from(v)).unwrap_err(), CodecError::UnknownVersion(2));
 }
 
 #[test]

@@ -238,10 +238,7 @@ impl SimRobot {
             y0 + (y1 - y0) * self.rng.next_f32(),
         ];
         loop {
-            self.pos = [
-                0.1 + 0.8 * self.rng.next_f32(),
-                0.1 + 0.8 * self.rng.next_f32(),
-            ];
+            self.pos = [0.1 + 0.8 * self.rng.next_f32(), 0.1 + 0.8 * self.rng.next_f32()];
             if dist(self.pos, self.target) > 4.0 * self.cfg.success_radius {
                 break;
             }
@@ -422,10 +419,7 @@ mod tests {
             seed: 42,
             ..SimConfig::default()
         };
-        let (mut a, mut b) = (
-            SimRobot::new(cfg.clone()).unwrap(),
-            SimRobot::new(cfg).unwrap(),
-        );
+        let (mut a, mut b) = (SimRobot::new(cfg.clone()).unwrap(), SimRobot::new(cfg).unwrap());
         for i in 0..300 {
             let act = [((i % 7) as f32 - 3.0) / 3.0, 0.3];
             assert_eq!(a.step(act), b.step(act));
@@ -486,15 +480,8 @@ mod tests {
             })
             .unwrap()
         };
-        assert_ne!(
-            shifted(Shift::CameraOffset).render_rgb(),
-            nominal.render_rgb()
-        );
-        let bright: u64 = shifted(Shift::Brightness)
-            .render_rgb()
-            .iter()
-            .map(|&v| v as u64)
-            .sum();
+        assert_ne!(shifted(Shift::CameraOffset).render_rgb(), nominal.render_rgb());
+        let bright: u64 = shifted(Shift::Brightness).render_rgb().iter().map(|&v| v as u64).sum();
         let dim: u64 = nominal.render_rgb().iter().map(|&v| v as u64).sum();
         assert!(bright > dim);
         let (mut g, mut n) = (shifted(Shift::ActuatorGain), nominal.clone());
@@ -503,10 +490,7 @@ mod tests {
         assert!(g.state()[2].abs() < n.state()[2].abs());
         let t = shifted(Shift::TargetRegion).target();
         assert!(t[0] <= 0.4 && t[1] >= 0.6, "{t:?}");
-        assert_eq!(
-            "camera_offset".parse::<Shift>().unwrap(),
-            Shift::CameraOffset
-        );
+        assert_eq!("camera_offset".parse::<Shift>().unwrap(), Shift::CameraOffset);
         assert!("sideways".parse::<Shift>().is_err());
     }
 
