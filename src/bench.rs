@@ -2,25 +2,30 @@
 //! codec + typed pub/sub), printed beside raw Zenoh pub/sub measured in the same run, between
 //! two processes (tcp on loopback) and within one process (one session).
 //!
-//! Both sides are built alike so the ratio isolates what NanoBot adds: the same payload bytes,
-//! shared (not copied) into each publication; subscribers with one queue hop to a consumer task
-//! (Zenoh's default FIFO handler for raw, the bus's lossless subscription for NanoBot); blocking
-//! congestion control for throughput, express publications for latency.
+//! Both sides are built alike, as Zenoh's own z_pub_thr / z_sub_thr / z_ping / z_pong are, so
+//! the ratio isolates what NanoBot adds: publishers put in a tight synchronous loop (the same
+//! payload bytes, shared into each publication), subscribers count in a callback on Zenoh's
+//! receive thread — raw Zenoh counts samples, NanoBot decodes each envelope into a typed
+//! `RawFrame` first; echoes answer from the callback. Blocking congestion control and batching
+//! for throughput, express publications for latency.
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Subcommand;
 use nanobot_actors::bus::{Bus, BusConfig, PubQos};
+use nanobot_messages::TraceContext;
 use nanobot_messages::{Blob, Encoding, RawFrame};
 use serde_json::json;
 use zenoh::qos::CongestionControl;
-use zenoh::Session;
+use zenoh::Wait;
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -44,6 +49,8 @@ pub enum BenchCmd {
     BusPeer {
         #[arg(long)]
         connect: String,
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
     },
 }
 
@@ -56,7 +63,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
             sizes,
             only,
         } => rt.block_on(bench_bus(secs, round_trips, &sizes, only.as_deref())),
-        BenchCmd::BusPeer { connect } => rt.block_on(peer(&connect)),
+        BenchCmd::BusPeer { connect, sizes } => rt.block_on(peer(&connect, &sizes)),
     }
 }
 
@@ -67,6 +74,7 @@ enum Variant {
 }
 
 impl Variant {
+    const BOTH: [Variant; 2] = [Variant::Raw, Variant::NanoBot];
     fn key(self) -> &'static str {
         match self {
             Variant::Raw => "raw",
@@ -84,128 +92,118 @@ fn frame(payload: &Bytes) -> RawFrame {
     }
 }
 
-/// Counters of the throughput sink.
-#[derive(Default)]
-struct Sink {
-    n: AtomicU64,
-    first: Mutex<Option<Instant>>,
-    last: Mutex<Option<Instant>>,
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ns() -> u64 {
+    EPOCH.elapsed().as_nanos() as u64
 }
 
-impl Sink {
+/// Counters of one throughput sink.
+#[derive(Default)]
+struct Counter {
+    n: AtomicU64,
+    first_ns: AtomicU64,
+    last_ns: AtomicU64,
+}
+
+impl Counter {
     fn hit(&self) {
-        let now = Instant::now();
+        let t = now_ns();
         if self.n.fetch_add(1, Ordering::Relaxed) == 0 {
-            *self.first.lock().unwrap() = Some(now);
+            self.first_ns.store(t, Ordering::Relaxed);
         }
-        *self.last.lock().unwrap() = Some(now);
+        self.last_ns.store(t, Ordering::Relaxed);
     }
+    fn reset(&self) {
+        self.n.store(0, Ordering::Relaxed);
+    }
+    /// (messages, messages/s between the first and the last).
     fn rate(&self) -> (u64, f64) {
         let n = self.n.load(Ordering::Relaxed);
-        let (f, l) = (*self.first.lock().unwrap(), *self.last.lock().unwrap());
-        match (f, l) {
-            (Some(f), Some(l)) if n > 1 && l > f => (n, (n - 1) as f64 / l.duration_since(f).as_secs_f64()),
-            _ => (n, 0.0),
+        let span = self
+            .last_ns
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.first_ns.load(Ordering::Relaxed));
+        if n > 1 && span > 0 {
+            (n, (n - 1) as f64 * 1e9 / span as f64)
+        } else {
+            (n, 0.0)
         }
     }
 }
 
-/// Subscribers (throughput sinks and latency echoes) for every variant and size; kept alive
-/// by the returned handles. `sinks` is keyed by `variant/size`.
-async fn serve(
-    bus: &Bus,
-    sinks: Arc<Mutex<BTreeMap<String, Arc<Sink>>>>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let s = bus.session().clone();
-    let mut tasks = Vec::new();
-    // Raw sink: Zenoh's default FIFO handler, drained by a task.
-    let raw = s
-        .declare_subscriber("bench/raw/thr/*")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let sk = sinks.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Ok(sample) = raw.recv_async().await {
-            let k = format!("raw/{}", sample.key_expr().as_str().rsplit('/').next().unwrap_or(""));
-            let sink = sk.lock().unwrap().entry(k).or_default().clone();
-            let _ = sample.payload().len();
-            sink.hit();
-        }
-    }));
-    // NanoBot sink: the bus's typed lossless subscription.
-    let nb = bus.subscribe_lossless::<RawFrame>("bench/nb/thr/*", 256).await?;
-    let sk = sinks.clone();
-    tasks.push(tokio::spawn(async move {
-        while let Some(r) = nb.recv().await {
-            let k = format!("nb/{}", r.key.rsplit('/').next().unwrap_or(""));
-            let sink = sk.lock().unwrap().entry(k).or_default().clone();
-            let _ = r.msg.data.len();
-            sink.hit();
-        }
-    }));
-    // Raw echo.
-    let ping = s
-        .declare_subscriber("bench/raw/ping/*")
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let s2 = s.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut pubs: BTreeMap<String, zenoh::pubsub::Publisher<'static>> = BTreeMap::new();
-        while let Ok(sample) = ping.recv_async().await {
-            let size = sample.key_expr().as_str().rsplit('/').next().unwrap_or("").to_string();
-            if !pubs.contains_key(&size) {
-                let p = s2
-                    .declare_publisher(format!("bench/raw/pong/{size}"))
-                    .express(true)
-                    .congestion_control(CongestionControl::Block)
-                    .await;
-                let Ok(p) = p else { continue };
-                pubs.insert(size.clone(), p);
-            }
-            let _ = pubs[&size].put(sample.payload().clone()).await;
-        }
-    }));
-    // NanoBot echo: typed in, typed out.
-    let ping = bus.subscribe_lossless::<RawFrame>("bench/nb/ping/*", 16).await?;
-    let b2 = bus.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut pubs: BTreeMap<String, nanobot_actors::bus::Publisher<RawFrame>> = BTreeMap::new();
-        while let Some(r) = ping.recv().await {
-            let size = r.key.rsplit('/').next().unwrap_or("").to_string();
-            if !pubs.contains_key(&size) {
-                let Ok(p) = b2
-                    .publisher::<RawFrame>(&format!("bench/nb/pong/{size}"), "bench", PubQos::Control)
-                    .await
-                else {
-                    continue;
-                };
-                pubs.insert(size.clone(), p);
-            }
-            let t = r
-                .trace
-                .map(|t| t.child())
-                .unwrap_or_else(nanobot_messages::TraceContext::new_root);
-            let _ = pubs[&size].put_traced(&r.msg, &t).await;
-        }
-    }));
-    Ok(tasks)
+type Counters = BTreeMap<String, Arc<Counter>>;
+
+/// Throughput sinks and latency echoes for every variant and size. Returns the counters and
+/// the handles that keep the subscriptions alive.
+async fn serve(bus: &Bus, sizes: &[usize]) -> anyhow::Result<(Counters, Vec<Box<dyn Any + Send>>)> {
+    let s = bus.session();
+    let mut counters = Counters::new();
+    let mut keep: Vec<Box<dyn Any + Send>> = Vec::new();
+    for &size in sizes {
+        let c = Arc::new(Counter::default());
+        counters.insert(format!("raw/{size}"), c.clone());
+        let sub = s
+            .declare_subscriber(format!("bench/raw/thr/{size}"))
+            .callback(move |sample| {
+                std::hint::black_box(sample.payload().len());
+                c.hit();
+            })
+            .await
+            .map_err(anyhow::Error::msg)?;
+        keep.push(Box::new(sub));
+        let c = Arc::new(Counter::default());
+        counters.insert(format!("nb/{size}"), c.clone());
+        let sub = bus
+            .subscribe_callback::<RawFrame>(&format!("bench/nb/thr/{size}"), move |r| {
+                std::hint::black_box(r.msg.data.len());
+                c.hit();
+            })
+            .await?;
+        keep.push(Box::new(sub));
+
+        let pong = s
+            .declare_publisher(format!("bench/raw/pong/{size}"))
+            .express(true)
+            .congestion_control(CongestionControl::Block)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let sub = s
+            .declare_subscriber(format!("bench/raw/ping/{size}"))
+            .callback(move |sample| {
+                let _ = pong.put(sample.payload().clone()).wait();
+            })
+            .await
+            .map_err(anyhow::Error::msg)?;
+        keep.push(Box::new(sub));
+        let pong = bus
+            .publisher::<RawFrame>(&format!("bench/nb/pong/{size}"), "bench", PubQos::Control)
+            .await?;
+        let sub = bus
+            .subscribe_callback::<RawFrame>(&format!("bench/nb/ping/{size}"), move |r| {
+                let trace = r.trace.map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
+                let _ = pong.put_wait(&r.msg, &trace);
+            })
+            .await?;
+        keep.push(Box::new(sub));
+    }
+    Ok((counters, keep))
 }
 
-/// The far process: serve, and answer `bench/report/{variant}/{size}` with the sink's counters.
-async fn peer(connect: &str) -> anyhow::Result<u8> {
+/// The far process: serve, and answer `bench/ctl/{report,reset}/{variant}/{size}`.
+async fn peer(connect: &str, sizes: &[usize]) -> anyhow::Result<u8> {
     let cfg = BusConfig {
         connect: vec![connect.to_string()],
         ..BusConfig::default()
     };
     let bus = Bus::open(&cfg, "bench").await?;
-    let sinks: Arc<Mutex<BTreeMap<String, Arc<Sink>>>> = Arc::default();
-    let _tasks = serve(&bus, sinks.clone()).await?;
+    let (counters, _keep) = serve(&bus, sizes).await?;
     let q = bus
         .session()
-        .declare_queryable("bench/report/**")
+        .declare_queryable("bench/ctl/**")
         .await
         .map_err(anyhow::Error::msg)?;
-    let done = bus
+    let quit = bus
         .session()
         .declare_subscriber("bench/quit")
         .await
@@ -214,24 +212,64 @@ async fn peer(connect: &str) -> anyhow::Result<u8> {
     loop {
         tokio::select! {
             Ok(query) = q.recv_async() => {
-                let k = query.key_expr().as_str().trim_start_matches("bench/report/").to_string();
-                let sink = sinks.lock().unwrap().get(&k).cloned();
-                let (n, rate) = sink.map(|s| s.rate()).unwrap_or((0, 0.0));
+                let key = query.key_expr().as_str().to_string();
+                let rest = key.trim_start_matches("bench/ctl/");
+                let (op, which) = rest.split_once('/').unwrap_or((rest, ""));
+                let c = counters.get(which).cloned();
+                let (n, rate) = c.as_ref().map(|c| c.rate()).unwrap_or((0, 0.0));
+                if op == "reset" {
+                    if let Some(c) = &c { c.reset() }
+                }
                 let _ = query.reply(query.key_expr().clone(), json!({"n": n, "rate": rate}).to_string()).await;
             }
-            _ = done.recv_async() => break,
+            _ = quit.recv_async() => break,
         }
     }
     Ok(0)
 }
 
-/// Publish as fast as possible for `secs`; returns messages sent.
+/// Where the sinks are: in this process, or behind the peer's control queryable.
+enum Sinks<'a> {
+    Local(&'a Counters),
+    Remote(&'a Bus),
+}
+
+impl Sinks<'_> {
+    async fn ctl(&self, op: &str, which: &str) -> anyhow::Result<(u64, f64)> {
+        match self {
+            Sinks::Local(c) => {
+                let c = c.get(which).context("no such sink")?;
+                let r = c.rate();
+                if op == "reset" {
+                    c.reset();
+                }
+                Ok(r)
+            }
+            Sinks::Remote(bus) => {
+                let replies = bus
+                    .session()
+                    .get(format!("bench/ctl/{op}/{which}"))
+                    .timeout(Duration::from_secs(3))
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                let reply = replies
+                    .recv_async()
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the bench peer did not answer: {e}"))?;
+                let sample = reply.result().map_err(|e| anyhow::anyhow!("bench peer error: {e:?}"))?;
+                let v: serde_json::Value = serde_json::from_slice(&sample.payload().to_bytes())?;
+                Ok((v["n"].as_u64().unwrap_or(0), v["rate"].as_f64().unwrap_or(0.0)))
+            }
+        }
+    }
+}
+
+/// Publish in a tight loop for `secs`; returns messages sent.
 async fn blast(bus: &Bus, v: Variant, size: usize, secs: f64) -> anyhow::Result<u64> {
     let payload = Bytes::from(vec![0xA5u8; size]);
     let key = format!("bench/{}/thr/{size}", v.key());
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let mut sent = 0u64;
-    match v {
+    let sent = match v {
         Variant::Raw => {
             let p = bus
                 .session()
@@ -239,25 +277,35 @@ async fn blast(bus: &Bus, v: Variant, size: usize, secs: f64) -> anyhow::Result<
                 .congestion_control(CongestionControl::Block)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            while Instant::now() < deadline {
-                for _ in 0..64 {
-                    p.put(payload.clone()).await.map_err(anyhow::Error::msg)?;
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut sent = 0;
+                while Instant::now() < deadline {
+                    for _ in 0..64 {
+                        p.put(payload.clone()).wait().map_err(anyhow::Error::msg)?;
+                    }
+                    sent += 64;
                 }
-                sent += 64;
-            }
+                Ok(sent)
+            })
+            .await??
         }
         Variant::NanoBot => {
             let p = bus.publisher::<RawFrame>(&key, "bench", PubQos::Data).await?;
-            let msg = frame(&payload);
-            let trace = nanobot_messages::TraceContext::new_root();
-            while Instant::now() < deadline {
-                for _ in 0..64 {
-                    p.put_traced(&msg, &trace).await?;
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let msg = frame(&payload);
+                let trace = TraceContext::new_root();
+                let mut sent = 0;
+                while Instant::now() < deadline {
+                    for _ in 0..64 {
+                        p.put_wait(&msg, &trace)?;
+                    }
+                    sent += 64;
                 }
-                sent += 64;
-            }
+                Ok(sent)
+            })
+            .await??
         }
-    }
+    };
     Ok(sent)
 }
 
@@ -268,95 +316,77 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Round trips; returns sorted RTTs in µs.
+/// Round trips with one message in flight; returns sorted RTTs in µs.
 async fn ping_pong(bus: &Bus, v: Variant, size: usize, n: usize) -> anyhow::Result<Vec<f64>> {
     let payload = Bytes::from(vec![0x5Au8; size]);
-    let mut rtts = Vec::with_capacity(n);
-    let warmup = 50;
-    let timeout = Duration::from_secs(5);
-    match v {
+    let (tx, rx) = sync_channel::<()>(4);
+    let warmup = 100;
+    let mut keep: Vec<Box<dyn Any + Send>> = Vec::new();
+    let ping: Box<dyn Fn() -> anyhow::Result<()> + Send> = match v {
         Variant::Raw => {
             let s = bus.session();
-            let sub = s
-                .declare_subscriber(format!("bench/raw/pong/{size}"))
-                .await
-                .map_err(anyhow::Error::msg)?;
+            keep.push(Box::new(
+                s.declare_subscriber(format!("bench/raw/pong/{size}"))
+                    .callback(move |_| {
+                        let _ = tx.try_send(());
+                    })
+                    .await
+                    .map_err(anyhow::Error::msg)?,
+            ));
             let p = s
                 .declare_publisher(format!("bench/raw/ping/{size}"))
                 .express(true)
                 .congestion_control(CongestionControl::Block)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            wait_matching(&p).await;
-            for i in 0..n + warmup {
-                let t0 = Instant::now();
-                p.put(payload.clone()).await.map_err(anyhow::Error::msg)?;
-                tokio::time::timeout(timeout, sub.recv_async())
-                    .await
-                    .context("raw pong timed out")?
-                    .map_err(anyhow::Error::msg)?;
-                if i >= warmup {
-                    rtts.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
-            }
+            Box::new(move || p.put(payload.clone()).wait().map_err(anyhow::Error::msg))
         }
         Variant::NanoBot => {
-            let sub = bus
-                .subscribe_lossless::<RawFrame>(&format!("bench/nb/pong/{size}"), 16)
-                .await?;
+            keep.push(Box::new(
+                bus.subscribe_callback::<RawFrame>(&format!("bench/nb/pong/{size}"), move |_| {
+                    let _ = tx.try_send(());
+                })
+                .await?,
+            ));
             let p = bus
                 .publisher::<RawFrame>(&format!("bench/nb/ping/{size}"), "bench", PubQos::Control)
                 .await?;
-            tokio::time::sleep(Duration::from_millis(300)).await;
             let msg = frame(&payload);
-            for i in 0..n + warmup {
-                let t0 = Instant::now();
-                p.put(&msg).await?;
-                tokio::time::timeout(timeout, sub.recv())
-                    .await
-                    .context("NanoBot pong timed out")?
-                    .context("closed")?;
-                if i >= warmup {
-                    rtts.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
+            Box::new(move || {
+                p.put_wait(&msg, &TraceContext::new_root())
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            })
+        }
+    };
+    // Wait for the route: ping until the first pong comes back.
+    let ready = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            ping()?;
+            if rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("no pong within 5 s");
             }
         }
-    }
-    rtts.sort_by(f64::total_cmp);
-    Ok(rtts)
-}
-
-async fn wait_matching(p: &zenoh::pubsub::Publisher<'_>) {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        if p.matching_status().await.map(|m| m.matching()).unwrap_or(false) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
+        while rx.try_recv().is_ok() {}
+        let mut rtts = Vec::with_capacity(n);
+        for i in 0..n + warmup {
+            let t0 = Instant::now();
+            ping()?;
+            rx.recv_timeout(Duration::from_secs(5)).context("pong timed out")?;
+            if i >= warmup {
+                rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn report(
-    session: &Session,
-    local: Option<&Arc<Mutex<BTreeMap<String, Arc<Sink>>>>>,
-    key: &str,
-) -> anyhow::Result<(u64, f64)> {
-    if let Some(sinks) = local {
-        return Ok(sinks.lock().unwrap().get(key).map(|s| s.rate()).unwrap_or((0, 0.0)));
-    }
-    let replies = session
-        .get(format!("bench/report/{key}"))
-        .timeout(Duration::from_secs(3))
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let reply = replies
-        .recv_async()
-        .await
-        .map_err(|e| anyhow::anyhow!("the bench peer did not answer: {e}"))?;
-    let sample = reply.result().map_err(|e| anyhow::anyhow!("bench peer error: {e:?}"))?;
-    let v: serde_json::Value = serde_json::from_slice(&sample.payload().to_bytes())?;
-    Ok((v["n"].as_u64().unwrap_or(0), v["rate"].as_f64().unwrap_or(0.0)))
+        rtts.sort_by(f64::total_cmp);
+        Ok(rtts)
+    })
+    .await??;
+    drop(keep);
+    Ok(ready)
 }
 
 fn human(rate: f64) -> String {
@@ -379,7 +409,7 @@ fn size_label(s: usize) -> String {
 
 async fn measure(
     bus: &Bus,
-    local: Option<&Arc<Mutex<BTreeMap<String, Arc<Sink>>>>>,
+    sinks: Sinks<'_>,
     label: &str,
     secs: f64,
     round_trips: usize,
@@ -387,32 +417,23 @@ async fn measure(
 ) -> anyhow::Result<()> {
     println!("\n== {label} ==");
     println!(
-        "{:<9} {:>12} {:>12} {:>7} | {:>9} {:>9} {:>9} {:>9} {:>10}",
-        "size", "raw msg/s", "nanobot", "ratio", "raw p50", "raw p99", "nb p50", "nb p99", "added p50"
+        "{:<9} {:>11} {:>11} {:>6} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "size", "raw msg/s", "nanobot", "ratio", "nb MB/s", "raw p50", "raw p99", "nb p50", "nb p99", "added p50"
     );
     for &size in sizes {
         let mut thr = [0.0f64; 2];
-        for (i, v) in [Variant::Raw, Variant::NanoBot].into_iter().enumerate() {
-            // Warm the route so the first messages do not wait on discovery.
-            blast(bus, v, size, 0.2).await?;
+        for (i, v) in Variant::BOTH.into_iter().enumerate() {
+            let which = format!("{}/{size}", v.key());
+            blast(bus, v, size, 0.3).await?; // warm the route
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let key = format!("{}/{size}", v.key());
-            let (n0, _) = report(bus.session(), local, &key).await?;
-            if let Some(l) = local {
-                l.lock().unwrap().remove(&key);
-            }
+            sinks.ctl("reset", &which).await?;
             let sent = blast(bus, v, size, secs).await?;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let (n1, rate) = report(bus.session(), local, &key).await?;
-            let got = if local.is_some() { n1 } else { n1 - n0 };
-            if got + 10 < sent && local.is_some() {
-                bail!("{key}: sent {sent} but received {got} with blocking congestion control");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (got, rate) = sinks.ctl("report", &which).await?;
+            if got < sent {
+                bail!("{which}: sent {sent} but the sink counted {got} with blocking congestion control");
             }
-            thr[i] = if local.is_some() {
-                rate
-            } else {
-                peer_rate(bus.session(), &key, n0, n1, rate)
-            };
+            thr[i] = rate;
         }
         let n = if size >= 65536 { round_trips / 2 } else { round_trips };
         let raw = ping_pong(bus, Variant::Raw, size, n).await?;
@@ -424,11 +445,12 @@ async fn measure(
             percentile(&nb, 0.99),
         );
         println!(
-            "{:<9} {:>12} {:>12} {:>6.2}x | {:>7.1}µs {:>7.1}µs {:>7.1}µs {:>7.1}µs {:>8.1}µs",
+            "{:<9} {:>11} {:>11} {:>5.2}x {:>9.1} | {:>6.1}µs {:>6.1}µs {:>6.1}µs {:>6.1}µs {:>7.1}µs",
             size_label(size),
             human(thr[0]),
             human(thr[1]),
             thr[1] / thr[0].max(1e-9),
+            thr[1] * size as f64 / 1e6,
             r50,
             r99,
             n50,
@@ -439,17 +461,36 @@ async fn measure(
     Ok(())
 }
 
-/// The peer's sink keeps counting across the warm-up; its rate covers first..last receipt,
-/// which the warm-up gap would dilute, so measure the main run on a fresh key instead.
-fn peer_rate(_s: &Session, _key: &str, _n0: u64, _n1: u64, rate: f64) -> f64 {
-    rate
+/// What the envelope itself costs, without the bus: encode and decode of one `RawFrame`.
+fn codec_cost(sizes: &[usize]) {
+    use nanobot_messages::codec;
+    print!("codec per message (encode / decode):");
+    for &size in sizes {
+        let f = frame(&Bytes::from(vec![1u8; size]));
+        let n = (4_000_000 / (size + 256)).clamp(10_000, 500_000) as u64;
+        let t = Instant::now();
+        for i in 0..n {
+            std::hint::black_box(codec::encode("bench", i, 0, &f).expect("encodes"));
+        }
+        let enc = t.elapsed().as_nanos() as f64 / n as f64;
+        let wire = Bytes::from(codec::encode("bench", 1, 0, &f).expect("encodes").to_vec());
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(codec::decode::<RawFrame>(wire.clone()).expect("decodes"));
+        }
+        let dec = t.elapsed().as_nanos() as f64 / n as f64;
+        print!("  {}: {enc:.0} / {dec:.0} ns", size_label(size));
+    }
+    println!();
 }
 
 async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<&str>) -> anyhow::Result<u8> {
     println!(
         "nanobot bench bus: {secs}s of publishing per throughput figure, {round_trips} round trips per latency figure"
     );
-    println!("throughput: blocking congestion control, batched; latency: express, one message in flight (round trip)");
+    println!("throughput: tight put loop, blocking congestion control, batched; latency: express, one message in flight (round trip)");
+    codec_cost(sizes);
+    let size_list = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     if only != Some("one") {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let endpoint = format!("tcp/127.0.0.1:{port}");
@@ -459,7 +500,7 @@ async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<
         };
         let bus = Bus::open(&cfg, "bench").await?;
         let mut child: Child = Command::new(std::env::current_exe()?)
-            .args(["bench", "bus-peer", "--connect", &endpoint])
+            .args(["bench", "bus-peer", "--connect", &endpoint, "--sizes", &size_list])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -473,7 +514,15 @@ async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<
             bail!("the bench peer did not start: {line:?}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let result = measure(&bus, None, "two processes, tcp on loopback", secs, round_trips, sizes).await;
+        let result = measure(
+            &bus,
+            Sinks::Remote(&bus),
+            "two processes, tcp on loopback",
+            secs,
+            round_trips,
+            sizes,
+        )
+        .await;
         let _ = bus.session().put("bench/quit", "").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let _ = child.kill();
@@ -483,9 +532,16 @@ async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<
     }
     if only != Some("two") {
         let bus = Bus::open(&BusConfig::default(), "bench").await?;
-        let sinks: Arc<Mutex<BTreeMap<String, Arc<Sink>>>> = Arc::default();
-        let _tasks = serve(&bus, sinks.clone()).await?;
-        measure(&bus, Some(&sinks), "one process, one session", secs, round_trips, sizes).await?;
+        let (counters, _keep) = serve(&bus, sizes).await?;
+        measure(
+            &bus,
+            Sinks::Local(&counters),
+            "one process, one session",
+            secs,
+            round_trips,
+            sizes,
+        )
+        .await?;
         bus.close().await;
     }
     Ok(0)

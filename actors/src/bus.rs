@@ -128,7 +128,7 @@ pub struct Bus {
 /// A message received from the bus.
 #[derive(Clone, Debug)]
 pub struct Received<T> {
-    pub key: String,
+    pub key: zenoh::key_expr::KeyExpr<'static>,
     pub header: Header,
     pub msg: T,
     pub trace: Option<TraceContext>,
@@ -160,41 +160,49 @@ impl SubStats {
     }
 }
 
-/// Bytes of a Zenoh payload: shared with Zenoh when contiguous, else gathered once.
-pub fn payload_bytes(z: &ZBytes) -> Bytes {
-    struct Contiguous(ZBytes);
-    impl AsRef<[u8]> for Contiguous {
+/// The pieces of a Zenoh payload, each shared with Zenoh (no copy).
+pub fn payload_pieces(z: &ZBytes) -> Vec<Bytes> {
+    struct Piece(ZBytes, usize);
+    impl AsRef<[u8]> for Piece {
         fn as_ref(&self) -> &[u8] {
-            self.0.slices().next().unwrap_or(&[])
+            self.0.slices().nth(self.1).unwrap_or(&[])
         }
     }
-    let mut slices = z.slices();
-    match (slices.next(), slices.next()) {
-        (None, _) => Bytes::new(),
-        (Some(_), None) => Bytes::from_owner(Contiguous(z.clone())),
+    (0..z.slices().count()).map(|i| Bytes::from_owner(Piece(z.clone(), i))).collect()
+}
+
+/// The bytes of a Zenoh payload: shared with Zenoh when contiguous, else gathered once.
+pub fn payload_bytes(z: &ZBytes) -> Bytes {
+    let mut pieces = payload_pieces(z);
+    match pieces.len() {
+        0 => Bytes::new(),
+        1 => pieces.pop().unwrap_or_default(),
         _ => Bytes::from(z.to_bytes().into_owned()),
     }
 }
 
 /// The trace context of a sample, if its attachment holds a `traceparent`.
 pub fn sample_trace(sample: &Sample) -> Option<TraceContext> {
-    let att = sample.attachment()?;
-    let text = att.try_to_string().ok()?;
-    TraceContext::parse(&text)
+    zbytes_trace(sample.attachment()?)
+}
+
+fn zbytes_trace(att: &ZBytes) -> Option<TraceContext> {
+    TraceContext::parse_bytes(&att.to_bytes())
 }
 
 fn decode_sample<T: Message>(sample: &Sample) -> Result<Received<T>, CodecError> {
-    let (header, msg) = codec::decode::<T>(payload_bytes(sample.payload()))?;
-    Ok(Received {
-        key: sample.key_expr().as_str().to_string(),
-        header,
-        msg,
-        trace: sample_trace(sample),
-    })
+    let (header, msg) = codec::decode_pieces::<T>(&payload_pieces(sample.payload()))?;
+    Ok(Received { key: sample.key_expr().clone(), header, msg, trace: sample_trace(sample) })
 }
 
-fn encoded_zbytes(e: codec::Encoded) -> ZBytes {
-    if e.blobs.is_empty() {
+/// Blobs at most this big are copied into the header buffer: one slice is cheaper than two.
+const INLINE_BLOB_BYTES: usize = 2048;
+
+fn encoded_zbytes(mut e: codec::Encoded) -> ZBytes {
+    if e.blobs.iter().map(Bytes::len).sum::<usize>() <= INLINE_BLOB_BYTES {
+        for b in &e.blobs {
+            e.head.extend_from_slice(b);
+        }
         return ZBytes::from(e.head);
     }
     let mut w = ZBytes::writer();
@@ -328,6 +336,33 @@ impl Bus {
         })
     }
 
+    /// Typed subscription that runs `f` on Zenoh's receive thread for each message: the
+    /// cheapest path, for handlers that only count, copy or forward. Keep `f` short.
+    pub async fn subscribe_callback<T: Message>(
+        &self,
+        key: &str,
+        f: impl Fn(Received<T>) + Send + Sync + 'static,
+    ) -> Result<Callback, BusError> {
+        let stats = Arc::new(SubStats::default());
+        let s = stats.clone();
+        let subscriber = self
+            .session
+            .declare_subscriber(key.to_string())
+            .callback(move |sample| {
+                s.received.fetch_add(1, Ordering::Relaxed);
+                match decode_sample::<T>(&sample) {
+                    Ok(r) => f(r),
+                    Err(e) => s.decode_error(sample.key_expr().as_str(), &e),
+                }
+            })
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(Callback {
+            _subscriber: subscriber,
+            stats,
+        })
+    }
+
     /// A typed queryable: requests of type `Q` arrive on a bounded queue.
     pub async fn queryable<Q: Message>(&self, key: &str, capacity: usize) -> Result<Queryable<Q>, BusError> {
         let inner = self
@@ -361,7 +396,7 @@ impl Bus {
             .session
             .get(key.to_string())
             .payload(encoded_zbytes(enc))
-            .attachment(trace.to_string())
+            .attachment(trace.to_bytes().to_vec())
             .timeout(timeout)
             .await
             .map_err(|e| zerr(key, e))?;
@@ -467,10 +502,26 @@ impl<T: Message> Publisher<T> {
         })?;
         let put = self.inner.put(encoded_zbytes(enc));
         let put = match trace {
-            Some(t) => put.attachment(t.to_string()),
+            Some(t) => put.attachment(t.to_bytes().to_vec()),
             None => put,
         };
         put.await.map_err(|e| zerr(&self.key, e))
+    }
+
+    /// [`Publisher::put_traced`] without an async runtime (tight loops, bridges, benchmarks).
+    pub fn put_wait(&self, msg: &T, trace: &TraceContext) -> Result<u64, BusError> {
+        use zenoh::Wait;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let enc = codec::encode(&self.robot, seq, codec::now_ns(), msg).map_err(|e| BusError::Codec {
+            key: self.key.clone(),
+            source: e,
+        })?;
+        self.inner
+            .put(encoded_zbytes(enc))
+            .attachment(trace.to_bytes().to_vec())
+            .wait()
+            .map_err(|e| zerr(&self.key, e))?;
+        Ok(seq)
     }
 }
 
@@ -507,6 +558,18 @@ impl<T: Message> Latest<T> {
     }
     pub fn stats(&self) -> &SubStats {
         &self.shared.stats
+    }
+}
+
+/// A callback subscription; dropping it undeclares.
+pub struct Callback {
+    _subscriber: zenoh::pubsub::Subscriber<()>,
+    stats: Arc<SubStats>,
+}
+
+impl Callback {
+    pub fn stats(&self) -> &SubStats {
+        &self.stats
     }
 }
 
@@ -556,7 +619,7 @@ impl<Q: Message> Queryable<Q> {
                 .and_then(|a| a.try_to_string().ok())
                 .and_then(|t| TraceContext::parse(&t));
             let decoded = match query.payload() {
-                Some(p) => codec::decode::<Q>(payload_bytes(p)),
+                Some(p) => codec::decode_pieces::<Q>(&payload_pieces(p)),
                 None => Err(CodecError::Truncated {
                     what: "header",
                     need: 4,
@@ -593,7 +656,7 @@ impl<Q> Request<Q> {
         })?;
         let mut reply = self.query.reply(self.query.key_expr().clone(), encoded_zbytes(enc));
         if let Some(t) = &self.trace {
-            reply = reply.attachment(t.child().to_string());
+            reply = reply.attachment(t.child().to_bytes().to_vec());
         }
         reply.await.map_err(|e| zerr(&key, e))
     }

@@ -152,17 +152,72 @@ pub fn peek_header(bytes: &[u8]) -> Result<(Header, std::ops::Range<usize>), Cod
     Ok((header, body_start..body_start + body_len))
 }
 
+/// A payload in one or more pieces, as Zenoh delivers fragmented or composed payloads.
+/// A blob that lies within one piece shares its memory; one that spans pieces is gathered.
+struct Pieces<'a> {
+    parts: &'a [Bytes],
+    total: usize,
+}
+
+impl Pieces<'_> {
+    fn range(&self, r: std::ops::Range<usize>) -> Bytes {
+        let mut start = 0;
+        for p in self.parts {
+            let end = start + p.len();
+            if r.start >= start && r.end <= end {
+                return p.slice(r.start - start..r.end - start);
+            }
+            start = end;
+        }
+        let mut out = Vec::with_capacity(r.len());
+        let mut start = 0;
+        for p in self.parts {
+            let end = start + p.len();
+            let (a, b) = (r.start.max(start), r.end.min(end));
+            if a < b {
+                out.extend_from_slice(&p[a - start..b - start]);
+            }
+            start = end;
+        }
+        Bytes::from(out)
+    }
+}
+
 /// Decode a message of kind `T`. Blob fields share `bytes`' memory (no copy).
 pub fn decode<T: Message>(bytes: Bytes) -> Result<(Header, T), CodecError> {
-    let (header, body) = peek_header(&bytes)?;
-    if header.kind != T::KIND {
-        return Err(CodecError::WrongKind {
-            expected: T::KIND,
-            got: header.kind,
-        });
+    decode_pieces(std::slice::from_ref(&bytes))
+}
+
+/// Decode a message of kind `T` from a payload in pieces (see [`decode`]).
+pub fn decode_pieces<T: Message>(parts: &[Bytes]) -> Result<(Header, T), CodecError> {
+    with_head(parts, |head, header, body, pieces| {
+        if header.kind != T::KIND {
+            return Err(CodecError::WrongKind { expected: T::KIND, got: header.kind });
+        }
+        let msg = decode_body::<T>(head, body, pieces)?;
+        Ok((header, msg))
+    })
+}
+
+/// Run `f` with the contiguous bytes that hold the header and body (the first piece when it
+/// holds them, else the pieces gathered), the header, the body range and the pieces.
+fn with_head<R>(
+    parts: &[Bytes],
+    f: impl FnOnce(&[u8], Header, std::ops::Range<usize>, &Pieces) -> Result<R, CodecError>,
+) -> Result<R, CodecError> {
+    let total = parts.iter().map(Bytes::len).sum();
+    let empty = Bytes::new();
+    let first = parts.first().unwrap_or(&empty);
+    match peek_header(first) {
+        Ok((header, body)) => f(first, header, body, &Pieces { parts, total }),
+        Err(CodecError::Truncated { .. }) if parts.len() > 1 => {
+            let all = Pieces { parts, total }.range(0..total);
+            let (header, body) = peek_header(&all)?;
+            let one = [all.clone()];
+            f(&all, header, body, &Pieces { parts: &one, total })
+        }
+        Err(e) => Err(e),
     }
-    let msg = decode_body::<T>(&bytes, body)?;
-    Ok((header, msg))
 }
 
 /// bincode with a byte limit near the body's size, so that a garbled length prefix cannot
@@ -179,63 +234,54 @@ fn decode_bounded<T: Message>(body: &[u8]) -> Result<(T, usize), bincode::error:
     bincode::serde::decode_from_slice(body, config())
 }
 
-fn decode_body<T: Message>(bytes: &Bytes, body: std::ops::Range<usize>) -> Result<T, CodecError> {
-    let (mut msg, used): (T, usize) = decode_bounded::<T>(&bytes[body.clone()]).map_err(|e| match e {
-        bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
-            what: "body",
-            need: body.len() + additional,
-            have: body.len(),
-        },
-        other => CodecError::Body {
-            kind: T::KIND,
-            reason: other.to_string(),
-        },
+fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &Pieces) -> Result<T, CodecError> {
+    let (mut msg, used): (T, usize) = decode_bounded::<T>(&head[body.clone()]).map_err(|e| match e {
+        bincode::error::DecodeError::UnexpectedEnd { additional } => {
+            CodecError::Truncated { what: "body", need: body.len() + additional, have: body.len() }
+        }
+        other => CodecError::Body { kind: T::KIND, reason: other.to_string() },
     })?;
     if used != body.len() {
-        return Err(CodecError::Body {
-            kind: T::KIND,
-            reason: format!("{} unread bytes inside the body", body.len() - used),
-        });
+        return Err(CodecError::Body { kind: T::KIND, reason: format!("{} unread bytes inside the body", body.len() - used) });
     }
     let mut at = body.end;
     for blob in msg.blobs_mut() {
         let len = blob.pending_len().unwrap_or(0);
-        let end = usize::try_from(len)
-            .ok()
-            .and_then(|l| at.checked_add(l))
-            .filter(|&e| e <= bytes.len());
+        let end = usize::try_from(len).ok().and_then(|l| at.checked_add(l)).filter(|&e| e <= pieces.total);
         let Some(end) = end else {
-            return Err(CodecError::Truncated {
-                what: "blob",
-                need: at.saturating_add(len as usize),
-                have: bytes.len(),
-            });
+            return Err(CodecError::Truncated { what: "blob", need: at.saturating_add(len as usize), have: pieces.total });
         };
-        blob.attach(bytes.slice(at..end));
+        blob.attach(pieces.range(at..end));
         at = end;
     }
-    if at != bytes.len() {
-        return Err(CodecError::TrailingBytes(bytes.len() - at));
+    if at != pieces.total {
+        return Err(CodecError::TrailingBytes(pieces.total - at));
     }
     Ok(msg)
 }
 
 /// Decode whatever message `bytes` holds.
 pub fn decode_any(bytes: Bytes) -> Result<(Header, AnyMessage), CodecError> {
-    let (header, body) = peek_header(&bytes)?;
-    let msg = match header.kind {
-        Kind::RawFrame => AnyMessage::RawFrame(decode_body(&bytes, body)?),
-        Kind::Observation => AnyMessage::Observation(decode_body(&bytes, body)?),
-        Kind::ActionChunk => AnyMessage::ActionChunk(decode_body(&bytes, body)?),
-        Kind::Event => AnyMessage::Event(decode_body(&bytes, body)?),
-        Kind::SegmentFinalized => AnyMessage::SegmentFinalized(decode_body(&bytes, body)?),
-        Kind::ReplayRequest => AnyMessage::ReplayRequest(decode_body(&bytes, body)?),
-        Kind::ReplayBatch => AnyMessage::ReplayBatch(decode_body(&bytes, body)?),
-        Kind::Candidate => AnyMessage::Candidate(decode_body(&bytes, body)?),
-        Kind::Promoted => AnyMessage::Promoted(decode_body(&bytes, body)?),
-        Kind::Stats => AnyMessage::Stats(decode_body(&bytes, body)?),
-    };
-    Ok((header, msg))
+    decode_any_pieces(std::slice::from_ref(&bytes))
+}
+
+/// Decode whatever message a payload in pieces holds.
+pub fn decode_any_pieces(parts: &[Bytes]) -> Result<(Header, AnyMessage), CodecError> {
+    with_head(parts, |head, header, body, p| {
+        let msg = match header.kind {
+            Kind::RawFrame => AnyMessage::RawFrame(decode_body(head, body, p)?),
+            Kind::Observation => AnyMessage::Observation(decode_body(head, body, p)?),
+            Kind::ActionChunk => AnyMessage::ActionChunk(decode_body(head, body, p)?),
+            Kind::Event => AnyMessage::Event(decode_body(head, body, p)?),
+            Kind::SegmentFinalized => AnyMessage::SegmentFinalized(decode_body(head, body, p)?),
+            Kind::ReplayRequest => AnyMessage::ReplayRequest(decode_body(head, body, p)?),
+            Kind::ReplayBatch => AnyMessage::ReplayBatch(decode_body(head, body, p)?),
+            Kind::Candidate => AnyMessage::Candidate(decode_body(head, body, p)?),
+            Kind::Promoted => AnyMessage::Promoted(decode_body(head, body, p)?),
+            Kind::Stats => AnyMessage::Stats(decode_body(head, body, p)?),
+        };
+        Ok((header, msg))
+    })
 }
 
 /// Encode any message (the CLI's `topic pub`).

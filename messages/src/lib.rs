@@ -29,5 +29,5 @@ pub use codec::{decode, decode_any, encode, peek_header, CodecError, Encoded, He
 pub use trace::TraceContext;
 pub use types::*;
 
-pub use codec::{encode_any, now_ns, SCHEMA_VERSION};
+pub use codec::{decode_any_pieces, decode_pieces, encode_any, now_ns, SCHEMA_VERSION};
 pub use json::{from_json, to_json, JsonMessage};

@@ -70,6 +70,45 @@ impl TraceContext {
         })
     }
 
+    /// The `traceparent` text as bytes, formatted without allocation.
+    pub fn to_bytes(&self) -> [u8; 55] {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; 55];
+        out[0] = b'0';
+        out[1] = b'0';
+        for i in 0..32 {
+            out[3 + i] = HEX[((self.trace_id >> (124 - 4 * i)) & 0xF) as usize];
+        }
+        for i in 0..16 {
+            out[36 + i] = HEX[((self.span_id >> (60 - 4 * i)) & 0xF) as usize];
+        }
+        out[53] = b'0';
+        out[54] = if self.sampled { b'1' } else { b'0' };
+        out
+    }
+
+    /// Parse `traceparent` bytes (see [`TraceContext::parse`]), without allocating.
+    pub fn parse_bytes(b: &[u8]) -> Option<Self> {
+        fn hex(b: &[u8]) -> Option<u128> {
+            b.iter().try_fold(0u128, |acc, &c| {
+                let d = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    b'A'..=b'F' => c - b'A' + 10,
+                    _ => return None,
+                };
+                Some(acc << 4 | d as u128)
+            })
+        }
+        if b.len() != 55 || &b[0..3] != b"00-" || b[35] != b'-' || b[52] != b'-' {
+            return None;
+        }
+        let trace_id = hex(&b[3..35])?;
+        let span_id = hex(&b[36..52])? as u64;
+        let flags = hex(&b[53..55])? as u8;
+        (trace_id != 0 && span_id != 0).then_some(TraceContext { trace_id, span_id, sampled: flags & 1 == 1 })
+    }
+
     pub fn trace_id_hex(&self) -> String {
         format!("{:032x}", self.trace_id)
     }
@@ -95,6 +134,9 @@ mod tests {
         let text = root.to_string();
         assert_eq!(text.len(), 55);
         assert_eq!(TraceContext::parse(&text), Some(root));
+        assert_eq!(root.to_bytes().as_slice(), text.as_bytes());
+        let unsampled = TraceContext { sampled: false, ..root };
+        assert_eq!(unsampled.to_bytes().as_slice(), unsampled.to_string().as_bytes());
         let child = root.child();
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.span_id, root.span_id);
@@ -106,5 +148,8 @@ mod tests {
             None
         );
         assert_eq!(TraceContext::parse("garbage"), None);
+        assert_eq!(TraceContext::parse_bytes(w3c.as_bytes()), Some(p));
+        assert_eq!(TraceContext::parse_bytes(&w3c.as_bytes()[..54]), None);
+        assert_eq!(TraceContext::parse_bytes(w3c.replace("-01", "-0x").as_bytes()), None);
     }
 }

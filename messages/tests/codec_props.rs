@@ -178,3 +178,32 @@ fn any_event_fixed() -> Event {
         event: EventKind::Reward { value: 1.0 },
     }
 }
+
+proptest! {
+    /// However a payload is cut into pieces, it decodes to the same message.
+    #[test]
+    fn pieces_decode_like_one_buffer(f in any_frame(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..5)) {
+        let whole = wire("r0", 5, &f);
+        let mut at: Vec<usize> = cuts.iter().map(|c| c.index(whole.len() + 1)).collect();
+        at.sort();
+        let mut parts = Vec::new();
+        let mut prev = 0;
+        for c in at.into_iter().chain([whole.len()]) {
+            parts.push(whole.slice(prev..c));
+            prev = c;
+        }
+        let (h, back) = decode_pieces::<RawFrame>(&parts).unwrap();
+        prop_assert_eq!(h.seq, 5);
+        prop_assert_eq!(back, f);
+        prop_assert!(decode_pieces::<RawFrame>(&parts[..parts.len().saturating_sub(1)]).is_err() || parts.last().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn a_blob_in_its_own_piece_is_not_copied() {
+    let f = RawFrame { sensor: "cam".into(), encoding: Encoding::Jpeg, shape: vec![], data: Blob::new(vec![7u8; 5000]) };
+    let e = encode("r0", 1, 2, &f).unwrap();
+    let parts = [Bytes::from(e.head.clone()), e.blobs[0].clone()];
+    let (_, back) = decode_pieces::<RawFrame>(&parts).unwrap();
+    assert_eq!(back.data.bytes().as_ptr(), parts[1].as_ptr());
+}
