@@ -168,7 +168,9 @@ pub fn payload_pieces(z: &ZBytes) -> Vec<Bytes> {
             self.0.slices().nth(self.1).unwrap_or(&[])
         }
     }
-    (0..z.slices().count()).map(|i| Bytes::from_owner(Piece(z.clone(), i))).collect()
+    (0..z.slices().count())
+        .map(|i| Bytes::from_owner(Piece(z.clone(), i)))
+        .collect()
 }
 
 /// The bytes of a Zenoh payload: shared with Zenoh when contiguous, else gathered once.
@@ -192,7 +194,12 @@ fn zbytes_trace(att: &ZBytes) -> Option<TraceContext> {
 
 fn decode_sample<T: Message>(sample: &Sample) -> Result<Received<T>, CodecError> {
     let (header, msg) = codec::decode_pieces::<T>(&payload_pieces(sample.payload()))?;
-    Ok(Received { key: sample.key_expr().clone(), header, msg, trace: sample_trace(sample) })
+    Ok(Received {
+        key: sample.key_expr().clone(),
+        header,
+        msg,
+        trace: sample_trace(sample),
+    })
 }
 
 /// Blobs at most this big are copied into the header buffer: one slice is cheaper than two.

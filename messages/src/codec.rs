@@ -192,7 +192,10 @@ pub fn decode<T: Message>(bytes: Bytes) -> Result<(Header, T), CodecError> {
 pub fn decode_pieces<T: Message>(parts: &[Bytes]) -> Result<(Header, T), CodecError> {
     with_head(parts, |head, header, body, pieces| {
         if header.kind != T::KIND {
-            return Err(CodecError::WrongKind { expected: T::KIND, got: header.kind });
+            return Err(CodecError::WrongKind {
+                expected: T::KIND,
+                got: header.kind,
+            });
         }
         let msg = decode_body::<T>(head, body, pieces)?;
         Ok((header, msg))
@@ -236,20 +239,35 @@ fn decode_bounded<T: Message>(body: &[u8]) -> Result<(T, usize), bincode::error:
 
 fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &Pieces) -> Result<T, CodecError> {
     let (mut msg, used): (T, usize) = decode_bounded::<T>(&head[body.clone()]).map_err(|e| match e {
-        bincode::error::DecodeError::UnexpectedEnd { additional } => {
-            CodecError::Truncated { what: "body", need: body.len() + additional, have: body.len() }
-        }
-        other => CodecError::Body { kind: T::KIND, reason: other.to_string() },
+        bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
+            what: "body",
+            need: body.len() + additional,
+            have: body.len(),
+        },
+        other => CodecError::Body {
+            kind: T::KIND,
+            reason: other.to_string(),
+        },
     })?;
     if used != body.len() {
-        return Err(CodecError::Body { kind: T::KIND, reason: format!("{} unread bytes inside the body", body.len() - used) });
+        return Err(CodecError::Body {
+            kind: T::KIND,
+            reason: format!("{} unread bytes inside the body", body.len() - used),
+        });
     }
     let mut at = body.end;
     for blob in msg.blobs_mut() {
         let len = blob.pending_len().unwrap_or(0);
-        let end = usize::try_from(len).ok().and_then(|l| at.checked_add(l)).filter(|&e| e <= pieces.total);
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| at.checked_add(l))
+            .filter(|&e| e <= pieces.total);
         let Some(end) = end else {
-            return Err(CodecError::Truncated { what: "blob", need: at.saturating_add(len as usize), have: pieces.total });
+            return Err(CodecError::Truncated {
+                what: "blob",
+                need: at.saturating_add(len as usize),
+                have: pieces.total,
+            });
         };
         blob.attach(pieces.range(at..end));
         at = end;

@@ -106,7 +106,11 @@ impl TraceContext {
         let trace_id = hex(&b[3..35])?;
         let span_id = hex(&b[36..52])? as u64;
         let flags = hex(&b[53..55])? as u8;
-        (trace_id != 0 && span_id != 0).then_some(TraceContext { trace_id, span_id, sampled: flags & 1 == 1 })
+        (trace_id != 0 && span_id != 0).then_some(TraceContext {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
     }
 
     pub fn trace_id_hex(&self) -> String {

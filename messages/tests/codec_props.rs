@@ -201,7 +201,12 @@ proptest! {
 
 #[test]
 fn a_blob_in_its_own_piece_is_not_copied() {
-    let f = RawFrame { sensor: "cam".into(), encoding: Encoding::Jpeg, shape: vec![], data: Blob::new(vec![7u8; 5000]) };
+    let f = RawFrame {
+        sensor: "cam".into(),
+        encoding: Encoding::Jpeg,
+        shape: vec![],
+        data: Blob::new(vec![7u8; 5000]),
+    };
     let e = encode("r0", 1, 2, &f).unwrap();
     let parts = [Bytes::from(e.head.clone()), e.blobs[0].clone()];
     let (_, back) = decode_pieces::<RawFrame>(&parts).unwrap();
