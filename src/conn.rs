@@ -68,6 +68,8 @@ impl ConnectArgs {
             connect,
             multicast_scouting: self.scout,
             config_file: self.zenoh_config.clone(),
+            // A node that is still starting gets the whole timeout to answer.
+            connect_timeout_ms: Some((self.connect_timeout * 1000.0) as i64),
         };
         Ok((
             cfg,
@@ -90,7 +92,8 @@ impl ConnectArgs {
             Ok(bus) => bus,
             // A client fails at once when no endpoint answers.
             Err(e @ nanobot_actors::bus::BusError::Open { .. }) if cfg.mode == Mode::Client => {
-                return Err(anyhow::anyhow!(e).context(unreachable()))
+                tracing::debug!(error = %e, "client could not connect");
+                bail!(unreachable())
             }
             Err(e) => return Err(e).context("opening the Zenoh session"),
         };

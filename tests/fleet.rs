@@ -135,6 +135,27 @@ fn node_list_echo_and_pub_work_against_a_running_fleet() {
         .expect("a state frame");
     assert_eq!(state["msg"]["shape"], serde_json::json!([6]));
 
+    // One trace follows a state frame to the action chunk that answers it.
+    let out = tool(&["topic", "echo", "nb/r1/**", "--json", "--count", "60", "--connect", &ep]);
+    let msgs: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let trace_id = |m: &Value| m["traceparent"].as_str().unwrap()[3..35].to_string();
+    let linked = msgs
+        .iter()
+        .filter(|m| m["kind"] == "ActionChunk")
+        .filter_map(|a| {
+            msgs.iter()
+                .find(|s| s["key"] == "nb/r1/raw/state" && s["seq"] == a["msg"]["obs_seq"])
+                .map(|s| (trace_id(s), trace_id(a)))
+        })
+        .collect::<Vec<_>>();
+    assert!(!linked.is_empty(), "no action chunk whose state frame was seen");
+    for (state, act) in linked {
+        assert_eq!(state, act, "the action continues the state frame's trace");
+    }
+
     // pub → echo: a message typed as JSON arrives decoded.
     let mut echo = nanobot();
     echo.args([

@@ -65,6 +65,9 @@ pub struct BusConfig {
     pub multicast_scouting: bool,
     /// A Zenoh JSON5 config file; the fields above are applied on top of it.
     pub config_file: Option<PathBuf>,
+    /// How long opening the session keeps trying its connect endpoints (Zenoh's
+    /// `connect/timeout_ms`; -1 forever). Default: Zenoh's (peers forever, clients once).
+    pub connect_timeout_ms: Option<i64>,
 }
 
 impl BusConfig {
@@ -94,6 +97,9 @@ impl BusConfig {
         }
         if !self.connect.is_empty() {
             set(&mut cfg, "connect/endpoints", list(&self.connect))?;
+        }
+        if let Some(ms) = self.connect_timeout_ms {
+            set(&mut cfg, "connect/timeout_ms", ms.to_string())?;
         }
         Ok(cfg)
     }

@@ -345,8 +345,11 @@ pub fn parse(
         if !node_names.insert(name.clone()) {
             return Err(err(nline, format!("node {name:?} is declared twice")));
         }
+        let mode = node.mode.or(decl.zenoh.mode).unwrap_or_default();
         let bus = BusConfig {
-            mode: node.mode.or(decl.zenoh.mode).unwrap_or_default(),
+            mode,
+            // A node that is a client of a router waits for it, as peers wait for each other.
+            connect_timeout_ms: (mode == Mode::Client).then_some(-1),
             listen: node.listen.clone(),
             connect: node.connect.clone(),
             multicast_scouting: decl.zenoh.multicast_scouting,
