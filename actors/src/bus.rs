@@ -181,10 +181,16 @@ pub fn payload_pieces(z: &ZBytes) -> Vec<Bytes> {
 
 /// The bytes of a Zenoh payload: shared with Zenoh when contiguous, else gathered once.
 pub fn payload_bytes(z: &ZBytes) -> Bytes {
-    let mut pieces = payload_pieces(z);
-    match pieces.len() {
-        0 => Bytes::new(),
-        1 => pieces.pop().unwrap_or_default(),
+    struct Whole(ZBytes);
+    impl AsRef<[u8]> for Whole {
+        fn as_ref(&self) -> &[u8] {
+            self.0.slices().next().unwrap_or(&[])
+        }
+    }
+    let mut slices = z.slices();
+    match (slices.next(), slices.next()) {
+        (None, _) => Bytes::new(),
+        (Some(_), None) => Bytes::from_owner(Whole(z.clone())),
         _ => Bytes::from(z.to_bytes().into_owned()),
     }
 }
@@ -199,7 +205,12 @@ fn zbytes_trace(att: &ZBytes) -> Option<TraceContext> {
 }
 
 fn decode_sample<T: Message>(sample: &Sample) -> Result<Received<T>, CodecError> {
-    let (header, msg) = codec::decode_pieces::<T>(&payload_pieces(sample.payload()))?;
+    let z = sample.payload();
+    let (header, msg) = if z.slices().count() == 1 {
+        codec::decode::<T>(payload_bytes(z))?
+    } else {
+        codec::decode_pieces::<T>(&payload_pieces(z))?
+    };
     Ok(Received {
         key: sample.key_expr().clone(),
         header,
@@ -208,14 +219,8 @@ fn decode_sample<T: Message>(sample: &Sample) -> Result<Received<T>, CodecError>
     })
 }
 
-/// Blobs at most this big are copied into the header buffer: one slice is cheaper than two.
-const INLINE_BLOB_BYTES: usize = 2048;
-
-fn encoded_zbytes(mut e: codec::Encoded) -> ZBytes {
-    if e.blobs.iter().map(Bytes::len).sum::<usize>() <= INLINE_BLOB_BYTES {
-        for b in &e.blobs {
-            e.head.extend_from_slice(b);
-        }
+fn encoded_zbytes(e: codec::Encoded) -> ZBytes {
+    if e.blobs.is_empty() {
         return ZBytes::from(e.head);
     }
     let mut w = ZBytes::writer();

@@ -10,6 +10,9 @@ use crate::types::*;
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u8 = 1;
 pub const MAGIC: [u8; 2] = *b"NB";
+/// Blobs that add up to at most this many bytes are copied behind the body at encoding: one
+/// buffer is cheaper than several slices for small payloads. Larger ones stay shared.
+pub const INLINE_BLOB_BYTES: usize = 2048;
 /// Bytes of the header before the robot id.
 pub const FIXED_HEADER_LEN: usize = 26;
 
@@ -57,7 +60,8 @@ pub struct Header {
     pub stamp_ns: u64,
 }
 
-/// An encoded message: header and body in one small buffer, blob bytes untouched beside it.
+/// An encoded message: header and body (and small blobs) in one buffer, large blob bytes
+/// untouched beside it.
 #[derive(Clone, Debug)]
 pub struct Encoded {
     pub head: Vec<u8>,
@@ -85,7 +89,10 @@ impl Encoded {
 /// Encode `msg` with its envelope header.
 pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Result<Encoded, CodecError> {
     let robot_len = u16::try_from(robot.len()).map_err(|_| CodecError::RobotIdTooLong(robot.len()))?;
-    let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + 64);
+    let mut blob_bytes = 0;
+    msg.visit_blobs(&mut |b| blob_bytes += b.len());
+    let inline = blob_bytes <= INLINE_BLOB_BYTES;
+    let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + 64 + if inline { blob_bytes } else { 0 });
     head.extend_from_slice(&MAGIC);
     head.push(SCHEMA_VERSION);
     head.push(T::KIND as u8);
@@ -104,7 +111,12 @@ pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Resu
         reason: "body over 4 GiB".into(),
     })?;
     head[4..8].copy_from_slice(&body_len.to_le_bytes());
-    let blobs = msg.blobs().into_iter().map(|b| b.bytes().clone()).collect();
+    let mut blobs = Vec::new();
+    if inline {
+        msg.visit_blobs(&mut |b| head.extend_from_slice(b.bytes()));
+    } else {
+        msg.visit_blobs(&mut |b| blobs.push(b.bytes().clone()));
+    }
     Ok(Encoded { head, blobs })
 }
 
@@ -256,21 +268,30 @@ fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &P
         });
     }
     let mut at = body.end;
-    for blob in msg.blobs_mut() {
+    let mut short = None;
+    msg.visit_blobs_mut(&mut |blob| {
+        if short.is_some() {
+            return;
+        }
         let len = blob.pending_len().unwrap_or(0);
-        let end = usize::try_from(len)
+        match usize::try_from(len)
             .ok()
             .and_then(|l| at.checked_add(l))
-            .filter(|&e| e <= pieces.total);
-        let Some(end) = end else {
-            return Err(CodecError::Truncated {
-                what: "blob",
-                need: at.saturating_add(len as usize),
-                have: pieces.total,
-            });
-        };
-        blob.attach(pieces.range(at..end));
-        at = end;
+            .filter(|&e| e <= pieces.total)
+        {
+            Some(end) => {
+                blob.attach(pieces.range(at..end));
+                at = end;
+            }
+            None => short = Some(at.saturating_add(len as usize)),
+        }
+    });
+    if let Some(need) = short {
+        return Err(CodecError::Truncated {
+            what: "blob",
+            need,
+            have: pieces.total,
+        });
     }
     if at != pieces.total {
         return Err(CodecError::TrailingBytes(pieces.total - at));
@@ -368,8 +389,17 @@ mod tests {
             shape: vec![64, 64, 3],
             data: Blob::new(vec![9u8; 1000]),
         };
+        let big = RawFrame {
+            data: Blob::new(vec![9u8; 5000]),
+            ..frame.clone()
+        };
+        assert_eq!(
+            encode("r1", 1, 2, &big).unwrap().blobs.len(),
+            1,
+            "a large blob stays shared"
+        );
         let e = encode("r1", 1, 2, &frame).unwrap();
-        assert_eq!(e.blobs.len(), 1);
+        assert_eq!(e.blobs.len(), 0, "a small blob is inlined");
         let wire = Bytes::from(e.to_vec());
         let (h, back): (Header, RawFrame) = decode(wire.clone()).unwrap();
         assert_eq!(h.robot, "r1");

@@ -155,13 +155,9 @@ impl fmt::Display for Kind {
 /// A type that travels in the envelope.
 pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
     const KIND: Kind;
-    /// The blobs of this message, in field order (their bytes follow the body on the wire).
-    fn blobs(&self) -> Vec<&Blob> {
-        Vec::new()
-    }
-    fn blobs_mut(&mut self) -> Vec<&mut Blob> {
-        Vec::new()
-    }
+    /// Visit the blobs of this message in field order (their bytes follow the body on the wire).
+    fn visit_blobs(&self, _f: &mut dyn FnMut(&Blob)) {}
+    fn visit_blobs_mut(&mut self, _f: &mut dyn FnMut(&mut Blob)) {}
 }
 
 /// How the bytes of a frame or image are encoded.
@@ -219,11 +215,11 @@ impl RawFrame {
 
 impl Message for RawFrame {
     const KIND: Kind = Kind::RawFrame;
-    fn blobs(&self) -> Vec<&Blob> {
-        vec![&self.data]
+    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
+        f(&self.data)
     }
-    fn blobs_mut(&mut self) -> Vec<&mut Blob> {
-        vec![&mut self.data]
+    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
+        f(&mut self.data)
     }
 }
 
@@ -257,11 +253,11 @@ pub struct Observation {
 
 impl Message for Observation {
     const KIND: Kind = Kind::Observation;
-    fn blobs(&self) -> Vec<&Blob> {
-        vec![&self.image.data]
+    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
+        f(&self.image.data)
     }
-    fn blobs_mut(&mut self) -> Vec<&mut Blob> {
-        vec![&mut self.image.data]
+    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
+        f(&mut self.image.data)
     }
 }
 
@@ -388,11 +384,11 @@ pub struct Candidate {
 
 impl Message for Candidate {
     const KIND: Kind = Kind::Candidate;
-    fn blobs(&self) -> Vec<&Blob> {
-        vec![&self.adapter]
+    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
+        f(&self.adapter)
     }
-    fn blobs_mut(&mut self) -> Vec<&mut Blob> {
-        vec![&mut self.adapter]
+    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
+        f(&mut self.adapter)
     }
 }
 
@@ -410,11 +406,11 @@ pub struct Promoted {
 
 impl Message for Promoted {
     const KIND: Kind = Kind::Promoted;
-    fn blobs(&self) -> Vec<&Blob> {
-        vec![&self.adapter]
+    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
+        f(&self.adapter)
     }
-    fn blobs_mut(&mut self) -> Vec<&mut Blob> {
-        vec![&mut self.adapter]
+    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
+        f(&mut self.adapter)
     }
 }
 
