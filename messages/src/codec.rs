@@ -113,9 +113,9 @@ pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Resu
     head[4..8].copy_from_slice(&body_len.to_le_bytes());
     let mut blobs = Vec::new();
     if inline {
-        msg.visit_blobs(&mut |b| head.extend_from_slice(b.bytes()));
+        msg.visit_blobs(&mut |b| b.pieces().iter().for_each(|p| head.extend_from_slice(p)));
     } else {
-        msg.visit_blobs(&mut |b| blobs.push(b.bytes().clone()));
+        msg.visit_blobs(&mut |b| blobs.extend(b.pieces().iter().cloned()));
     }
     Ok(Encoded { head, blobs })
 }
@@ -172,25 +172,37 @@ struct Pieces<'a> {
 }
 
 impl Pieces<'_> {
-    fn range(&self, r: std::ops::Range<usize>) -> Bytes {
-        let mut start = 0;
-        for p in self.parts {
-            let end = start + p.len();
-            if r.start >= start && r.end <= end {
-                return p.slice(r.start - start..r.end - start);
-            }
-            start = end;
-        }
-        let mut out = Vec::with_capacity(r.len());
+    /// The bytes of `r` as sub-slices of the pieces it spans (no copy).
+    fn range(&self, r: std::ops::Range<usize>) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(1);
         let mut start = 0;
         for p in self.parts {
             let end = start + p.len();
             let (a, b) = (r.start.max(start), r.end.min(end));
             if a < b {
-                out.extend_from_slice(&p[a - start..b - start]);
+                out.push(p.slice(a - start..b - start));
             }
             start = end;
         }
+        out
+    }
+
+    /// The bytes of `r` as a blob: one shared slice when a single piece holds them.
+    fn blob(&self, r: std::ops::Range<usize>) -> Blob {
+        if let [one] = self.parts {
+            return Blob::new(one.slice(r));
+        }
+        Blob::from_pieces(self.range(r))
+    }
+
+    /// The bytes of `r` in one buffer (copied only when they span pieces).
+    fn contiguous(&self, r: std::ops::Range<usize>) -> Bytes {
+        let mut pieces = self.range(r);
+        if pieces.len() <= 1 {
+            return pieces.pop().unwrap_or_default();
+        }
+        let mut out = Vec::with_capacity(pieces.iter().map(Bytes::len).sum());
+        pieces.iter().for_each(|p| out.extend_from_slice(p));
         Bytes::from(out)
     }
 }
@@ -226,7 +238,7 @@ fn with_head<R>(
     match peek_header(first) {
         Ok((header, body)) => f(first, header, body, &Pieces { parts, total }),
         Err(CodecError::Truncated { .. }) if parts.len() > 1 => {
-            let all = Pieces { parts, total }.range(0..total);
+            let all = Pieces { parts, total }.contiguous(0..total);
             let (header, body) = peek_header(&all)?;
             let one = [all.clone()];
             f(&all, header, body, &Pieces { parts: &one, total })
@@ -280,7 +292,7 @@ fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &P
             .filter(|&e| e <= pieces.total)
         {
             Some(end) => {
-                blob.attach(pieces.range(at..end));
+                blob.attach(pieces.blob(at..end));
                 at = end;
             }
             None => short = Some(at.saturating_add(len as usize)),
@@ -405,7 +417,7 @@ mod tests {
         assert_eq!(h.robot, "r1");
         assert_eq!(back, frame);
         let start = wire.len() - 1000;
-        assert_eq!(back.data.bytes().as_ptr(), wire[start..].as_ptr());
+        assert_eq!(back.data.pieces()[0].as_ptr(), wire[start..].as_ptr());
     }
 
     #[test]

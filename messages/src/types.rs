@@ -10,47 +10,94 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A large byte field (a camera frame, an adapter) carried outside the bincode body.
 ///
 /// In the binary codec a blob contributes only its length (u64) to the body; its bytes follow
-/// the body, so the bus can pass them to Zenoh and back without a copy. In JSON it is base64.
-#[derive(Clone, Default, PartialEq, Eq)]
+/// the body, so the bus can pass them to Zenoh and back without a copy. A received blob may
+/// be in several pieces (Zenoh reassembles big payloads from fragments): forwarding it keeps
+/// them as they are, and [`Blob::to_bytes`] gathers them only when contiguous bytes are asked
+/// for. In JSON a blob is base64.
+#[derive(Clone, Default)]
 pub struct Blob {
-    bytes: Bytes,
+    pieces: Pieces,
     /// Length announced by a decoded body whose bytes have not been attached yet.
     pending: Option<u64>,
+}
+
+#[derive(Clone)]
+enum Pieces {
+    One(Bytes),
+    Many(Vec<Bytes>),
+}
+
+impl Default for Pieces {
+    fn default() -> Self {
+        Pieces::One(Bytes::new())
+    }
 }
 
 impl Blob {
     pub fn new(bytes: impl Into<Bytes>) -> Self {
         Blob {
-            bytes: bytes.into(),
+            pieces: Pieces::One(bytes.into()),
             pending: None,
         }
     }
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
+    /// A blob made of several pieces, in order (empty pieces are dropped).
+    pub fn from_pieces(mut pieces: Vec<Bytes>) -> Self {
+        pieces.retain(|p| !p.is_empty());
+        let pieces = match pieces.len() {
+            0 => Pieces::One(Bytes::new()),
+            1 => Pieces::One(pieces.pop().unwrap_or_default()),
+            _ => Pieces::Many(pieces),
+        };
+        Blob { pieces, pending: None }
     }
-    pub fn into_bytes(self) -> Bytes {
-        self.bytes
+    /// The pieces, in order; one for a contiguous blob.
+    pub fn pieces(&self) -> &[Bytes] {
+        match &self.pieces {
+            Pieces::One(b) => std::slice::from_ref(b),
+            Pieces::Many(v) => v,
+        }
+    }
+    pub fn is_contiguous(&self) -> bool {
+        matches!(self.pieces, Pieces::One(_))
+    }
+    /// The bytes in one buffer: shared when contiguous, gathered (copied) otherwise.
+    pub fn to_bytes(&self) -> Bytes {
+        match &self.pieces {
+            Pieces::One(b) => b.clone(),
+            Pieces::Many(v) => {
+                let mut out = Vec::with_capacity(self.len());
+                v.iter().for_each(|p| out.extend_from_slice(p));
+                Bytes::from(out)
+            }
+        }
     }
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.pieces().iter().map(Bytes::len).sum()
     }
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.len() == 0
     }
     pub(crate) fn pending_len(&self) -> Option<u64> {
         self.pending
     }
-    pub(crate) fn attach(&mut self, bytes: Bytes) {
-        self.bytes = bytes;
-        self.pending = None;
+    pub(crate) fn attach(&mut self, blob: Blob) {
+        *self = blob;
     }
 }
 
-impl AsRef<[u8]> for Blob {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
+impl PartialEq for Blob {
+    /// Equal content, however it is cut into pieces.
+    fn eq(&self, other: &Blob) -> bool {
+        if self.len() != other.len() {
+            return false;
+        }
+        let a = self.pieces().iter().flat_map(|p| p.iter());
+        let b = other.pieces().iter().flat_map(|p| p.iter());
+        a.eq(b)
     }
 }
+
+impl Eq for Blob {}
 
 impl From<Vec<u8>> for Blob {
     fn from(v: Vec<u8>) -> Self {
@@ -60,16 +107,16 @@ impl From<Vec<u8>> for Blob {
 
 impl fmt::Debug for Blob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Blob({} bytes)", self.bytes.len())
+        write!(f, "Blob({} bytes in {} piece(s))", self.len(), self.pieces().len())
     }
 }
 
 impl Serialize for Blob {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
-            s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.bytes))
+            s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.to_bytes()))
         } else {
-            s.serialize_u64(self.bytes.len() as u64)
+            s.serialize_u64(self.len() as u64)
         }
     }
 }
@@ -85,7 +132,7 @@ impl<'de> Deserialize<'de> for Blob {
         } else {
             let len = u64::deserialize(d)?;
             Ok(Blob {
-                bytes: Bytes::new(),
+                pieces: Pieces::default(),
                 pending: Some(len),
             })
         }
@@ -205,7 +252,7 @@ impl RawFrame {
         }
         Some(
             self.data
-                .bytes()
+                .to_bytes()
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
