@@ -42,8 +42,7 @@ fn two_nodes_exchange_messages_through_the_shipped_launch_file() {
         &repo().join("launch/two_nodes.toml"),
         &[("NB_APU_PORT", apu.to_string()), ("NB_ROBOT_PORT", robot.to_string())],
     );
-    fleet.expect_line("node apu started", Duration::from_secs(10));
-    fleet.expect_line("node robot started", Duration::from_secs(10));
+    fleet.expect_actors(4, Duration::from_secs(10));
     let ep = format!("tcp/127.0.0.1:{robot}");
     // Actions made on the apu node for the robot on the robot node, answering its state frames.
     let out = tool(&[
@@ -93,7 +92,7 @@ fn two_nodes_exchange_messages_through_the_shipped_launch_file() {
 fn node_list_echo_and_pub_work_against_a_running_fleet() {
     let (file, port) = sim_fleet("list", 3);
     let mut fleet = Proc::launch(&file, &[]);
-    fleet.expect_line("node sim started", Duration::from_secs(10));
+    fleet.expect_actors(6, Duration::from_secs(10));
     let ep = format!("tcp/127.0.0.1:{port}");
     let out = tool(&["node", "list", "--connect", &ep]);
     let listing = text(&out.stdout);

@@ -113,6 +113,13 @@ impl Proc {
         }
     }
 
+    /// Wait until `n` actors reported that they started.
+    pub fn expect_actors(&mut self, n: usize, within: Duration) {
+        for _ in 0..n {
+            self.expect_line("actor started", within);
+        }
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe {
             libc::kill(self.child.id() as i32, sig);
