@@ -202,7 +202,12 @@ pub async fn run(cmd: TopicCmd) -> anyhow::Result<u8> {
             };
             let (bus, _sub, table) = watch(&conn, &key).await?;
             tokio::time::sleep(Duration::from_secs_f64(duration)).await;
-            let map = table.lock().unwrap();
+            let map = table
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, s)| (k.clone(), s.kind.clone(), s.count))
+                .collect::<Vec<_>>();
             if map.is_empty() {
                 bail!(
                     "connected to {} Zenoh node(s), but no message on {key} within {duration}s",
@@ -210,8 +215,8 @@ pub async fn run(cmd: TopicCmd) -> anyhow::Result<u8> {
                 );
             }
             println!("{:<40} {:<18} {:>9}", "KEY", "KIND", "RATE Hz");
-            for (k, s) in map.iter() {
-                println!("{k:<40} {:<18} {:>9.1}", s.kind, s.count as f64 / duration);
+            for (k, kind, count) in &map {
+                println!("{k:<40} {kind:<18} {:>9.1}", *count as f64 / duration);
             }
             Ok(0)
         }

@@ -72,7 +72,7 @@ impl Actor for ExpertActor {
         ctx: ActorContext,
     ) -> Result<ExpertState, ActorProcessingErr> {
         let cfg: ExpertConfig = ctx.config()?;
-        if cfg.horizon == 0 || !(cfg.rate_hz > 0.0) || !(cfg.max_speed > 0.0) {
+        if cfg.horizon == 0 || !(cfg.rate_hz > 0.0 && cfg.max_speed > 0.0) {
             return Err(ctx
                 .config_error("horizon, rate_hz and max_speed must be positive".into())
                 .into());

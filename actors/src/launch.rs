@@ -82,7 +82,7 @@ struct FileDecl {
     #[serde(default)]
     zenoh: ZenohDecl,
     #[serde(default)]
-    restart: RestartPolicy,
+    restart: Option<Spanned<RestartPolicy>>,
     #[serde(default)]
     robots: Option<Spanned<RobotsDecl>>,
     #[serde(default)]
@@ -302,10 +302,19 @@ pub fn parse(
         }
         None => topics::DEFAULT_FLEET.to_string(),
     };
-    let r = &decl.restart;
-    if !(r.window_s > 0.0) || r.backoff_ms > r.max_backoff_ms.max(r.backoff_ms) {
-        return Err(err(0, "[restart]: window_s must be positive".into()));
-    }
+    let restart = match &decl.restart {
+        Some(r) => {
+            let p = r.get_ref();
+            if !(p.window_s > 0.0 && p.window_s.is_finite()) {
+                return Err(err(
+                    at(r.span()),
+                    "[restart]: window_s must be a positive number of seconds".into(),
+                ));
+            }
+            p.clone()
+        }
+        None => RestartPolicy::default(),
+    };
 
     let robots: Vec<String> = match &decl.robots {
         None => Vec::new(),
@@ -451,7 +460,7 @@ pub fn parse(
             name,
             fleet: fleet.clone(),
             bus,
-            restart: decl.restart.clone(),
+            restart: restart.clone(),
             actors,
         });
     }
@@ -459,7 +468,7 @@ pub fn parse(
         path: path.to_path_buf(),
         fleet,
         robots,
-        restart: decl.restart,
+        restart,
         nodes,
     })
 }
@@ -524,6 +533,9 @@ type = "expert"
         assert_eq!((e.line, e.message.as_str()), (6, "node \"a\" is declared twice"));
         let e = parse_str("[robots]\nids = [\"log\"]\n[[node]]\nname = \"a\"\n").unwrap_err();
         assert!(e.message.contains("reserved"), "{e}");
+        let e = parse_str("[restart]\nwindow_s = -1.0\n[[node]]\nname = \"a\"\n").unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
+        assert!(e.message.contains("window_s"), "{e}");
         let e = parse_str("x = [1,\n").unwrap_err();
         assert!(e.line >= 1 && !e.message.is_empty());
     }

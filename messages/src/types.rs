@@ -247,7 +247,7 @@ impl RawFrame {
 
     /// The values of an `F32Le` frame; `None` for another encoding or a ragged length.
     pub fn as_f32(&self) -> Option<Vec<f32>> {
-        if self.encoding != Encoding::F32Le || self.data.len() % 4 != 0 {
+        if self.encoding != Encoding::F32Le || !self.data.len().is_multiple_of(4) {
             return None;
         }
         Some(

@@ -265,12 +265,8 @@ impl SimRobot {
     pub fn step(&mut self, action: [f32; 2]) -> Option<EpisodeEnd> {
         let dt = self.cfg.dt();
         let slow = 1.0 - 0.6 * self.roughness_at(self.pos);
-        for i in 0..2 {
-            let a = if action[i].is_finite() {
-                action[i].clamp(-1.0, 1.0)
-            } else {
-                0.0
-            };
+        for (i, &a) in action.iter().enumerate() {
+            let a = if a.is_finite() { a.clamp(-1.0, 1.0) } else { 0.0 };
             self.vel[i] = a * self.cfg.max_speed * self.cfg.shift.gain() * slow;
             self.pos[i] = (self.pos[i] + self.vel[i] * dt).clamp(0.0, 1.0);
         }
