@@ -1,0 +1,11 @@
+//! The NanoBot policy crate: tensors in, tensors out, no I/O beyond files.
+//!
+//! This first part holds the pieces that need no tensor library: the diffusion noise
+//! schedules (DDPM training, DDIM sampling), the quantization formats (MXFP4 per the OCP
+//! Microscaling spec in ggml's block layout, Q8_0, F16), and the GGUF v3 writer and reader
+//! that export uses. The candle model (ViT, projectors, trunk, diffusion head, LoRA) builds
+//! on them.
+
+pub mod gguf;
+pub mod quant;
+pub mod schedule;
