@@ -104,7 +104,7 @@ impl Tensor {
             });
         }
         let inner = *shape.last().unwrap_or(&1) as usize;
-        if dtype.block().0 > 1 && inner % dtype.block().0 != 0 {
+        if dtype.block().0 > 1 && !inner.is_multiple_of(dtype.block().0) {
             return Err(GgufError::Tensor {
                 name: name.into(),
                 reason: format!(
@@ -160,7 +160,7 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
 }
 
 fn pad(out: &mut Vec<u8>) {
-    while out.len() % ALIGNMENT != 0 {
+    while !out.len().is_multiple_of(ALIGNMENT) {
         out.push(0);
     }
 }

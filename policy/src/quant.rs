@@ -78,7 +78,7 @@ impl DType {
     /// Bytes that `n` values take, or an error if `n` is not whole blocks.
     pub fn bytes_for(self, n: usize) -> Result<usize, QuantError> {
         let (vals, bytes) = self.block();
-        if n % vals != 0 {
+        if !n.is_multiple_of(vals) {
             return Err(QuantError::NotBlocked {
                 format: self.name(),
                 len: n,
@@ -105,7 +105,7 @@ impl DType {
 
     pub fn dequantize(self, bytes: &[u8]) -> Result<Vec<f32>, QuantError> {
         let (vals, block_bytes) = self.block();
-        if bytes.len() % block_bytes != 0 {
+        if !bytes.len().is_multiple_of(block_bytes) {
             return Err(QuantError::BadLength {
                 format: self.name(),
                 bytes: bytes.len(),
@@ -164,7 +164,7 @@ fn mxfp4_exponent(amax: f32) -> u8 {
 }
 
 fn quantize_mxfp4(x: &[f32]) -> Result<Vec<u8>, QuantError> {
-    if x.len() % BLOCK != 0 {
+    if !x.len().is_multiple_of(BLOCK) {
         return Err(QuantError::NotBlocked {
             format: "mxfp4",
             len: x.len(),
@@ -195,7 +195,7 @@ fn quantize_mxfp4(x: &[f32]) -> Result<Vec<u8>, QuantError> {
 }
 
 fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>, QuantError> {
-    if x.len() % BLOCK != 0 {
+    if !x.len().is_multiple_of(BLOCK) {
         return Err(QuantError::NotBlocked {
             format: "q8_0",
             len: x.len(),
