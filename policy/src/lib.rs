@@ -6,6 +6,14 @@
 //! that export uses. The candle model (ViT, projectors, trunk, diffusion head, LoRA) builds
 //! on them.
 
+pub mod checkpoint;
+pub mod config;
 pub mod gguf;
+pub mod lora;
+pub mod model;
 pub mod quant;
+pub mod rng;
 pub mod schedule;
+
+pub use config::PolicyConfig;
+pub use model::{ObsBatch, Policy};

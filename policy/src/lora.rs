@@ -1,0 +1,133 @@
+//! LoRA (Hu et al. 2021) for candle: `y = W x + b + (α / r) · B A x`, with the base `W, b`
+//! frozen in one `VarMap` and the adapter `A` (r × in, Kaiming-initialized) and `B`
+//! (out × r, zeros) trained in another, so the adapter is saved, shipped and swapped on its
+//! own and a fresh adapter leaves the base output exactly as it was.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+
+/// The adapter half of a [`LoraLinear`].
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+/// A linear layer with an optional LoRA adapter.
+#[derive(Clone, Debug)]
+pub struct LoraLinear {
+    base: Linear,
+    adapter: Option<Adapter>,
+}
+
+impl LoraLinear {
+    /// `base_vb` holds `weight` (out × in) and `bias` (out); `adapter_vb`, when given, holds
+    /// `lora_a` and `lora_b` under the same prefix.
+    pub fn new(
+        in_dim: usize,
+        out_dim: usize,
+        base_vb: VarBuilder,
+        adapter: Option<(VarBuilder, usize, f64)>,
+    ) -> Result<Self> {
+        let base = candle_nn::linear(in_dim, out_dim, base_vb)?;
+        let adapter = match adapter {
+            Some((vb, rank, alpha)) => Some(Adapter {
+                a: vb.get_with_hints((rank, in_dim), "lora_a", candle_nn::init::DEFAULT_KAIMING_NORMAL)?,
+                b: vb.get_with_hints((out_dim, rank), "lora_b", Init::Const(0.0))?,
+                scale: alpha / rank as f64,
+            }),
+            None => None,
+        };
+        Ok(LoraLinear { base, adapter })
+    }
+
+    pub fn base(&self) -> &Linear {
+        &self.base
+    }
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_ref()
+    }
+
+    /// The adapter folded into the base weights: one plain linear layer (for export).
+    pub fn merged(&self) -> Result<Linear> {
+        let w = self.base.weight();
+        let w = match &self.adapter {
+            Some(ad) => (w + (ad.b.matmul(&ad.a)? * ad.scale)?)?,
+            None => w.clone(),
+        };
+        Ok(Linear::new(w, self.base.bias().cloned()))
+    }
+}
+
+impl Module for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
+            None => Ok(y),
+            Some(ad) => {
+                let h = x.broadcast_matmul(&ad.a.t()?)?.broadcast_matmul(&ad.b.t()?)?;
+                y + (h * ad.scale)?
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn layer(base: &VarMap, adapter: &VarMap) -> LoraLinear {
+        let dev = Device::Cpu;
+        let bvb = VarBuilder::from_varmap(base, DType::F32, &dev);
+        let avb = VarBuilder::from_varmap(adapter, DType::F32, &dev);
+        LoraLinear::new(8, 5, bvb.pp("l"), Some((avb.pp("l"), 4, 8.0))).unwrap()
+    }
+
+    #[test]
+    fn a_fresh_adapter_gives_exactly_the_base_output() {
+        let (base, adapter) = (VarMap::new(), VarMap::new());
+        let l = layer(&base, &adapter);
+        let x = Tensor::randn(0f32, 1.0, (3, 8), &Device::Cpu).unwrap();
+        let with = l.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let without = l.base().forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(with, without, "B = 0: bit for bit");
+    }
+
+    #[test]
+    fn merged_equals_unmerged_once_trained() {
+        let (base, adapter) = (VarMap::new(), VarMap::new());
+        let l = layer(&base, &adapter);
+        // Pretend training moved B (a Var is updated in place, so the layer sees it).
+        for (name, var) in adapter.data().lock().unwrap().iter() {
+            if name.ends_with("lora_b") {
+                var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &Device::Cpu).unwrap();
+        let unmerged = l.forward(&x).unwrap();
+        let merged = l.merged().unwrap().forward(&x).unwrap();
+        let base_only = l.base().forward(&x).unwrap();
+        let diff = (&unmerged - &merged)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "merged differs by {diff}");
+        let moved = (&unmerged - &base_only)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(moved > 1e-3, "the adapter changes the output");
+    }
+}

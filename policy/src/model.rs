@@ -1,0 +1,410 @@
+//! The policy network, in candle-transformers' habit (config, `new(cfg, vb)`, `forward`):
+//! a small ViT over each camera frame with a projector to the trunk width, a sensor projector
+//! (state → one token), a surface projector (grid patches → tokens), a task embedding; a
+//! transformer trunk over those tokens for `n_obs_steps` of history; and a diffusion head that
+//! predicts the noise in an action chunk, FiLM-conditioned on the trunk and the timestep.
+//! The encoder runs once per chunk; only the head runs at each denoising step.
+//!
+//! LoRA adapters (from a second `VarBuilder`) wrap the trunk's and the head's linear layers,
+//! as `cfg.lora.targets` says; the vision tower and the embeddings stay base-only.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder, VarMap};
+
+use crate::config::PolicyConfig;
+use crate::lora::LoraLinear;
+use crate::schedule::{DdimSampler, DdpmSchedule};
+
+/// Observations for a batch: `images` (B, T, 3, H, W) in [0, 1], `state` (B, T, state_dim)
+/// and `surface` (B, T, rows, cols) normalized, `task` (B) u32.
+#[derive(Clone, Debug)]
+pub struct ObsBatch {
+    pub images: Tensor,
+    pub state: Tensor,
+    pub surface: Tensor,
+    pub task: Tensor,
+}
+
+fn linear(
+    i: usize,
+    o: usize,
+    base: &VarBuilder,
+    adapter: Option<&(VarBuilder, usize, f64)>,
+    name: &str,
+) -> Result<LoraLinear> {
+    LoraLinear::new(i, o, base.pp(name), adapter.map(|(vb, r, a)| (vb.pp(name), *r, *a)))
+}
+
+fn ln(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
+    layer_norm(dim, LayerNormConfig::default(), vb)
+}
+
+/// A pre-norm transformer block (SiLU MLP: cheaper than GELU on CPU at these sizes).
+#[derive(Clone, Debug)]
+struct Block {
+    ln1: LayerNorm,
+    qkv: LoraLinear,
+    proj: LoraLinear,
+    ln2: LayerNorm,
+    fc1: LoraLinear,
+    fc2: LoraLinear,
+    heads: usize,
+}
+
+impl Block {
+    fn new(dim: usize, heads: usize, vb: VarBuilder, adapter: Option<&(VarBuilder, usize, f64)>) -> Result<Self> {
+        Ok(Block {
+            ln1: ln(dim, vb.pp("ln1"))?,
+            qkv: linear(dim, 3 * dim, &vb, adapter, "qkv")?,
+            proj: linear(dim, dim, &vb, adapter, "proj")?,
+            ln2: ln(dim, vb.pp("ln2"))?,
+            fc1: linear(dim, 4 * dim, &vb, adapter, "fc1")?,
+            fc2: linear(4 * dim, dim, &vb, adapter, "fc2")?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let dh = d / self.heads;
+        let h = self.ln1.forward(x)?;
+        let qkv = self
+            .qkv
+            .forward(&h)?
+            .reshape((b, n, 3, self.heads, dh))?
+            .permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (
+            qkv.get(0)?.contiguous()?,
+            qkv.get(1)?.contiguous()?,
+            qkv.get(2)?.contiguous()?,
+        );
+        let att = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        let x = (x + self.proj.forward(&o)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.silu()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+/// The ViT over one camera frame, projected to the trunk width.
+#[derive(Clone, Debug)]
+struct Vision {
+    patch_embed: LoraLinear,
+    pos: Tensor,
+    blocks: Vec<Block>,
+    ln: LayerNorm,
+    projector: LoraLinear,
+    patch: usize,
+}
+
+impl Vision {
+    fn new(cfg: &PolicyConfig, vb: VarBuilder) -> Result<Self> {
+        let v = &cfg.vision;
+        let n = cfg.image_tokens();
+        Ok(Vision {
+            patch_embed: linear(3 * v.patch * v.patch, v.dim, &vb, None, "patch_embed")?,
+            pos: vb.get_with_hints((n, v.dim), "pos", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?,
+            blocks: (0..v.depth)
+                .map(|i| Block::new(v.dim, v.heads, vb.pp(format!("block{i}")), None))
+                .collect::<Result<_>>()?,
+            ln: ln(v.dim, vb.pp("ln"))?,
+            projector: linear(v.dim, cfg.trunk.width, &vb, None, "projector")?,
+            patch: v.patch,
+        })
+    }
+
+    /// (N, 3, H, W) → (N, tokens, width).
+    fn forward(&self, img: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = img.dims4()?;
+        let p = self.patch;
+        let x = img
+            .reshape((n, c, h / p, p, w / p, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((n, (h / p) * (w / p), c * p * p))?;
+        let mut x = self.patch_embed.forward(&x)?.broadcast_add(&self.pos)?;
+        for b in &self.blocks {
+            x = b.forward(&x)?;
+        }
+        self.projector.forward(&self.ln.forward(&x)?)
+    }
+}
+
+/// Sinusoidal embedding of diffusion timesteps (B) → (B, dim).
+fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp())
+        .collect();
+    let freqs = Tensor::new(freqs.as_slice(), t.device())?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs.unsqueeze(0)?)?;
+    Tensor::cat(&[args.sin()?, args.cos()?], 1)
+}
+
+/// The denoiser: a residual MLP over the flattened action chunk, FiLM-conditioned.
+#[derive(Clone, Debug)]
+struct Head {
+    time_mlp1: LoraLinear,
+    time_mlp2: LoraLinear,
+    cond_proj: LoraLinear,
+    input: LoraLinear,
+    blocks: Vec<(LayerNorm, LoraLinear, LoraLinear, LoraLinear)>,
+    output: LoraLinear,
+    hidden: usize,
+}
+
+impl Head {
+    fn new(cfg: &PolicyConfig, vb: VarBuilder, adapter: Option<&(VarBuilder, usize, f64)>) -> Result<Self> {
+        let h = cfg.head.hidden;
+        let chunk = cfg.head.horizon * cfg.head.action_dim;
+        let blocks = (0..cfg.head.depth)
+            .map(|i| {
+                let vbi = vb.pp(format!("block{i}"));
+                let ad = adapter.map(|(a, r, al)| (a.pp(format!("block{i}")), *r, *al));
+                Ok((
+                    ln(h, vbi.pp("ln"))?,
+                    linear(h, 2 * h, &vbi, ad.as_ref(), "film")?,
+                    linear(h, 2 * h, &vbi, ad.as_ref(), "fc1")?,
+                    linear(2 * h, h, &vbi, ad.as_ref(), "fc2")?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Head {
+            time_mlp1: linear(h, h, &vb, adapter, "time_mlp1")?,
+            time_mlp2: linear(h, h, &vb, adapter, "time_mlp2")?,
+            cond_proj: linear(cfg.trunk.width, h, &vb, adapter, "cond_proj")?,
+            input: linear(chunk, h, &vb, adapter, "input")?,
+            blocks,
+            output: linear(h, chunk, &vb, adapter, "output")?,
+            hidden: h,
+        })
+    }
+
+    /// The conditioning vector of one denoising step: trunk summary + timestep.
+    fn condition(&self, cond: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let te = self
+            .time_mlp2
+            .forward(&self.time_mlp1.forward(&timestep_embedding(t, self.hidden)?)?.silu()?)?;
+        (self.cond_proj.forward(cond)? + te)?.silu()
+    }
+
+    /// Predicted noise (B, chunk) for noisy actions (B, chunk).
+    fn forward(&self, noisy: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let mut h = self.input.forward(noisy)?;
+        for (norm, film, fc1, fc2) in &self.blocks {
+            let ss = film.forward(c)?;
+            let (scale, shift) = (ss.narrow(1, 0, self.hidden)?, ss.narrow(1, self.hidden, self.hidden)?);
+            let x = norm
+                .forward(&h)?
+                .broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(&shift)?;
+            h = (h + fc2.forward(&fc1.forward(&x)?.silu()?)?)?;
+        }
+        self.output.forward(&h)
+    }
+}
+
+/// The whole policy.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub cfg: PolicyConfig,
+    vision: Vision,
+    sensor1: LoraLinear,
+    sensor2: LoraLinear,
+    surface: LoraLinear,
+    task: candle_nn::Embedding,
+    token_pos: Tensor,
+    step_pos: Tensor,
+    trunk: Vec<Block>,
+    trunk_ln: LayerNorm,
+    head: Head,
+    pub schedule: DdpmSchedule,
+    pub sampler: DdimSampler,
+    device: Device,
+}
+
+impl Policy {
+    /// The base weights come from `base`; `adapter`, when given, supplies LoRA adapters for
+    /// the parts `cfg.lora.targets` names.
+    pub fn new(cfg: &PolicyConfig, base: VarBuilder, adapter: Option<VarBuilder>) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let w = cfg.trunk.width;
+        let ad = |part: &str| {
+            adapter
+                .as_ref()
+                .filter(|_| cfg.lora.targets(part))
+                .map(|vb| (vb.pp(part), cfg.lora.rank, cfg.lora.alpha))
+        };
+        let (trunk_ad, head_ad) = (ad("trunk"), ad("head"));
+        let i = &cfg.inputs;
+        let sp = i.surface_patch;
+        let schedule = DdpmSchedule::squared_cosine(cfg.head.train_steps).map_err(candle_core::Error::msg)?;
+        let sampler =
+            DdimSampler::new(schedule.clone(), cfg.head.ddim_steps, Some(1.0)).map_err(candle_core::Error::msg)?;
+        let tv = base.pp("trunk");
+        Ok(Policy {
+            vision: Vision::new(cfg, base.pp("vision"))?,
+            sensor1: linear(i.state_dim, w, &base, None, "sensor1")?,
+            sensor2: linear(w, w, &base, None, "sensor2")?,
+            surface: linear(sp * sp, w, &base, None, "surface")?,
+            task: candle_nn::embedding(i.n_tasks, w, base.pp("task"))?,
+            token_pos: base.get_with_hints(
+                (cfg.tokens_per_step(), w),
+                "token_pos",
+                candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+            )?,
+            step_pos: base.get_with_hints(
+                (cfg.trunk.n_obs_steps, w),
+                "step_pos",
+                candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+            )?,
+            trunk: (0..cfg.trunk.depth)
+                .map(|k| {
+                    let a = trunk_ad
+                        .as_ref()
+                        .map(|(vb, r, al)| (vb.pp(format!("block{k}")), *r, *al));
+                    Block::new(w, cfg.trunk.heads, tv.pp(format!("block{k}")), a.as_ref())
+                })
+                .collect::<Result<_>>()?,
+            trunk_ln: ln(w, tv.pp("ln"))?,
+            head: Head::new(cfg, base.pp("head"), head_ad.as_ref())?,
+            schedule,
+            sampler,
+            device: base.device().clone(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The trunk's summary of the observations: (B, width). Run once per chunk.
+    pub fn encode(&self, obs: &ObsBatch) -> Result<Tensor> {
+        let (b, t, c, h, w) = obs.images.dims5()?;
+        let width = self.cfg.trunk.width;
+        let img = self.vision.forward(&obs.images.reshape((b * t, c, h, w))?)?; // (B·T, n_img, W)
+        let img = img.reshape((b, t, self.cfg.image_tokens(), width))?;
+        let sensor = self
+            .sensor2
+            .forward(&self.sensor1.forward(&obs.state)?.silu()?)?
+            .unsqueeze(2)?; // (B, T, 1, W)
+        let (rows, cols) = (self.cfg.inputs.surface_rows, self.cfg.inputs.surface_cols);
+        let sp = self.cfg.inputs.surface_patch;
+        let surf = obs
+            .surface
+            .reshape((b, t, rows / sp, sp, cols / sp, sp))?
+            .permute((0, 1, 2, 4, 3, 5))?
+            .reshape((b, t, self.cfg.surface_tokens(), sp * sp))?;
+        let surf = self.surface.forward(&surf)?;
+        let task = self
+            .task
+            .forward(&obs.task)?
+            .unsqueeze(1)?
+            .unsqueeze(1)?
+            .repeat((1, t, 1, 1))?; // (B, T, 1, W)
+        let tokens = Tensor::cat(&[img, sensor, surf, task], 2)?; // (B, T, per_step, W)
+        let tokens = tokens
+            .broadcast_add(&self.token_pos)?
+            .broadcast_add(&self.step_pos.narrow(0, 0, t)?.unsqueeze(1)?)?;
+        let mut x = tokens.reshape((b, t * self.cfg.tokens_per_step(), width))?;
+        for blk in &self.trunk {
+            x = blk.forward(&x)?;
+        }
+        self.trunk_ln.forward(&x)?.mean(1)
+    }
+
+    /// Predicted noise for noisy action chunks (B, horizon, action_dim) at timesteps `t` (B).
+    pub fn denoise(&self, noisy: &Tensor, t: &Tensor, cond: &Tensor) -> Result<Tensor> {
+        let (b, hz, ad) = noisy.dims3()?;
+        let c = self.head.condition(cond, t)?;
+        self.head
+            .forward(&noisy.reshape((b, hz * ad))?, &c)?
+            .reshape((b, hz, ad))
+    }
+
+    /// The DDPM training loss: MSE between the true noise and its prediction, for normalized
+    /// action chunks `actions` (B, horizon, action_dim), noise `eps` of the same shape and
+    /// training timesteps `t` (B, u32).
+    pub fn loss(&self, obs: &ObsBatch, actions: &Tensor, eps: &Tensor, t: &[u32]) -> Result<Tensor> {
+        let b = actions.dim(0)?;
+        let (mut wa, mut wb) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for &ti in t {
+            let (a, s) = self
+                .schedule
+                .noise_weights(ti as usize)
+                .map_err(candle_core::Error::msg)?;
+            wa.push(a as f32);
+            wb.push(s as f32);
+        }
+        let wa = Tensor::from_vec(wa, (b, 1, 1), &self.device)?;
+        let wb = Tensor::from_vec(wb, (b, 1, 1), &self.device)?;
+        let noisy = (actions.broadcast_mul(&wa)? + eps.broadcast_mul(&wb)?)?;
+        let tt = Tensor::from_vec(t.iter().map(|&x| x as f32).collect::<Vec<_>>(), b, &self.device)?;
+        let pred = self.denoise(&noisy, &tt, &self.encode(obs)?)?;
+        (pred - eps)?.sqr()?.mean_all()
+    }
+
+    /// Sample normalized action chunks (B, horizon, action_dim) with DDIM from `noise`.
+    pub fn sample(&self, obs: &ObsBatch, noise: &Tensor) -> Result<Tensor> {
+        let cond = self.encode(obs)?;
+        self.sample_from(&cond, noise)
+    }
+
+    /// DDIM from an already encoded observation (the encoder's output is reused by every step).
+    pub fn sample_from(&self, cond: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let b = noise.dim(0)?;
+        let mut x = noise.clone();
+        let steps = &self.sampler.timesteps;
+        for (k, &t) in steps.iter().enumerate() {
+            let tt = Tensor::full(t as f32, b, &self.device)?;
+            let eps = self.denoise(&x, &tt, cond)?;
+            let a_t = self.schedule.alphas_cumprod[t];
+            let a_prev = steps
+                .get(k + 1)
+                .map(|&p| self.schedule.alphas_cumprod[p])
+                .unwrap_or(1.0);
+            let x0 = ((&x - (&eps * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?.clamp(-1f32, 1f32)?;
+            x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Give every variable a deterministic value from `seed`: weights ~ N(0, 1/fan_in),
+/// embeddings ~ N(0, 0.02²), biases, LayerNorm shifts and LoRA `B` zero, LayerNorm scales one.
+pub fn seeded_init(vars: &VarMap, seed: u64) -> Result<()> {
+    let data = vars.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = crate::rng::Normal::new(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let is_ln = name.contains("ln") && dims.len() == 1;
+        let values: Vec<f32> = if name.ends_with("lora_b") || name.ends_with("bias") {
+            vec![0.0; n]
+        } else if is_ln && name.ends_with("weight") {
+            vec![1.0; n]
+        } else if name.ends_with("pos") || name.contains("task") {
+            (0..n).map(|_| rng.next() * 0.02).collect()
+        } else {
+            let fan_in = *dims.last().unwrap_or(&1) as f32;
+            let std = 1.0 / fan_in.sqrt();
+            (0..n).map(|_| rng.next() * std).collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// Standard normal values from `seed`, as a tensor of `shape`.
+pub fn seeded_randn(seed: u64, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let mut rng = crate::rng::Normal::new(seed);
+    let n: usize = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| rng.next()).collect::<Vec<f32>>(), shape, device)
+}
