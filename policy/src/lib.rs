@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod export;
 pub mod gguf;
 pub mod lora;
 pub mod model;

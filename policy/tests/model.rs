@@ -171,4 +171,77 @@ fn a_tiny_policy_overfits_a_handful_of_demonstrations() {
         err < 0.1,
         "sampled actions are off the demonstrations by {err} on average"
     );
+
+    // The trained policy exported with MXFP4 weights acts close to the f32 one.
+    use nanobot_policy::checkpoint::{Kind, Meta, NormStats};
+    use nanobot_policy::export::{load_gguf_into, to_gguf, weight_bytes};
+    use nanobot_policy::gguf::Gguf;
+    use nanobot_policy::quant::DType as Q;
+    let meta = Meta {
+        kind: Kind::Base,
+        version: "overfit".into(),
+        config: cfg.clone(),
+        norm: NormStats::fit(&[vec![0.0; 6]], &[vec![0.0; 2]]),
+    };
+    let g = Gguf::from_bytes(&to_gguf(&base, &meta, Q::Mxfp4).unwrap().to_bytes().unwrap()).unwrap();
+    let (q, qbase, _) = build(&cfg, 1, false);
+    load_gguf_into(&g, &qbase).unwrap();
+    let qgot = q
+        .sample(&o, &noise)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let qerr = qgot.iter().zip(&got).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+    let (f32_bytes, q_bytes) = weight_bytes(&qbase, Q::Mxfp4);
+    eprintln!("mxfp4: {q_bytes} of {f32_bytes} weight bytes, mean action difference {qerr}");
+    assert!(
+        qerr < 0.1,
+        "the MXFP4 policy's actions differ from the f32 policy's by {qerr} on average"
+    );
+    assert!(q_bytes * 3 < f32_bytes);
+}
+
+#[test]
+fn exports_load_back_and_act_like_the_f32_policy() {
+    use nanobot_policy::checkpoint::{Kind, Meta, NormStats};
+    use nanobot_policy::export::{gguf_config, load_gguf_into, to_gguf};
+    use nanobot_policy::gguf::Gguf;
+    use nanobot_policy::quant::DType as Q;
+
+    let cfg = tiny();
+    let (p, base, _) = build(&cfg, 13, false);
+    let meta = Meta {
+        kind: Kind::Base,
+        version: "base-13".into(),
+        config: cfg.clone(),
+        norm: NormStats::fit(&[vec![0.0; 6], vec![1.0; 6]], &[vec![-1.0; 2], vec![1.0; 2]]),
+    };
+    let o = obs(&cfg, 2, 3);
+    let noise = seeded_randn(5, &[2, 16, 2], &Device::Cpu).unwrap();
+    let reference = p
+        .sample(&o, &noise)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (q, tol) in [(Q::F32, 0.0), (Q::F16, 0.01), (Q::Q8_0, 0.05)] {
+        let bytes = to_gguf(&base, &meta, q).unwrap().to_bytes().unwrap();
+        let g = Gguf::from_bytes(&bytes).unwrap();
+        assert_eq!(gguf_config(&g).unwrap(), cfg);
+        let (p2, base2, _) = build(&cfg, 99, false);
+        load_gguf_into(&g, &base2).unwrap();
+        let got = p2
+            .sample(&o, &noise)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+        eprintln!("{}: mean action error {err}", q.name());
+        assert!(err <= tol, "{}: actions differ by {err} on average", q.name());
+    }
 }
