@@ -44,6 +44,15 @@ pub enum BenchCmd {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Action-chunk latency of the policy (encoder once, DDIM steps), f32 beside MXFP4.
+    Policy {
+        /// Policy config.
+        #[arg(long, default_value = "configs/policy/small.toml")]
+        config: std::path::PathBuf,
+        /// Timed action chunks per setting.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
     /// The far side of `bench bus` between two processes (started by it).
     #[command(hide = true)]
     BusPeer {
@@ -64,6 +73,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
             only,
         } => rt.block_on(bench_bus(secs, round_trips, &sizes, only.as_deref())),
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(peer(&connect, &sizes)),
+        BenchCmd::Policy { config, runs } => crate::bench_policy::run(&config, runs),
     }
 }
 

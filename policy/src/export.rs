@@ -18,7 +18,10 @@ pub const ARCHITECTURE: &str = "nanobot-policy";
 
 fn quantizable(name: &str, dims: &[usize], dtype: DType) -> bool {
     dtype == DType::F32
-        || (name.ends_with("weight") && dims.len() == 2 && dims[1] % dtype.block().0 == 0 && !name.contains("ln"))
+        || (name.ends_with("weight")
+            && dims.len() == 2
+            && dims[1].is_multiple_of(dtype.block().0)
+            && !name.contains("ln"))
 }
 
 fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, Value)>) {

@@ -1,0 +1,146 @@
+//! `nanobot bench policy`: action-chunk latency (p50/p99) with the configured DDIM steps,
+//! where the time goes (encoder once per chunk, denoiser per step), parameters and memory,
+//! f32 beside the same policy loaded from its MXFP4 export, on candle's default thread pool
+//! and inside a one-thread pool.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use nanobot_policy::checkpoint::{Kind, Meta, NormStats};
+use nanobot_policy::export::{load_gguf_into, to_gguf, weight_bytes};
+use nanobot_policy::gguf::Gguf;
+use nanobot_policy::model::{seeded_init, seeded_randn};
+use nanobot_policy::quant::DType as Q;
+use nanobot_policy::{ObsBatch, Policy, PolicyConfig};
+
+fn build(cfg: &PolicyConfig) -> anyhow::Result<(Policy, VarMap)> {
+    let vars = VarMap::new();
+    let p = Policy::new(cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), None)?;
+    seeded_init(&vars, 1)?;
+    Ok((p, vars))
+}
+
+fn obs(cfg: &PolicyConfig) -> anyhow::Result<ObsBatch> {
+    let (t, s, dev) = (cfg.trunk.n_obs_steps, cfg.vision.image_size, Device::Cpu);
+    Ok(ObsBatch {
+        images: seeded_randn(2, &[1, t, 3, s, s], &dev)?.affine(0.25, 0.5)?,
+        state: seeded_randn(3, &[1, t, cfg.inputs.state_dim], &dev)?,
+        surface: seeded_randn(4, &[1, t, cfg.inputs.surface_rows, cfg.inputs.surface_cols], &dev)?,
+        task: Tensor::new(&[0u32], &dev)?,
+    })
+}
+
+struct Timing {
+    total: Vec<f64>,
+    encode: Vec<f64>,
+    step: Vec<f64>,
+}
+
+fn time_chunks(p: &Policy, o: &ObsBatch, noise: &Tensor, runs: usize) -> anyhow::Result<(Timing, Vec<f32>)> {
+    let mut t = Timing {
+        total: vec![],
+        encode: vec![],
+        step: vec![],
+    };
+    let mut last = Vec::new();
+    let steps = p.sampler.timesteps.len() as f64;
+    for i in 0..runs + 5 {
+        let t0 = Instant::now();
+        let cond = p.encode(o)?;
+        let t1 = Instant::now();
+        let a = p.sample_from(&cond, noise)?;
+        last = a.flatten_all()?.to_vec1::<f32>()?;
+        let t2 = Instant::now();
+        if i >= 5 {
+            t.total.push((t2 - t0).as_secs_f64() * 1e3);
+            t.encode.push((t1 - t0).as_secs_f64() * 1e3);
+            t.step.push((t2 - t1).as_secs_f64() * 1e3 / steps);
+        }
+    }
+    Ok((t, last))
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+pub fn run(config: &Path, runs: usize) -> anyhow::Result<u8> {
+    let cfg = PolicyConfig::load(config)?;
+    let (p, vars) = build(&cfg)?;
+    let params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
+    let (f32_bytes, mx_bytes) = weight_bytes(&vars, Q::Mxfp4);
+    let o = obs(&cfg)?;
+    let noise = seeded_randn(5, &[1, cfg.head.horizon, cfg.head.action_dim], &Device::Cpu)?;
+
+    let meta = Meta {
+        kind: Kind::Base,
+        version: "bench".into(),
+        config: cfg.clone(),
+        norm: NormStats::fit(&[vec![0.0; cfg.inputs.state_dim]], &[vec![0.0; cfg.head.action_dim]]),
+    };
+    let gguf = Gguf::from_bytes(&to_gguf(&vars, &meta, Q::Mxfp4)?.to_bytes()?)?;
+    let (q, qvars) = build(&cfg)?;
+    load_gguf_into(&gguf, &qvars).context("loading the MXFP4 export")?;
+
+    println!(
+        "nanobot bench policy: {} ({} DDIM steps, horizon {}), {runs} chunks per row, batch 1",
+        config.display(),
+        cfg.head.ddim_steps,
+        cfg.head.horizon
+    );
+    println!(
+        "parameters {params} ({:.2} MB f32, {:.2} MB as MXFP4 weights), peak RSS {:.0} MB",
+        f32_bytes as f64 / 1e6,
+        mx_bytes as f64 / 1e6,
+        peak_rss_mb()
+    );
+    println!(
+        "{:<26} {:>9} {:>9} {:>11} {:>13}",
+        "setting", "p50 ms", "p99 ms", "encoder ms", "per step ms"
+    );
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let mut outputs = Vec::new();
+    for (label, policy) in [("f32", &p), ("mxfp4 (dequantized)", &q)] {
+        for threads in ["default pool", "1-thread pool"] {
+            let (t, a) = if threads == "1-thread pool" {
+                one.install(|| time_chunks(policy, &o, &noise, runs))?
+            } else {
+                time_chunks(policy, &o, &noise, runs)?
+            };
+            println!(
+                "{:<26} {:>9.2} {:>9.2} {:>11.2} {:>13.3}",
+                format!("{label}, {threads}"),
+                pct(&t.total, 0.5),
+                pct(&t.total, 0.99),
+                pct(&t.encode, 0.5),
+                pct(&t.step, 0.5)
+            );
+            outputs.push(a);
+        }
+    }
+    let diff = outputs[0]
+        .iter()
+        .zip(&outputs[2])
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f32>()
+        / outputs[0].len() as f32;
+    println!("mean |f32 − mxfp4| action difference (normalized units, untrained seeded weights): {diff:.4}");
+    Ok(0)
+}
