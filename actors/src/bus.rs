@@ -283,6 +283,27 @@ impl Bus {
         })
     }
 
+    /// Declare a subscription that decodes every sample as `T`, counts arrivals and decode
+    /// errors in `stats`, and hands good messages to `on_msg` on Zenoh's receive thread.
+    async fn subscribe_decoded<T: Message>(
+        &self,
+        key: &str,
+        stats: Arc<SubStats>,
+        on_msg: impl Fn(Received<T>) + Send + Sync + 'static,
+    ) -> Result<zenoh::pubsub::Subscriber<()>, BusError> {
+        self.session
+            .declare_subscriber(key.to_string())
+            .callback(move |sample| {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                match decode_sample::<T>(&sample) {
+                    Ok(r) => on_msg(r),
+                    Err(e) => stats.decode_error(sample.key_expr().as_str(), &e),
+                }
+            })
+            .await
+            .map_err(|e| zerr(key, e))
+    }
+
     /// Latest-only subscription: a message not yet taken is replaced by a newer one (counted).
     /// `wake` runs when a message arrives into an empty slot (to poke an actor's mailbox once).
     pub async fn subscribe_latest<T: Message>(
@@ -293,31 +314,22 @@ impl Bus {
         let shared = Arc::new(LatestShared::<T> {
             slot: Mutex::new(None),
             notify: tokio::sync::Notify::new(),
-            stats: SubStats::default(),
+            stats: Arc::new(SubStats::default()),
             full: AtomicBool::new(false),
         });
         let s = shared.clone();
         let subscriber = self
-            .session
-            .declare_subscriber(key.to_string())
-            .callback(move |sample| {
-                s.stats.received.fetch_add(1, Ordering::Relaxed);
-                match decode_sample::<T>(&sample) {
-                    Ok(r) => {
-                        let old = s.slot.lock().unwrap_or_else(|e| e.into_inner()).replace(r);
-                        if old.is_some() {
-                            s.stats.replaced.fetch_add(1, Ordering::Relaxed);
-                        }
-                        s.notify.notify_one();
-                        if !s.full.swap(true, Ordering::AcqRel) {
-                            wake();
-                        }
-                    }
-                    Err(e) => s.stats.decode_error(sample.key_expr().as_str(), &e),
+            .subscribe_decoded::<T>(key, shared.stats.clone(), move |r| {
+                let old = s.slot.lock().unwrap_or_else(|e| e.into_inner()).replace(r);
+                if old.is_some() {
+                    s.stats.replaced.fetch_add(1, Ordering::Relaxed);
+                }
+                s.notify.notify_one();
+                if !s.full.swap(true, Ordering::AcqRel) {
+                    wake();
                 }
             })
-            .await
-            .map_err(|e| zerr(key, e))?;
+            .await?;
         Ok(Latest {
             _subscriber: subscriber,
             shared,
@@ -331,22 +343,13 @@ impl Bus {
         let stats = Arc::new(SubStats::default());
         let s = stats.clone();
         let subscriber = self
-            .session
-            .declare_subscriber(key.to_string())
-            .callback(move |sample| {
-                s.received.fetch_add(1, Ordering::Relaxed);
-                match decode_sample::<T>(&sample) {
-                    Ok(r) => {
-                        if tx.is_full() {
-                            s.waited.fetch_add(1, Ordering::Relaxed);
-                        }
-                        let _ = tx.send(r);
-                    }
-                    Err(e) => s.decode_error(sample.key_expr().as_str(), &e),
+            .subscribe_decoded::<T>(key, stats.clone(), move |r| {
+                if tx.is_full() {
+                    s.waited.fetch_add(1, Ordering::Relaxed);
                 }
+                let _ = tx.send(r);
             })
-            .await
-            .map_err(|e| zerr(key, e))?;
+            .await?;
         Ok(Lossless {
             _subscriber: subscriber,
             rx,
@@ -362,19 +365,7 @@ impl Bus {
         f: impl Fn(Received<T>) + Send + Sync + 'static,
     ) -> Result<Callback, BusError> {
         let stats = Arc::new(SubStats::default());
-        let s = stats.clone();
-        let subscriber = self
-            .session
-            .declare_subscriber(key.to_string())
-            .callback(move |sample| {
-                s.received.fetch_add(1, Ordering::Relaxed);
-                match decode_sample::<T>(&sample) {
-                    Ok(r) => f(r),
-                    Err(e) => s.decode_error(sample.key_expr().as_str(), &e),
-                }
-            })
-            .await
-            .map_err(|e| zerr(key, e))?;
+        let subscriber = self.subscribe_decoded::<T>(key, stats.clone(), f).await?;
         Ok(Callback {
             _subscriber: subscriber,
             stats,
@@ -546,7 +537,7 @@ impl<T: Message> Publisher<T> {
 struct LatestShared<T> {
     slot: Mutex<Option<Received<T>>>,
     notify: tokio::sync::Notify,
-    stats: SubStats,
+    stats: Arc<SubStats>,
     /// Set when a message arrives into an empty slot, cleared by `take`.
     full: AtomicBool,
 }

@@ -61,6 +61,20 @@ fn obs_repeat(o: &ObsBatch, reps: usize) -> ObsBatch {
     }
 }
 
+/// Sampled actions, flattened.
+fn act(p: &Policy, o: &ObsBatch, noise: &Tensor) -> Vec<f32> {
+    p.sample(o, noise)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
 fn bits(t: &Tensor) -> Vec<u32> {
     t.flatten_all()
         .unwrap()
@@ -158,14 +172,8 @@ fn a_tiny_policy_overfits_a_handful_of_demonstrations() {
     let last: f32 = losses[losses.len() - 20..].iter().sum::<f32>() / 20.0;
     assert!(last * 10.0 <= first, "loss fell from {first} to {last}");
     let noise = seeded_randn(77, &[n, 16, 2], &Device::Cpu).unwrap();
-    let got = p
-        .sample(&o, &noise)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let err = got.iter().zip(&demos).map(|(a, b)| (a - b).abs()).sum::<f32>() / demos.len() as f32;
+    let got = act(&p, &o, &noise);
+    let err = mean_abs_diff(&got, &demos);
     eprintln!("loss {first} -> {last}, sample error {err}");
     assert!(
         err < 0.1,
@@ -186,14 +194,8 @@ fn a_tiny_policy_overfits_a_handful_of_demonstrations() {
     let g = Gguf::from_bytes(&to_gguf(&base, &meta, Q::Mxfp4).unwrap().to_bytes().unwrap()).unwrap();
     let (q, qbase, _) = build(&cfg, 1, false);
     load_gguf_into(&g, &qbase).unwrap();
-    let qgot = q
-        .sample(&o, &noise)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let qerr = qgot.iter().zip(&got).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+    let qgot = act(&q, &o, &noise);
+    let qerr = mean_abs_diff(&qgot, &got);
     let (f32_bytes, q_bytes) = weight_bytes(&qbase, Q::Mxfp4);
     eprintln!("mxfp4: {q_bytes} of {f32_bytes} weight bytes, mean action difference {qerr}");
     assert!(
@@ -220,27 +222,15 @@ fn exports_load_back_and_act_like_the_f32_policy() {
     };
     let o = obs(&cfg, 2, 3);
     let noise = seeded_randn(5, &[2, 16, 2], &Device::Cpu).unwrap();
-    let reference = p
-        .sample(&o, &noise)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let reference = act(&p, &o, &noise);
     for (q, tol) in [(Q::F32, 0.0), (Q::F16, 0.01), (Q::Q8_0, 0.05)] {
         let bytes = to_gguf(&base, &meta, q).unwrap().to_bytes().unwrap();
         let g = Gguf::from_bytes(&bytes).unwrap();
         assert_eq!(gguf_config(&g).unwrap(), cfg);
         let (p2, base2, _) = build(&cfg, 99, false);
         load_gguf_into(&g, &base2).unwrap();
-        let got = p2
-            .sample(&o, &noise)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let err = got.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f32>() / got.len() as f32;
+        let got = act(&p2, &o, &noise);
+        let err = mean_abs_diff(&got, &reference);
         eprintln!("{}: mean action error {err}", q.name());
         assert!(err <= tol, "{}: actions differ by {err} on average", q.name());
     }
