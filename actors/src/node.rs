@@ -102,9 +102,6 @@ impl Counters {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), value);
     }
-    pub fn get(&self, name: &str) -> Option<f64> {
-        self.extra.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied()
-    }
 }
 
 /// An actor's presence on the bus: its liveliness token and its stats publication.

@@ -96,6 +96,17 @@ mod tests {
         assert_eq!(with, without, "B = 0: bit for bit");
     }
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn merged_equals_unmerged_once_trained() {
         let (base, adapter) = (VarMap::new(), VarMap::new());
@@ -111,23 +122,9 @@ mod tests {
         let unmerged = l.forward(&x).unwrap();
         let merged = l.merged().unwrap().forward(&x).unwrap();
         let base_only = l.base().forward(&x).unwrap();
-        let diff = (&unmerged - &merged)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&unmerged, &merged);
         assert!(diff < 1e-5, "merged differs by {diff}");
-        let moved = (&unmerged - &base_only)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let moved = max_abs_diff(&unmerged, &base_only);
         assert!(moved > 1e-3, "the adapter changes the output");
     }
 }
