@@ -1,0 +1,28 @@
+//! LeRobotDataset v3.0 on disk, written crash-safe.
+//!
+//! A [`DatasetWriter`] takes [`Frame`]s, appends them in batches to an Arrow IPC journal that is
+//! fsynced before a batch counts as durable, and turns each journal into a Parquet data file
+//! (`data/chunk-XXX/file-XXX.parquet`, written under a temporary name and renamed) when the file
+//! reaches its size or age limit. A crash at any point loses no durable row: at the next open,
+//! journals left behind are recovered into their Parquet files. `meta/manifest.json` records every
+//! finalized file's rows, sequence range and sha256; the LeRobot metadata (`meta/info.json`,
+//! `meta/stats.json`, `meta/tasks.parquet`, `meta/episodes/...`) is rebuilt from it after each
+//! file. [`verify`] checks a whole dataset against its manifest.
+
+mod error;
+mod fsutil;
+pub mod journal;
+pub mod manifest;
+mod meta;
+pub mod read;
+pub mod spec;
+pub mod stats;
+pub mod verify;
+pub mod writer;
+
+pub use error::DatasetError;
+pub use manifest::{EpisodeSpan, FileEntry, Manifest};
+pub use read::{read_dataset, StoredFrame};
+pub use spec::{CameraSpec, DatasetSpec};
+pub use verify::{verify, Problem, VerifyReport};
+pub use writer::{DatasetWriter, Frame, WriterConfig};
