@@ -2,9 +2,11 @@
 
 mod bench;
 mod bench_policy;
+mod collect;
 mod conn;
 mod fleet;
 mod launcher;
+mod signals;
 mod topic;
 
 use std::path::PathBuf;
@@ -58,6 +60,14 @@ enum Cmd {
         #[command(flatten)]
         conn: conn::ConnectArgs,
     },
+    /// Collect device frames (UDP or serial) straight into LeRobot datasets, without a fleet.
+    Collect(collect::CollectArgs),
+    /// Check datasets against their manifests: every file present, intact and as listed.
+    Verify {
+        /// Dataset directories, or directories holding datasets.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Benchmarks, each printed beside a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -106,6 +116,14 @@ fn main() -> ExitCode {
         Cmd::Doctor { conn } => {
             init_tracing("warn,zenoh=error");
             runtime().and_then(|rt| rt.block_on(fleet::doctor(conn)))
+        }
+        Cmd::Collect(args) => {
+            init_tracing("info");
+            collect::collect(args)
+        }
+        Cmd::Verify { dirs } => {
+            init_tracing("warn");
+            collect::verify_cmd(&dirs)
         }
         Cmd::Bench { cmd } => {
             init_tracing("warn,zenoh=error");

@@ -4,9 +4,11 @@
 
 pub mod bus;
 pub mod expert;
+pub mod ingest;
 pub mod launch;
+pub mod logger;
 pub mod node;
 pub mod sim_robot;
 
 /// The actor types this build provides (the `type` of a launch file's `[[node.actor]]`).
-pub const ACTOR_KINDS: &[&str] = &["sim_robot", "expert"];
+pub const ACTOR_KINDS: &[&str] = &["sim_robot", "expert", "ingest", "logger"];

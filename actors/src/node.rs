@@ -186,6 +186,8 @@ pub async fn spawn_actor(ctx: ActorContext, supervisor: ActorCell) -> Result<Act
     match ctx.spec.kind.as_str() {
         "sim_robot" => linked(crate::sim_robot::SimRobotActor, ctx, supervisor).await,
         "expert" => linked(crate::expert::ExpertActor, ctx, supervisor).await,
+        "ingest" => linked(crate::ingest::IngestActor, ctx, supervisor).await,
+        "logger" => linked(crate::logger::LoggerActor, ctx, supervisor).await,
         other => Err(format!("unknown actor type {other:?}").into()),
     }
 }

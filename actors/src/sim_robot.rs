@@ -1,7 +1,8 @@
-//! `sim_robot`: a simulated robot on the bus. Every control tick it applies the next action of
-//! the newest ActionChunk, steps the world, and publishes its raw telemetry — camera JPEG,
-//! state vector and surface grid, all with the tick's sequence number and stamp — on
-//! `{fleet}/{robot}/raw/{camera,state,surface}`, plus episode events on `{fleet}/{robot}/event`.
+//! `sim_robot`: a simulated robot on the bus. Every control tick it picks the next action of
+//! the newest ActionChunk, publishes its raw telemetry — camera JPEG, surface grid, the action
+//! it applies and the state vector, all with the tick's sequence number and stamp — on
+//! `{fleet}/{robot}/raw/{camera,surface,action,state}`, then steps the world; episode events go
+//! on `{fleet}/{robot}/event`.
 //! Cut off from its controller for `intervene_after_ms`, its onboard scripted expert takes over
 //! (an Intervention event), so the robot keeps acting.
 
@@ -64,6 +65,7 @@ pub struct SimRobotState {
     camera: Publisher<RawFrame>,
     state_pub: Publisher<RawFrame>,
     surface: Publisher<RawFrame>,
+    action_pub: Publisher<RawFrame>,
     events: Publisher<Event>,
     presence: Presence,
     episodes: u64,
@@ -137,8 +139,14 @@ impl Actor for SimRobotActor {
                 .publisher(&raw("surface"), &robot_id, PubQos::Control)
                 .await
                 .map_err(ctx.bus_err())?,
+            action_pub: bus
+                .publisher(&raw("action"), &robot_id, PubQos::Control)
+                .await
+                .map_err(ctx.bus_err())?,
             events: bus
-                .publisher(&topics::event(&fleet, &robot_id), &robot_id, PubQos::Data)
+                // Express like the telemetry, so an episode's start reaches ingest before its
+                // first frames.
+                .publisher(&topics::event(&fleet, &robot_id), &robot_id, PubQos::Control)
                 .await
                 .map_err(ctx.bus_err())?,
             presence: Presence::announce(&ctx).await?,
@@ -206,6 +214,35 @@ impl Actor for SimRobotActor {
                 [0.0, 0.0]
             }
         };
+        // One trace per tick: the frames of the world as the action meets it, and the action
+        // applied, share it, and so does the chunk that answers them.
+        let trace = TraceContext::new_root();
+        let (seq, stamp) = (s.tick, now_ns());
+        let size = s.cfg.sim.image_size;
+        let camera = RawFrame {
+            sensor: "camera".into(),
+            encoding: Encoding::Jpeg,
+            shape: vec![size, size, 3],
+            data: s.world.render_jpeg(s.cfg.jpeg_quality).into(),
+        };
+        let n = s.cfg.sim.surface_size;
+        let mut surface = RawFrame::f32_vector("surface", &s.world.surface());
+        surface.shape = vec![n, n];
+        let state = RawFrame::f32_vector("state", &s.world.state());
+        let applied = RawFrame::f32_vector("action", &action);
+        // The state frame goes last: ingest completes an observation when it arrives.
+        let results = [
+            s.camera.put_with(&camera, seq, stamp, Some(&trace)).await,
+            s.surface.put_with(&surface, seq, stamp, Some(&trace)).await,
+            s.action_pub.put_with(&applied, seq, stamp, Some(&trace)).await,
+            s.state_pub.put_with(&state, seq, stamp, Some(&trace)).await,
+        ];
+        for r in results {
+            if let Err(e) = r {
+                s.presence.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(robot = %s.robot_id, error = %e, "telemetry not published");
+            }
+        }
         if let Some(end) = s.world.step(action) {
             s.episodes += 1;
             s.successes += end.success as u64;
@@ -222,31 +259,6 @@ impl Actor for SimRobotActor {
                 shift: s.cfg.sim.shift.name().to_string(),
             })
             .await;
-        }
-        // One trace per tick: the three frames share it, and so does the action that answers them.
-        let trace = TraceContext::new_root();
-        let (seq, stamp) = (s.tick, now_ns());
-        let size = s.cfg.sim.image_size;
-        let camera = RawFrame {
-            sensor: "camera".into(),
-            encoding: Encoding::Jpeg,
-            shape: vec![size, size, 3],
-            data: s.world.render_jpeg(s.cfg.jpeg_quality).into(),
-        };
-        let n = s.cfg.sim.surface_size;
-        let mut surface = RawFrame::f32_vector("surface", &s.world.surface());
-        surface.shape = vec![n, n];
-        let state = RawFrame::f32_vector("state", &s.world.state());
-        let results = [
-            s.camera.put_with(&camera, seq, stamp, Some(&trace)).await,
-            s.surface.put_with(&surface, seq, stamp, Some(&trace)).await,
-            s.state_pub.put_with(&state, seq, stamp, Some(&trace)).await,
-        ];
-        for r in results {
-            if let Err(e) = r {
-                s.presence.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(robot = %s.robot_id, error = %e, "telemetry not published");
-            }
         }
         s.tick += 1;
         let c = &s.presence.counters;

@@ -330,6 +330,8 @@ pub fn decode_any_pieces(parts: &[Bytes]) -> Result<(Header, AnyMessage), CodecE
             Kind::Candidate => AnyMessage::Candidate(decode_body(head, body, p)?),
             Kind::Promoted => AnyMessage::Promoted(decode_body(head, body, p)?),
             Kind::Stats => AnyMessage::Stats(decode_body(head, body, p)?),
+            Kind::Reject => AnyMessage::Reject(decode_body(head, body, p)?),
+            Kind::LogAck => AnyMessage::LogAck(decode_body(head, body, p)?),
         };
         Ok((header, msg))
     })
@@ -348,6 +350,8 @@ pub fn encode_any(robot: &str, seq: u64, stamp_ns: u64, msg: &AnyMessage) -> Res
         AnyMessage::Candidate(m) => encode(robot, seq, stamp_ns, m),
         AnyMessage::Promoted(m) => encode(robot, seq, stamp_ns, m),
         AnyMessage::Stats(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::Reject(m) => encode(robot, seq, stamp_ns, m),
+        AnyMessage::LogAck(m) => encode(robot, seq, stamp_ns, m),
     }
 }
 

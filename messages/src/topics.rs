@@ -59,6 +59,12 @@ pub fn act(fleet: &str, robot: &str) -> String {
 pub fn event(fleet: &str, robot: &str) -> String {
     format!("{fleet}/{robot}/event")
 }
+pub fn rejects(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/{robot}/rejects")
+}
+pub fn log_ack(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/log/{robot}/ack")
+}
 pub fn segment(fleet: &str, robot: &str) -> String {
     format!("{fleet}/log/{robot}/segment")
 }

@@ -153,10 +153,12 @@ pub enum Kind {
     Candidate = 8,
     Promoted = 9,
     Stats = 10,
+    Reject = 11,
+    LogAck = 12,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 12] = [
         Kind::RawFrame,
         Kind::Observation,
         Kind::ActionChunk,
@@ -167,6 +169,8 @@ impl Kind {
         Kind::Candidate,
         Kind::Promoted,
         Kind::Stats,
+        Kind::Reject,
+        Kind::LogAck,
     ];
 
     pub fn from_u8(b: u8) -> Option<Kind> {
@@ -185,6 +189,8 @@ impl Kind {
             Kind::Candidate => "Candidate",
             Kind::Promoted => "Promoted",
             Kind::Stats => "Stats",
+            Kind::Reject => "Reject",
+            Kind::LogAck => "LogAck",
         }
     }
 
@@ -296,6 +302,9 @@ pub struct Observation {
     pub image: Image,
     pub state: Vec<f32>,
     pub surface: Grid,
+    /// The action the robot commanded at this observation (what a dataset records as
+    /// `action`); empty when the robot does not report its commands.
+    pub action: Vec<f32>,
 }
 
 impl Message for Observation {
@@ -478,6 +487,38 @@ impl Message for Stats {
     const KIND: Kind = Kind::Stats;
 }
 
+/// A telemetry frame that ingest refused: `{fleet}/{robot}/rejects` (ingest → engineers).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The sensor the frame claimed to be (empty when even that was unreadable).
+    pub sensor: String,
+    /// One word: `decode`, `crc`, `size`, `range`, `time`, `image`, `sensor`.
+    pub reason: String,
+    /// What exactly was wrong, for a human.
+    pub detail: String,
+    /// The frame's own sequence number, when it could be read.
+    pub seq: u64,
+    /// Frames of this robot rejected for this reason so far.
+    pub count: u64,
+}
+
+impl Message for Reject {
+    const KIND: Kind = Kind::Reject;
+}
+
+/// The logger's acknowledgement: `{fleet}/log/{robot}/ack`. Every observation up to `last_seq`
+/// that reached the logger is durable (it survives `kill -9`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogAck {
+    pub last_seq: u64,
+    /// Durable rows in the robot's dataset.
+    pub rows: u64,
+}
+
+impl Message for LogAck {
+    const KIND: Kind = Kind::LogAck;
+}
+
 /// Any message, for tools that do not know the kind in advance (the CLI, bridges).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "msg")]
@@ -492,6 +533,8 @@ pub enum AnyMessage {
     Candidate(Candidate),
     Promoted(Promoted),
     Stats(Stats),
+    Reject(Reject),
+    LogAck(LogAck),
 }
 
 impl AnyMessage {
@@ -507,6 +550,8 @@ impl AnyMessage {
             AnyMessage::Candidate(_) => Kind::Candidate,
             AnyMessage::Promoted(_) => Kind::Promoted,
             AnyMessage::Stats(_) => Kind::Stats,
+            AnyMessage::Reject(_) => Kind::Reject,
+            AnyMessage::LogAck(_) => Kind::LogAck,
         }
     }
 }

@@ -62,6 +62,7 @@ fn any_observation() -> impl Strategy<Value = Observation> {
                 cells: vec![0.0, 1.0, 0.5, 0.25],
             },
             state,
+            action: vec![0.5, -0.5],
         })
 }
 

@@ -1,0 +1,202 @@
+//! `nanobot collect`: the telemetry collector. Device frames from a UDP socket or a serial port
+//! go through the ingest checks and alignment straight into one LeRobot dataset per robot
+//! (`OUT/{robot}`), with no fleet and no Zenoh. `nanobot verify DIR` checks datasets.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use nanobot_actors::ingest::{self, IngestConfig, IngestCore, Output, RejectLog, SerialConfig};
+use nanobot_actors::logger::{frame_of, LoggerConfig};
+use nanobot_dataset::{verify, DatasetWriter};
+use nanobot_messages::device::{DeviceError, DeviceFrame};
+
+#[derive(Args)]
+pub struct CollectArgs {
+    /// Listen for device frames on this UDP address (e.g. 0.0.0.0:9870).
+    #[arg(long, required_unless_present = "serial")]
+    udp: Option<String>,
+    /// Read device frames from this serial port.
+    #[arg(long)]
+    serial: Option<String>,
+    #[arg(long, default_value_t = 115200)]
+    baud: u32,
+    /// Output directory: one LeRobot dataset per robot under it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Ingest config (TOML, `ingest` actor fields): sizes, rates, limits.
+    #[arg(long)]
+    ingest_config: Option<PathBuf>,
+    /// Logger config (TOML, `logger` actor fields): features, file rotation.
+    #[arg(long)]
+    logger_config: Option<PathBuf>,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long)]
+    duration: Option<f64>,
+}
+
+fn load_toml<T: serde::de::DeserializeOwned + Default>(path: &Option<PathBuf>) -> anyhow::Result<T> {
+    let Some(p) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+}
+
+type DeviceResult = Result<DeviceFrame, (String, DeviceError)>;
+
+pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
+    let icfg: IngestConfig = load_toml(&args.ingest_config)?;
+    let lcfg: LoggerConfig = load_toml(&args.logger_config)?;
+    icfg.validate().map_err(|e| anyhow::anyhow!("ingest config: {e}"))?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("{}", args.out.display()))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<DeviceResult>(65536);
+    if let Some(addr) = &args.udp {
+        let sock = std::net::UdpSocket::bind(addr).with_context(|| format!("udp {addr}"))?;
+        eprintln!("collect: listening on udp {}", sock.local_addr()?);
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let mut d = nanobot_messages::device::StreamDecoder::new();
+                d.push(&buf[..n]);
+                let mut any = false;
+                while let Some(r) = d.next_frame() {
+                    any = true;
+                    if tx.send(r.map_err(|e| (from.to_string(), e))).is_err() {
+                        return;
+                    }
+                }
+                let err = if d.buffered() > 0 {
+                    Some(DeviceError::Truncated { need: nanobot_messages::device::HEADER_LEN.max(d.buffered() + 1), have: d.buffered() })
+                } else if !any {
+                    Some(DeviceError::Garbage(n))
+                } else {
+                    None
+                };
+                if let Some(e) = err {
+                    let _ = tx.send(Err((from.to_string(), e)));
+                }
+            }
+        });
+    }
+    if let Some(dev) = &args.serial {
+        let cfg = SerialConfig { device: dev.clone(), baud: args.baud };
+        let port = ingest::open_serial(&cfg).with_context(|| format!("serial {dev}"))?;
+        eprintln!("collect: reading {dev} at {} baud", args.baud);
+        let tx = tx.clone();
+        let name = dev.clone();
+        std::thread::spawn(move || ingest::read_stream(port, &name, |f| tx.send(f).is_ok()));
+    }
+    drop(tx);
+    let stop = crate::signals::install()?;
+    let deadline = args.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let mut core = IngestCore::new(icfg);
+    let mut writers: BTreeMap<String, DatasetWriter> = BTreeMap::new();
+    let mut log = RejectLog::default();
+    let flush_every = Duration::from_millis(lcfg.flush_ms.max(1));
+    let mut last_flush = Instant::now();
+    let open = |robot: &str| -> anyhow::Result<DatasetWriter> {
+        let root = args.out.join(robot);
+        DatasetWriter::open(&root, lcfg.spec(), lcfg.writer_config()).with_context(|| format!("dataset {}", root.display()))
+    };
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(r) => {
+                let out = match r.map(ingest::sample_from_device) {
+                    Ok(Ok(sample)) => core.on_sample(sample),
+                    Ok(Err(refused)) => Some(core.refuse(refused)),
+                    Err((source, e)) => Some(core.refuse(ingest::Refused {
+                        robot: String::new(),
+                        sensor: String::new(),
+                        seq: 0,
+                        reason: e.reason(),
+                        detail: format!("from {source}: {e}"),
+                    })),
+                };
+                match out {
+                    Some(Output::Observation { robot, seq, stamp_ns, obs, .. }) => {
+                        if !writers.contains_key(&robot) {
+                            writers.insert(robot.clone(), open(&robot)?);
+                        }
+                        let w = writers.get_mut(&robot).expect("inserted above");
+                        if let Err(e) = w.push(frame_of(seq, stamp_ns, obs)) {
+                            tracing::warn!(robot, "observation not logged: {e}");
+                        }
+                    }
+                    Some(Output::Reject { robot, reject }) => log.warn(&robot, &reject, Duration::from_secs(1)),
+                    None => {}
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if last_flush.elapsed() >= flush_every {
+            last_flush = Instant::now();
+            for (robot, w) in writers.iter_mut() {
+                if let Err(e) = w.flush().and_then(|_| w.rotate_if_due()) {
+                    tracing::error!(robot, "dataset write failed: {e}");
+                }
+            }
+        }
+    }
+    let mut failed = false;
+    for (robot, w) in writers.iter_mut() {
+        if let Err(e) = w.finish_file() {
+            eprintln!("collect: {robot}: {e}");
+            failed = true;
+        }
+    }
+    for (robot, c) in &core.counts {
+        let rows = writers.get(robot).map(|w| w.durable().1).unwrap_or(0);
+        eprintln!(
+            "collect: {robot}: {rows} rows, {} frames accepted, {} observations, {} lost, {} stale, rejects {:?}",
+            c.accepted, c.observations, c.lost, c.stale, c.rejects
+        );
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// `nanobot verify DIR...`: each dataset (or each dataset under DIR) against its manifest.
+pub fn verify_cmd(dirs: &[PathBuf]) -> anyhow::Result<u8> {
+    let mut bad = 0usize;
+    let mut roots = Vec::new();
+    for d in dirs {
+        if d.join("meta/manifest.json").is_file() {
+            roots.push(d.clone());
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(d)
+                .with_context(|| format!("{}", d.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("meta/manifest.json").is_file())
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                eprintln!("{}: no dataset here (no meta/manifest.json, nor in a subdirectory)", d.display());
+                bad += 1;
+            }
+            roots.extend(found);
+        }
+    }
+    for root in &roots {
+        match verify(root) {
+            Ok(r) if r.ok() => println!("{}: ok — {} files, {} rows, {} bytes", root.display(), r.files_checked, r.rows, r.bytes),
+            Ok(r) => {
+                bad += 1;
+                println!("{}: {} problem(s)", root.display(), r.problems.len());
+                for p in &r.problems {
+                    println!("  {p}");
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                println!("{}: {e}", root.display());
+            }
+        }
+    }
+    Ok(if bad == 0 { 0 } else { 1 })
+}
