@@ -58,24 +58,10 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                let mut d = nanobot_messages::device::StreamDecoder::new();
-                d.push(&buf[..n]);
-                let mut any = false;
-                while let Some(r) = d.next_frame() {
-                    any = true;
+                for r in nanobot_messages::device::decode_datagram(&bytes::Bytes::copy_from_slice(&buf[..n])) {
                     if tx.send(r.map_err(|e| (from.to_string(), e))).is_err() {
                         return;
                     }
-                }
-                let err = if d.buffered() > 0 {
-                    Some(DeviceError::Truncated { need: nanobot_messages::device::HEADER_LEN.max(d.buffered() + 1), have: d.buffered() })
-                } else if !any {
-                    Some(DeviceError::Garbage(n))
-                } else {
-                    None
-                };
-                if let Some(e) = err {
-                    let _ = tx.send(Err((from.to_string(), e)));
                 }
             }
         });

@@ -611,21 +611,8 @@ fn spawn_udp(sock: tokio::net::UdpSocket, me: ActorRef<IngestMsg>) -> tokio::tas
         let mut buf = vec![0u8; 65536];
         loop {
             let Ok((n, from)) = sock.recv_from(&mut buf).await else { break };
-            let mut d = StreamDecoder::new();
-            d.push(&buf[..n]);
-            let mut any = false;
-            while let Some(r) = d.next_frame() {
-                any = true;
+            for r in device::decode_datagram(&Bytes::copy_from_slice(&buf[..n])) {
                 let _ = me.cast(IngestMsg::Device(r.map_err(|e| (from.to_string(), e))));
-            }
-            if d.buffered() > 0 {
-                let e = device::DeviceError::Truncated {
-                    need: device::HEADER_LEN.max(d.buffered() + 1),
-                    have: d.buffered(),
-                };
-                let _ = me.cast(IngestMsg::Device(Err((from.to_string(), e))));
-            } else if !any && n > 0 {
-                let _ = me.cast(IngestMsg::Device(Err((from.to_string(), device::DeviceError::Garbage(n)))));
             }
         }
     })

@@ -162,6 +162,9 @@ impl DeviceFrame {
 /// Read the header at the start of `buf`: `(sensor byte, payload length)` after checking magic,
 /// version and length bound.
 fn header(buf: &[u8]) -> Result<(u8, usize), DeviceError> {
+    if buf.len() >= 2 && buf[0..2] != MAGIC {
+        return Err(DeviceError::BadMagic([buf[0], buf[1]]));
+    }
     if buf.len() < HEADER_LEN {
         return Err(DeviceError::Truncated {
             need: HEADER_LEN,
@@ -291,6 +294,30 @@ impl StreamDecoder {
             }
         }
     }
+}
+
+/// Every frame of one datagram (UDP sends one or more whole frames per datagram). After a bad
+/// frame the rest of the datagram is searched for the next magic, so good frames behind it count.
+pub fn decode_datagram(buf: &Bytes) -> Vec<Result<DeviceFrame, DeviceError>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        match decode_prefix(&buf.slice(at..)) {
+            Ok((frame, used)) => {
+                out.push(Ok(frame));
+                at += used;
+            }
+            Err(e) => {
+                let truncated = matches!(e, DeviceError::Truncated { .. });
+                out.push(Err(e));
+                match find_magic(buf, at + 1) {
+                    Some(next) if !truncated => at = next,
+                    _ => break,
+                }
+            }
+        }
+    }
+    out
 }
 
 fn find_magic(buf: &[u8], from: usize) -> Option<usize> {

@@ -1,0 +1,368 @@
+//! End-to-end: telemetry ingest and crash-safe logging with real processes, real Zenoh
+//! sessions, real UDP and a real pseudo-terminal, and pyarrow reading the files.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::UdpSocket;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nanobot_actors::bus::{Bus, BusConfig, Mode};
+use nanobot_messages::device::{DeviceFrame, Sensor};
+use nanobot_messages::{LogAck, Observation, Reject};
+
+/// The four device frames of one robot tick: camera, surface, action, then state.
+fn tick_frames(robot: &str, i: u32, jpeg: &[u8]) -> Vec<Vec<u8>> {
+    let stamp_ns = 1_000_000_000 + i as u64 * 50_000_000;
+    let frame = |sensor, payload| {
+        DeviceFrame {
+            sensor,
+            robot: robot.into(),
+            seq: i,
+            stamp_ns,
+            payload,
+        }
+        .encode()
+    };
+    let x = i as f32 * 0.01;
+    vec![
+        frame(Sensor::Camera, jpeg.to_vec().into()),
+        frame(Sensor::Surface, DeviceFrame::surface_payload(8, 8, &[0.25; 64])),
+        frame(Sensor::Action, DeviceFrame::f32_payload(&[0.5, -x])),
+        frame(Sensor::State, DeviceFrame::f32_payload(&[x, 0.5, 0.0, 0.0, 0.9, 0.9])),
+    ]
+}
+
+fn sim_jpeg() -> Vec<u8> {
+    nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default()).unwrap().render_jpeg(85)
+}
+
+fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+}
+
+async fn client(port: u16) -> Bus {
+    Bus::open(
+        &BusConfig {
+            mode: Mode::Client,
+            connect: vec![format!("tcp/127.0.0.1:{port}")],
+            ..BusConfig::default()
+        },
+        "nb",
+    )
+    .await
+    .unwrap()
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn check_with_python(root: &Path) -> Vec<u64> {
+    let script = repo().join("dataset/tests/check_lerobot.py");
+    let out = std::process::Command::new("python3").arg(script).arg(root).output().unwrap();
+    assert!(
+        out.status.success(),
+        "check_lerobot.py (needs pyarrow: `pip install pyarrow`, .ci/run installs it) failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["seqs"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
+}
+
+#[test]
+fn every_acknowledged_row_survives_ten_kill_9s_of_the_logger() {
+    let port = free_port();
+    let data = temp_dir("kill9-data");
+    let file = write_launch(
+        "kill9",
+        &format!(
+            r#"
+[robots]
+ids = ["r0"]
+[[node]]
+name = "robot"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+set = {{ sim = {{ rate_hz = 50.0 }} }}
+[[node.actor]]
+type = "expert"
+for_each_robot = true
+config = "@CONFIGS@/expert.toml"
+set = {{ rate_hz = 50.0 }}
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+set = {{ rate_hz = 50.0 }}
+[[node]]
+name = "log"
+connect = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "logger"
+for_each_robot = true
+config = "@CONFIGS@/logger.toml"
+set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 50.0 }}
+"#,
+            root = data.display()
+        ),
+    );
+    let run = |node: &str| {
+        let mut c = nanobot();
+        c.args(["run", "--launch"]).arg(&file).args(["--node", node]);
+        Proc::spawn(c)
+    };
+    let mut robot = run("robot");
+    robot.expect_actors(3, Duration::from_secs(30));
+    let rt = runtime();
+    let bus = rt.block_on(client(port));
+    let acks = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let a = acks.clone();
+    let _sub = rt
+        .block_on(bus.subscribe_callback::<LogAck>("nb/log/r0/ack", move |r| a.lock().unwrap().push(r.msg.last_seq)))
+        .unwrap();
+    let n_acks = || acks.lock().unwrap().len();
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut killed_with_open_journal = 0;
+    for round in 0..10 {
+        let before = n_acks();
+        let mut logger = run("log");
+        wait_until(&format!("acks in round {round}"), Duration::from_secs(30), || n_acks() >= before + 3);
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis((rng >> 33) % 400));
+        logger.signal(libc::SIGKILL);
+        logger.wait(Duration::from_secs(10));
+        let journals = std::fs::read_dir(data.join("r0/journal")).map(|d| d.count()).unwrap_or(0);
+        killed_with_open_journal += (journals > 0) as usize;
+    }
+    eprintln!("{killed_with_open_journal} of 10 kills left a journal to recover");
+    assert!(killed_with_open_journal >= 3, "the kills should land while a file is open");
+    // A last run recovers the journal and stops cleanly.
+    let before = n_acks();
+    let mut logger = run("log");
+    wait_until("acks after the last restart", Duration::from_secs(30), || n_acks() >= before + 3);
+    logger.signal(libc::SIGTERM);
+    assert!(logger.wait(Duration::from_secs(20)).success());
+    drop(robot);
+
+    let root = data.join("r0");
+    let (_, rows) = nanobot_dataset::read_dataset(&root).unwrap();
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for r in &rows {
+        *count.entry(r.seq).or_default() += 1;
+    }
+    let dup: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dup.is_empty(), "sequence numbers stored twice: {dup:?}");
+    let acked = acks.lock().unwrap().clone();
+    assert!(acked.len() >= 33);
+    let missing: Vec<_> = acked.iter().filter(|s| !count.contains_key(s)).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    let report = nanobot_dataset::verify(&root).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    eprintln!("{} rows in {} files, {} acknowledgements, all present once", rows.len(), report.files_checked, acked.len());
+    let mut seqs = check_with_python(&root);
+    seqs.sort();
+    assert_eq!(seqs, rows.iter().map(|r| r.seq).collect::<Vec<_>>(), "pyarrow reads exactly the stored rows");
+}
+
+#[test]
+fn ingest_rejects_bad_frames_and_keeps_every_good_one() {
+    let (port, udp) = (free_port(), free_udp());
+    let file = write_launch(
+        "ingest-udp",
+        &format!(
+            r#"
+[[node]]
+name = "edge"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "ingest"
+config = "@CONFIGS@/ingest.toml"
+set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
+"#
+        ),
+    );
+    let mut c = nanobot();
+    c.args(["run", "--launch"]).arg(&file).args(["--node", "edge"]);
+    let mut node = Proc::spawn(c);
+    node.expect_actors(1, Duration::from_secs(30));
+    let rt = runtime();
+    let bus = rt.block_on(client(port));
+    let obs = Arc::new(Mutex::new(Vec::<(u64, Observation)>::new()));
+    let rejects = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let o = obs.clone();
+    let _s1 = rt
+        .block_on(bus.subscribe_callback::<Observation>("nb/esp1/obs", move |r| o.lock().unwrap().push((r.header.seq, r.msg))))
+        .unwrap();
+    let rj = rejects.clone();
+    let _s2 = rt
+        .block_on(bus.subscribe_callback::<Reject>("nb/*/rejects", move |r| {
+            *rj.lock().unwrap().entry(r.msg.reason.clone()).or_default() += 1;
+        }))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let send = |b: &[u8]| {
+        sock.send_to(b, ("127.0.0.1", udp)).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let jpeg = sim_jpeg();
+    for i in 0..30u32 {
+        let frames = tick_frames("esp1", i, &jpeg);
+        match i % 6 {
+            1 => send(b"\x00\x01 not a frame at all"),
+            2 => send(&frames[3][..20]),
+            3 => {
+                let mut bad = frames[3].clone();
+                bad[40] ^= 0x55;
+                send(&bad);
+            }
+            4 => {
+                // Same seq, NaN in the state: out of range.
+                let mut nan = tick_frames("esp1", i, &jpeg).remove(3);
+                nan.truncate(nan.len() - 4);
+                nan[36..40].copy_from_slice(&f32::NAN.to_le_bytes());
+                let crc = crc32(&nan);
+                nan.extend_from_slice(&crc.to_le_bytes());
+                send(&nan);
+            }
+            5 => send(&DeviceFrame { sensor: Sensor::Camera, robot: "esp1".into(), seq: 9999, stamp_ns: 1, payload: b"\xff\xd8 broken".to_vec().into() }.encode()),
+            _ => {}
+        }
+        for f in &frames {
+            send(f);
+        }
+    }
+    wait_until("30 observations", Duration::from_secs(10), || obs.lock().unwrap().len() >= 30);
+    std::thread::sleep(Duration::from_millis(300));
+    let got = obs.lock().unwrap();
+    assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (0..30).collect::<Vec<_>>());
+    for (seq, o) in got.iter() {
+        assert_eq!(o.frame_index, *seq);
+        assert_eq!(o.action, vec![0.5, -(*seq as f32) * 0.01]);
+        assert_eq!(o.state[0], *seq as f32 * 0.01);
+        assert_eq!(o.image.data.to_bytes().as_ref(), &jpeg[..]);
+        assert_eq!(o.surface.cells.len(), 64);
+    }
+    let r = rejects.lock().unwrap().clone();
+    for (reason, n) in [("decode", 5), ("size", 5), ("crc", 5), ("range", 5), ("image", 5)] {
+        assert_eq!(r.get(reason), Some(&n), "rejects by reason: {r:?}");
+    }
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    // Bitwise CRC-32 (IEEE), written out as an ESP32 firmware would, to check the documented format.
+    let mut crc = 0xffff_ffffu32;
+    for &byte in b {
+        crc ^= byte as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn collect_writes_datasets_from_udp_and_verify_names_damage() {
+    let udp = free_udp();
+    let out = temp_dir("collect");
+    let mut c = nanobot();
+    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"]).arg(&out);
+    let mut p = Proc::spawn(c);
+    p.expect_line("listening on udp", Duration::from_secs(20));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let jpeg = sim_jpeg();
+    for i in 0..20u32 {
+        if i == 7 {
+            sock.send_to(b"garbage", ("127.0.0.1", udp)).unwrap();
+        }
+        // Two robots interleaved; all four frames of a tick in one datagram.
+        for robot in ["esp2", "esp3"] {
+            sock.send_to(&tick_frames(robot, i, &jpeg).concat(), ("127.0.0.1", udp)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    p.signal(libc::SIGINT);
+    assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.seen.join("\n"));
+    let summary: String = p.lines.try_iter().collect::<Vec<_>>().join("\n");
+    assert!(summary.contains("esp2: 20 rows"), "{summary}");
+    assert!(summary.contains("\"decode\": 1"), "{summary}");
+    for robot in ["esp2", "esp3"] {
+        assert_eq!(check_with_python(&out.join(robot)), (0..20).collect::<Vec<_>>());
+    }
+    let verify = |dir: &Path| nanobot().arg("verify").arg(dir).output().unwrap();
+    let ok = verify(&out);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let data = out.join("esp2/data/chunk-000/file-000.parquet");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[100] ^= 0x04;
+    std::fs::write(&data, bytes).unwrap();
+    let bad = verify(&out);
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text.contains(&format!("{}: sha256", data.display())), "{text}");
+    std::fs::remove_file(&data).unwrap();
+    let gone = verify(&out.join("esp2"));
+    let text = String::from_utf8_lossy(&gone.stdout);
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(text.contains(&format!("{}: missing", data.display())), "{text}");
+}
+
+#[test]
+fn collect_reads_device_frames_from_a_serial_port() {
+    // A real pseudo-terminal: the collector configures the slave side as a serial port.
+    let (mut master, slave) = openpty();
+    let out = temp_dir("serial");
+    let mut c = nanobot();
+    c.args(["collect", "--serial", &slave, "--baud", "921600", "--out"]).arg(&out);
+    let mut p = Proc::spawn(c);
+    p.expect_line("reading", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(200));
+    let jpeg = sim_jpeg();
+    let mut stream = Vec::new();
+    for i in 0..10u32 {
+        stream.extend(tick_frames("uart1", i, &jpeg).concat());
+        if i == 4 {
+            stream.extend_from_slice(b"\r\nboot: noise on the line\r\n");
+        }
+    }
+    use std::io::Write;
+    for piece in stream.chunks(61) {
+        master.write_all(piece).unwrap();
+    }
+    master.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    p.signal(libc::SIGTERM);
+    assert!(p.wait(Duration::from_secs(20)).success());
+    assert_eq!(check_with_python(&out.join("uart1")), (0..10).collect::<Vec<_>>());
+}
+
+fn openpty() -> (std::fs::File, String) {
+    use std::os::fd::FromRawFd;
+    let (mut m, mut s) = (0, 0);
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: openpty fills the two descriptors and the name buffer it is given.
+    let rc = unsafe { libc::openpty(&mut m, &mut s, name.as_mut_ptr(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(rc, 0, "openpty failed");
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+    // Keep the slave open in this process too, so the line stays up; leak it for the test's life.
+    std::mem::forget(unsafe { std::fs::File::from_raw_fd(s) });
+    (unsafe { std::fs::File::from_raw_fd(m) }, path)
+}
