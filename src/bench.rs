@@ -53,6 +53,21 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 50)]
         runs: usize,
     },
+    /// Logger Parquet throughput beside pyarrow, ingest frames/s, and logger memory.
+    Log {
+        /// Rows per throughput run.
+        #[arg(long, default_value_t = 50_000)]
+        rows: u64,
+        /// Rows per data file.
+        #[arg(long, default_value_t = 16_384)]
+        per_file: u64,
+        /// Gigabytes of row data to log while measuring peak memory (0: skip).
+        #[arg(long, default_value_t = 1.0)]
+        memory_gb: f64,
+        /// Scratch directory (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// The far side of `bench bus` between two processes (started by it).
     #[command(hide = true)]
     BusPeer {
@@ -74,6 +89,12 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
         } => rt.block_on(bench_bus(secs, round_trips, &sizes, only.as_deref())),
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(peer(&connect, &sizes)),
         BenchCmd::Policy { config, runs } => crate::bench_policy::run(&config, runs),
+        BenchCmd::Log {
+            rows,
+            per_file,
+            memory_gb,
+            dir,
+        } => crate::bench_log::run(rows, per_file, memory_gb, dir.as_deref()),
     }
 }
 

@@ -67,7 +67,10 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
         });
     }
     if let Some(dev) = &args.serial {
-        let cfg = SerialConfig { device: dev.clone(), baud: args.baud };
+        let cfg = SerialConfig {
+            device: dev.clone(),
+            baud: args.baud,
+        };
         let port = ingest::open_serial(&cfg).with_context(|| format!("serial {dev}"))?;
         eprintln!("collect: reading {dev} at {} baud", args.baud);
         let tx = tx.clone();
@@ -84,7 +87,8 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
     let mut last_flush = Instant::now();
     let open = |robot: &str| -> anyhow::Result<DatasetWriter> {
         let root = args.out.join(robot);
-        DatasetWriter::open(&root, lcfg.spec(), lcfg.writer_config()).with_context(|| format!("dataset {}", root.display()))
+        DatasetWriter::open(&root, lcfg.spec(), lcfg.writer_config())
+            .with_context(|| format!("dataset {}", root.display()))
     };
     loop {
         if stop.load(std::sync::atomic::Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -104,7 +108,13 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
                     })),
                 };
                 match out {
-                    Some(Output::Observation { robot, seq, stamp_ns, obs, .. }) => {
+                    Some(Output::Observation {
+                        robot,
+                        seq,
+                        stamp_ns,
+                        obs,
+                        ..
+                    }) => {
                         if !writers.contains_key(&robot) {
                             writers.insert(robot.clone(), open(&robot)?);
                         }
@@ -162,7 +172,10 @@ pub fn verify_cmd(dirs: &[PathBuf]) -> anyhow::Result<u8> {
                 .collect();
             found.sort();
             if found.is_empty() {
-                eprintln!("{}: no dataset here (no meta/manifest.json, nor in a subdirectory)", d.display());
+                eprintln!(
+                    "{}: no dataset here (no meta/manifest.json, nor in a subdirectory)",
+                    d.display()
+                );
                 bad += 1;
             }
             roots.extend(found);
@@ -170,7 +183,13 @@ pub fn verify_cmd(dirs: &[PathBuf]) -> anyhow::Result<u8> {
     }
     for root in &roots {
         match verify(root) {
-            Ok(r) if r.ok() => println!("{}: ok — {} files, {} rows, {} bytes", root.display(), r.files_checked, r.rows, r.bytes),
+            Ok(r) if r.ok() => println!(
+                "{}: ok — {} files, {} rows, {} bytes",
+                root.display(),
+                r.files_checked,
+                r.rows,
+                r.bytes
+            ),
             Ok(r) => {
                 bad += 1;
                 println!("{}: {} problem(s)", root.display(), r.problems.len());

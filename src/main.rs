@@ -1,6 +1,7 @@
 //! `nanobot`: the one CLI — launch a fleet, run a node, and look at any topic.
 
 mod bench;
+mod bench_log;
 mod bench_policy;
 mod collect;
 mod conn;

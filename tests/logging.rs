@@ -37,7 +37,9 @@ fn tick_frames(robot: &str, i: u32, jpeg: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn sim_jpeg() -> Vec<u8> {
-    nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default()).unwrap().render_jpeg(85)
+    nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default())
+        .unwrap()
+        .render_jpeg(85)
 }
 
 fn free_udp() -> u16 {
@@ -45,7 +47,11 @@ fn free_udp() -> u16 {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn client(port: u16) -> Bus {
@@ -71,7 +77,11 @@ fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 
 fn check_with_python(root: &Path) -> Vec<u64> {
     let script = repo().join("dataset/tests/check_lerobot.py");
-    let out = std::process::Command::new("python3").arg(script).arg(root).output().unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(root)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "check_lerobot.py (needs pyarrow: `pip install pyarrow`, .ci/run installs it) failed:\n{}{}",
@@ -79,7 +89,12 @@ fn check_with_python(root: &Path) -> Vec<u64> {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["seqs"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
+    v["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -142,20 +157,29 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     for round in 0..10 {
         let before = n_acks();
         let mut logger = run("log");
-        wait_until(&format!("acks in round {round}"), Duration::from_secs(30), || n_acks() >= before + 3);
+        wait_until(&format!("acks in round {round}"), Duration::from_secs(30), || {
+            n_acks() >= before + 3
+        });
         rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         std::thread::sleep(Duration::from_millis((rng >> 33) % 400));
         logger.signal(libc::SIGKILL);
         logger.wait(Duration::from_secs(10));
-        let journals = std::fs::read_dir(data.join("r0/journal")).map(|d| d.count()).unwrap_or(0);
+        let journals = std::fs::read_dir(data.join("r0/journal"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         killed_with_open_journal += (journals > 0) as usize;
     }
     eprintln!("{killed_with_open_journal} of 10 kills left a journal to recover");
-    assert!(killed_with_open_journal >= 3, "the kills should land while a file is open");
+    assert!(
+        killed_with_open_journal >= 3,
+        "the kills should land while a file is open"
+    );
     // A last run recovers the journal and stops cleanly.
     let before = n_acks();
     let mut logger = run("log");
-    wait_until("acks after the last restart", Duration::from_secs(30), || n_acks() >= before + 3);
+    wait_until("acks after the last restart", Duration::from_secs(30), || {
+        n_acks() >= before + 3
+    });
     logger.signal(libc::SIGTERM);
     assert!(logger.wait(Duration::from_secs(20)).success());
     drop(robot);
@@ -174,10 +198,19 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
     let report = nanobot_dataset::verify(&root).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
-    eprintln!("{} rows in {} files, {} acknowledgements, all present once", rows.len(), report.files_checked, acked.len());
+    eprintln!(
+        "{} rows in {} files, {} acknowledgements, all present once",
+        rows.len(),
+        report.files_checked,
+        acked.len()
+    );
     let mut seqs = check_with_python(&root);
     seqs.sort();
-    assert_eq!(seqs, rows.iter().map(|r| r.seq).collect::<Vec<_>>(), "pyarrow reads exactly the stored rows");
+    assert_eq!(
+        seqs,
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        "pyarrow reads exactly the stored rows"
+    );
 }
 
 #[test]
@@ -207,7 +240,11 @@ set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
     let rejects = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let o = obs.clone();
     let _s1 = rt
-        .block_on(bus.subscribe_callback::<Observation>("nb/esp1/obs", move |r| o.lock().unwrap().push((r.header.seq, r.msg))))
+        .block_on(
+            bus.subscribe_callback::<Observation>("nb/esp1/obs", move |r| {
+                o.lock().unwrap().push((r.header.seq, r.msg))
+            }),
+        )
         .unwrap();
     let rj = rejects.clone();
     let _s2 = rt
@@ -242,17 +279,31 @@ set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
                 nan.extend_from_slice(&crc.to_le_bytes());
                 send(&nan);
             }
-            5 => send(&DeviceFrame { sensor: Sensor::Camera, robot: "esp1".into(), seq: 9999, stamp_ns: 1, payload: b"\xff\xd8 broken".to_vec().into() }.encode()),
+            5 => send(
+                &DeviceFrame {
+                    sensor: Sensor::Camera,
+                    robot: "esp1".into(),
+                    seq: 9999,
+                    stamp_ns: 1,
+                    payload: b"\xff\xd8 broken".to_vec().into(),
+                }
+                .encode(),
+            ),
             _ => {}
         }
         for f in &frames {
             send(f);
         }
     }
-    wait_until("30 observations", Duration::from_secs(10), || obs.lock().unwrap().len() >= 30);
+    wait_until("30 observations", Duration::from_secs(10), || {
+        obs.lock().unwrap().len() >= 30
+    });
     std::thread::sleep(Duration::from_millis(300));
     let got = obs.lock().unwrap();
-    assert_eq!(got.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (0..30).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (0..30).collect::<Vec<_>>()
+    );
     for (seq, o) in got.iter() {
         assert_eq!(o.frame_index, *seq);
         assert_eq!(o.action, vec![0.5, -(*seq as f32) * 0.01]);
@@ -272,7 +323,11 @@ fn crc32(b: &[u8]) -> u32 {
     for &byte in b {
         crc ^= byte as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -283,7 +338,8 @@ fn collect_writes_datasets_from_udp_and_verify_names_damage() {
     let udp = free_udp();
     let out = temp_dir("collect");
     let mut c = nanobot();
-    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"]).arg(&out);
+    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"])
+        .arg(&out);
     let mut p = Proc::spawn(c);
     p.expect_line("listening on udp", Duration::from_secs(20));
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -294,7 +350,8 @@ fn collect_writes_datasets_from_udp_and_verify_names_damage() {
         }
         // Two robots interleaved; all four frames of a tick in one datagram.
         for robot in ["esp2", "esp3"] {
-            sock.send_to(&tick_frames(robot, i, &jpeg).concat(), ("127.0.0.1", udp)).unwrap();
+            sock.send_to(&tick_frames(robot, i, &jpeg).concat(), ("127.0.0.1", udp))
+                .unwrap();
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -331,7 +388,8 @@ fn collect_reads_device_frames_from_a_serial_port() {
     let (mut master, slave) = openpty();
     let out = temp_dir("serial");
     let mut c = nanobot();
-    c.args(["collect", "--serial", &slave, "--baud", "921600", "--out"]).arg(&out);
+    c.args(["collect", "--serial", &slave, "--baud", "921600", "--out"])
+        .arg(&out);
     let mut p = Proc::spawn(c);
     p.expect_line("reading", Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(200));
@@ -361,7 +419,9 @@ fn openpty() -> (std::fs::File, String) {
     // SAFETY: openpty fills the two descriptors and the name buffer it is given.
     let rc = unsafe { libc::openpty(&mut m, &mut s, name.as_mut_ptr(), std::ptr::null(), std::ptr::null()) };
     assert_eq!(rc, 0, "openpty failed");
-    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
     // Keep the slave open in this process too, so the line stays up; leak it for the test's life.
     std::mem::forget(unsafe { std::fs::File::from_raw_fd(s) });
     (unsafe { std::fs::File::from_raw_fd(m) }, path)

@@ -81,7 +81,12 @@ impl Default for IngestConfig {
 
 impl IngestConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.rate_hz > 0.0) || self.state_dim == 0 || self.image.contains(&0) || self.surface.contains(&0) {
+        if self.rate_hz.is_nan()
+            || self.rate_hz <= 0.0
+            || self.state_dim == 0
+            || self.image.contains(&0)
+            || self.surface.contains(&0)
+        {
             return Err("rate_hz, state_dim, image and surface must be positive".into());
         }
         Ok(())
@@ -137,7 +142,12 @@ pub fn sample_from_device(f: DeviceFrame) -> Result<Sample, Refused> {
     };
     let value = match f.sensor {
         Sensor::State | Sensor::Action => {
-            let v = f32s(&f.payload).ok_or_else(|| refuse(format!("{} payload bytes is not a whole number of f32", f.payload.len())))?;
+            let v = f32s(&f.payload).ok_or_else(|| {
+                refuse(format!(
+                    "{} payload bytes is not a whole number of f32",
+                    f.payload.len()
+                ))
+            })?;
             if f.sensor == Sensor::State {
                 Value::State(v)
             } else {
@@ -149,10 +159,18 @@ pub fn sample_from_device(f: DeviceFrame) -> Result<Sample, Refused> {
             if p.len() < 4 {
                 return Err(refuse(format!("surface payload of {} bytes has no rows/cols", p.len())));
             }
-            let (rows, cols) = (u16::from_le_bytes([p[0], p[1]]) as u32, u16::from_le_bytes([p[2], p[3]]) as u32);
-            let cells = f32s(&p[4..]).filter(|c| c.len() == (rows * cols) as usize).ok_or_else(|| {
-                refuse(format!("surface says {rows}×{cols} but carries {} payload bytes", p.len() - 4))
-            })?;
+            let (rows, cols) = (
+                u16::from_le_bytes([p[0], p[1]]) as u32,
+                u16::from_le_bytes([p[2], p[3]]) as u32,
+            );
+            let cells = f32s(&p[4..])
+                .filter(|c| c.len() == (rows * cols) as usize)
+                .ok_or_else(|| {
+                    refuse(format!(
+                        "surface says {rows}×{cols} but carries {} payload bytes",
+                        p.len() - 4
+                    ))
+                })?;
             Value::Surface { rows, cols, cells }
         }
         Sensor::Camera => Value::Camera(f.payload.clone()),
@@ -168,7 +186,13 @@ pub fn sample_from_device(f: DeviceFrame) -> Result<Sample, Refused> {
 }
 
 /// A RawFrame (from an envelope) as a sample.
-pub fn sample_from_raw(robot: &str, seq: u64, stamp_ns: u64, f: RawFrame, trace: Option<TraceContext>) -> Result<Sample, Refused> {
+pub fn sample_from_raw(
+    robot: &str,
+    seq: u64,
+    stamp_ns: u64,
+    f: RawFrame,
+    trace: Option<TraceContext>,
+) -> Result<Sample, Refused> {
     let refuse = |reason: &'static str, detail: String| Refused {
         robot: robot.into(),
         sensor: f.sensor.clone(),
@@ -176,18 +200,26 @@ pub fn sample_from_raw(robot: &str, seq: u64, stamp_ns: u64, f: RawFrame, trace:
         reason,
         detail,
     };
-    let sensor = Sensor::from_name(&f.sensor).ok_or_else(|| refuse("sensor", format!("unknown sensor {:?}", f.sensor)))?;
+    let sensor =
+        Sensor::from_name(&f.sensor).ok_or_else(|| refuse("sensor", format!("unknown sensor {:?}", f.sensor)))?;
     let value = match (sensor, f.encoding) {
         (Sensor::Camera, Encoding::Jpeg) => Value::Camera(f.data.to_bytes()),
         (Sensor::State | Sensor::Action | Sensor::Surface, Encoding::F32Le) => {
-            let v = f.as_f32().ok_or_else(|| refuse("size", format!("{} bytes is not a whole number of f32", f.data.len())))?;
+            let v = f
+                .as_f32()
+                .ok_or_else(|| refuse("size", format!("{} bytes is not a whole number of f32", f.data.len())))?;
             match sensor {
                 Sensor::State => Value::State(v),
                 Sensor::Action => Value::Action(v),
                 _ => {
                     let (rows, cols) = match f.shape[..] {
                         [r, c] => (r, c),
-                        _ => return Err(refuse("size", format!("surface shape {:?} is not [rows, cols]", f.shape))),
+                        _ => {
+                            return Err(refuse(
+                                "size",
+                                format!("surface shape {:?} is not [rows, cols]", f.shape),
+                            ))
+                        }
                     };
                     Value::Surface { rows, cols, cells: v }
                 }
@@ -217,7 +249,10 @@ pub fn sample_from_payload(key_robot: &str, payload: Bytes, trace: Option<TraceC
     if payload.starts_with(&device::MAGIC) {
         let f = DeviceFrame::decode(&payload).map_err(|e| refuse(e.reason(), e.to_string()))?;
         if f.robot != key_robot {
-            return Err(refuse("decode", format!("device frame of robot {:?} on robot {key_robot:?}'s topic", f.robot)));
+            return Err(refuse(
+                "decode",
+                format!("device frame of robot {:?} on robot {key_robot:?}'s topic", f.robot),
+            ));
         }
         return sample_from_device(f);
     }
@@ -306,7 +341,11 @@ impl IngestCore {
 
     /// Count a refused frame and turn it into a Reject.
     pub fn refuse(&mut self, r: Refused) -> Output {
-        let robot = if r.robot.is_empty() { "unknown".to_string() } else { r.robot };
+        let robot = if r.robot.is_empty() {
+            "unknown".to_string()
+        } else {
+            r.robot
+        };
         let c = self.counts.entry(robot.clone()).or_default();
         let n = c.rejects.entry(r.reason.to_string()).or_default();
         *n += 1;
@@ -343,22 +382,35 @@ impl IngestCore {
             }
         };
         match &s.value {
-            Value::State(v) if v.len() != c.state_dim => Err(("size", format!("state has {} values, want {}", v.len(), c.state_dim))),
-            Value::Action(v) if v.len() != c.action_dim => Err(("size", format!("action has {} values, want {}", v.len(), c.action_dim))),
+            Value::State(v) if v.len() != c.state_dim => {
+                Err(("size", format!("state has {} values, want {}", v.len(), c.state_dim)))
+            }
+            Value::Action(v) if v.len() != c.action_dim => {
+                Err(("size", format!("action has {} values, want {}", v.len(), c.action_dim)))
+            }
             Value::State(v) | Value::Action(v) => range(v),
-            Value::Surface { rows, cols, .. } if [*rows, *cols] != c.surface => {
-                Err(("size", format!("surface is {rows}×{cols}, want {}×{}", c.surface[0], c.surface[1])))
-            }
+            Value::Surface { rows, cols, .. } if [*rows, *cols] != c.surface => Err((
+                "size",
+                format!("surface is {rows}×{cols}, want {}×{}", c.surface[0], c.surface[1]),
+            )),
             Value::Surface { cells, .. } => range(cells),
-            Value::Camera(b) if b.len() > c.max_image_bytes => {
-                Err(("size", format!("image of {} bytes exceeds {}", b.len(), c.max_image_bytes)))
-            }
+            Value::Camera(b) if b.len() > c.max_image_bytes => Err((
+                "size",
+                format!("image of {} bytes exceeds {}", b.len(), c.max_image_bytes),
+            )),
             Value::Camera(b) => {
                 let mut d = jpeg_decoder::Decoder::new(&b[..]);
-                d.decode().map_err(|e| ("image", format!("JPEG does not decode: {e}")))?;
+                d.decode()
+                    .map_err(|e| ("image", format!("JPEG does not decode: {e}")))?;
                 let info = d.info().ok_or(("image", "JPEG without a header".to_string()))?;
                 if [info.width as u32, info.height as u32] != c.image {
-                    return Err(("image", format!("image is {}×{}, want {}×{}", info.width, info.height, c.image[0], c.image[1])));
+                    return Err((
+                        "image",
+                        format!(
+                            "image is {}×{}, want {}×{}",
+                            info.width, info.height, c.image[0], c.image[1]
+                        ),
+                    ));
                 }
                 Ok(())
             }
@@ -424,10 +476,18 @@ impl IngestCore {
         }
         let stale_ns = cfg.staleness_ms * 1_000_000;
         let before = |sensor: Sensor| -> Option<&Value> {
-            let s = t.sensors.get(&sensor)?.recent.iter().rev().find(|s| s.stamp_ns <= stamp)?;
+            let s = t
+                .sensors
+                .get(&sensor)?
+                .recent
+                .iter()
+                .rev()
+                .find(|s| s.stamp_ns <= stamp)?;
             (stamp - s.stamp_ns <= stale_ns).then_some(&s.value)
         };
-        let (Some(Value::Camera(jpeg)), Some(Value::Surface { rows, cols, cells })) = (before(Sensor::Camera), before(Sensor::Surface)) else {
+        let (Some(Value::Camera(jpeg)), Some(Value::Surface { rows, cols, cells })) =
+            (before(Sensor::Camera), before(Sensor::Surface))
+        else {
             counts.stale += 1;
             return None;
         };
@@ -439,7 +499,9 @@ impl IngestCore {
                 return None;
             }
         };
-        let Value::State(state_v) = &state.value else { return None };
+        let Value::State(state_v) = &state.value else {
+            return None;
+        };
         let obs = Observation {
             episode: t.episode,
             frame_index: t.frame_index,
@@ -544,7 +606,11 @@ impl IngestState {
                 trace,
             } => {
                 if !self.obs.contains_key(&robot) {
-                    match self.bus.publisher(&topics::obs(&self.fleet, &robot), &robot, PubQos::Control).await {
+                    match self
+                        .bus
+                        .publisher(&topics::obs(&self.fleet, &robot), &robot, PubQos::Control)
+                        .await
+                    {
                         Ok(p) => {
                             self.obs.insert(robot.clone(), p);
                         }
@@ -565,12 +631,20 @@ impl IngestState {
             }
             Output::Reject { robot, reject } => {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
-                self.log.warn(&robot, &reject, Duration::from_millis(self.core.cfg.reject_log_interval_ms));
+                self.log.warn(
+                    &robot,
+                    &reject,
+                    Duration::from_millis(self.core.cfg.reject_log_interval_ms),
+                );
                 if topics::validate_robot(&robot).is_err() {
                     return;
                 }
                 if !self.rejects.contains_key(&robot) {
-                    if let Ok(p) = self.bus.publisher(&topics::rejects(&self.fleet, &robot), &robot, PubQos::Control).await {
+                    if let Ok(p) = self
+                        .bus
+                        .publisher(&topics::rejects(&self.fleet, &robot), &robot, PubQos::Control)
+                        .await
+                    {
                         self.rejects.insert(robot.clone(), p);
                     }
                 }
@@ -610,7 +684,9 @@ fn spawn_udp(sock: tokio::net::UdpSocket, me: ActorRef<IngestMsg>) -> tokio::tas
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
-            let Ok((n, from)) = sock.recv_from(&mut buf).await else { break };
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                break;
+            };
             for r in device::decode_datagram(&Bytes::copy_from_slice(&buf[..n])) {
                 let _ = me.cast(IngestMsg::Device(r.map_err(|e| (from.to_string(), e))));
             }
@@ -664,7 +740,11 @@ pub fn open_serial(cfg: &SerialConfig) -> std::io::Result<std::fs::File> {
 }
 
 /// Frames from a byte stream (serial port), passed to `emit`; runs until the stream ends.
-pub fn read_stream(mut r: impl std::io::Read, source: &str, mut emit: impl FnMut(Result<DeviceFrame, (String, device::DeviceError)>) -> bool) {
+pub fn read_stream(
+    mut r: impl std::io::Read,
+    source: &str,
+    mut emit: impl FnMut(Result<DeviceFrame, (String, device::DeviceError)>) -> bool,
+) {
     let mut d = StreamDecoder::new();
     let mut buf = vec![0u8; 8192];
     loop {
@@ -691,7 +771,11 @@ impl Actor for IngestActor {
     type State = IngestState;
     type Arguments = ActorContext;
 
-    async fn pre_start(&self, myself: ActorRef<IngestMsg>, ctx: ActorContext) -> Result<IngestState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<IngestMsg>,
+        ctx: ActorContext,
+    ) -> Result<IngestState, ActorProcessingErr> {
         let cfg: IngestConfig = ctx.config()?;
         cfg.validate().map_err(|e| ctx.config_error(e))?;
         let fleet = ctx.fleet().to_string();
@@ -759,7 +843,12 @@ impl Actor for IngestActor {
         })
     }
 
-    async fn handle(&self, _me: ActorRef<IngestMsg>, msg: IngestMsg, s: &mut IngestState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<IngestMsg>,
+        msg: IngestMsg,
+        s: &mut IngestState,
+    ) -> Result<(), ActorProcessingErr> {
         let out = match msg {
             IngestMsg::Zenoh { key, payload, trace } => {
                 let robot = topics::robot_of(&s.fleet, &key).unwrap_or("unknown").to_string();

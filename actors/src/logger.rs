@@ -120,6 +120,7 @@ pub enum LoggerMsg {
 pub struct LoggerState {
     cfg: LoggerConfig,
     robot: String,
+    root: PathBuf,
     writer: DatasetWriter,
     obs: Lossless<Observation>,
     ack: Publisher<LogAck>,
@@ -138,25 +139,34 @@ impl LoggerState {
         if self.failing_since.is_none() {
             self.failing_since = Some(Instant::now());
         }
-        if self.last_error_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+        if self
+            .last_error_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
             self.last_error_log = Some(Instant::now());
             tracing::error!(robot = %self.robot, pending = self.writer.pending_rows(), "dataset write failed, acknowledgements stopped: {e}");
         }
     }
+}
 
-    async fn publish_segments(&self, files: Vec<FileEntry>) {
-        for f in files {
-            let msg = SegmentFinalized {
-                path: self.writer.root().join(&f.path).to_string_lossy().into_owned(),
-                rows: f.rows,
-                first_seq: f.first_seq,
-                last_seq: f.last_seq,
-                bytes: f.bytes,
-                sha256: f.sha256,
-            };
-            if let Err(e) = self.segments.put(&msg).await {
-                tracing::warn!(robot = %self.robot, error = %e, "SegmentFinalized not published");
-            }
+/// Announce finalized files on `{fleet}/log/{robot}/segment`.
+async fn publish_segments(
+    segments: &Publisher<SegmentFinalized>,
+    root: &std::path::Path,
+    robot: &str,
+    files: Vec<FileEntry>,
+) {
+    for f in files {
+        let msg = SegmentFinalized {
+            path: root.join(&f.path).to_string_lossy().into_owned(),
+            rows: f.rows,
+            first_seq: f.first_seq,
+            last_seq: f.last_seq,
+            bytes: f.bytes,
+            sha256: f.sha256,
+        };
+        if let Err(e) = segments.put(&msg).await {
+            tracing::warn!(robot, error = %e, "SegmentFinalized not published");
         }
     }
 }
@@ -166,7 +176,11 @@ impl Actor for LoggerActor {
     type State = LoggerState;
     type Arguments = ActorContext;
 
-    async fn pre_start(&self, myself: ActorRef<LoggerMsg>, ctx: ActorContext) -> Result<LoggerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<LoggerMsg>,
+        ctx: ActorContext,
+    ) -> Result<LoggerState, ActorProcessingErr> {
         let cfg: LoggerConfig = ctx.config()?;
         let robot = ctx.robot()?.to_string();
         let fleet = ctx.fleet().to_string();
@@ -182,13 +196,23 @@ impl Actor for LoggerActor {
         tracing::info!(robot, root = %root.display(), rows, last_seq = ?last, "logging");
         let bus = &ctx.bus;
         let state = LoggerState {
-            obs: bus.subscribe_lossless(&topics::obs(&fleet, &robot), cfg.queue).await.map_err(ctx.bus_err())?,
-            ack: bus.publisher(&topics::log_ack(&fleet, &robot), &robot, PubQos::Data).await.map_err(ctx.bus_err())?,
-            segments: bus.publisher(&topics::segment(&fleet, &robot), &robot, PubQos::Data).await.map_err(ctx.bus_err())?,
+            obs: bus
+                .subscribe_lossless(&topics::obs(&fleet, &robot), cfg.queue)
+                .await
+                .map_err(ctx.bus_err())?,
+            ack: bus
+                .publisher(&topics::log_ack(&fleet, &robot), &robot, PubQos::Data)
+                .await
+                .map_err(ctx.bus_err())?,
+            segments: bus
+                .publisher(&topics::segment(&fleet, &robot), &robot, PubQos::Data)
+                .await
+                .map_err(ctx.bus_err())?,
             presence: Presence::announce(&ctx).await?,
             rows,
             writer,
             robot,
+            root,
             refused: 0,
             dropped: 0,
             failing_since: None,
@@ -199,7 +223,12 @@ impl Actor for LoggerActor {
         Ok(state)
     }
 
-    async fn handle(&self, _me: ActorRef<LoggerMsg>, _msg: LoggerMsg, s: &mut LoggerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<LoggerMsg>,
+        _msg: LoggerMsg,
+        s: &mut LoggerState,
+    ) -> Result<(), ActorProcessingErr> {
         let c = s.presence.counters.clone();
         while let Some(r) = s.obs.try_recv() {
             if s.writer.pending_rows() >= s.cfg.max_pending_rows {
@@ -224,7 +253,11 @@ impl Actor for LoggerActor {
                     }
                     c.handled.fetch_add(rows - before, Ordering::Relaxed);
                     s.rows = rows;
-                    if let Err(e) = s.ack.put_with(&LogAck { last_seq, rows }, last_seq, now_ns(), None).await {
+                    if let Err(e) = s
+                        .ack
+                        .put_with(&LogAck { last_seq, rows }, last_seq, now_ns(), None)
+                        .await
+                    {
                         tracing::warn!(robot = %s.robot, error = %e, "ack not published");
                     }
                 }
@@ -234,7 +267,7 @@ impl Actor for LoggerActor {
         }
         if s.failing_since.is_none() {
             match s.writer.rotate_if_due() {
-                Ok(files) => s.publish_segments(files).await,
+                Ok(files) => publish_segments(&s.segments, &s.root, &s.robot, files).await,
                 Err(e) => s.disk_error(&e),
             }
         }
@@ -252,8 +285,10 @@ impl Actor for LoggerActor {
             let _ = s.writer.push(frame_of(r.header.seq, r.header.stamp_ns, r.msg));
         }
         match s.writer.finish_file() {
-            Ok(files) => s.publish_segments(files).await,
-            Err(e) => tracing::error!(robot = %s.robot, "dataset not finalized at stop (its journal is recovered at the next start): {e}"),
+            Ok(files) => publish_segments(&s.segments, &s.root, &s.robot, files).await,
+            Err(e) => {
+                tracing::error!(robot = %s.robot, "dataset not finalized at stop (its journal is recovered at the next start): {e}")
+            }
         }
         Ok(())
     }

@@ -4,13 +4,15 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
+use ring::digest::{Context, SHA256};
 
 use crate::DatasetError;
 
 /// fsync a directory so that a rename or a new file in it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<(), DatasetError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(DatasetError::io(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(DatasetError::io(dir))
 }
 
 /// Replace `path` with `bytes` atomically: a reader sees the old or the new file, never a mix.
@@ -35,7 +37,7 @@ pub fn tmp_path(path: &Path) -> std::path::PathBuf {
 /// A writer that hashes and counts what passes through it.
 pub struct HashingWriter<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: Context,
     bytes: u64,
 }
 
@@ -43,12 +45,12 @@ impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
         HashingWriter {
             inner,
-            hasher: Sha256::new(),
+            hasher: Context::new(&SHA256),
             bytes: 0,
         }
     }
     pub fn finish(self) -> (W, String, u64) {
-        (self.inner, hex(&self.hasher.finalize()), self.bytes)
+        (self.inner, hex(self.hasher.finish().as_ref()), self.bytes)
     }
 }
 
@@ -57,6 +59,54 @@ impl<W: Write> Write for HashingWriter<W> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A writer that passes bytes on to `inner` and hashes them on another thread, so that hashing
+/// (SHA-256 without SHA-NI runs at a few hundred MB/s) overlaps the Parquet encoding feeding it.
+pub struct ThreadedHashingWriter<W> {
+    inner: W,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    hasher: std::thread::JoinHandle<(String, u64)>,
+}
+
+impl<W: Write> ThreadedHashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
+        let hasher = std::thread::Builder::new()
+            .name("nb-sha256".into())
+            .spawn(move || {
+                let mut h = Context::new(&SHA256);
+                let mut n = 0u64;
+                for chunk in rx {
+                    h.update(&chunk);
+                    n += chunk.len() as u64;
+                }
+                (hex(h.finish().as_ref()), n)
+            })
+            .expect("spawn the hashing thread");
+        ThreadedHashingWriter { inner, tx, hasher }
+    }
+
+    /// The inner writer, the sha256 (lower-case hex) and the byte count.
+    pub fn finish(self) -> (W, String, u64) {
+        let ThreadedHashingWriter { inner, tx, hasher } = self;
+        drop(tx);
+        let (hash, n) = hasher.join().expect("hashing thread does not panic");
+        (inner, hash, n)
+    }
+}
+
+impl<W: Write> Write for ThreadedHashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.tx
+            .send(buf[..n].to_vec())
+            .map_err(|_| io::Error::other("hashing thread ended"))?;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -74,9 +74,8 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(DatasetError::Io { path, source: e }),
         };
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
-            DatasetError::invalid(&path, format!("line {} column {}: {e}", e.line(), e.column()))
-        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| DatasetError::invalid(&path, format!("line {} column {}: {e}", e.line(), e.column())))?;
         if m.format != MANIFEST_FORMAT {
             return Err(DatasetError::invalid(
                 &path,

@@ -29,15 +29,24 @@ pub const DATA_PATH_TEMPLATE: &str = "data/chunk-{chunk_index:03d}/file-{file_in
 
 pub fn write_all(root: &Path, m: &Manifest) -> Result<(), DatasetError> {
     let episodes = m.episodes();
-    write_atomic(&root.join(INFO_PATH), &serde_json::to_vec_pretty(&info_json(m, episodes.len())).expect("json"))?;
+    write_atomic(
+        &root.join(INFO_PATH),
+        &serde_json::to_vec_pretty(&info_json(m, episodes.len())).expect("json"),
+    )?;
     let mut totals: BTreeMap<String, Moments> = BTreeMap::new();
     for (_, e) in &episodes {
         for (k, s) in &e.stats {
-            totals.entry(k.clone()).or_insert_with(|| Moments::new(s.sum.len())).merge(s);
+            totals
+                .entry(k.clone())
+                .or_insert_with(|| Moments::new(s.sum.len()))
+                .merge(s);
         }
     }
     let stats: serde_json::Map<String, Value> = totals.iter().map(|(k, s)| (k.clone(), s.to_json())).collect();
-    write_atomic(&root.join(STATS_PATH), &serde_json::to_vec_pretty(&stats).expect("json"))?;
+    write_atomic(
+        &root.join(STATS_PATH),
+        &serde_json::to_vec_pretty(&stats).expect("json"),
+    )?;
     write_parquet(&root.join(TASKS_PATH), tasks_batch(m)?)?;
     write_parquet(&root.join(EPISODES_PATH), episodes_batch(m, &episodes)?)
 }
@@ -99,7 +108,9 @@ fn episodes_batch(m: &Manifest, episodes: &[(u64, crate::EpisodeSpan)]) -> Resul
     let mut cols: Vec<ArrayRef> = Vec::new();
     let mut int_col = |name: &str, f: &dyn Fn(u64, &crate::EpisodeSpan) -> u64| {
         fields.push(Field::new(name, DataType::Int64, false));
-        cols.push(Arc::new(Int64Array::from_iter_values(episodes.iter().map(|(no, e)| f(*no, e) as i64))));
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            episodes.iter().map(|(no, e)| f(*no, e) as i64),
+        )));
     };
     let cs = m.chunks_size.max(1);
     int_col("episode_index", &|_, e| e.episode_index);
@@ -112,7 +123,13 @@ fn episodes_batch(m: &Manifest, episodes: &[(u64, crate::EpisodeSpan)]) -> Resul
     int_col("meta/episodes/file_index", &|_, _| 0);
     let mut tasks = ListBuilder::new(StringBuilder::new());
     for (_, e) in episodes {
-        tasks.values().append_value(m.spec.tasks.get(e.task_index as usize).map(String::as_str).unwrap_or(""));
+        tasks.values().append_value(
+            m.spec
+                .tasks
+                .get(e.task_index as usize)
+                .map(String::as_str)
+                .unwrap_or(""),
+        );
         tasks.append(true);
     }
     let tasks = tasks.finish();
@@ -122,9 +139,8 @@ fn episodes_batch(m: &Manifest, episodes: &[(u64, crate::EpisodeSpan)]) -> Resul
         let stat = |pick: &dyn Fn(&Moments) -> Vec<f64>| {
             let mut b = ListBuilder::new(Float64Builder::new());
             for (_, e) in episodes {
-                match e.stats.get(feature) {
-                    Some(s) => b.values().append_slice(&pick(s)),
-                    None => {}
+                if let Some(s) = e.stats.get(feature) {
+                    b.values().append_slice(&pick(s));
                 }
                 b.append(true);
             }
@@ -136,16 +152,26 @@ fn episodes_batch(m: &Manifest, episodes: &[(u64, crate::EpisodeSpan)]) -> Resul
             ("mean", stat(&Moments::mean)),
             ("std", stat(&Moments::std)),
         ] {
-            fields.push(Field::new(format!("stats/{feature}/{name}"), arr.data_type().clone(), true));
+            fields.push(Field::new(
+                format!("stats/{feature}/{name}"),
+                arr.data_type().clone(),
+                true,
+            ));
             cols.push(Arc::new(arr));
         }
         let mut count = ListBuilder::new(Int64Builder::new());
         for (_, e) in episodes {
-            count.values().append_value(e.stats.get(feature).map_or(0, |s| s.count as i64));
+            count
+                .values()
+                .append_value(e.stats.get(feature).map_or(0, |s| s.count as i64));
             count.append(true);
         }
         let count = count.finish();
-        fields.push(Field::new(format!("stats/{feature}/count"), count.data_type().clone(), true));
+        fields.push(Field::new(
+            format!("stats/{feature}/count"),
+            count.data_type().clone(),
+            true,
+        ));
         cols.push(Arc::new(count));
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(DatasetError::arrow(Path::new(EPISODES_PATH)))

@@ -53,7 +53,9 @@ impl DatasetSpec {
             fps,
             robot_type: "nanobot_sim".into(),
             tasks: vec!["reach the target".into()],
-            state_names: ["x", "y", "vx", "vy", "target_x", "target_y"].map(String::from).to_vec(),
+            state_names: ["x", "y", "vx", "vy", "target_x", "target_y"]
+                .map(String::from)
+                .to_vec(),
             action_names: ["ax", "ay"].map(String::from).to_vec(),
             camera: Some(CameraSpec {
                 key: "observation.images.camera".into(),

@@ -46,7 +46,10 @@ impl VerifyReport {
 /// manifest does not list, and journals not yet recovered.
 pub fn verify(root: &Path) -> Result<VerifyReport, DatasetError> {
     let manifest = Manifest::load(root)?.ok_or_else(|| {
-        DatasetError::invalid(&Manifest::path(root), "no manifest: not a NanoBot dataset (or nothing was ever finalized)")
+        DatasetError::invalid(
+            &Manifest::path(root),
+            "no manifest: not a NanoBot dataset (or nothing was ever finalized)",
+        )
     })?;
     let mut report = VerifyReport::default();
     let mut problem = |path: PathBuf, what: String| report_push(&mut report, path, what);
@@ -57,7 +60,13 @@ pub fn verify(root: &Path) -> Result<VerifyReport, DatasetError> {
         let (hash, len) = match sha256_file(&path) {
             Ok(v) => v,
             Err(DatasetError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                problem(path, format!("missing ({} rows, seq {}..={} listed in the manifest)", entry.rows, entry.first_seq, entry.last_seq));
+                problem(
+                    path,
+                    format!(
+                        "missing ({} rows, seq {}..={} listed in the manifest)",
+                        entry.rows, entry.first_seq, entry.last_seq
+                    ),
+                );
                 continue;
             }
             Err(e) => {
@@ -69,10 +78,16 @@ pub fn verify(root: &Path) -> Result<VerifyReport, DatasetError> {
             problem(path.clone(), format!("{len} bytes, the manifest lists {}", entry.bytes));
         }
         if hash != entry.sha256 {
-            problem(path.clone(), format!("sha256 {hash} does not match the manifest's {}", entry.sha256));
+            problem(
+                path.clone(),
+                format!("sha256 {hash} does not match the manifest's {}", entry.sha256),
+            );
             continue;
         }
-        match File::open(&path).map_err(|e| e.to_string()).and_then(|f| SerializedFileReader::new(f).map_err(|e| e.to_string())) {
+        match File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| SerializedFileReader::new(f).map_err(|e| e.to_string()))
+        {
             Ok(r) => {
                 let rows = r.metadata().file_metadata().num_rows() as u64;
                 if rows != entry.rows {
@@ -94,7 +109,13 @@ pub fn verify(root: &Path) -> Result<VerifyReport, DatasetError> {
             Ok(info) => {
                 let frames = info.get("total_frames").and_then(|v| v.as_u64());
                 if frames != Some(manifest.total_rows()) {
-                    problem(info_path, format!("total_frames {frames:?}, the manifest's files hold {}", manifest.total_rows()));
+                    problem(
+                        info_path,
+                        format!(
+                            "total_frames {frames:?}, the manifest's files hold {}",
+                            manifest.total_rows()
+                        ),
+                    );
                 }
             }
             Err(e) => problem(info_path, format!("not JSON: {e}")),
@@ -107,9 +128,15 @@ pub fn verify(root: &Path) -> Result<VerifyReport, DatasetError> {
         }
     }
     for path in walk(&root.join(JOURNAL_DIR)) {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         if parse_journal_name(&name).is_some() {
-            problem(path, "journal not yet recovered into Parquet (open the dataset with the logger to recover it)".into());
+            problem(
+                path,
+                "journal not yet recovered into Parquet (open the dataset with the logger to recover it)".into(),
+            );
         }
     }
     report.files_checked = manifest.files.len();

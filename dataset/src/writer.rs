@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,10 @@ use arrow_schema::{DataType, Field};
 use bytes::Bytes;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
-use crate::fsutil::{sync_dir, tmp_path, HashingWriter};
+use crate::fsutil::{sync_dir, tmp_path, ThreadedHashingWriter};
 use crate::journal::{journal_name, parse_journal_name, read_journal, Journal};
 use crate::manifest::{EpisodeSpan, FileEntry, Manifest};
 use crate::spec::{self, DatasetSpec};
@@ -85,9 +87,9 @@ pub struct DatasetWriter {
     cfg: WriterConfig,
     schema: arrow_schema::SchemaRef,
     manifest: Manifest,
-    journal: Option<Journal>,
-    /// Journals closed (full, old, or broken by an I/O error) and not yet in Parquet.
-    sealed: Vec<(u64, PathBuf)>,
+    open: Option<OpenFile>,
+    /// Files closed (full, old, or broken by an I/O error) and not yet finalized.
+    sealed: Vec<Sealed>,
     pending: Vec<Row>,
     next_file_no: u64,
     next_index: u64,
@@ -128,7 +130,7 @@ impl DatasetWriter {
             cfg,
             next_file_no: manifest.files.last().map(|f| f.no + 1).unwrap_or(0),
             manifest,
-            journal: None,
+            open: None,
             sealed: Vec::new(),
             pending: Vec::new(),
             next_index: 0,
@@ -259,23 +261,37 @@ impl DatasetWriter {
 
     /// Make every queued frame durable (one journal batch, fsynced). Returns the last durable
     /// sequence number. On an I/O error the frames stay queued and the journal is sealed, so
-    /// that a later flush writes them to a fresh journal.
+    /// that a later flush writes them to a fresh journal. Once durable, the batch also goes into
+    /// the open Parquet file (hashed on another thread as it is written).
     pub fn flush(&mut self) -> Result<Option<u64>, DatasetError> {
         if self.pending.is_empty() {
             return Ok(self.durable_seq);
         }
         let batch = self.build_batch(&self.pending)?;
-        if self.journal.is_none() {
+        if self.open.is_none() {
             let no = self.next_file_no;
             let path = self.root.join(JOURNAL_DIR).join(journal_name(no));
-            self.journal = Some(Journal::create(path, no, &self.schema)?);
+            let journal = Journal::create(path, no, &self.schema)?;
             self.next_file_no += 1;
+            let parquet = ParquetFile::create(&self.root, &self.manifest, &self.schema, &self.cfg, no)
+                .map_err(|e| tracing::warn!("Parquet file not started, it will be built from its journal: {e}"))
+                .ok()
+                .map(ParquetWorker::start);
+            self.open = Some(OpenFile { journal, parquet });
         }
-        let journal = self.journal.as_mut().expect("journal opened above");
-        if let Err(e) = journal.append(&batch) {
-            let j = self.journal.take().expect("journal present");
-            self.sealed.push((j.file_no, j.path));
+        let open = self.open.as_mut().expect("file opened above");
+        if let Err(e) = open.journal.append(&batch) {
+            self.seal();
             return Err(e);
+        }
+        if let Some(p) = open.parquet.take() {
+            match p.write(batch) {
+                Ok(()) => open.parquet = Some(p),
+                Err(()) => {
+                    let e = p.close().err().map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!("Parquet write failed, the file will be built from its journal: {e}");
+                }
+            }
         }
         self.durable_seq = self.pending.last().map(|r| r.frame.seq);
         self.durable_rows += self.pending.len() as u64;
@@ -286,10 +302,10 @@ impl DatasetWriter {
     /// Finalize the open file when it is full or old enough, and any sealed journal.
     /// Returns the files finalized.
     pub fn rotate_if_due(&mut self) -> Result<Vec<FileEntry>, DatasetError> {
-        let due = self
-            .journal
-            .as_ref()
-            .is_some_and(|j| j.rows > 0 && (j.bytes >= self.cfg.file_max_bytes || j.opened.elapsed() >= self.cfg.file_max_age));
+        let due = self.open.as_ref().is_some_and(|o| {
+            let j = &o.journal;
+            j.rows > 0 && (j.bytes >= self.cfg.file_max_bytes || j.opened.elapsed() >= self.cfg.file_max_age)
+        });
         if due {
             self.seal();
         }
@@ -304,107 +320,65 @@ impl DatasetWriter {
     }
 
     fn seal(&mut self) {
-        if let Some(j) = self.journal.take() {
-            self.sealed.push((j.file_no, j.path));
+        if let Some(o) = self.open.take() {
+            self.sealed.push(Sealed {
+                no: o.journal.file_no,
+                journal: o.journal.path,
+                parquet: o.parquet,
+            });
         }
     }
 
     fn finalize_sealed(&mut self) -> Result<Vec<FileEntry>, DatasetError> {
         let mut done = Vec::new();
-        while let Some((no, path)) = self.sealed.first().cloned() {
-            if let Some(entry) = self.finalize(no, &path)? {
-                done.push(entry);
-            }
+        while !self.sealed.is_empty() {
+            let (no, journal) = (self.sealed[0].no, self.sealed[0].journal.clone());
+            let closed = match self.sealed[0].parquet.take() {
+                Some(p) => match p.close() {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!("closing the Parquet file failed, rebuilding it from its journal: {e}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let entry = match closed {
+                Some(c) => Some(self.commit(c, &journal)?),
+                None => self.finalize(no, &journal)?,
+            };
+            done.extend(entry);
             self.sealed.remove(0);
         }
         Ok(done)
     }
 
-    /// Journal `path` → `data/chunk-XXX/file-XXX.parquet` (temporary name, fsync, rename), then
-    /// the manifest and the metadata, then the journal is removed.
+    /// Recovery: journal `path` → its Parquet data file, then the manifest and the metadata.
     fn finalize(&mut self, no: u64, path: &Path) -> Result<Option<FileEntry>, DatasetError> {
         let batches = read_journal(path)?;
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-        if rows == 0 {
+        if batches.iter().all(|b| b.num_rows() == 0) {
             fs::remove_file(path).map_err(DatasetError::io(path))?;
             return Ok(None);
         }
-        let rel = self.manifest.data_path(no);
-        let target = self.root.join(&rel);
-        let dir = target.parent().expect("data path has a directory").to_path_buf();
-        fs::create_dir_all(&dir).map_err(DatasetError::io(&dir))?;
-        let tmp = tmp_path(&target);
-        let file = File::create(&tmp).map_err(DatasetError::io(&tmp))?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .set_max_row_group_row_count(Some(self.cfg.row_group_rows))
-            .build();
-        let mut writer =
-            ArrowWriter::try_new(HashingWriter::new(file), self.schema.clone(), Some(props)).map_err(DatasetError::parquet(&tmp))?;
+        let mut p = ParquetFile::create(&self.root, &self.manifest, &self.schema, &self.cfg, no)?;
         for b in &batches {
-            writer.write(b).map_err(DatasetError::parquet(&tmp))?;
+            p.write(b)?;
         }
-        let hashing = writer.into_inner().map_err(DatasetError::parquet(&tmp))?;
-        let (file, sha256, bytes) = hashing.finish();
-        file.sync_all().map_err(DatasetError::io(&tmp))?;
-        drop(file);
-        fs::rename(&tmp, &target).map_err(DatasetError::io(&target))?;
-        sync_dir(&dir)?;
-        let entry = self.describe(no, rel, &batches, sha256, bytes);
-        self.manifest.files.retain(|f| f.no != no);
+        let closed = p.close()?;
+        Ok(Some(self.commit(closed, path)?))
+    }
+
+    /// A data file is in place: record it in the manifest and the metadata, drop its journal.
+    fn commit(&mut self, c: ClosedFile, journal: &Path) -> Result<FileEntry, DatasetError> {
+        let entry = c.summary.into_entry(c.no, c.rel, c.sha256, c.bytes);
+        self.manifest.files.retain(|f| f.no != entry.no);
         self.manifest.files.push(entry.clone());
         self.manifest.files.sort_by_key(|f| f.no);
         self.manifest.save(&self.root)?;
         self.write_meta()?;
-        fs::remove_file(path).map_err(DatasetError::io(path))?;
-        tracing::debug!(file = %target.display(), rows, "data file finalized");
-        Ok(Some(entry))
-    }
-
-    fn describe(&self, no: u64, path: String, batches: &[RecordBatch], sha256: String, bytes: u64) -> FileEntry {
-        let features = self.manifest.spec.stat_features();
-        let mut episodes: Vec<EpisodeSpan> = Vec::new();
-        let (mut first_seq, mut last_seq, mut first_index, mut end_index) = (u64::MAX, 0, u64::MAX, 0);
-        for b in batches {
-            let col = |n: &str| b.column_by_name(n).expect("journal has the schema").as_primitive::<Int64Type>().clone();
-            let (seq, ep, idx, task) = (col(spec::SEQ), col(spec::EPISODE_INDEX), col(spec::INDEX), col(spec::TASK_INDEX));
-            let src = col(spec::SOURCE_EPISODE);
-            for r in 0..b.num_rows() {
-                first_seq = first_seq.min(seq.value(r) as u64);
-                last_seq = last_seq.max(seq.value(r) as u64);
-                let index = idx.value(r) as u64;
-                first_index = first_index.min(index);
-                end_index = end_index.max(index + 1);
-                let e = ep.value(r) as u64;
-                if episodes.last().is_none_or(|s| s.episode_index != e) {
-                    episodes.push(EpisodeSpan {
-                        episode_index: e,
-                        source_episode: src.value(r) as u64,
-                        task_index: task.value(r) as u64,
-                        from_index: index,
-                        to_index: index,
-                        stats: features.iter().map(|(n, w)| (n.to_string(), Moments::new(*w))).collect::<BTreeMap<_, _>>(),
-                    });
-                }
-                let span = episodes.last_mut().expect("pushed above");
-                span.to_index = index + 1;
-                for (name, m) in span.stats.iter_mut() {
-                    add_row(m, b, name, r);
-                }
-            }
-        }
-        FileEntry {
-            no,
-            path,
-            rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
-            bytes,
-            sha256,
-            first_seq,
-            last_seq,
-            first_index,
-            end_index,
-            episodes,
-        }
+        fs::remove_file(journal).map_err(DatasetError::io(journal))?;
+        tracing::debug!(file = %entry.path, rows = entry.rows, "data file finalized");
+        Ok(entry)
     }
 
     fn write_meta(&self) -> Result<(), DatasetError> {
@@ -414,14 +388,18 @@ impl DatasetWriter {
     fn build_batch(&self, rows: &[Row]) -> Result<RecordBatch, DatasetError> {
         let spec = &self.manifest.spec;
         let fps = spec.fps as f64;
-        let i64s = |f: &dyn Fn(&Row) -> u64| Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(r) as i64))) as ArrayRef;
+        let i64s = |f: &dyn Fn(&Row) -> u64| {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| f(r) as i64))) as ArrayRef
+        };
         let f32_list = |n: usize, f: &dyn Fn(&Row) -> &[f32]| -> ArrayRef {
             let values = Float32Array::from_iter_values(rows.iter().flat_map(|r| f(r).iter().copied()));
             let field = Arc::new(Field::new("item", DataType::Float32, true));
             Arc::new(FixedSizeListArray::new(field, n as i32, Arc::new(values), None))
         };
         let mut cols: Vec<ArrayRef> = vec![
-            Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| (r.frame_index as f64 / fps) as f32))),
+            Arc::new(Float32Array::from_iter_values(
+                rows.iter().map(|r| (r.frame_index as f64 / fps) as f32),
+            )),
             i64s(&|r| r.frame_index),
             i64s(&|r| r.episode_index),
             i64s(&|r| r.index),
@@ -430,13 +408,20 @@ impl DatasetWriter {
             f32_list(spec.action_names.len(), &|r| &r.frame.action),
         ];
         if spec.camera.is_some() {
-            let mut bytes = BinaryBuilder::with_capacity(rows.len(), rows.iter().map(|r| r.frame.image.as_ref().map_or(0, |b| b.len())).sum());
+            let mut bytes = BinaryBuilder::with_capacity(
+                rows.len(),
+                rows.iter().map(|r| r.frame.image.as_ref().map_or(0, |b| b.len())).sum(),
+            );
             let mut paths = StringBuilder::new();
             for r in rows {
                 bytes.append_option(r.frame.image.as_deref());
                 paths.append_null();
             }
-            let s = StructArray::new(spec::image_fields(), vec![Arc::new(bytes.finish()), Arc::new(paths.finish())], None);
+            let s = StructArray::new(
+                spec::image_fields(),
+                vec![Arc::new(bytes.finish()), Arc::new(paths.finish())],
+                None,
+            );
             cols.push(Arc::new(s));
         }
         if spec.surface.is_some() {
@@ -446,5 +431,255 @@ impl DatasetWriter {
         cols.push(i64s(&|r| r.frame.stamp_ns));
         cols.push(i64s(&|r| r.frame.source_episode));
         RecordBatch::try_new(self.schema.clone(), cols).map_err(DatasetError::arrow(&self.root))
+    }
+}
+
+/// The file being written: its journal (what is durable) and its Parquet encoder (absent when
+/// writing it failed: the journal rebuilds it).
+struct OpenFile {
+    journal: Journal,
+    parquet: Option<ParquetWorker>,
+}
+
+struct Sealed {
+    no: u64,
+    journal: PathBuf,
+    parquet: Option<ParquetWorker>,
+}
+
+/// A [`ParquetFile`] encoded on its own thread, so that encoding overlaps journaling. Only an
+/// explicit close finishes the file; a worker dropped without one abandons its temporary file
+/// (the journal rebuilds it).
+struct ParquetWorker {
+    tx: std::sync::mpsc::SyncSender<Option<RecordBatch>>,
+    handle: std::thread::JoinHandle<Option<Result<ClosedFile, DatasetError>>>,
+}
+
+impl ParquetWorker {
+    fn start(mut file: ParquetFile) -> ParquetWorker {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<RecordBatch>>(16);
+        let handle = std::thread::Builder::new()
+            .name("nb-parquet".into())
+            .spawn(move || {
+                for msg in rx {
+                    match msg {
+                        Some(b) => {
+                            if let Err(e) = file.write(&b) {
+                                return Some(Err(e));
+                            }
+                        }
+                        None => return Some(file.close()),
+                    }
+                }
+                None
+            })
+            .expect("spawn the Parquet thread");
+        ParquetWorker { tx, handle }
+    }
+
+    /// Queue a batch; an error means the worker stopped on an error (see [`close`](Self::close)).
+    fn write(&self, b: RecordBatch) -> Result<(), ()> {
+        self.tx.send(Some(b)).map_err(|_| ())
+    }
+
+    fn close(self) -> Result<ClosedFile, DatasetError> {
+        let _ = self.tx.send(None);
+        drop(self.tx);
+        self.handle
+            .join()
+            .expect("the Parquet thread does not panic")
+            .expect("a closed worker reports")
+    }
+
+    /// Stop without finishing the file, and wait for the thread.
+    fn abandon(self) {
+        drop(self.tx);
+        let _ = self.handle.join();
+    }
+}
+
+impl Drop for DatasetWriter {
+    fn drop(&mut self) {
+        // Without finish_file the open file stays a journal, recovered at the next open.
+        let workers = self.open.take().and_then(|o| o.parquet).into_iter();
+        for w in workers.chain(self.sealed.drain(..).filter_map(|s| s.parquet)) {
+            w.abandon();
+        }
+    }
+}
+
+/// A Parquet data file being written under its temporary name.
+struct ParquetFile {
+    no: u64,
+    rel: String,
+    tmp: PathBuf,
+    target: PathBuf,
+    writer: ArrowWriter<ThreadedHashingWriter<BufWriter<File>>>,
+    summary: FileSummary,
+}
+
+struct ClosedFile {
+    no: u64,
+    rel: String,
+    sha256: String,
+    bytes: u64,
+    summary: FileSummary,
+}
+
+impl ParquetFile {
+    fn create(
+        root: &Path,
+        manifest: &Manifest,
+        schema: &arrow_schema::SchemaRef,
+        cfg: &WriterConfig,
+        no: u64,
+    ) -> Result<ParquetFile, DatasetError> {
+        let rel = manifest.data_path(no);
+        let target = root.join(&rel);
+        let dir = target.parent().expect("data path has a directory");
+        fs::create_dir_all(dir).map_err(DatasetError::io(dir))?;
+        let tmp = tmp_path(&target);
+        let file = File::create(&tmp).map_err(DatasetError::io(&tmp))?;
+        let mut props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(cfg.row_group_rows));
+        // Measured float values seldom repeat: a dictionary would only be built to be dropped.
+        for col in [spec::STATE, spec::ACTION, spec::SURFACE] {
+            props = props.set_column_dictionary_enabled(ColumnPath::new(vec![col.into(), "item".into()]), false);
+        }
+        if let Some(cam) = &manifest.spec.camera {
+            // Encoded images do not repeat and their min/max mean nothing: skip both.
+            let bytes = ColumnPath::new(vec![cam.key.clone(), "bytes".into()]);
+            props = props
+                .set_column_dictionary_enabled(bytes.clone(), false)
+                .set_column_statistics_enabled(bytes, EnabledStatistics::None);
+        }
+        let writer = ArrowWriter::try_new(
+            ThreadedHashingWriter::new(BufWriter::with_capacity(1 << 20, file)),
+            schema.clone(),
+            Some(props.build()),
+        )
+        .map_err(DatasetError::parquet(&tmp))?;
+        Ok(ParquetFile {
+            no,
+            rel,
+            tmp,
+            target,
+            writer,
+            summary: FileSummary::new(&manifest.spec),
+        })
+    }
+
+    fn write(&mut self, b: &RecordBatch) -> Result<(), DatasetError> {
+        self.writer.write(b).map_err(DatasetError::parquet(&self.tmp))?;
+        self.summary.add(b);
+        Ok(())
+    }
+
+    /// Footer, fsync, rename into place, fsync the directory.
+    fn close(self) -> Result<ClosedFile, DatasetError> {
+        let tmp = self.tmp;
+        let hashing = self.writer.into_inner().map_err(DatasetError::parquet(&tmp))?;
+        let (file, sha256, bytes) = hashing.finish();
+        let file = file.into_inner().map_err(|e| DatasetError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(DatasetError::io(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, &self.target).map_err(DatasetError::io(&self.target))?;
+        sync_dir(self.target.parent().expect("data path has a directory"))?;
+        Ok(ClosedFile {
+            no: self.no,
+            rel: self.rel,
+            sha256,
+            bytes,
+            summary: self.summary,
+        })
+    }
+}
+
+/// What the manifest says of a file, gathered batch by batch: sequence and index ranges, and
+/// each episode's span and statistics.
+struct FileSummary {
+    features: Vec<(&'static str, usize)>,
+    rows: u64,
+    first_seq: u64,
+    last_seq: u64,
+    first_index: u64,
+    end_index: u64,
+    episodes: Vec<EpisodeSpan>,
+}
+
+impl FileSummary {
+    fn new(spec: &DatasetSpec) -> FileSummary {
+        FileSummary {
+            features: spec.stat_features(),
+            rows: 0,
+            first_seq: u64::MAX,
+            last_seq: 0,
+            first_index: u64::MAX,
+            end_index: 0,
+            episodes: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, b: &RecordBatch) {
+        let col = |n: &str| {
+            b.column_by_name(n)
+                .expect("batch has the schema")
+                .as_primitive::<Int64Type>()
+                .clone()
+        };
+        let (seq, ep, idx, task) = (
+            col(spec::SEQ),
+            col(spec::EPISODE_INDEX),
+            col(spec::INDEX),
+            col(spec::TASK_INDEX),
+        );
+        let src = col(spec::SOURCE_EPISODE);
+        for r in 0..b.num_rows() {
+            self.first_seq = self.first_seq.min(seq.value(r) as u64);
+            self.last_seq = self.last_seq.max(seq.value(r) as u64);
+            let index = idx.value(r) as u64;
+            self.first_index = self.first_index.min(index);
+            self.end_index = self.end_index.max(index + 1);
+            let e = ep.value(r) as u64;
+            if self.episodes.last().is_none_or(|s| s.episode_index != e) {
+                self.episodes.push(EpisodeSpan {
+                    episode_index: e,
+                    source_episode: src.value(r) as u64,
+                    task_index: task.value(r) as u64,
+                    from_index: index,
+                    to_index: index,
+                    stats: self
+                        .features
+                        .iter()
+                        .map(|(n, w)| (n.to_string(), Moments::new(*w)))
+                        .collect::<BTreeMap<_, _>>(),
+                });
+            }
+            let span = self.episodes.last_mut().expect("pushed above");
+            span.to_index = index + 1;
+            for (name, m) in span.stats.iter_mut() {
+                add_row(m, b, name, r);
+            }
+        }
+        self.rows += b.num_rows() as u64;
+    }
+
+    fn into_entry(self, no: u64, path: String, sha256: String, bytes: u64) -> FileEntry {
+        FileEntry {
+            no,
+            path,
+            rows: self.rows,
+            bytes,
+            sha256,
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            first_index: self.first_index,
+            end_index: self.end_index,
+            episodes: self.episodes,
+        }
     }
 }

@@ -87,7 +87,8 @@ fn rows_files_episodes_and_metadata() {
     assert_eq!(eps.len(), 4);
     assert_eq!((eps[3].1.from_index, eps[3].1.to_index), (24, 30));
     assert_eq!(eps[1].1.stats["action"].count, 8);
-    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("meta/info.json")).unwrap()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("meta/info.json")).unwrap()).unwrap();
     assert_eq!(info["codebase_version"], "v3.0");
     assert_eq!(info["total_frames"], 30);
     assert_eq!(info["total_episodes"], 4);
@@ -118,8 +119,14 @@ fn a_crash_loses_no_durable_row_and_numbering_continues() {
     push_all(&mut w, 20..26, 5);
     w.finish_file().unwrap();
     let (_, rows) = read_dataset(root).unwrap();
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..26).collect::<Vec<_>>());
-    assert_eq!(rows.iter().map(|r| r.index).collect::<Vec<_>>(), (0..26).collect::<Vec<_>>());
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (0..26).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.index).collect::<Vec<_>>(),
+        (0..26).collect::<Vec<_>>()
+    );
     // seq 20..=24 is source episode 4: it continues episode_index 4 at frame 0.
     assert_eq!(rows[20].episode_index, 4);
     assert_eq!(rows[20].frame_index, 0);
@@ -138,13 +145,21 @@ fn a_torn_journal_tail_is_dropped_and_whole_batches_are_kept() {
         push_all(&mut w, 4..9, 100);
         w.flush().unwrap();
     }
-    let journal = std::fs::read_dir(root.join("journal")).unwrap().next().unwrap().unwrap().path();
+    let journal = std::fs::read_dir(root.join("journal"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let mut bytes = std::fs::read(&journal).unwrap();
     bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x40, 0x01, 0, 0, 1, 2, 3]);
     std::fs::write(&journal, bytes).unwrap();
     DatasetWriter::open(root, spec(), cfg()).unwrap();
     let (_, rows) = read_dataset(root).unwrap();
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..9).collect::<Vec<_>>());
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (0..9).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -182,13 +197,19 @@ fn disk_full_stops_acknowledgements_and_keeps_what_was_acknowledged() {
     std::os::unix::fs::symlink("/dev/full", root.join("journal/file-000001.arrows")).unwrap();
     push_all(&mut w, 5..8, 100);
     let err = w.flush().unwrap_err().to_string();
-    assert!(err.contains("file-000001.arrows") && err.to_lowercase().contains("space"), "{err}");
+    assert!(
+        err.contains("file-000001.arrows") && err.to_lowercase().contains("space"),
+        "{err}"
+    );
     assert_eq!(w.durable(), (Some(4), 5), "no acknowledgement past the failure");
     assert_eq!(w.pending_rows(), 3, "the frames stay queued");
     drop(w);
     std::fs::remove_file(root.join("journal/file-000001.arrows")).unwrap();
     let (_, rows) = read_dataset(root).unwrap();
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), (0..5).collect::<Vec<_>>());
+    assert_eq!(
+        rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (0..5).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -207,7 +228,10 @@ fn frames_that_do_not_fit_are_refused_by_name() {
 }
 
 fn have_pyarrow() -> bool {
-    Command::new("python3").args(["-c", "import pyarrow"]).status().is_ok_and(|s| s.success())
+    Command::new("python3")
+        .args(["-c", "import pyarrow"])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[test]
@@ -230,8 +254,18 @@ fn pyarrow_reads_every_file_and_the_layout_matches_lerobot_v3() {
 pub fn check_with_python(root: &Path, want_seqs: &[u64]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check_lerobot.py");
     let out = Command::new("python3").arg(script).arg(root).output().unwrap();
-    assert!(out.status.success(), "check_lerobot.py failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "check_lerobot.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let seqs: Vec<u64> = v["seqs"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = v["seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, want_seqs);
 }

@@ -254,43 +254,41 @@ impl StreamDecoder {
 
     /// The next frame or error; `None` when more bytes are needed.
     pub fn next_frame(&mut self) -> Option<Result<DeviceFrame, DeviceError>> {
-        loop {
-            let start = find_magic(&self.buf, 0).unwrap_or(self.buf.len().saturating_sub(1));
-            if start > 0 {
-                self.skip(start);
+        let start = find_magic(&self.buf, 0).unwrap_or(self.buf.len().saturating_sub(1));
+        if start > 0 {
+            self.skip(start);
+        }
+        if self.buf.len() < HEADER_LEN {
+            return None;
+        }
+        if self.skipped > 0 {
+            return Some(Err(DeviceError::Garbage(std::mem::take(&mut self.skipped))));
+        }
+        let bytes = Bytes::copy_from_slice(&self.buf[..self.buf.len().min(HEADER_LEN + MAX_PAYLOAD + CRC_LEN)]);
+        match decode_prefix(&bytes) {
+            Ok((frame, used)) => {
+                self.buf.drain(..used);
+                self.after_error = false;
+                Some(Ok(frame))
             }
-            if self.buf.len() < HEADER_LEN {
-                return None;
-            }
-            if self.skipped > 0 {
-                return Some(Err(DeviceError::Garbage(std::mem::take(&mut self.skipped))));
-            }
-            let bytes = Bytes::copy_from_slice(&self.buf[..self.buf.len().min(HEADER_LEN + MAX_PAYLOAD + CRC_LEN)]);
-            match decode_prefix(&bytes) {
-                Ok((frame, used)) => {
-                    self.buf.drain(..used);
-                    self.after_error = false;
-                    return Some(Ok(frame));
-                }
-                Err(DeviceError::Truncated { .. }) => {
-                    // A whole frame further on means this "frame" was garbage with a wild length.
-                    let mut at = 1;
-                    while let Some(p) = find_magic(&self.buf, at) {
-                        if decode_prefix(&Bytes::copy_from_slice(&self.buf[p..])).is_ok() {
-                            self.buf.drain(..p);
-                            self.after_error = false;
-                            return Some(Err(DeviceError::Garbage(p)));
-                        }
-                        at = p + 1;
+            Err(DeviceError::Truncated { .. }) => {
+                // A whole frame further on means this "frame" was garbage with a wild length.
+                let mut at = 1;
+                while let Some(p) = find_magic(&self.buf, at) {
+                    if decode_prefix(&Bytes::copy_from_slice(&self.buf[p..])).is_ok() {
+                        self.buf.drain(..p);
+                        self.after_error = false;
+                        return Some(Err(DeviceError::Garbage(p)));
                     }
-                    return None;
+                    at = p + 1;
                 }
-                Err(e) => {
-                    // Not a good frame here: report it once, skip its magic and look again.
-                    self.buf.drain(..1);
-                    self.after_error = true;
-                    return Some(Err(e));
-                }
+                None
+            }
+            Err(e) => {
+                // Not a good frame here: report it once, skip its magic and look again.
+                self.buf.drain(..1);
+                self.after_error = true;
+                Some(Err(e))
             }
         }
     }
@@ -352,7 +350,10 @@ mod tests {
     fn corruption_is_named() {
         let mut b = frame(1).encode();
         b[40] ^= 0x10;
-        assert!(matches!(DeviceFrame::decode(&Bytes::from(b.clone())), Err(DeviceError::Crc { .. })));
+        assert!(matches!(
+            DeviceFrame::decode(&Bytes::from(b.clone())),
+            Err(DeviceError::Crc { .. })
+        ));
         let ok = frame(1).encode();
         assert!(matches!(
             DeviceFrame::decode(&Bytes::copy_from_slice(&ok[..30])),
@@ -360,7 +361,10 @@ mod tests {
         ));
         let mut huge = ok.clone();
         huge[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(DeviceFrame::decode(&Bytes::from(huge)), Err(DeviceError::TooLarge(u32::MAX as usize)));
+        assert_eq!(
+            DeviceFrame::decode(&Bytes::from(huge)),
+            Err(DeviceError::TooLarge(u32::MAX as usize))
+        );
     }
 
     #[test]
@@ -385,7 +389,11 @@ mod tests {
         assert_eq!(frames, vec![1, 3]);
         assert!(got.iter().any(|r| matches!(r, Err(DeviceError::Crc { .. }))), "{got:?}");
         assert!(got.iter().any(|r| matches!(r, Err(DeviceError::Garbage(_)))), "{got:?}");
-        assert_eq!(got.len(), 5, "garbage, a bad header, a frame, a CRC error, a frame: {got:?}");
+        assert_eq!(
+            got.len(),
+            5,
+            "garbage, a bad header, a frame, a CRC error, a frame: {got:?}"
+        );
     }
 
     #[test]
