@@ -5,10 +5,13 @@ mod bench_log;
 mod bench_policy;
 mod collect;
 mod conn;
+mod export;
 mod fleet;
 mod launcher;
+mod serve;
 mod signals;
 mod topic;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +72,12 @@ enum Cmd {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
+    /// Pretrain the policy's base from LeRobot datasets (AdamW, warmup, checkpoints).
+    Train(train::TrainArgs),
+    /// Export a checkpoint (adapter merged) to safetensors or GGUF (f32, f16, q8_0, mxfp4).
+    Export(export::ExportArgs),
+    /// Serve a policy over HTTP: POST /v1/act, GET /v1/model, /healthz, /metrics.
+    Serve(serve::ServeArgs),
     /// Benchmarks, each printed beside a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -125,6 +134,18 @@ fn main() -> ExitCode {
         Cmd::Verify { dirs } => {
             init_tracing("warn");
             collect::verify_cmd(&dirs)
+        }
+        Cmd::Train(args) => {
+            init_tracing("warn");
+            train::train(args)
+        }
+        Cmd::Export(args) => {
+            init_tracing("warn");
+            export::export(args)
+        }
+        Cmd::Serve(args) => {
+            init_tracing("info");
+            runtime().and_then(|rt| rt.block_on(serve::serve(args)))
         }
         Cmd::Bench { cmd } => {
             init_tracing("warn,zenoh=error");

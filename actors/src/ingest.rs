@@ -536,6 +536,19 @@ impl IngestCore {
     }
 }
 
+/// Decode a JPEG to RGB8 (grayscale is widened): `(width, height, pixels)`.
+pub fn decode_jpeg_rgb(jpeg: &[u8]) -> Result<(u32, u32, Vec<u8>), String> {
+    let mut d = jpeg_decoder::Decoder::new(jpeg);
+    let px = d.decode().map_err(|e| format!("JPEG does not decode: {e}"))?;
+    let info = d.info().ok_or("JPEG without a header")?;
+    let rgb = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => px,
+        jpeg_decoder::PixelFormat::L8 => px.iter().flat_map(|&v| [v, v, v]).collect(),
+        other => return Err(format!("JPEG pixel format {other:?} is not RGB or grayscale")),
+    };
+    Ok((info.width as u32, info.height as u32, rgb))
+}
+
 /// Rate-limits warnings per (robot, reason).
 #[derive(Default)]
 pub struct RejectLog {

@@ -14,6 +14,7 @@ pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod runner;
 pub mod schedule;
 
 pub use config::PolicyConfig;

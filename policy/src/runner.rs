@@ -1,0 +1,262 @@
+//! Running a trained policy: load a checkpoint (a safetensors base with an optional LoRA
+//! adapter, or a GGUF export at any precision) and turn decoded observations into a
+//! de-normalized action chunk. Used by the HTTP server, the policy actor and the trainer's
+//! evaluation.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use thiserror::Error;
+
+use crate::checkpoint::{self, CheckpointError, Kind, Meta, NormStats};
+use crate::export::{gguf_config, load_gguf_into};
+use crate::gguf::{Gguf, Value};
+use crate::model::{seeded_randn, ObsBatch, Policy};
+use crate::PolicyConfig;
+
+#[derive(Debug, Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{file}: {reason}")]
+    File { file: String, reason: String },
+    #[error("observation: {0}")]
+    Input(String),
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+}
+
+/// One decoded observation step.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// RGB8, row-major, `image_size²·3` bytes.
+    pub rgb: Vec<u8>,
+    pub state: Vec<f32>,
+    /// `rows·cols` cells, row-major.
+    pub surface: Vec<f32>,
+}
+
+pub struct Runner {
+    policy: Policy,
+    pub base: VarMap,
+    pub adapter: Option<VarMap>,
+    pub meta: Meta,
+    pub adapter_meta: Option<Meta>,
+    /// Where the weights came from, and in which format (`safetensors`, `gguf:mxfp4`, ...).
+    pub source: PathBuf,
+    pub format: String,
+}
+
+fn file_err(path: &Path, reason: impl ToString) -> RunnerError {
+    RunnerError::File {
+        file: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn build(cfg: &PolicyConfig, with_adapter: bool) -> Result<(Policy, VarMap, Option<VarMap>), RunnerError> {
+    let dev = Device::Cpu;
+    let base = VarMap::new();
+    let adapter = with_adapter.then(VarMap::new);
+    let policy = Policy::new(
+        cfg,
+        VarBuilder::from_varmap(&base, DType::F32, &dev),
+        adapter.as_ref().map(|a| VarBuilder::from_varmap(a, DType::F32, &dev)),
+    )?;
+    Ok((policy, base, adapter))
+}
+
+impl Runner {
+    /// Load `path` (`.gguf`: an export; anything else: a safetensors base checkpoint) and, for
+    /// a safetensors base, the LoRA `adapter` checkpoint made for it.
+    pub fn load(path: &Path, adapter: Option<&Path>) -> Result<Runner, RunnerError> {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            if adapter.is_some() {
+                return Err(file_err(
+                    path,
+                    "a GGUF export has its adapter merged; load adapters on a safetensors base",
+                ));
+            }
+            let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+            let g = Gguf::from_bytes(&bytes).map_err(|e| file_err(path, e))?;
+            let config = gguf_config(&g).map_err(|e| file_err(path, e))?;
+            let norm: NormStats = g
+                .metadata
+                .get("nanobot.norm_json")
+                .and_then(Value::as_str)
+                .and_then(|s| serde_json::from_str(s).ok())
+                .ok_or_else(|| file_err(path, "no nanobot.norm_json metadata: not a NanoBot policy export"))?;
+            let (policy, base, _) = build(&config, false)?;
+            load_gguf_into(&g, &base).map_err(|e| file_err(path, e))?;
+            let file_type = g
+                .metadata
+                .get("general.file_type")
+                .and_then(Value::as_str)
+                .unwrap_or("f32");
+            let version = g
+                .metadata
+                .get("general.name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            return Ok(Runner {
+                policy,
+                base,
+                adapter: None,
+                meta: Meta {
+                    kind: Kind::Base,
+                    version,
+                    config,
+                    norm,
+                },
+                adapter_meta: None,
+                source: path.to_path_buf(),
+                format: format!("gguf:{file_type}"),
+            });
+        }
+        let (meta, _) = checkpoint::read(path)?;
+        let (policy, base, adapter_vars) = build(&meta.config, adapter.is_some())?;
+        let meta = checkpoint::load_into(path, &base, &meta.config, Kind::Base)?;
+        let adapter_meta = match (adapter, &adapter_vars) {
+            (Some(a), Some(vars)) => Some(checkpoint::load_into(a, vars, &meta.config, Kind::Adapter)?),
+            _ => None,
+        };
+        Ok(Runner {
+            policy,
+            base,
+            adapter: adapter_vars,
+            meta,
+            adapter_meta,
+            source: path.to_path_buf(),
+            format: "safetensors".into(),
+        })
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.meta.config
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn adapter_version(&self) -> String {
+        self.adapter_meta
+            .as_ref()
+            .map(|m| m.version.clone())
+            .unwrap_or_default()
+    }
+
+    /// Check one step against the config; the error names the field.
+    pub fn check(&self, s: &Step) -> Result<(), RunnerError> {
+        let c = self.config();
+        let px = c.vision.image_size * c.vision.image_size * 3;
+        if s.rgb.len() != px {
+            return Err(RunnerError::Input(format!(
+                "image has {} RGB bytes, the policy takes {}×{}×3 = {px}",
+                s.rgb.len(),
+                c.vision.image_size,
+                c.vision.image_size
+            )));
+        }
+        if s.state.len() != c.inputs.state_dim {
+            return Err(RunnerError::Input(format!(
+                "state has {} values, the policy takes {}",
+                s.state.len(),
+                c.inputs.state_dim
+            )));
+        }
+        let cells = c.inputs.surface_rows * c.inputs.surface_cols;
+        if s.surface.len() != cells {
+            return Err(RunnerError::Input(format!(
+                "surface has {} cells, the policy takes {cells}",
+                s.surface.len()
+            )));
+        }
+        if let Some(i) = s.state.iter().chain(&s.surface).position(|v| !v.is_finite()) {
+            return Err(RunnerError::Input(format!("value {i} of state/surface is not finite")));
+        }
+        Ok(())
+    }
+
+    /// The observation batch (B = 1) for the last `n_obs_steps` of `history` (oldest first;
+    /// a short history repeats its first step).
+    pub fn batch(&self, history: &[Step], task: u32) -> Result<ObsBatch, RunnerError> {
+        let c = self.config();
+        if history.is_empty() {
+            return Err(RunnerError::Input("no observation".into()));
+        }
+        if task as usize >= c.inputs.n_tasks {
+            return Err(RunnerError::Input(format!(
+                "task {task}: the policy knows {} tasks",
+                c.inputs.n_tasks
+            )));
+        }
+        for s in history {
+            self.check(s)?;
+        }
+        let t = c.trunk.n_obs_steps;
+        let steps: Vec<&Step> = (0..t)
+            .map(|k| {
+                let i = history.len() as isize - t as isize + k as isize;
+                &history[i.max(0) as usize]
+            })
+            .collect();
+        let n = c.vision.image_size;
+        let dev = Device::Cpu;
+        let mut img = Vec::with_capacity(t * 3 * n * n);
+        for s in &steps {
+            for ch in 0..3 {
+                img.extend(s.rgb.iter().skip(ch).step_by(3).map(|&v| v as f32 / 255.0));
+            }
+        }
+        let state: Vec<f32> = steps
+            .iter()
+            .flat_map(|s| self.meta.norm.normalize_state(&s.state))
+            .collect();
+        let surface: Vec<f32> = steps.iter().flat_map(|s| s.surface.iter().copied()).collect();
+        Ok(ObsBatch {
+            images: Tensor::from_vec(img, (1, t, 3, n, n), &dev)?,
+            state: Tensor::from_vec(state, (1, t, c.inputs.state_dim), &dev)?,
+            surface: Tensor::from_vec(surface, (1, t, c.inputs.surface_rows, c.inputs.surface_cols), &dev)?,
+            task: Tensor::from_vec(vec![task], 1, &dev)?,
+        })
+    }
+
+    /// An action chunk (`horizon × action_dim`, de-normalized) for `history`, with the DDIM
+    /// start noise drawn from `seed`.
+    pub fn act(&self, history: &[Step], task: u32, seed: u64) -> Result<Vec<f32>, RunnerError> {
+        let obs = self.batch(history, task)?;
+        let c = self.config();
+        let noise = seeded_randn(seed, &[1, c.head.horizon, c.head.action_dim], &Device::Cpu)?;
+        let x = self.policy.sample(&obs, &noise)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self.meta.norm.denormalize_action(&x))
+    }
+}
+
+impl Runner {
+    /// The base weights with the adapter folded in (`W + (α/r)·B·A` for every adapted linear):
+    /// one plain model for export. Without an adapter, a copy of the base.
+    pub fn merged_base(&self) -> Result<VarMap, RunnerError> {
+        let out = VarMap::new();
+        let base = self.base.data().lock().unwrap_or_else(|e| e.into_inner());
+        let adapter = self
+            .adapter
+            .as_ref()
+            .map(|a| a.data().lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let scale = self.config().lora.scale();
+        let mut data = out.data().lock().unwrap_or_else(|e| e.into_inner());
+        for (name, var) in base.iter() {
+            let mut w = var.as_tensor().clone();
+            if let (Some(ad), Some(prefix)) = (&adapter, name.strip_suffix(".weight")) {
+                if let (Some(a), Some(b)) = (ad.get(&format!("{prefix}.lora_a")), ad.get(&format!("{prefix}.lora_b"))) {
+                    w = (w + (b.as_tensor().matmul(a.as_tensor())? * scale)?)?;
+                }
+            }
+            data.insert(name.clone(), candle_core::Var::from_tensor(&w)?);
+        }
+        drop(data);
+        Ok(out)
+    }
+}

@@ -1,0 +1,274 @@
+//! `nanobot serve --checkpoint FILE`: the policy over HTTP.
+//!
+//! - `POST /v1/act`: an Observation — JSON (the JSON view of the message, image bytes in
+//!   base64; or an array of Observations, oldest first, for the policy's history), or a NanoBot
+//!   envelope (`Content-Type: application/x-nanobot`) — answered with an ActionChunk in the same
+//!   form. A malformed body gets 400 and the reason.
+//! - `GET /v1/model`: config, version, adapter, format, parameter count.
+//! - `GET /healthz`, `GET /metrics` (Prometheus text format).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+use nanobot_actors::ingest::decode_jpeg_rgb;
+use nanobot_messages::{codec, ActionChunk, ActionSource, Encoding, Observation};
+use nanobot_policy::runner::{Runner, Step};
+use serde_json::json;
+
+pub const ENVELOPE_TYPE: &str = "application/x-nanobot";
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// A safetensors base checkpoint, or a GGUF export.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A LoRA adapter for the base.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8470")]
+    listen: String,
+}
+
+/// Latency histogram bucket bounds, seconds.
+const BUCKETS: [f64; 8] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+#[derive(Default)]
+struct Metrics {
+    ok: AtomicU64,
+    bad: AtomicU64,
+    failed: AtomicU64,
+    latency_us_sum: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len()],
+}
+
+struct App {
+    runner: Runner,
+    params: usize,
+    metrics: Metrics,
+    started: Instant,
+}
+
+fn bad(reason: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"error": reason.to_string()})),
+    )
+        .into_response()
+}
+
+fn step_of(o: &Observation) -> Result<Step, String> {
+    let bytes = o.image.data.to_bytes();
+    let rgb = match o.image.encoding {
+        Encoding::Jpeg => decode_jpeg_rgb(&bytes)
+            .map(|(_, _, px)| px)
+            .map_err(|e| format!("image: {e}"))?,
+        Encoding::Rgb8 => bytes.to_vec(),
+        other => return Err(format!("image encoding {other:?}: send Jpeg or Rgb8")),
+    };
+    Ok(Step {
+        rgb,
+        state: o.state.clone(),
+        surface: o.surface.cells.clone(),
+    })
+}
+
+/// The observations of a request, and whether the answer goes back as an envelope.
+fn parse(headers: &HeaderMap, body: &Bytes) -> Result<(Vec<Observation>, u64, bool), String> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    if ctype.starts_with(ENVELOPE_TYPE) || ctype.starts_with("application/octet-stream") {
+        let (h, o) = codec::decode::<Observation>(body.clone()).map_err(|e| format!("envelope: {e}"))?;
+        return Ok((vec![o], h.seq, true));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("JSON: line {} column {}: {e}", e.line(), e.column()))?;
+    let list = match v {
+        serde_json::Value::Array(items) => items,
+        one => vec![one],
+    };
+    let obs = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| serde_json::from_value::<Observation>(x).map_err(|e| format!("observation {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if obs.is_empty() {
+        return Err("no observation".into());
+    }
+    Ok((obs, 0, false))
+}
+
+async fn act(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let t0 = Instant::now();
+    let (obs, seq, envelope) = match parse(&headers, &body) {
+        Ok(v) => v,
+        Err(e) => {
+            app.metrics.bad.fetch_add(1, Ordering::Relaxed);
+            return bad(e);
+        }
+    };
+    let steps = match obs.iter().map(step_of).collect::<Result<Vec<_>, _>>() {
+        Ok(s) => s,
+        Err(e) => {
+            app.metrics.bad.fetch_add(1, Ordering::Relaxed);
+            return bad(e);
+        }
+    };
+    let task = obs.last().map(|o| o.task).unwrap_or(0);
+    let a = app.clone();
+    let result = tokio::task::spawn_blocking(move || a.runner.act(&steps, task, seq)).await;
+    let actions = match result {
+        Ok(Ok(actions)) => actions,
+        Ok(Err(nanobot_policy::runner::RunnerError::Input(e))) => {
+            app.metrics.bad.fetch_add(1, Ordering::Relaxed);
+            return bad(e);
+        }
+        Ok(Err(e)) => {
+            app.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
+        Err(e) => {
+            app.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
+    };
+    let c = app.runner.config();
+    let chunk = ActionChunk {
+        obs_seq: seq,
+        dt_ns: 0,
+        horizon: c.head.horizon as u32,
+        action_dim: c.head.action_dim as u32,
+        actions,
+        source: ActionSource::Policy,
+        policy_version: app.runner.meta.version.clone(),
+        adapter_version: app.runner.adapter_version(),
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let m = &app.metrics;
+    m.ok.fetch_add(1, Ordering::Relaxed);
+    m.latency_us_sum.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    for (i, b) in BUCKETS.iter().enumerate() {
+        if secs <= *b {
+            m.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if envelope {
+        match codec::encode("", seq, codec::now_ns(), &chunk) {
+            Ok(e) => {
+                let mut out = e.head.to_vec();
+                for b in e.blobs {
+                    out.extend_from_slice(&b);
+                }
+                ([(header::CONTENT_TYPE, ENVELOPE_TYPE)], out).into_response()
+            }
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        }
+    } else {
+        axum::Json(chunk).into_response()
+    }
+}
+
+async fn model(State(app): State<Arc<App>>) -> Response {
+    let r = &app.runner;
+    axum::Json(json!({
+        "version": r.meta.version,
+        "adapter_version": r.adapter_version(),
+        "format": r.format,
+        "source": r.source.display().to_string(),
+        "parameters": app.params,
+        "config": r.meta.config,
+        "norm": r.meta.norm,
+    }))
+    .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let m = &app.metrics;
+    let ok = m.ok.load(Ordering::Relaxed);
+    let mut s = String::new();
+    s.push_str("# HELP nanobot_act_requests_total POST /v1/act requests by outcome.\n# TYPE nanobot_act_requests_total counter\n");
+    for (code, n) in [
+        ("200", ok),
+        ("400", m.bad.load(Ordering::Relaxed)),
+        ("500", m.failed.load(Ordering::Relaxed)),
+    ] {
+        s.push_str(&format!("nanobot_act_requests_total{{code=\"{code}\"}} {n}\n"));
+    }
+    s.push_str("# HELP nanobot_act_latency_seconds Time to answer a good /v1/act request.\n# TYPE nanobot_act_latency_seconds histogram\n");
+    for (i, b) in BUCKETS.iter().enumerate() {
+        s.push_str(&format!(
+            "nanobot_act_latency_seconds_bucket{{le=\"{b}\"}} {}\n",
+            m.buckets[i].load(Ordering::Relaxed)
+        ));
+    }
+    s.push_str(&format!("nanobot_act_latency_seconds_bucket{{le=\"+Inf\"}} {ok}\n"));
+    s.push_str(&format!(
+        "nanobot_act_latency_seconds_sum {}\nnanobot_act_latency_seconds_count {ok}\n",
+        m.latency_us_sum.load(Ordering::Relaxed) as f64 / 1e6
+    ));
+    s.push_str(&format!(
+        "# HELP nanobot_policy_parameters Parameters of the served policy.\n# TYPE nanobot_policy_parameters gauge\nnanobot_policy_parameters {}\n",
+        app.params
+    ));
+    s.push_str(&format!(
+        "# HELP nanobot_uptime_seconds Seconds since the server started.\n# TYPE nanobot_uptime_seconds gauge\nnanobot_uptime_seconds {:.1}\n",
+        app.started.elapsed().as_secs_f64()
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
+}
+
+pub fn router(runner: Runner) -> Router {
+    let params = runner.base.all_vars().iter().map(|v| v.elem_count()).sum();
+    let app = Arc::new(App {
+        runner,
+        params,
+        metrics: Metrics::default(),
+        started: Instant::now(),
+    });
+    Router::new()
+        .route("/v1/act", post(act))
+        .route("/v1/model", get(model))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
+    let runner = Runner::load(&a.checkpoint, a.adapter.as_deref())?;
+    let version = runner.meta.version.clone();
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen {}: {e}", a.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, version, format = %runner.format, "serving the policy on http://{addr}/v1/act");
+    axum::serve(listener, router(runner))
+        .with_graceful_shutdown(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await?;
+    Ok(0)
+}

@@ -1,0 +1,292 @@
+//! End-to-end: scripted-expert demonstrations in a LeRobot dataset → `nanobot train` →
+//! `nanobot export` (checked with the `safetensors` and `gguf` Python packages) →
+//! `nanobot serve`, asked over real HTTP.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nanobot_dataset::{DatasetSpec, DatasetWriter, Frame, WriterConfig};
+use nanobot_messages::{ActionChunk, Blob, Encoding, Grid, Image, Observation};
+use nanobot_policy::runner::{Runner, Step};
+use nanobot_sim::{SimConfig, SimRobot};
+
+/// Two short episodes of the scripted expert reaching its target.
+fn demo_dataset(root: &Path) {
+    let mut w = DatasetWriter::open(root, DatasetSpec::sim(20.0, 64, 8), WriterConfig::default()).unwrap();
+    let mut sim = SimRobot::new(SimConfig {
+        episode_steps: 40,
+        ..SimConfig::default()
+    })
+    .unwrap();
+    let mut seq = 0;
+    for _ in 0..2 {
+        loop {
+            let a = sim.expert_action();
+            let frame = Frame {
+                seq,
+                stamp_ns: seq * 50_000_000,
+                source_episode: sim.episode(),
+                task: 0,
+                image: Some(sim.render_jpeg(90).into()),
+                state: sim.state().to_vec(),
+                action: a.to_vec(),
+                surface: sim.surface(),
+            };
+            w.push(frame).unwrap();
+            seq += 1;
+            if sim.step(a).is_some() {
+                sim.reset();
+                break;
+            }
+        }
+    }
+    w.finish_file().unwrap();
+}
+
+fn observation(sim: &SimRobot) -> Observation {
+    Observation {
+        episode: 0,
+        frame_index: 0,
+        task: 0,
+        image: Image {
+            width: 64,
+            height: 64,
+            encoding: Encoding::Jpeg,
+            data: Blob::new(sim.render_jpeg(90)),
+        },
+        state: sim.state().to_vec(),
+        surface: Grid {
+            rows: 8,
+            cols: 8,
+            cells: sim.surface(),
+        },
+        action: vec![],
+    }
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = nanobot().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "nanobot {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string() + "\n" + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn python(script: &str, args: &[&Path]) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python check failed (needs `pip install safetensors gguf numpy`, .ci/run installs them):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A minimal HTTP/1.1 exchange: (status, content type, body).
+fn http(port: u16, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, ctype, raw[split + 4..].to_vec())
+}
+
+fn serve(file: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let mut c = nanobot();
+    c.arg("serve")
+        .arg("--checkpoint")
+        .arg(file)
+        .args(["--listen", &format!("127.0.0.1:{port}")]);
+    let mut p = Proc::spawn(c);
+    p.expect_line("serving the policy", Duration::from_secs(30));
+    (p, port)
+}
+
+#[test]
+fn train_export_and_serve_a_policy() {
+    let dir = temp_dir("policy-cli");
+    let data = dir.join("demos");
+    demo_dataset(&data);
+    let ckpt = dir.join("base.safetensors");
+    let config = repo().join("configs/policy/tiny.toml");
+    let log = run_ok(&[
+        "train",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "150",
+        "--batch",
+        "16",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "20",
+        "--out",
+        ckpt.to_str().unwrap(),
+    ]);
+    let losses: Vec<f32> = log
+        .lines()
+        .filter_map(|l| l.split("loss ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert!(losses.len() >= 3, "{log}");
+    assert!(losses[losses.len() - 1] < losses[0] * 0.5, "the loss falls: {losses:?}");
+
+    // Export: safetensors (read by the safetensors package) and MXFP4 GGUF (by gguf).
+    let st = dir.join("export.safetensors");
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--format",
+        "safetensors",
+        "--out",
+        st.to_str().unwrap(),
+    ]);
+    let out = python(
+        "import sys, json\nfrom safetensors import safe_open\nf = safe_open(sys.argv[1], framework='numpy')\nm = f.metadata()\ncfg = json.loads(m['nanobot.config'])\nprint(len(f.keys()), m['nanobot.kind'], cfg['head']['horizon'], f.get_tensor(sorted(f.keys())[0]).dtype)",
+        &[&st],
+    );
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert!(fields[0].parse::<usize>().unwrap() > 20, "{out}");
+    assert_eq!(&fields[1..4], &["base", "16", "float32"], "{out}");
+    let gg = dir.join("export.mxfp4.gguf");
+    run_ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--quant",
+        "mxfp4",
+        "--out",
+        gg.to_str().unwrap(),
+    ]);
+    let out = python(
+        "import sys\nfrom gguf import GGUFReader\nr = GGUFReader(sys.argv[1])\ntypes = sorted({int(t.tensor_type) for t in r.tensors})\narch = r.fields['general.architecture']\nprint(len(r.tensors), types, bytes(arch.parts[arch.data[0]]).decode())",
+        &[&gg],
+    );
+    assert!(
+        out.contains("39") && out.contains("nanobot-policy"),
+        "MXFP4 (type 39) tensors and the architecture: {out}"
+    );
+
+    // Serve the checkpoint: /v1/act answers exactly what the policy computes here.
+    let (mut server, port) = serve(&ckpt);
+    let sim = SimRobot::new(SimConfig::default()).unwrap();
+    let obs = observation(&sim);
+    let runner = Runner::load(&ckpt, None).unwrap();
+    let step = Step {
+        rgb: nanobot_actors::ingest::decode_jpeg_rgb(&obs.image.data.to_bytes())
+            .unwrap()
+            .2,
+        state: obs.state.clone(),
+        surface: obs.surface.cells.clone(),
+    };
+    let want = runner.act(&[step], 0, 0).unwrap();
+    let body = serde_json::to_vec(&obs).unwrap();
+    let (status, ctype, resp) = http(port, "POST", "/v1/act", "application/json", &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    assert!(ctype.starts_with("application/json"));
+    let chunk: ActionChunk = serde_json::from_slice(&resp).unwrap();
+    assert_eq!((chunk.horizon, chunk.action_dim), (16, 2));
+    assert_eq!(chunk.actions, want);
+    assert_eq!(chunk.policy_version, runner.meta.version);
+    // The same observation as a NanoBot envelope gets an envelope back.
+    let e = nanobot_messages::encode("r0", 0, 1, &obs).unwrap();
+    let mut env = e.head.to_vec();
+    for b in e.blobs {
+        env.extend_from_slice(&b);
+    }
+    let (status, ctype, resp) = http(port, "POST", "/v1/act", "application/x-nanobot", &env);
+    assert_eq!((status, ctype.as_str()), (200, "application/x-nanobot"));
+    let (_, chunk2) = nanobot_messages::decode::<ActionChunk>(resp.into()).unwrap();
+    assert_eq!(chunk2.actions, want);
+
+    // Malformed input: 400 with the reason.
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("application/json", b"{\"episode\": ".to_vec(), "JSON"),
+        (
+            "application/json",
+            {
+                let mut o = obs.clone();
+                o.state.pop();
+                serde_json::to_vec(&o).unwrap()
+            },
+            "state has 5 values",
+        ),
+        (
+            "application/json",
+            {
+                let mut o = obs.clone();
+                o.image.data = Blob::new(b"not a jpeg".to_vec());
+                serde_json::to_vec(&o).unwrap()
+            },
+            "image",
+        ),
+        ("application/x-nanobot", b"garbage".to_vec(), "envelope"),
+    ];
+    for (ctype, body, reason) in cases {
+        let (status, _, resp) = http(port, "POST", "/v1/act", ctype, &body);
+        let text = String::from_utf8_lossy(&resp);
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(reason), "400 should say {reason:?}: {text}");
+    }
+    let (status, _, resp) = http(port, "GET", "/v1/model", "application/json", b"");
+    assert_eq!(status, 200);
+    let m: serde_json::Value = serde_json::from_slice(&resp).unwrap();
+    assert_eq!(m["version"], runner.meta.version.as_str());
+    assert_eq!(m["format"], "safetensors");
+    assert_eq!(m["config"]["head"]["horizon"], 16);
+    assert_eq!(http(port, "GET", "/healthz", "text/plain", b"").0, 200);
+    let (_, ctype, resp) = http(port, "GET", "/metrics", "text/plain", b"");
+    let text = String::from_utf8_lossy(&resp);
+    assert!(ctype.starts_with("text/plain"));
+    assert!(text.contains("nanobot_act_requests_total{code=\"200\"} 2"), "{text}");
+    assert!(text.contains("nanobot_act_requests_total{code=\"400\"} 4"), "{text}");
+    server.signal(libc::SIGTERM);
+    assert!(server.wait(Duration::from_secs(10)).success());
+
+    // The MXFP4 export serves too, close to the f32 policy.
+    let (_server, port) = serve(&gg);
+    let (status, _, resp) = http(port, "POST", "/v1/act", "application/json", &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&resp));
+    let q: ActionChunk = serde_json::from_slice(&resp).unwrap();
+    let diff = q.actions.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum::<f32>() / want.len() as f32;
+    assert!(diff < 0.25, "MXFP4 actions stay near the f32 ones: mean |diff| {diff}");
+    let (_, _, resp) = http(port, "GET", "/v1/model", "application/json", b"");
+    assert!(String::from_utf8_lossy(&resp).contains("gguf:mxfp4"));
+}
