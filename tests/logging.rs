@@ -7,10 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::UdpSocket;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use nanobot_actors::bus::{Bus, BusConfig, Mode};
 use nanobot_messages::device::{DeviceFrame, Sensor};
 use nanobot_messages::{LogAck, Observation, Reject};
 
@@ -44,35 +43,6 @@ fn sim_jpeg() -> Vec<u8> {
 
 fn free_udp() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn client(port: u16) -> Bus {
-    Bus::open(
-        &BusConfig {
-            mode: Mode::Client,
-            connect: vec![format!("tcp/127.0.0.1:{port}")],
-            ..BusConfig::default()
-        },
-        "nb",
-    )
-    .await
-    .unwrap()
-}
-
-fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn check_with_python(root: &Path) -> Vec<u64> {

@@ -290,3 +290,93 @@ fn train_export_and_serve_a_policy() {
     let (_, _, resp) = http(port, "GET", "/v1/model", "application/json", b"");
     assert!(String::from_utf8_lossy(&resp).contains("gguf:mxfp4"));
 }
+
+#[test]
+fn a_trained_policy_drives_the_simulated_robot_with_a_receding_horizon() {
+    use nanobot_messages::{Event, EventKind};
+    use std::sync::{Arc, Mutex};
+    let dir = temp_dir("policy-actor");
+    let data = dir.join("demos");
+    demo_dataset(&data);
+    let ckpt = dir.join("base.safetensors");
+    let config = repo().join("configs/policy/tiny.toml");
+    run_ok(&[
+        "train",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "60",
+        "--batch",
+        "8",
+        "--out",
+        ckpt.to_str().unwrap(),
+        "--version",
+        "tiny-demo",
+    ]);
+    let port = free_port();
+    let file = write_launch(
+        "policy-actor",
+        &format!(
+            r#"
+[robots]
+ids = ["r0"]
+[[node]]
+name = "sim"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+[[node.actor]]
+type = "policy"
+for_each_robot = true
+config = "@CONFIGS@/policy_actor.toml"
+set = {{ checkpoint = "{ckpt}" }}
+"#,
+            ckpt = ckpt.display()
+        ),
+    );
+    let rt = runtime();
+    let mut fleet = Proc::launch(&file, &[]);
+    fleet.expect_actors(3, Duration::from_secs(30));
+    let bus = rt.block_on(client(port));
+    let chunks = Arc::new(Mutex::new(Vec::<ActionChunk>::new()));
+    let events = Arc::new(Mutex::new(Vec::<Event>::new()));
+    let c = chunks.clone();
+    let _a = rt
+        .block_on(bus.subscribe_callback::<ActionChunk>("nb/r0/act", move |r| c.lock().unwrap().push(r.msg)))
+        .unwrap();
+    let e = events.clone();
+    let _e = rt
+        .block_on(bus.subscribe_callback::<Event>("nb/r0/event", move |r| e.lock().unwrap().push(r.msg)))
+        .unwrap();
+    wait_until("20 action chunks", Duration::from_secs(30), || {
+        chunks.lock().unwrap().len() >= 20
+    });
+    let got = chunks.lock().unwrap().clone();
+    for ch in &got {
+        assert_eq!(ch.source, nanobot_messages::ActionSource::Policy);
+        assert_eq!(ch.policy_version, "tiny-demo");
+        assert_eq!((ch.horizon, ch.action_dim, ch.actions.len()), (16, 2, 32));
+        assert!(ch.actions.iter().all(|a| a.is_finite() && a.abs() <= 1.0 + 1e-6));
+    }
+    // Receding horizon: a new chunk every n_action_steps − lead = 6 ticks, not every tick.
+    let gaps: Vec<u64> = got.windows(2).map(|w| w[1].obs_seq - w[0].obs_seq).collect();
+    let regular = gaps.iter().filter(|g| **g == 6).count();
+    assert!(regular * 2 >= gaps.len(), "chunk spacing {gaps:?}");
+    // The robot never had to fall back on its onboard expert.
+    let interventions: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e.event, EventKind::Intervention { active: true, .. }))
+        .cloned()
+        .collect();
+    assert!(interventions.is_empty(), "{interventions:?}");
+}

@@ -555,6 +555,15 @@ impl<T: Message> Latest<T> {
         self.shared.full.store(false, Ordering::Release);
         r
     }
+    /// The sequence number of the message waiting, if any (it stays waiting).
+    pub fn peek_seq(&self) -> Option<u64> {
+        self.shared
+            .slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.header.seq)
+    }
     /// Wait for the next message.
     pub async fn recv(&self) -> Received<T> {
         loop {

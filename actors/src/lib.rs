@@ -8,7 +8,8 @@ pub mod ingest;
 pub mod launch;
 pub mod logger;
 pub mod node;
+pub mod policy;
 pub mod sim_robot;
 
 /// The actor types this build provides (the `type` of a launch file's `[[node.actor]]`).
-pub const ACTOR_KINDS: &[&str] = &["sim_robot", "expert", "ingest", "logger"];
+pub const ACTOR_KINDS: &[&str] = &["sim_robot", "expert", "ingest", "logger", "policy"];

@@ -188,6 +188,7 @@ pub async fn spawn_actor(ctx: ActorContext, supervisor: ActorCell) -> Result<Act
         "expert" => linked(crate::expert::ExpertActor, ctx, supervisor).await,
         "ingest" => linked(crate::ingest::IngestActor, ctx, supervisor).await,
         "logger" => linked(crate::logger::LoggerActor, ctx, supervisor).await,
+        "policy" => linked(crate::policy::PolicyActor, ctx, supervisor).await,
         other => Err(format!("unknown actor type {other:?}").into()),
     }
 }

@@ -192,3 +192,35 @@ pub fn tool(args: &[&str]) -> Output {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// A tokio runtime for a test's own Zenoh session.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A Zenoh client of the node listening on `port` (sees the whole fleet through it).
+pub async fn client(port: u16) -> nanobot_actors::bus::Bus {
+    use nanobot_actors::bus::{Bus, BusConfig, Mode};
+    Bus::open(
+        &BusConfig {
+            mode: Mode::Client,
+            connect: vec![format!("tcp/127.0.0.1:{port}")],
+            ..BusConfig::default()
+        },
+        "nb",
+    )
+    .await
+    .unwrap()
+}
+
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
