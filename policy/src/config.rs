@@ -195,8 +195,9 @@ mod tests {
         let tiny = repo_config("tiny.toml");
         let small = repo_config("small.toml");
         assert_eq!(tiny.head.horizon, 16);
-        assert_eq!(small.image_tokens(), 64);
-        assert_eq!(small.tokens_per_step(), 64 + 1 + 4 + 1);
+        // 16×16 patches of a 64×64 frame: 16 image tokens (the latency budget's choice).
+        assert_eq!(small.image_tokens(), 16);
+        assert_eq!(small.tokens_per_step(), 16 + 1 + 4 + 1);
     }
 
     #[test]

@@ -191,16 +191,39 @@ impl Head {
         (self.cond_proj.forward(cond)? + te)?.silu()
     }
 
+    /// FiLM scale-and-shift of every block for conditioning vectors `c` (B, hidden).
+    fn films(&self, c: &Tensor) -> Result<Vec<Tensor>> {
+        self.blocks.iter().map(|(_, film, _, _)| film.forward(c)).collect()
+    }
+
     /// Predicted noise (B, chunk) for noisy actions (B, chunk).
     fn forward(&self, noisy: &Tensor, c: &Tensor) -> Result<Tensor> {
+        self.forward_films(noisy, &self.films(c)?)
+    }
+
+    /// Each block's FiLM output (B, 2·hidden) as `(1 + scale, shift)`, both contiguous.
+    fn film_terms(&self, films: &[Tensor]) -> Result<Vec<(Tensor, Tensor)>> {
+        films
+            .iter()
+            .map(|ss| {
+                Ok((
+                    (ss.narrow(1, 0, self.hidden)? + 1.0)?,
+                    ss.narrow(1, self.hidden, self.hidden)?.contiguous()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The same, with each block's FiLM terms given: sampling computes them for every step of
+    /// a chunk at once.
+    fn forward_films(&self, noisy: &Tensor, films: &[Tensor]) -> Result<Tensor> {
+        self.forward_terms(noisy, &self.film_terms(films)?)
+    }
+
+    fn forward_terms(&self, noisy: &Tensor, terms: &[(Tensor, Tensor)]) -> Result<Tensor> {
         let mut h = self.input.forward(noisy)?;
-        for (norm, film, fc1, fc2) in &self.blocks {
-            let ss = film.forward(c)?;
-            let (scale, shift) = (ss.narrow(1, 0, self.hidden)?, ss.narrow(1, self.hidden, self.hidden)?);
-            let x = norm
-                .forward(&h)?
-                .broadcast_mul(&(scale + 1.0)?)?
-                .broadcast_add(&shift)?;
+        for ((norm, _, fc1, fc2), (scale1, shift)) in self.blocks.iter().zip(terms) {
+            let x = norm.forward(&h)?.broadcast_mul(scale1)?.broadcast_add(shift)?;
             h = (h + fc2.forward(&fc1.forward(&x)?.silu()?)?)?;
         }
         self.output.forward(&h)
@@ -355,22 +378,46 @@ impl Policy {
     }
 
     /// DDIM from an already encoded observation (the encoder's output is reused by every step).
+    /// What does not change between steps is computed once: the conditioning and the FiLM
+    /// parameters of every step go through the head's MLPs as one batch, and the DDIM update
+    /// itself is a few dozen floats done in plain arithmetic.
     pub fn sample_from(&self, cond: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let b = noise.dim(0)?;
-        let mut x = noise.clone();
+        let (b, hz, ad) = noise.dims3()?;
         let steps = &self.sampler.timesteps;
+        let n = steps.len();
+        let tt: Vec<f32> = steps.iter().flat_map(|&t| std::iter::repeat_n(t as f32, b)).collect();
+        let tt = Tensor::from_vec(tt, n * b, &self.device)?;
+        let c_all = self.head.condition(&cond.repeat((n, 1))?, &tt)?; // (n·B, hidden), step-major
+        let terms_all = self.head.film_terms(&self.head.films(&c_all)?)?;
+        let per_step = (0..n)
+            .map(|k| {
+                terms_all
+                    .iter()
+                    .map(|(s, h)| Ok((s.narrow(0, k * b, b)?, h.narrow(0, k * b, b)?)))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = noise.flatten_all()?.to_vec1::<f32>()?;
         for (k, &t) in steps.iter().enumerate() {
-            let tt = Tensor::full(t as f32, b, &self.device)?;
-            let eps = self.denoise(&x, &tt, cond)?;
+            let xt = Tensor::from_vec(x.clone(), (b, hz * ad), &self.device)?;
+            let eps = self
+                .head
+                .forward_terms(&xt, &per_step[k])?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let a_t = self.schedule.alphas_cumprod[t];
             let a_prev = steps
                 .get(k + 1)
                 .map(|&p| self.schedule.alphas_cumprod[p])
                 .unwrap_or(1.0);
-            let x0 = ((&x - (&eps * (1.0 - a_t).sqrt())?)? / a_t.sqrt())?.clamp(-1f32, 1f32)?;
-            x = ((x0 * a_prev.sqrt())? + (eps * (1.0 - a_prev).sqrt())?)?;
+            let (sa, sb) = (a_t.sqrt() as f32, (1.0 - a_t).sqrt() as f32);
+            let (pa, pb) = (a_prev.sqrt() as f32, (1.0 - a_prev).sqrt() as f32);
+            for (xi, ei) in x.iter_mut().zip(&eps) {
+                let x0 = ((*xi - ei * sb) / sa).clamp(-1.0, 1.0);
+                *xi = x0 * pa + ei * pb;
+            }
         }
-        Ok(x)
+        Tensor::from_vec(x, (b, hz, ad), &self.device)
     }
 }
 
