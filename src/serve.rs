@@ -20,9 +20,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
-use nanobot_actors::ingest::decode_jpeg_rgb;
-use nanobot_messages::{codec, ActionChunk, ActionSource, Encoding, Observation};
-use nanobot_policy::runner::{Runner, Step};
+use nanobot_actors::policy::step_of;
+use nanobot_messages::{codec, ActionChunk, ActionSource, Observation};
+use nanobot_policy::runner::Runner;
 use serde_json::json;
 
 pub const ENVELOPE_TYPE: &str = "application/x-nanobot";
@@ -64,22 +64,6 @@ fn bad(reason: impl std::fmt::Display) -> Response {
         axum::Json(json!({"error": reason.to_string()})),
     )
         .into_response()
-}
-
-fn step_of(o: &Observation) -> Result<Step, String> {
-    let bytes = o.image.data.to_bytes();
-    let rgb = match o.image.encoding {
-        Encoding::Jpeg => decode_jpeg_rgb(&bytes)
-            .map(|(_, _, px)| px)
-            .map_err(|e| format!("image: {e}"))?,
-        Encoding::Rgb8 => bytes.to_vec(),
-        other => return Err(format!("image encoding {other:?}: send Jpeg or Rgb8")),
-    };
-    Ok(Step {
-        rgb,
-        state: o.state.clone(),
-        surface: o.surface.cells.clone(),
-    })
 }
 
 /// The observations of a request, and whether the answer goes back as an envelope.

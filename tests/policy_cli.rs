@@ -49,6 +49,27 @@ fn demo_dataset(root: &Path) {
     w.finish_file().unwrap();
 }
 
+/// Demonstrations in `tag`'s temp dir, and a tiny policy trained on them with `args`:
+/// (directory, checkpoint, the trainer's output).
+fn train_demo_policy(tag: &str, args: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let dir = temp_dir(tag);
+    let data = dir.join("demos");
+    demo_dataset(&data);
+    let ckpt = dir.join("base.safetensors");
+    let config = repo().join("configs/policy/tiny.toml");
+    let mut all = vec![
+        "train",
+        "--dataset",
+        data.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    all.extend_from_slice(&["--out", ckpt.to_str().unwrap()]);
+    all.extend_from_slice(args);
+    let log = run_ok(&all);
+    (dir, ckpt, log)
+}
+
 fn observation(sim: &SimRobot) -> Observation {
     Observation {
         episode: 0,
@@ -136,28 +157,10 @@ fn serve(file: &Path) -> (Proc, u16) {
 
 #[test]
 fn train_export_and_serve_a_policy() {
-    let dir = temp_dir("policy-cli");
-    let data = dir.join("demos");
-    demo_dataset(&data);
-    let ckpt = dir.join("base.safetensors");
-    let config = repo().join("configs/policy/tiny.toml");
-    let log = run_ok(&[
-        "train",
-        "--dataset",
-        data.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--steps",
-        "150",
-        "--batch",
-        "16",
-        "--lr",
-        "3e-3",
-        "--warmup",
-        "20",
-        "--out",
-        ckpt.to_str().unwrap(),
-    ]);
+    let (dir, ckpt, log) = train_demo_policy(
+        "policy-cli",
+        &["--steps", "150", "--batch", "16", "--lr", "3e-3", "--warmup", "20"],
+    );
     let losses: Vec<f32> = log
         .lines()
         .filter_map(|l| l.split("loss ").nth(1)?.split_whitespace().next()?.parse().ok())
@@ -295,26 +298,10 @@ fn train_export_and_serve_a_policy() {
 fn a_trained_policy_drives_the_simulated_robot_with_a_receding_horizon() {
     use nanobot_messages::{Event, EventKind};
     use std::sync::{Arc, Mutex};
-    let dir = temp_dir("policy-actor");
-    let data = dir.join("demos");
-    demo_dataset(&data);
-    let ckpt = dir.join("base.safetensors");
-    let config = repo().join("configs/policy/tiny.toml");
-    run_ok(&[
-        "train",
-        "--dataset",
-        data.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--steps",
-        "60",
-        "--batch",
-        "8",
-        "--out",
-        ckpt.to_str().unwrap(),
-        "--version",
-        "tiny-demo",
-    ]);
+    let (_dir, ckpt, _) = train_demo_policy(
+        "policy-actor",
+        &["--steps", "60", "--batch", "8", "--version", "tiny-demo"],
+    );
     let port = free_port();
     let file = write_launch(
         "policy-actor",

@@ -83,6 +83,23 @@ pub fn blend(old_start: u64, old: &[f32], new_start: u64, new: &[f32], dim: usiz
     out
 }
 
+/// An observation as the policy's input step: the image decoded to RGB8.
+pub fn step_of(o: &Observation) -> Result<Step, String> {
+    let bytes = o.image.data.to_bytes();
+    let rgb = match o.image.encoding {
+        Encoding::Jpeg => decode_jpeg_rgb(&bytes)
+            .map(|(_, _, px)| px)
+            .map_err(|e| format!("image: {e}"))?,
+        Encoding::Rgb8 => bytes.to_vec(),
+        other => return Err(format!("image encoding {other:?}: send Jpeg or Rgb8")),
+    };
+    Ok(Step {
+        rgb,
+        state: o.state.clone(),
+        surface: o.surface.cells.clone(),
+    })
+}
+
 pub struct PolicyActor;
 
 pub enum PolicyMsg {
@@ -175,16 +192,7 @@ impl Actor for PolicyActor {
         let c = s.presence.counters.clone();
         let seq = r.header.seq;
         let o = r.msg;
-        let step = match &o.image.encoding {
-            Encoding::Jpeg => decode_jpeg_rgb(&o.image.data.to_bytes()).map(|(_, _, px)| px),
-            Encoding::Rgb8 => Ok(o.image.data.to_bytes().to_vec()),
-            e => Err(format!("image encoding {e:?}")),
-        }
-        .map(|rgb| Step {
-            rgb,
-            state: o.state.clone(),
-            surface: o.surface.cells.clone(),
-        });
+        let step = step_of(&o);
         let step = match step.and_then(|st| s.runner.check(&st).map(|_| st).map_err(|e| e.to_string())) {
             Ok(st) => st,
             Err(e) => {
