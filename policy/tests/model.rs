@@ -235,3 +235,55 @@ fn exports_load_back_and_act_like_the_f32_policy() {
         assert!(err <= tol, "{}: actions differ by {err} on average", q.name());
     }
 }
+
+#[test]
+fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
+    use nanobot_policy::checkpoint::{save, Kind, Meta, NormStats};
+    use nanobot_policy::runner::{Runner, Step};
+    let cfg = tiny();
+    let (_, base, adapter) = build(&cfg, 11, true);
+    // A trained-looking adapter: B non-zero, so it changes the output.
+    for var in adapter.all_vars() {
+        let n = var.elem_count();
+        let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
+        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let norm = NormStats::fit(&[vec![0.0; 6], vec![1.0; 6]], &[vec![-1.0, -1.0], vec![1.0, 1.0]]);
+    let dir = std::env::temp_dir().join(format!("nanobot-adapter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let meta = |kind, version: &str| Meta {
+        kind,
+        version: version.into(),
+        config: cfg.clone(),
+        norm: norm.clone(),
+    };
+    let (bp, ap) = (dir.join("base.safetensors"), dir.join("adapter.safetensors"));
+    save(&bp, &base, &meta(Kind::Base, "base-1")).unwrap();
+    save(&ap, &adapter, &meta(Kind::Adapter, "lora-1")).unwrap();
+    let adapter_bytes = std::fs::metadata(&ap).unwrap().len();
+    let base_bytes = std::fs::metadata(&bp).unwrap().len();
+    assert!(adapter_bytes * 5 < base_bytes, "the adapter ships on its own, small: {adapter_bytes} vs {base_bytes}");
+    // An adapter is refused where a base is expected, and the other way round.
+    assert!(Runner::load(&ap, None).is_err());
+    assert!(Runner::load(&bp, Some(&bp)).is_err());
+
+    let with = Runner::load(&bp, Some(&ap)).unwrap();
+    assert_eq!(with.adapter_version(), "lora-1");
+    let plain = Runner::load(&bp, None).unwrap();
+    let step = Step {
+        rgb: (0..64 * 64 * 3).map(|i| (i % 251) as u8).collect(),
+        state: vec![0.3, 0.6, 0.0, 0.1, 0.8, 0.2],
+        surface: vec![0.5; 64],
+    };
+    let a_with = with.act(std::slice::from_ref(&step), 1, 5).unwrap();
+    let a_plain = plain.act(std::slice::from_ref(&step), 1, 5).unwrap();
+    assert!(mean_abs_diff(&a_with, &a_plain) > 1e-3, "the adapter changes the actions");
+    // Merged into the base (what export writes), the model acts as base + adapter.
+    let merged = with.merged_base().unwrap();
+    let mp = dir.join("merged.safetensors");
+    save(&mp, &merged, &meta(Kind::Base, "base-1+lora-1")).unwrap();
+    let a_merged = Runner::load(&mp, None).unwrap().act(std::slice::from_ref(&step), 1, 5).unwrap();
+    let d = mean_abs_diff(&a_merged, &a_with);
+    assert!(d < 1e-4, "merged acts like unmerged: {d}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
