@@ -135,6 +135,35 @@ pub fn run(config: &Path, runs: usize) -> anyhow::Result<u8> {
             outputs.push(a);
         }
     }
+    // Streaming: each chunk brings one new frame; the previous frame's vision tokens are kept
+    // (what the runner behind the policy actor and the HTTP server does).
+    let t = cfg.trunk.n_obs_steps;
+    let (s, w) = (cfg.vision.image_size, cfg.trunk.width);
+    let frames = o.images.reshape((t, 3, s, s))?;
+    let kept = p.frame_tokens(&frames.narrow(0, 0, t - 1)?)?;
+    let (mut total, mut vision) = (Vec::new(), Vec::new());
+    one.install(|| -> anyhow::Result<()> {
+        for i in 0..runs + 5 {
+            let t0 = Instant::now();
+            let new = p.frame_tokens(&frames.narrow(0, t - 1, 1)?)?;
+            let t1 = Instant::now();
+            let img = Tensor::cat(&[&kept, &new], 0)?.reshape((1, t, cfg.image_tokens(), w))?;
+            let cond = p.encode_tokens(&img, &o)?;
+            p.sample_from(&cond, &noise)?;
+            if i >= 5 {
+                total.push(t0.elapsed().as_secs_f64() * 1e3);
+                vision.push((t1 - t0).as_secs_f64() * 1e3);
+            }
+        }
+        Ok(())
+    })?;
+    println!(
+        "{:<26} {:>9.2} {:>9.2}   (new frame's vision {:.2} ms)",
+        "f32, 1-thread, streaming",
+        pct(&total, 0.5),
+        pct(&total, 0.99),
+        pct(&vision, 0.5)
+    );
     let diff = outputs[0]
         .iter()
         .zip(&outputs[2])

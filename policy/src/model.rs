@@ -308,9 +308,23 @@ impl Policy {
     /// The trunk's summary of the observations: (B, width). Run once per chunk.
     pub fn encode(&self, obs: &ObsBatch) -> Result<Tensor> {
         let (b, t, c, h, w) = obs.images.dims5()?;
-        let width = self.cfg.trunk.width;
-        let img = self.vision.forward(&obs.images.reshape((b * t, c, h, w))?)?; // (B·T, n_img, W)
-        let img = img.reshape((b, t, self.cfg.image_tokens(), width))?;
+        let img = self.frame_tokens(&obs.images.reshape((b * t, c, h, w))?)?; // (B·T, n_img, W)
+        let img = img.reshape((b, t, self.cfg.image_tokens(), self.cfg.trunk.width))?;
+        self.encode_tokens(&img, obs)
+    }
+
+    /// The vision tower's tokens of frames (N, 3, H, W): (N, image_tokens, width). They depend
+    /// on the frame alone, so a caller streaming frames keeps them for the next chunk, where
+    /// this frame is history.
+    pub fn frame_tokens(&self, frames: &Tensor) -> Result<Tensor> {
+        self.vision.forward(frames)
+    }
+
+    /// [`encode`](Self::encode) with the image tokens (B, T, image_tokens, width) given;
+    /// `obs.images` is not read.
+    pub fn encode_tokens(&self, img: &Tensor, obs: &ObsBatch) -> Result<Tensor> {
+        let (b, t, _, width) = img.dims4()?;
+        let img = img.clone();
         let sensor = self
             .sensor2
             .forward(&self.sensor1.forward(&obs.state)?.silu()?)?

@@ -39,6 +39,9 @@ pub struct Step {
 
 pub struct Runner {
     policy: Policy,
+    /// Vision tokens of the last frames seen, by a hash of their pixels: in a stream, each
+    /// chunk's history frames were the previous chunks' new frames.
+    frames: std::sync::Mutex<std::collections::VecDeque<(u64, Tensor)>>,
     pub base: VarMap,
     pub adapter: Option<VarMap>,
     pub meta: Meta,
@@ -102,6 +105,7 @@ impl Runner {
                 .to_string();
             return Ok(Runner {
                 policy,
+                frames: Default::default(),
                 base,
                 adapter: None,
                 meta: Meta {
@@ -124,6 +128,7 @@ impl Runner {
         };
         Ok(Runner {
             policy,
+            frames: Default::default(),
             base,
             adapter: adapter_vars,
             meta,
@@ -229,8 +234,42 @@ impl Runner {
     pub fn act(&self, history: &[Step], task: u32, seed: u64) -> Result<Vec<f32>, RunnerError> {
         let obs = self.batch(history, task)?;
         let c = self.config();
+        let (t, n) = (c.trunk.n_obs_steps, c.vision.image_size);
+        let frames = obs.images.reshape((t, 3, n, n))?;
+        let keys: Vec<u64> = (0..t)
+            .map(|k| {
+                let i = (history.len() as isize - t as isize + k as isize).max(0) as usize;
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&history[i].rgb, &mut h);
+                std::hash::Hasher::finish(&h)
+            })
+            .collect();
+        let mut cache = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = Vec::with_capacity(t);
+        for (k, key) in keys.iter().enumerate() {
+            let found = cache.iter().find(|(kk, _)| kk == key).map(|(_, tok)| tok.clone());
+            let tok = match found {
+                Some(tok) => tok,
+                None => {
+                    let tok = self.policy.frame_tokens(&frames.narrow(0, k, 1)?)?;
+                    cache.push_back((*key, tok.clone()));
+                    if cache.len() > t + 1 {
+                        cache.pop_front();
+                    }
+                    tok
+                }
+            };
+            tokens.push(tok);
+        }
+        drop(cache);
+        let img = Tensor::cat(&tokens, 0)?.unsqueeze(0)?; // (1, T, image_tokens, width)
+        let cond = self.policy.encode_tokens(&img, &obs)?;
         let noise = seeded_randn(seed, &[1, c.head.horizon, c.head.action_dim], &Device::Cpu)?;
-        let x = self.policy.sample(&obs, &noise)?.flatten_all()?.to_vec1::<f32>()?;
+        let x = self
+            .policy
+            .sample_from(&cond, &noise)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         Ok(self.meta.norm.denormalize_action(&x))
     }
 }

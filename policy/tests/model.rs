@@ -246,7 +246,8 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
     for var in adapter.all_vars() {
         let n = var.elem_count();
         let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.2).collect();
-        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+            .unwrap();
     }
     let norm = NormStats::fit(&[vec![0.0; 6], vec![1.0; 6]], &[vec![-1.0, -1.0], vec![1.0, 1.0]]);
     let dir = std::env::temp_dir().join(format!("nanobot-adapter-{}", std::process::id()));
@@ -262,7 +263,10 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
     save(&ap, &adapter, &meta(Kind::Adapter, "lora-1")).unwrap();
     let adapter_bytes = std::fs::metadata(&ap).unwrap().len();
     let base_bytes = std::fs::metadata(&bp).unwrap().len();
-    assert!(adapter_bytes * 5 < base_bytes, "the adapter ships on its own, small: {adapter_bytes} vs {base_bytes}");
+    assert!(
+        adapter_bytes * 5 < base_bytes,
+        "the adapter ships on its own, small: {adapter_bytes} vs {base_bytes}"
+    );
     // An adapter is refused where a base is expected, and the other way round.
     assert!(Runner::load(&ap, None).is_err());
     assert!(Runner::load(&bp, Some(&bp)).is_err());
@@ -277,12 +281,18 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
     };
     let a_with = with.act(std::slice::from_ref(&step), 1, 5).unwrap();
     let a_plain = plain.act(std::slice::from_ref(&step), 1, 5).unwrap();
-    assert!(mean_abs_diff(&a_with, &a_plain) > 1e-3, "the adapter changes the actions");
+    assert!(
+        mean_abs_diff(&a_with, &a_plain) > 1e-3,
+        "the adapter changes the actions"
+    );
     // Merged into the base (what export writes), the model acts as base + adapter.
     let merged = with.merged_base().unwrap();
     let mp = dir.join("merged.safetensors");
     save(&mp, &merged, &meta(Kind::Base, "base-1+lora-1")).unwrap();
-    let a_merged = Runner::load(&mp, None).unwrap().act(std::slice::from_ref(&step), 1, 5).unwrap();
+    let a_merged = Runner::load(&mp, None)
+        .unwrap()
+        .act(std::slice::from_ref(&step), 1, 5)
+        .unwrap();
     let d = mean_abs_diff(&a_merged, &a_with);
     assert!(d < 1e-4, "merged acts like unmerged: {d}");
     std::fs::remove_dir_all(&dir).unwrap();
