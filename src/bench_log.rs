@@ -82,32 +82,17 @@ fn write_rows(dir: &Path, rows: u64, per_file: u64, blobs: &[Bytes]) -> anyhow::
     let mut w = DatasetWriter::open(dir, spec(), cfg)?;
     // Each row is made inside the timed loop, as the baseline makes its arrays inside its own.
     let t0 = Instant::now();
-    let mut flush_time = Duration::ZERO;
     for i in 0..rows {
         w.push(frame(i, blobs))?;
         if (i + 1) % BATCH == 0 {
-            let t = Instant::now();
             w.flush()?;
-            flush_time += t.elapsed();
         }
         if (i + 1) % per_file == 0 {
-            let t = Instant::now();
             w.finish_file()?;
-            if std::env::var_os("NB_BENCH_PHASES").is_some() {
-                eprintln!("finish_file: {:.3} s", t.elapsed().as_secs_f64());
-            }
         }
     }
-    let tf = Instant::now();
     w.finish_file()?;
     let secs = t0.elapsed().as_secs_f64();
-    if std::env::var_os("NB_BENCH_PHASES").is_some() {
-        eprintln!(
-            "flush (journal + fsync) {:.3} s, last finish {:.3} s, total {secs:.3} s",
-            flush_time.as_secs_f64(),
-            tf.elapsed().as_secs_f64()
-        );
-    }
     let m = w.manifest();
     Ok((secs, m.files.iter().map(|f| f.bytes).sum(), m.files.len()))
 }
