@@ -53,6 +53,8 @@ struct Metrics {
 
 struct App {
     runner: Runner,
+    /// Small models run fastest in a one-thread pool (candle hands tiny ops to rayon otherwise).
+    pool: rayon::ThreadPool,
     params: usize,
     metrics: Metrics,
     started: Instant,
@@ -111,7 +113,7 @@ async fn act(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Re
     };
     let task = obs.last().map(|o| o.task).unwrap_or(0);
     let a = app.clone();
-    let result = tokio::task::spawn_blocking(move || a.runner.act(&steps, task, seq)).await;
+    let result = tokio::task::spawn_blocking(move || a.pool.install(|| a.runner.act(&steps, task, seq))).await;
     let actions = match result {
         Ok(Ok(actions)) => actions,
         Ok(Err(nanobot_policy::runner::RunnerError::Input(e))) => {
@@ -220,20 +222,21 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }
 
-pub fn router(runner: Runner) -> Router {
+pub fn router(runner: Runner) -> anyhow::Result<Router> {
     let params = runner.base.all_vars().iter().map(|v| v.elem_count()).sum();
     let app = Arc::new(App {
         runner,
+        pool: rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "nb-serve".into()).build()?,
         params,
         metrics: Metrics::default(),
         started: Instant::now(),
     });
-    Router::new()
+    Ok(Router::new()
         .route("/v1/act", post(act))
         .route("/v1/model", get(model))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .with_state(app)
+        .with_state(app))
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
@@ -244,7 +247,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("listen {}: {e}", a.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, version, format = %runner.format, "serving the policy on http://{addr}/v1/act");
-    axum::serve(listener, router(runner))
+    axum::serve(listener, router(runner)?)
         .with_graceful_shutdown(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
