@@ -226,7 +226,10 @@ pub fn router(runner: Runner) -> anyhow::Result<Router> {
     let params = runner.base.all_vars().iter().map(|v| v.elem_count()).sum();
     let app = Arc::new(App {
         runner,
-        pool: rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "nb-serve".into()).build()?,
+        pool: rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|_| "nb-serve".into())
+            .build()?,
         params,
         metrics: Metrics::default(),
         started: Instant::now(),
