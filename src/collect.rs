@@ -96,17 +96,7 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
         }
         match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(r) => {
-                let out = match r.map(ingest::sample_from_device) {
-                    Ok(Ok(sample)) => core.on_sample(sample),
-                    Ok(Err(refused)) => Some(core.refuse(refused)),
-                    Err((source, e)) => Some(core.refuse(ingest::Refused {
-                        robot: String::new(),
-                        sensor: String::new(),
-                        seq: 0,
-                        reason: e.reason(),
-                        detail: format!("from {source}: {e}"),
-                    })),
-                };
+                let out = core.on_device(r);
                 match out {
                     Some(Output::Observation {
                         robot,

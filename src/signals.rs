@@ -1,7 +1,6 @@
 //! SIGINT/SIGTERM as a flag, for loops that are not async.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -10,7 +9,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// Install the handlers; the returned flag turns true at the first SIGINT or SIGTERM.
-pub fn install() -> anyhow::Result<Arc<AtomicBool>> {
+pub fn install() -> anyhow::Result<&'static AtomicBool> {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -19,14 +18,5 @@ pub fn install() -> anyhow::Result<Arc<AtomicBool>> {
             }
         }
     }
-    let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    std::thread::spawn(move || loop {
-        if STOP.load(Ordering::SeqCst) {
-            f.store(true, Ordering::SeqCst);
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    });
-    Ok(flag)
+    Ok(&STOP)
 }

@@ -15,6 +15,7 @@ use nanobot_dataset::{read_dataset, StoredFrame};
 use nanobot_policy::checkpoint::{self, Kind, Meta, NormStats};
 use nanobot_policy::model::{seeded_init, seeded_randn};
 use nanobot_policy::rng::Normal;
+use nanobot_policy::runner::rgb_to_chw;
 use nanobot_policy::{ObsBatch, Policy, PolicyConfig};
 
 #[derive(Args)]
@@ -48,11 +49,10 @@ pub struct TrainArgs {
     version: Option<String>,
 }
 
-/// The rows of all datasets, decoded once, and the training windows over them.
+/// The rows of all datasets, decoded once. Every row starts a training window (a window
+/// near an episode's end repeats its last action).
 struct Data {
     rows: Vec<Row>,
-    /// Indices of rows that start a window (every row: short tails repeat the last action).
-    starts: Vec<usize>,
 }
 
 struct Row {
@@ -75,8 +75,7 @@ fn load(datasets: &[PathBuf], cfg: &PolicyConfig) -> anyhow::Result<Data> {
     if rows.is_empty() {
         bail!("no rows in {:?}", datasets);
     }
-    let starts = (0..rows.len()).collect();
-    Ok(Data { rows, starts })
+    Ok(Data { rows })
 }
 
 fn row(d: usize, dir: &Path, f: StoredFrame, cfg: &PolicyConfig) -> anyhow::Result<Row> {
@@ -134,9 +133,7 @@ impl Data {
         for &i in idx {
             for k in 0..t {
                 let r = self.at(i, k as isize - (t as isize - 1));
-                for ch in 0..3 {
-                    img.extend(r.rgb.iter().skip(ch).step_by(3).map(|&v| v as f32 / 255.0));
-                }
+                rgb_to_chw(&r.rgb, &mut img);
                 state.extend(norm.normalize_state(&r.state));
                 surf.extend_from_slice(&r.surface);
             }
@@ -207,7 +204,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<u8> {
     for step in 1..=a.steps {
         opt.set_learning_rate(a.lr * (step as f64 / a.warmup.max(1) as f64).min(1.0));
         let idx: Vec<usize> = (0..a.batch)
-            .map(|_| data.starts[rng.below(data.starts.len() as u32) as usize])
+            .map(|_| rng.below(data.rows.len() as u32) as usize)
             .collect();
         let (obs, actions) = data.batch(&idx, &cfg, &norm)?;
         let eps = seeded_randn(a.seed.wrapping_add(step as u64 * 7919), actions.dims(), &dev)?;

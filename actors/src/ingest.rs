@@ -361,6 +361,21 @@ impl IngestCore {
         }
     }
 
+    /// A device frame from UDP or serial, or the decode error its source reported.
+    pub fn on_device(&mut self, r: Result<DeviceFrame, (String, device::DeviceError)>) -> Option<Output> {
+        match r.map(sample_from_device) {
+            Ok(Ok(sample)) => self.on_sample(sample),
+            Ok(Err(refused)) => Some(self.refuse(refused)),
+            Err((source, e)) => Some(self.refuse(Refused {
+                robot: String::new(),
+                sensor: String::new(),
+                seq: 0,
+                reason: e.reason(),
+                detail: format!("from {source}: {e}"),
+            })),
+        }
+    }
+
     /// An episode event of a robot: observations carry its episode and task.
     pub fn on_event(&mut self, robot: &str, ev: &Event) {
         let t = self.robots.entry(robot.to_string()).or_default();
@@ -873,17 +888,7 @@ impl Actor for IngestActor {
                     }
                 }
             }
-            IngestMsg::Device(Ok(frame)) => match sample_from_device(frame) {
-                Ok(sample) => s.core.on_sample(sample),
-                Err(r) => Some(s.core.refuse(r)),
-            },
-            IngestMsg::Device(Err((source, e))) => Some(s.core.refuse(Refused {
-                robot: String::new(),
-                sensor: String::new(),
-                seq: 0,
-                reason: e.reason(),
-                detail: format!("from {source}: {e}"),
-            })),
+            IngestMsg::Device(r) => s.core.on_device(r),
             IngestMsg::Event { robot, event } => {
                 s.core.on_event(&robot, &event);
                 None

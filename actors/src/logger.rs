@@ -128,7 +128,6 @@ pub struct LoggerState {
     presence: Presence,
     rows: u64,
     refused: u64,
-    dropped: u64,
     failing_since: Option<Instant>,
     last_error_log: Option<Instant>,
 }
@@ -214,7 +213,6 @@ impl Actor for LoggerActor {
             robot,
             root,
             refused: 0,
-            dropped: 0,
             failing_since: None,
             last_error_log: None,
             cfg,
@@ -232,7 +230,6 @@ impl Actor for LoggerActor {
         let c = s.presence.counters.clone();
         while let Some(r) = s.obs.try_recv() {
             if s.writer.pending_rows() >= s.cfg.max_pending_rows {
-                s.dropped += 1;
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }

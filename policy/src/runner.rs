@@ -37,6 +37,14 @@ pub struct Step {
     pub surface: Vec<f32>,
 }
 
+/// Append RGB8 pixels (row-major, interleaved) as the model's input: channel-major floats in
+/// [0, 1].
+pub fn rgb_to_chw(rgb: &[u8], out: &mut Vec<f32>) {
+    for ch in 0..3 {
+        out.extend(rgb.iter().skip(ch).step_by(3).map(|&v| v as f32 / 255.0));
+    }
+}
+
 pub struct Runner {
     policy: Policy,
     /// Vision tokens of the last frames seen, by a hash of their pixels: in a stream, each
@@ -212,9 +220,7 @@ impl Runner {
         let dev = Device::Cpu;
         let mut img = Vec::with_capacity(t * 3 * n * n);
         for s in &steps {
-            for ch in 0..3 {
-                img.extend(s.rgb.iter().skip(ch).step_by(3).map(|&v| v as f32 / 255.0));
-            }
+            rgb_to_chw(&s.rgb, &mut img);
         }
         let state: Vec<f32> = steps
             .iter()
