@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use nanobot_actors::bus::{Bus, BusConfig, Mode};
-use nanobot_actors::{launch, ACTOR_KINDS};
+use nanobot_actors::{launch, registry};
 
 /// Where the fleet is.
 pub const DEFAULT_ENDPOINT: &str = "tcp/127.0.0.1:7447";
@@ -45,7 +45,7 @@ impl ConnectArgs {
         let mut connect = self.connect.clone();
         let mut fleet = self.fleet.clone();
         if let Some(path) = &self.launch {
-            let lf = launch::load(path, ACTOR_KINDS).map_err(anyhow::Error::msg)?;
+            let lf = launch::load(path, &registry::names()).map_err(anyhow::Error::msg)?;
             fleet.get_or_insert(lf.fleet.clone());
             if connect.is_empty() {
                 for node in &lf.nodes {

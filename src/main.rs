@@ -1,23 +1,15 @@
 //! `nanobot`: the one CLI — launch a fleet, run a node, and look at any topic.
 
-mod bench;
-mod bench_log;
-mod bench_policy;
-mod collect;
+mod cmd;
 mod conn;
-mod export;
-mod fleet;
-mod launcher;
-mod serve;
+mod python;
 mod signals;
-mod topic;
-mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nanobot_actors::{launch, node, ACTOR_KINDS};
+use cmd::{bench, collect, export, fleet, launcher, serve, topic, train};
 
 #[derive(Parser)]
 #[command(
@@ -113,7 +105,7 @@ fn main() -> ExitCode {
             node: name,
         } => {
             init_tracing("info,zenoh=warn");
-            run_node(&file, &name)
+            cmd::run::run_node(&file, &name)
         }
         Cmd::Topic { cmd } => {
             init_tracing("warn,zenoh=error");
@@ -161,36 +153,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Exit codes of `nanobot run`: 2 for a bad launch file or actor config (restarting will not
-/// help), 3 when an actor exhausted its restart policy, 1 for anything else.
-fn run_node(file: &std::path::Path, name: &str) -> anyhow::Result<u8> {
-    let lf = match launch::load(file, ACTOR_KINDS) {
-        Ok(lf) => lf,
-        Err(e) => {
-            eprintln!("nanobot: error: {e}");
-            return Ok(2);
-        }
-    };
-    let Some(plan) = lf.node(name).cloned() else {
-        let known: Vec<_> = lf.nodes.iter().map(|n| n.name.as_str()).collect();
-        eprintln!(
-            "nanobot: error: {}: no node named {name:?} (nodes: {})",
-            file.display(),
-            known.join(", ")
-        );
-        return Ok(2);
-    };
-    let rt = runtime()?;
-    match rt.block_on(node::run_node(plan)) {
-        Ok(()) => Ok(0),
-        Err(e @ node::NodeError::Start { .. }) => {
-            eprintln!("nanobot: error: {e}");
-            Ok(2)
-        }
-        Err(e @ node::NodeError::GaveUp { .. }) => {
-            eprintln!("nanobot: error: {e}");
-            Ok(3)
-        }
-        Err(e) => Err(e.into()),
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_tree_is_consistent() {
+        // clap checks every command, argument, default and conflict of the whole tree.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

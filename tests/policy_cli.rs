@@ -213,7 +213,7 @@ fn train_export_and_serve_a_policy() {
     let obs = observation(&sim);
     let runner = Runner::load(&ckpt, None).unwrap();
     let step = Step {
-        rgb: nanobot_actors::ingest::decode_jpeg_rgb(&obs.image.data.to_bytes())
+        rgb: nanobot_policy::preprocess::decode_jpeg_rgb(&obs.image.data.to_bytes())
             .unwrap()
             .2,
         state: obs.state.clone(),

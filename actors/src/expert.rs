@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 
 use nanobot_messages::{topics, ActionChunk, ActionSource, RawFrame};
 use nanobot_sim::{expert_action_from_state, ACTION_DIM, STATE_DIM};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Deserialize;
+use tracing::Instrument;
 
-use crate::bus::{Latest, PubQos, Publisher};
-use crate::node::{ActorContext, Presence};
+use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::runtime::{ActorError, Ctx, Input, NodeActor};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,20 +32,16 @@ impl Default for ExpertConfig {
     }
 }
 
-pub struct ExpertActor;
-
-pub enum ExpertMsg {
-    /// A new state frame is waiting.
-    Wake,
-}
-
-pub struct ExpertState {
+pub struct Expert {
     cfg: ExpertConfig,
     robot: String,
-    state: Latest<RawFrame>,
+    state: Inbox<Received<RawFrame>>,
     act: Publisher<ActionChunk>,
-    presence: Presence,
 }
+
+/// The expert's one event: a state frame is waiting.
+#[derive(Clone, Copy, Debug)]
+pub struct StateWaiting;
 
 /// Roll the expert out on a kinematic model of the robot for `horizon` steps.
 pub fn expert_chunk(state: &[f32], cfg: &ExpertConfig) -> Vec<f32> {
@@ -61,73 +57,61 @@ pub fn expert_chunk(state: &[f32], cfg: &ExpertConfig) -> Vec<f32> {
     out
 }
 
-impl Actor for ExpertActor {
-    type Msg = ExpertMsg;
-    type State = ExpertState;
-    type Arguments = ActorContext;
+impl NodeActor for Expert {
+    const KIND: &'static str = "expert";
+    type Config = ExpertConfig;
+    type Event = StateWaiting;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<ExpertMsg>,
-        ctx: ActorContext,
-    ) -> Result<ExpertState, ActorProcessingErr> {
-        let cfg: ExpertConfig = ctx.config()?;
+    async fn start(ctx: &Ctx<Self>, cfg: ExpertConfig) -> Result<Self, ActorError> {
         if cfg.horizon == 0 || !(cfg.rate_hz > 0.0 && cfg.max_speed > 0.0) {
-            return Err(ctx
-                .config_error("horizon, rate_hz and max_speed must be positive".into())
-                .into());
+            return Err(ctx.config_error("horizon, rate_hz and max_speed must be positive"));
         }
         let robot = ctx.robot()?.to_string();
-        let fleet = ctx.fleet().to_string();
-        let me = myself.clone();
+        let fleet = ctx.fleet();
         let state = ctx
-            .bus
-            .subscribe_latest::<RawFrame>(&topics::raw(&fleet, &robot, "state"), move || {
-                let _ = me.cast(ExpertMsg::Wake);
-            })
-            .await
-            .map_err(ctx.bus_err())?;
+            .subscribe(
+                "state",
+                &topics::raw(fleet, &robot, "state"),
+                Keep::Latest,
+                Some(|| StateWaiting),
+            )
+            .await?;
         let act = ctx
             .bus
-            .publisher(&topics::act(&fleet, &robot), &robot, PubQos::Control)
+            .publisher(&topics::act(fleet, &robot), &robot, PubQos::Control)
             .await
             .map_err(ctx.bus_err())?;
-        Ok(ExpertState {
-            presence: Presence::announce(&ctx).await?,
-            cfg,
-            robot,
-            state,
-            act,
-        })
+        Ok(Expert { cfg, robot, state, act })
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<ExpertMsg>,
-        _msg: ExpertMsg,
-        s: &mut ExpertState,
-    ) -> Result<(), ActorProcessingErr> {
-        let Some(frame) = s.state.take() else {
+    async fn handle(&mut self, ctx: &Ctx<Self>, _input: Input<StateWaiting>) -> Result<(), ActorError> {
+        let Some(frame) = self.state.take() else {
             return Ok(());
         };
-        let span = tracing::debug_span!("expert", robot = %s.robot, seq = frame.header.seq,
+        let span = tracing::debug_span!("expert", robot = %self.robot, seq = frame.header.seq,
             trace_id = %frame.trace.map(|t| t.trace_id_hex()).unwrap_or_default());
-        let _g = span.enter();
-        let c = &s.presence.counters;
+        self.answer(ctx, frame).instrument(span).await;
+        Ok(())
+    }
+}
+
+impl Expert {
+    async fn answer(&self, ctx: &Ctx<Self>, frame: Received<RawFrame>) {
+        let c = &ctx.counters;
         let values = match frame.msg.as_f32() {
             Some(v) if v.len() >= STATE_DIM => v,
             _ => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(robot = %s.robot, key = %frame.key, "state frame is not a {STATE_DIM}-float vector; ignored");
-                return Ok(());
+                tracing::warn!(robot = %self.robot, key = %frame.key, "state frame is not a {STATE_DIM}-float vector; ignored");
+                return;
             }
         };
         let chunk = ActionChunk {
             obs_seq: frame.header.seq,
-            dt_ns: (1e9 / s.cfg.rate_hz) as u64,
-            horizon: s.cfg.horizon,
+            dt_ns: (1e9 / self.cfg.rate_hz) as u64,
+            horizon: self.cfg.horizon,
             action_dim: ACTION_DIM as u32,
-            actions: expert_chunk(&values, &s.cfg),
+            actions: expert_chunk(&values, &self.cfg),
             source: ActionSource::Expert,
             policy_version: "scripted-expert".into(),
             adapter_version: String::new(),
@@ -136,14 +120,12 @@ impl Actor for ExpertActor {
             .trace
             .map(|t| t.child())
             .unwrap_or_else(nanobot_messages::TraceContext::new_root);
-        match s.act.put_traced(&chunk, &trace).await {
+        match self.act.put_traced(&chunk, &trace).await {
             Ok(_) => c.handled.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
-                tracing::warn!(robot = %s.robot, error = %e, "action not published");
+                tracing::warn!(robot = %self.robot, error = %e, "action not published");
                 c.errors.fetch_add(1, Ordering::Relaxed)
             }
         };
-        c.dropped.store(s.state.stats().dropped(), Ordering::Relaxed);
-        Ok(())
     }
 }

@@ -375,7 +375,7 @@ pub fn parse(
                     format!("unknown actor type {kind:?} (known: {})", known_actors.join(", ")),
                 ));
             }
-            let mut config = match &a.config {
+            let config = match &a.config {
                 None => Table::new(),
                 Some(cp) => {
                     let cpath = base_dir.join(cp.get_ref());
@@ -451,7 +451,6 @@ pub fn parse(
                     origin: format!("{file}:{aline}"),
                 });
             }
-            config.clear();
         }
         if actors.is_empty() {
             return Err(err(nline, format!("node {name:?} has no [[node.actor]]")));

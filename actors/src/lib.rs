@@ -1,15 +1,18 @@
-//! NanoBot actors and their runtime: the Zenoh bus wrapper, launch files, the node supervisor,
-//! and one module per actor. Actors talk only through the bus, so any of them can run on the
+//! NanoBot actors and their runtime: the Zenoh bus wrapper, launch files, the node runtime, and
+//! one module per actor. Actors talk only through the bus, so any of them can run on the
 //! robot, on a training node, or all in one process.
+//!
+//! Adding an actor: one module implementing [`runtime::NodeActor`] and one line in
+//! [`registry::ACTORS`].
 
 pub mod bus;
+pub mod launch;
+pub mod registry;
+pub mod runtime;
+
 pub mod expert;
 pub mod ingest;
-pub mod launch;
 pub mod logger;
-pub mod node;
 pub mod policy;
 pub mod sim_robot;
-
-/// The actor types this build provides (the `type` of a launch file's `[[node.actor]]`).
-pub const ACTOR_KINDS: &[&str] = &["sim_robot", "expert", "ingest", "logger", "policy"];
+pub mod stats_echo;

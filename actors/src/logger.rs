@@ -6,7 +6,9 @@
 //! acknowledged row survives `kill -9`. Data files rotate by size and by age; each finalized file
 //! is announced with SegmentFinalized on `{fleet}/log/{robot}/segment`. When the disk fails
 //! (full, unwritable), the error is logged with the file, acknowledgements stop, and the frames
-//! wait in memory (up to `max_pending_rows`) while the logger retries.
+//! wait in memory (up to `max_pending_rows`; newer arrivals beyond it are dropped and counted
+//! as `dropped_over_budget`) while the logger retries. The writer runs on a thread of its own
+//! (`nb-log-{robot}`): fsyncs, recovery and finalizing never hold up the async runtime.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -14,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, FileEntry, Frame, WriterConfig};
 use nanobot_messages::{codec::now_ns, topics, LogAck, Observation, SegmentFinalized};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::Deserialize;
 
-use crate::bus::{Lossless, PubQos, Publisher};
-use crate::node::{ActorContext, Presence};
+use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,10 +31,11 @@ pub struct LoggerConfig {
     pub file_max_mb: f64,
     pub file_max_age_s: f64,
     pub chunks_size: u64,
-    /// Arrivals queued between Zenoh and the logger before publishers are slowed down.
+    /// Arrivals queued between Zenoh and the logger (the default of `inputs.obs`); arrivals that
+    /// find it full are dropped and counted (`inputs.obs.dropped`), never waited for.
     pub queue: usize,
-    /// Frames kept in memory while the disk fails; beyond this the oldest unacknowledged
-    /// frames are dropped (counted).
+    /// Frames kept in memory while the disk fails; beyond this, new arrivals are dropped
+    /// (counted as `dropped_over_budget`) and the older frames already waiting are kept.
     pub max_pending_rows: usize,
     pub fps: f32,
     pub robot_type: String,
@@ -111,30 +113,98 @@ pub fn frame_of(seq: u64, stamp_ns: u64, obs: Observation) -> Frame {
     }
 }
 
-pub struct LoggerActor;
-
-pub enum LoggerMsg {
-    Tick,
+/// The dataset writer on a thread of its own: journal fsyncs, recovery at open and file
+/// finalization never run on the async runtime. Calls run in order, one at a time.
+struct WriterThread {
+    tx: std::sync::mpsc::Sender<Box<dyn FnOnce(&mut DatasetWriter) + Send>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-pub struct LoggerState {
+impl WriterThread {
+    /// Open (and recover) the dataset at `root` on a new thread named after the robot.
+    async fn open(robot: &str, root: PathBuf, cfg: &LoggerConfig) -> Result<WriterThread, String> {
+        let (spec, wcfg) = (cfg.spec(), cfg.writer_config());
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce(&mut DatasetWriter) + Send>>();
+        let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("nb-log-{robot}"))
+            .spawn(move || {
+                let mut w = match DatasetWriter::open(&root, spec, wcfg) {
+                    Ok(w) => {
+                        let _ = opened_tx.send(Ok(()));
+                        w
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                while let Ok(job) = rx.recv() {
+                    job(&mut w);
+                }
+            })
+            .map_err(|e| format!("writer thread: {e}"))?;
+        opened_rx.await.map_err(|_| "writer thread ended".to_string())??;
+        Ok(WriterThread {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Run `f` on the writer thread and wait for its answer without blocking the runtime.
+    async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut DatasetWriter) -> R + Send + 'static) -> Option<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move |w| {
+                let _ = tx.send(f(w));
+            }))
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        // Close the channel; the thread ends after the calls already queued.
+        let (tx, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What one flush on the writer thread did.
+struct Flushed {
+    refused: Vec<String>,
+    flush: Result<Option<u64>, nanobot_dataset::DatasetError>,
+    durable: (Option<u64>, u64),
+    rotated: Result<Vec<FileEntry>, nanobot_dataset::DatasetError>,
+    pending: usize,
+    files: usize,
+}
+
+pub struct Logger {
     cfg: LoggerConfig,
     robot: String,
     root: PathBuf,
-    writer: DatasetWriter,
-    obs: Lossless<Observation>,
+    writer: WriterThread,
+    obs: Inbox<Received<Observation>>,
     ack: Publisher<LogAck>,
     segments: Publisher<SegmentFinalized>,
-    presence: Presence,
     rows: u64,
+    /// Rows the writer holds that are not durable yet (as of the last flush).
+    pending: usize,
+    files: usize,
     refused: u64,
+    over_budget: u64,
     failing_since: Option<Instant>,
     last_error_log: Option<Instant>,
 }
 
-impl LoggerState {
-    fn disk_error(&mut self, e: &nanobot_dataset::DatasetError) {
-        self.presence.counters.errors.fetch_add(1, Ordering::Relaxed);
+impl Logger {
+    fn disk_error(&mut self, ctx: &Ctx<Self>, e: &nanobot_dataset::DatasetError) {
+        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
         if self.failing_since.is_none() {
             self.failing_since = Some(Instant::now());
         }
@@ -143,8 +213,24 @@ impl LoggerState {
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
         {
             self.last_error_log = Some(Instant::now());
-            tracing::error!(robot = %self.robot, pending = self.writer.pending_rows(), "dataset write failed, acknowledgements stopped: {e}");
+            tracing::error!(robot = %self.robot, pending = self.pending, "dataset write failed, acknowledgements stopped: {e}");
         }
+    }
+
+    /// The arrivals waiting in the inbox, as rows, within the pending budget: while the disk
+    /// fails, the rows already waiting are kept (they are older, and the dataset stays a
+    /// contiguous run of sequence numbers) and new arrivals beyond `max_pending_rows` are
+    /// dropped and counted.
+    fn take_arrivals(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(r) = self.obs.take() {
+            if self.pending + frames.len() >= self.cfg.max_pending_rows {
+                self.over_budget += 1;
+                continue;
+            }
+            frames.push(frame_of(r.header.seq, r.header.stamp_ns, r.msg));
+        }
+        frames
     }
 }
 
@@ -170,123 +256,147 @@ async fn publish_segments(
     }
 }
 
-impl Actor for LoggerActor {
-    type Msg = LoggerMsg;
-    type State = LoggerState;
-    type Arguments = ActorContext;
+impl NodeActor for Logger {
+    const KIND: &'static str = "logger";
+    type Config = LoggerConfig;
+    type Event = ();
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<LoggerMsg>,
-        ctx: ActorContext,
-    ) -> Result<LoggerState, ActorProcessingErr> {
-        let cfg: LoggerConfig = ctx.config()?;
+    async fn start(ctx: &Ctx<Self>, cfg: LoggerConfig) -> Result<Self, ActorError> {
         let robot = ctx.robot()?.to_string();
-        let fleet = ctx.fleet().to_string();
+        let fleet = ctx.fleet();
         if cfg.flush_ms == 0 || cfg.queue == 0 {
-            return Err(ctx.config_error("flush_ms and queue must be positive".into()).into());
+            return Err(ctx.config_error("flush_ms and queue must be positive"));
         }
-        let root = PathBuf::from(cfg.root.replace("{fleet}", &fleet).replace("{robot}", &robot));
+        let root = PathBuf::from(cfg.root.replace("{fleet}", fleet).replace("{robot}", &robot));
         // A dataset that cannot be opened is a configuration problem (path, permissions,
         // features that differ from the existing dataset's): say which.
-        let writer = DatasetWriter::open(&root, cfg.spec(), cfg.writer_config())
+        let writer = WriterThread::open(&robot, root.clone(), &cfg)
+            .await
             .map_err(|e| ctx.config_error(format!("dataset {}: {e}", root.display())))?;
-        let (last, rows) = writer.durable();
+        let (last, rows, files) = writer
+            .call(|w| {
+                let (last, rows) = w.durable();
+                (last, rows, w.manifest().files.len())
+            })
+            .await
+            .ok_or_else(|| ctx.failed("writer thread ended"))?;
         tracing::info!(robot, root = %root.display(), rows, last_seq = ?last, "logging");
-        let bus = &ctx.bus;
-        let state = LoggerState {
-            obs: bus
-                .subscribe_lossless(&topics::obs(&fleet, &robot), cfg.queue)
-                .await
-                .map_err(ctx.bus_err())?,
-            ack: bus
-                .publisher(&topics::log_ack(&fleet, &robot), &robot, PubQos::Data)
-                .await
-                .map_err(ctx.bus_err())?,
-            segments: bus
-                .publisher(&topics::segment(&fleet, &robot), &robot, PubQos::Data)
-                .await
-                .map_err(ctx.bus_err())?,
-            presence: Presence::announce(&ctx).await?,
+        let state = Logger {
+            obs: ctx
+                .subscribe("obs", &topics::obs(fleet, &robot), Keep::All { queue: cfg.queue }, None)
+                .await?,
+            ack: ctx
+                .publisher(&topics::log_ack(fleet, &robot), &robot, PubQos::Data)
+                .await?,
+            segments: ctx
+                .publisher(&topics::segment(fleet, &robot), &robot, PubQos::Data)
+                .await?,
             rows,
+            files,
             writer,
             robot,
             root,
+            pending: 0,
             refused: 0,
+            over_budget: 0,
             failing_since: None,
             last_error_log: None,
             cfg,
         };
-        myself.send_interval(Duration::from_millis(state.cfg.flush_ms), || LoggerMsg::Tick);
+        ctx.every(Duration::from_millis(state.cfg.flush_ms));
         Ok(state)
     }
 
-    async fn handle(
-        &self,
-        _me: ActorRef<LoggerMsg>,
-        _msg: LoggerMsg,
-        s: &mut LoggerState,
-    ) -> Result<(), ActorProcessingErr> {
-        let c = s.presence.counters.clone();
-        while let Some(r) = s.obs.try_recv() {
-            if s.writer.pending_rows() >= s.cfg.max_pending_rows {
-                c.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let seq = r.header.seq;
-            if let Err(e) = s.writer.push(frame_of(seq, r.header.stamp_ns, r.msg)) {
-                s.refused += 1;
-                c.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(robot = %s.robot, "observation not logged: {e}");
-            }
+    async fn handle(&mut self, ctx: &Ctx<Self>, _tick: Input<()>) -> Result<(), ActorError> {
+        let frames = self.take_arrivals();
+        let check_rotation = self.failing_since.is_none();
+        let done = self
+            .writer
+            .call(move |w| {
+                let refused = frames
+                    .into_iter()
+                    .filter_map(|f| w.push(f).err().map(|e| e.to_string()))
+                    .collect();
+                let flush = w.flush();
+                let rotated = if check_rotation && flush.is_ok() {
+                    w.rotate_if_due()
+                } else {
+                    Ok(Vec::new())
+                };
+                Flushed {
+                    refused,
+                    flush,
+                    durable: w.durable(),
+                    rotated,
+                    pending: w.pending_rows(),
+                    files: w.manifest().files.len(),
+                }
+            })
+            .await
+            .ok_or_else(|| ctx.failed("writer thread ended"))?;
+        let c = &ctx.counters;
+        for e in &done.refused {
+            self.refused += 1;
+            c.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(robot = %self.robot, "observation not logged: {e}");
         }
-        let before = s.writer.durable().1;
-        match s.writer.flush() {
+        self.pending = done.pending;
+        self.files = done.files;
+        let before = self.rows;
+        match done.flush {
             Ok(Some(last_seq)) => {
-                let (_, rows) = s.writer.durable();
-                if rows > before || s.failing_since.is_some() {
-                    if let Some(since) = s.failing_since.take() {
-                        tracing::info!(robot = %s.robot, after_s = since.elapsed().as_secs_f32(), "dataset writable again");
+                let rows = done.durable.1;
+                if rows > before || self.failing_since.is_some() {
+                    if let Some(since) = self.failing_since.take() {
+                        tracing::info!(robot = %self.robot, after_s = since.elapsed().as_secs_f32(), "dataset writable again");
                     }
                     c.handled.fetch_add(rows - before, Ordering::Relaxed);
-                    s.rows = rows;
-                    if let Err(e) = s
+                    self.rows = rows;
+                    if let Err(e) = self
                         .ack
                         .put_with(&LogAck { last_seq, rows }, last_seq, now_ns(), None)
                         .await
                     {
-                        tracing::warn!(robot = %s.robot, error = %e, "ack not published");
+                        tracing::warn!(robot = %self.robot, error = %e, "ack not published");
                     }
                 }
             }
             Ok(None) => {}
-            Err(e) => s.disk_error(&e),
+            Err(e) => self.disk_error(ctx, &e),
         }
-        if s.failing_since.is_none() {
-            match s.writer.rotate_if_due() {
-                Ok(files) => publish_segments(&s.segments, &s.root, &s.robot, files).await,
-                Err(e) => s.disk_error(&e),
-            }
+        match done.rotated {
+            Ok(files) => publish_segments(&self.segments, &self.root, &self.robot, files).await,
+            Err(e) => self.disk_error(ctx, &e),
         }
-        c.set("rows", s.rows as f64);
-        c.set("pending", s.writer.pending_rows() as f64);
-        c.set("refused", s.refused as f64);
-        c.set("files", s.writer.manifest().files.len() as f64);
-        c.set("queue_waits", s.obs.stats().waited.load(Ordering::Relaxed) as f64);
         Ok(())
     }
 
-    async fn post_stop(&self, _me: ActorRef<LoggerMsg>, s: &mut LoggerState) -> Result<(), ActorProcessingErr> {
+    fn metrics(&self, m: &mut Metrics) {
+        m.set("rows", self.rows as f64);
+        m.set("pending", self.pending as f64);
+        m.set("refused", self.refused as f64);
+        m.set("dropped_over_budget", self.over_budget as f64);
+        m.set("files", self.files as f64);
+    }
+
+    async fn stop(&mut self, _ctx: &Ctx<Self>) {
         // A clean stop finalizes the open file; a crash leaves the journal for the next start.
-        while let Some(r) = s.obs.try_recv() {
-            let _ = s.writer.push(frame_of(r.header.seq, r.header.stamp_ns, r.msg));
-        }
-        match s.writer.finish_file() {
-            Ok(files) => publish_segments(&s.segments, &s.root, &s.robot, files).await,
-            Err(e) => {
-                tracing::error!(robot = %s.robot, "dataset not finalized at stop (its journal is recovered at the next start): {e}")
+        let frames = self.take_arrivals();
+        let done = self
+            .writer
+            .call(move |w| {
+                for f in frames {
+                    let _ = w.push(f);
+                }
+                w.finish_file()
+            })
+            .await;
+        match done {
+            Some(Ok(files)) => publish_segments(&self.segments, &self.root, &self.robot, files).await,
+            Some(Err(e)) => {
+                tracing::error!(robot = %self.robot, "dataset not finalized at stop (its journal is recovered at the next start): {e}")
             }
+            None => tracing::error!(robot = %self.robot, "dataset writer thread ended before the stop"),
         }
-        Ok(())
     }
 }

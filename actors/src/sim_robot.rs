@@ -11,12 +11,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nanobot_messages::{codec::now_ns, topics, ActionChunk, Encoding, Event, EventKind, RawFrame, TraceContext};
-use nanobot_sim::{SimConfig, SimRobot};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use nanobot_sim::{SimConfig, SimRobot as World};
 use serde::Deserialize;
+use tracing::Instrument;
 
-use crate::bus::{Latest, PubQos, Publisher};
-use crate::node::{ActorContext, Presence};
+use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -47,34 +47,46 @@ impl Default for SimRobotConfig {
     }
 }
 
-pub struct SimRobotActor;
-
-pub enum SimRobotMsg {
-    Tick,
-}
-
-pub struct SimRobotState {
+pub struct SimRobot {
     cfg: SimRobotConfig,
     robot_id: String,
-    world: SimRobot,
+    world: World,
     tick: u64,
     queue: VecDeque<[f32; 2]>,
     last_action_at: Instant,
     intervening: bool,
-    act: Latest<ActionChunk>,
+    act: Inbox<Received<ActionChunk>>,
     camera: Publisher<RawFrame>,
     state_pub: Publisher<RawFrame>,
     surface: Publisher<RawFrame>,
     action_pub: Publisher<RawFrame>,
     events: Publisher<Event>,
-    presence: Presence,
     episodes: u64,
     successes: u64,
     missed: u64,
     interventions: u64,
+    bad_chunks: u64,
 }
 
-impl SimRobotState {
+/// The actions of `chunk` for the ticks from `tick` on, if its shape is the robot's: `dim`
+/// values per action, `horizon · dim` in all (checked: the sizes come from the network).
+pub fn chunk_actions(chunk: &ActionChunk, tick: u64, dim: usize) -> Option<Vec<[f32; 2]>> {
+    let want = (chunk.horizon as usize).checked_mul(chunk.action_dim as usize)?;
+    if chunk.action_dim as usize != dim || dim != 2 || chunk.actions.len() != want {
+        return None;
+    }
+    let skip = tick.saturating_sub(chunk.obs_seq.saturating_add(1));
+    Some(
+        chunk
+            .actions
+            .chunks_exact(2)
+            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+            .map(|a| [a[0], a[1]])
+            .collect(),
+    )
+}
+
+impl SimRobot {
     async fn event(&self, event: EventKind) {
         let ev = Event {
             episode: self.world.episode(),
@@ -86,70 +98,129 @@ impl SimRobotState {
     }
 
     /// Take the newest chunk, dropping the actions whose ticks already passed.
-    fn take_chunk(&mut self) {
+    fn take_chunk(&mut self, ctx: &Ctx<Self>) {
         if let Some(r) = self.act.take() {
-            let chunk = &r.msg;
-            let skip = self.tick.saturating_sub(chunk.obs_seq + 1) as usize;
-            if chunk.action_dim as usize == 2 && chunk.actions.len() == (chunk.horizon * chunk.action_dim) as usize {
-                self.queue = (skip..chunk.horizon as usize)
-                    .filter_map(|i| chunk.action(i))
-                    .map(|a| [a[0], a[1]])
-                    .collect();
-                if !self.queue.is_empty() {
-                    self.last_action_at = Instant::now();
+            match chunk_actions(&r.msg, self.tick, 2) {
+                Some(actions) => {
+                    self.queue = actions.into();
+                    if !self.queue.is_empty() {
+                        self.last_action_at = Instant::now();
+                    }
                 }
-            } else {
-                self.presence.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(robot = %self.robot_id, dim = chunk.action_dim, len = chunk.actions.len(), "ActionChunk of the wrong shape ignored");
+                None => {
+                    self.bad_chunks += 1;
+                    ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(robot = %self.robot_id, dim = r.msg.action_dim, horizon = r.msg.horizon, len = r.msg.actions.len(), "ActionChunk of the wrong shape ignored");
+                }
             }
         }
     }
+
+    async fn tick(&mut self, ctx: &Ctx<Self>) {
+        self.take_chunk(ctx);
+        let timeout = self.cfg.intervene_after_ms;
+        let cut_off = timeout > 0 && self.last_action_at.elapsed() >= Duration::from_millis(timeout);
+        let action = match self.queue.pop_front() {
+            Some(a) => {
+                if self.intervening && !cut_off {
+                    self.intervening = false;
+                    self.event(EventKind::Intervention {
+                        active: false,
+                        reason: "actions resumed".into(),
+                    })
+                    .await;
+                }
+                a
+            }
+            None if cut_off => {
+                if !self.intervening {
+                    self.intervening = true;
+                    self.interventions += 1;
+                    let reason = format!("no action for {timeout} ms: onboard expert takes over");
+                    tracing::warn!(robot = %self.robot_id, "{reason}");
+                    self.event(EventKind::Intervention { active: true, reason }).await;
+                }
+                self.world.expert_action()
+            }
+            None => {
+                self.missed += 1;
+                [0.0, 0.0]
+            }
+        };
+        // One trace per tick: the frames of the world as the action meets it, and the action
+        // applied, share it, and so does the chunk that answers them.
+        let trace = TraceContext::new_root();
+        let (seq, stamp) = (self.tick, now_ns());
+        let size = self.cfg.sim.image_size;
+        let camera = RawFrame {
+            sensor: "camera".into(),
+            encoding: Encoding::Jpeg,
+            shape: vec![size, size, 3],
+            data: self.world.render_jpeg(self.cfg.jpeg_quality).into(),
+        };
+        let n = self.cfg.sim.surface_size;
+        let mut surface = RawFrame::f32_vector("surface", &self.world.surface());
+        surface.shape = vec![n, n];
+        let state = RawFrame::f32_vector("state", &self.world.state());
+        let applied = RawFrame::f32_vector("action", &action);
+        // The state frame goes last: ingest completes an observation when it arrives.
+        let results = [
+            self.camera.put_with(&camera, seq, stamp, Some(&trace)).await,
+            self.surface.put_with(&surface, seq, stamp, Some(&trace)).await,
+            self.action_pub.put_with(&applied, seq, stamp, Some(&trace)).await,
+            self.state_pub.put_with(&state, seq, stamp, Some(&trace)).await,
+        ];
+        for r in results {
+            if let Err(e) = r {
+                ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(robot = %self.robot_id, error = %e, "telemetry not published");
+            }
+        }
+        if let Some(end) = self.world.step(action) {
+            self.episodes += 1;
+            self.successes += end.success as u64;
+            self.event(EventKind::EpisodeEnd {
+                success: end.success,
+                steps: end.steps,
+                reward: end.reward,
+            })
+            .await;
+            self.world.reset();
+            self.queue.clear();
+            self.event(EventKind::EpisodeStart {
+                task: 0,
+                shift: self.cfg.sim.shift.name().to_string(),
+            })
+            .await;
+        }
+        self.tick += 1;
+        ctx.counters.handled.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
-impl Actor for SimRobotActor {
-    type Msg = SimRobotMsg;
-    type State = SimRobotState;
-    type Arguments = ActorContext;
+impl NodeActor for SimRobot {
+    const KIND: &'static str = "sim_robot";
+    type Config = SimRobotConfig;
+    type Event = ();
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<SimRobotMsg>,
-        ctx: ActorContext,
-    ) -> Result<SimRobotState, ActorProcessingErr> {
-        let cfg: SimRobotConfig = ctx.config()?;
+    async fn start(ctx: &Ctx<Self>, cfg: SimRobotConfig) -> Result<Self, ActorError> {
         let robot_id = ctx.robot()?.to_string();
-        let world = SimRobot::new(cfg.sim.clone()).map_err(|e| ctx.config_error(e.to_string()))?;
-        let fleet = ctx.fleet().to_string();
-        let bus = &ctx.bus;
-        let raw = |sensor: &str| topics::raw(&fleet, &robot_id, sensor);
-        let act = bus
-            .subscribe_latest::<ActionChunk>(&topics::act(&fleet, &robot_id), || {})
-            .await
-            .map_err(ctx.bus_err())?;
-        let state = SimRobotState {
-            camera: bus
-                .publisher(&raw("camera"), &robot_id, PubQos::Control)
-                .await
-                .map_err(ctx.bus_err())?,
-            state_pub: bus
-                .publisher(&raw("state"), &robot_id, PubQos::Control)
-                .await
-                .map_err(ctx.bus_err())?,
-            surface: bus
-                .publisher(&raw("surface"), &robot_id, PubQos::Control)
-                .await
-                .map_err(ctx.bus_err())?,
-            action_pub: bus
-                .publisher(&raw("action"), &robot_id, PubQos::Control)
-                .await
-                .map_err(ctx.bus_err())?,
-            events: bus
-                // Express like the telemetry, so an episode's start reaches ingest before its
-                // first frames.
-                .publisher(&topics::event(&fleet, &robot_id), &robot_id, PubQos::Control)
-                .await
-                .map_err(ctx.bus_err())?,
-            presence: Presence::announce(&ctx).await?,
+        let world = World::new(cfg.sim.clone()).map_err(|e| ctx.config_error(e.to_string()))?;
+        let fleet = ctx.fleet();
+        let raw = |sensor: &str| topics::raw(fleet, &robot_id, sensor);
+        let act = ctx
+            .subscribe("act", &topics::act(fleet, &robot_id), Keep::Latest, None)
+            .await?;
+        let state = SimRobot {
+            camera: ctx.publisher(&raw("camera"), &robot_id, PubQos::Control).await?,
+            state_pub: ctx.publisher(&raw("state"), &robot_id, PubQos::Control).await?,
+            surface: ctx.publisher(&raw("surface"), &robot_id, PubQos::Control).await?,
+            action_pub: ctx.publisher(&raw("action"), &robot_id, PubQos::Control).await?,
+            // Express like the telemetry, so an episode's start reaches ingest before its
+            // first frames.
+            events: ctx
+                .publisher(&topics::event(fleet, &robot_id), &robot_id, PubQos::Control)
+                .await?,
             act,
             world,
             tick: 0,
@@ -161,6 +232,7 @@ impl Actor for SimRobotActor {
             successes: 0,
             missed: 0,
             interventions: 0,
+            bad_chunks: 0,
             cfg,
         };
         state
@@ -169,106 +241,70 @@ impl Actor for SimRobotActor {
                 shift: state.cfg.sim.shift.name().to_string(),
             })
             .await;
-        myself.send_interval(Duration::from_secs_f32(state.cfg.sim.dt()), || SimRobotMsg::Tick);
+        ctx.every(Duration::from_secs_f32(state.cfg.sim.dt()));
         Ok(state)
     }
 
-    async fn handle(
-        &self,
-        _myself: ActorRef<SimRobotMsg>,
-        _msg: SimRobotMsg,
-        s: &mut SimRobotState,
-    ) -> Result<(), ActorProcessingErr> {
-        if s.cfg.fault.panic_at_tick == Some(s.tick) {
-            panic!("injected fault: sim_robot {} panics at tick {}", s.robot_id, s.tick);
+    async fn handle(&mut self, ctx: &Ctx<Self>, _tick: Input<()>) -> Result<(), ActorError> {
+        if self.cfg.fault.panic_at_tick == Some(self.tick) {
+            panic!(
+                "injected fault: sim_robot {} panics at tick {}",
+                self.robot_id, self.tick
+            );
         }
-        let span = tracing::debug_span!("sim_tick", robot = %s.robot_id, tick = s.tick);
-        let _g = span.enter();
-        s.take_chunk();
-        let timeout = s.cfg.intervene_after_ms;
-        let cut_off = timeout > 0 && s.last_action_at.elapsed() >= Duration::from_millis(timeout);
-        let action = match s.queue.pop_front() {
-            Some(a) => {
-                if s.intervening && !cut_off {
-                    s.intervening = false;
-                    s.event(EventKind::Intervention {
-                        active: false,
-                        reason: "actions resumed".into(),
-                    })
-                    .await;
-                }
-                a
-            }
-            None if cut_off => {
-                if !s.intervening {
-                    s.intervening = true;
-                    s.interventions += 1;
-                    let reason = format!("no action for {timeout} ms: onboard expert takes over");
-                    tracing::warn!(robot = %s.robot_id, "{reason}");
-                    s.event(EventKind::Intervention { active: true, reason }).await;
-                }
-                s.world.expert_action()
-            }
-            None => {
-                s.missed += 1;
-                [0.0, 0.0]
-            }
-        };
-        // One trace per tick: the frames of the world as the action meets it, and the action
-        // applied, share it, and so does the chunk that answers them.
-        let trace = TraceContext::new_root();
-        let (seq, stamp) = (s.tick, now_ns());
-        let size = s.cfg.sim.image_size;
-        let camera = RawFrame {
-            sensor: "camera".into(),
-            encoding: Encoding::Jpeg,
-            shape: vec![size, size, 3],
-            data: s.world.render_jpeg(s.cfg.jpeg_quality).into(),
-        };
-        let n = s.cfg.sim.surface_size;
-        let mut surface = RawFrame::f32_vector("surface", &s.world.surface());
-        surface.shape = vec![n, n];
-        let state = RawFrame::f32_vector("state", &s.world.state());
-        let applied = RawFrame::f32_vector("action", &action);
-        // The state frame goes last: ingest completes an observation when it arrives.
-        let results = [
-            s.camera.put_with(&camera, seq, stamp, Some(&trace)).await,
-            s.surface.put_with(&surface, seq, stamp, Some(&trace)).await,
-            s.action_pub.put_with(&applied, seq, stamp, Some(&trace)).await,
-            s.state_pub.put_with(&state, seq, stamp, Some(&trace)).await,
-        ];
-        for r in results {
-            if let Err(e) = r {
-                s.presence.counters.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(robot = %s.robot_id, error = %e, "telemetry not published");
-            }
-        }
-        if let Some(end) = s.world.step(action) {
-            s.episodes += 1;
-            s.successes += end.success as u64;
-            s.event(EventKind::EpisodeEnd {
-                success: end.success,
-                steps: end.steps,
-                reward: end.reward,
-            })
-            .await;
-            s.world.reset();
-            s.queue.clear();
-            s.event(EventKind::EpisodeStart {
-                task: 0,
-                shift: s.cfg.sim.shift.name().to_string(),
-            })
-            .await;
-        }
-        s.tick += 1;
-        let c = &s.presence.counters;
-        c.handled.fetch_add(1, Ordering::Relaxed);
-        c.dropped.store(s.act.stats().dropped(), Ordering::Relaxed);
-        c.set("episodes", s.episodes as f64);
-        c.set("successes", s.successes as f64);
-        c.set("missed_actions", s.missed as f64);
-        c.set("interventions", s.interventions as f64);
-        c.set("episode", s.world.episode() as f64);
+        let span = tracing::debug_span!("sim_tick", robot = %self.robot_id, tick = self.tick);
+        self.tick(ctx).instrument(span).await;
         Ok(())
+    }
+
+    fn metrics(&self, m: &mut Metrics) {
+        m.set("episodes", self.episodes as f64);
+        m.set("successes", self.successes as f64);
+        m.set("missed_actions", self.missed as f64);
+        m.set("interventions", self.interventions as f64);
+        m.set("episode", self.world.episode() as f64);
+        m.set("bad_chunks", self.bad_chunks as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanobot_messages::ActionSource;
+
+    fn chunk(horizon: u32, action_dim: u32, actions: Vec<f32>) -> ActionChunk {
+        ActionChunk {
+            obs_seq: 10,
+            dt_ns: 50_000_000,
+            horizon,
+            action_dim,
+            actions,
+            source: ActionSource::Policy,
+            policy_version: String::new(),
+            adapter_version: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_covers_the_ticks_after_its_observation() {
+        let c = chunk(3, 2, vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        assert_eq!(
+            chunk_actions(&c, 11, 2).unwrap(),
+            vec![[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+        );
+        assert_eq!(chunk_actions(&c, 13, 2).unwrap(), vec![[3.0, 3.0]]);
+        assert!(chunk_actions(&c, 20, 2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn chunk_sizes_from_the_network_cannot_overflow_the_shape_check() {
+        // horizon · action_dim wraps to 0 in u32 arithmetic: an empty chunk must not pass.
+        let wrapped = chunk(1 << 31, 2, vec![]);
+        assert!(chunk_actions(&wrapped, 0, 2).is_none());
+        let huge = chunk(u32::MAX, u32::MAX, vec![0.0; 4]);
+        assert!(chunk_actions(&huge, 0, 2).is_none());
+        let mut far = chunk(2, 2, vec![0.0; 4]);
+        far.obs_seq = u64::MAX;
+        assert_eq!(chunk_actions(&far, 5, 2).unwrap().len(), 2);
     }
 }

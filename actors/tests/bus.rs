@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nanobot_actors::bus::{Bus, BusConfig, PubQos};
+use nanobot_actors::bus::{Bus, BusConfig, Keep, PubQos};
 use nanobot_messages::{Event, EventKind, Kind, ReplayBatch, ReplayRequest, Tensor, TraceContext};
 
 fn free_port() -> u16 {
@@ -62,9 +62,9 @@ fn reward(v: f32) -> Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_only_keeps_the_newest_and_counts_the_replaced() {
     let (a, b) = pair().await;
-    let sub = a.subscribe_latest::<Event>("t/r0/event", || {}).await.unwrap();
+    let sub = a.subscribe::<Event>("t/r0/event", Keep::Latest, || {}).await.unwrap();
     let publisher = b.publisher::<Event>("t/r0/event", "r0", PubQos::Data).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(publisher.wait_matched(Duration::from_secs(10)).await, "subscriber seen");
     for i in 0..50 {
         publisher.put(&reward(i as f32)).await.unwrap();
     }
@@ -78,46 +78,75 @@ async fn latest_only_keeps_the_newest_and_counts_the_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lossless_delivers_everything_in_order_through_a_small_queue() {
+async fn a_full_queue_drops_and_counts_and_never_stalls_the_session() {
     let (a, b) = pair().await;
-    let sub = a.subscribe_lossless::<Event>("t/r0/event", 4).await.unwrap();
+    // A consumer that takes nothing, and a second subscriber on the same session.
+    let stuck = a
+        .subscribe::<Event>("t/r0/event", Keep::All { queue: 4 }, || {})
+        .await
+        .unwrap();
+    let other = a
+        .subscribe::<Event>("t/r1/event", Keep::All { queue: 16 }, || {})
+        .await
+        .unwrap();
+    let p0 = b.publisher::<Event>("t/r0/event", "r0", PubQos::Data).await.unwrap();
+    let p1 = b.publisher::<Event>("t/r1/event", "r1", PubQos::Data).await.unwrap();
+    assert!(p0.wait_matched(Duration::from_secs(10)).await && p1.wait_matched(Duration::from_secs(10)).await);
+    for i in 0..200 {
+        p0.put(&reward(i as f32)).await.unwrap();
+    }
+    // Zenoh's receive thread was never held by the full queue: the other subscriber gets its
+    // message (with a blocking queue, the 5th arrival above would have parked that thread).
+    p1.put(&reward(7.0)).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), other.recv())
+        .await
+        .expect("the session is not stalled");
+    assert_eq!(r.msg, reward(7.0));
+    until("200 arrivals", || stuck.stats().received.load(Ordering::Relaxed) == 200).await;
+    let kept: Vec<u64> = std::iter::from_fn(|| stuck.take()).map(|r| r.header.seq).collect();
+    assert_eq!(kept, [0, 1, 2, 3], "the oldest, in order");
+    assert_eq!(stuck.stats().overflowed.load(Ordering::Relaxed), 196);
+    assert_eq!(stuck.stats().dropped(), 196);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_delivers_everything_in_order_when_the_consumer_keeps_up() {
+    let (a, b) = pair().await;
+    let sub = a
+        .subscribe::<Event>("t/r0/event", Keep::All { queue: 256 }, || {})
+        .await
+        .unwrap();
     let publisher = b.publisher::<Event>("t/r0/event", "r0", PubQos::Data).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(publisher.wait_matched(Duration::from_secs(10)).await);
     let sender = tokio::spawn(async move {
         for i in 0..200 {
             publisher.put(&reward(i as f32)).await.unwrap();
         }
         publisher
     });
-    // A slow consumer: the queue fills and arrivals wait instead of being dropped.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for i in 0..200u64 {
-        let r = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), sub.recv()).await.unwrap();
         assert_eq!(r.header.seq, i);
     }
     let _ = sender.await.unwrap();
-    assert!(
-        sub.stats().waited.load(Ordering::Relaxed) > 0,
-        "the small queue filled up"
-    );
     assert_eq!(sub.stats().dropped(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_payloads_are_counted_and_good_ones_still_arrive() {
     let (a, b) = pair().await;
-    let sub = a.subscribe_lossless::<Event>("t/r0/event", 16).await.unwrap();
+    let sub = a
+        .subscribe::<Event>("t/r0/event", Keep::All { queue: 16 }, || {})
+        .await
+        .unwrap();
     let publisher = b.publisher::<Event>("t/r0/event", "r0", PubQos::Data).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(publisher.wait_matched(Duration::from_secs(10)).await);
     publisher.put(&reward(1.0)).await.unwrap();
     b.session().put("t/r0/event", b"garbage".to_vec()).await.unwrap();
     b.session().put("t/r0/event", b"NB\x09\x04".to_vec()).await.unwrap();
     publisher.put(&reward(2.0)).await.unwrap();
-    let first = sub.recv().await.unwrap();
-    let second = sub.recv().await.unwrap();
+    let first = sub.recv().await;
+    let second = sub.recv().await;
     assert_eq!((first.msg, second.msg), (reward(1.0), reward(2.0)));
     until("2 decode errors", || {
         sub.stats().decode_errors.load(Ordering::Relaxed) == 2
@@ -128,15 +157,15 @@ async fn bad_payloads_are_counted_and_good_ones_still_arrive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_trace_context_travels_in_the_attachment() {
     let (a, b) = pair().await;
-    let sub = a.subscribe_lossless::<Event>("t/r1/event", 4).await.unwrap();
+    let sub = a
+        .subscribe::<Event>("t/r1/event", Keep::All { queue: 4 }, || {})
+        .await
+        .unwrap();
     let publisher = b.publisher::<Event>("t/r1/event", "r1", PubQos::Control).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(publisher.wait_matched(Duration::from_secs(10)).await);
     let ctx = TraceContext::new_root();
     publisher.put_traced(&reward(3.0), &ctx).await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), sub.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap();
     assert_eq!(r.trace, Some(ctx));
     assert_eq!(r.key.as_str(), "t/r1/event");
     assert_eq!(r.header.kind, Kind::Event);
@@ -162,7 +191,6 @@ async fn typed_queries_get_typed_replies_and_bad_requests_an_error() {
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let req = ReplayRequest {
         batch_size: 3,
         n_obs_steps: 2,
@@ -170,10 +198,18 @@ async fn typed_queries_get_typed_replies_and_bad_requests_an_error() {
         fresh_fraction: 0.5,
         seed: 1,
     };
-    let replies = b
-        .get::<ReplayRequest, ReplayBatch>("t/replay/sample", "", &req, Duration::from_secs(5))
-        .await
-        .unwrap();
+    // Ask until the queryable is known on the other side (its declaration travels too).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replies = loop {
+        let replies = b
+            .get::<ReplayRequest, ReplayBatch>("t/replay/sample", "", &req, Duration::from_secs(5))
+            .await
+            .unwrap();
+        if !replies.is_empty() || Instant::now() > deadline {
+            break replies;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(replies.len(), 1);
     let batch = replies.into_iter().next().unwrap().unwrap();
     assert_eq!(batch.msg.windows, 3);
@@ -192,9 +228,13 @@ async fn typed_queries_get_typed_replies_and_bad_requests_an_error() {
 async fn liveliness_tokens_come_and_go_with_their_actor() {
     let (a, b) = pair().await;
     let token = a.liveliness_token("n1", "sim_robot_r0").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let live = b.live_actors(Duration::from_secs(2)).await.unwrap();
-    assert_eq!(live, vec![("n1".to_string(), "sim_robot_r0".to_string())]);
+    let want = vec![("n1".to_string(), "sim_robot_r0".to_string())];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut live = Vec::new();
+    while live != want && Instant::now() < deadline {
+        live = b.live_actors(Duration::from_secs(1)).await.unwrap();
+    }
+    assert_eq!(live, want);
     drop(token);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -166,12 +166,12 @@ pub fn peek_header(bytes: &[u8]) -> Result<(Header, std::ops::Range<usize>), Cod
 
 /// A payload in one or more pieces, as Zenoh delivers fragmented or composed payloads.
 /// A blob that lies within one piece shares its memory; one that spans pieces is gathered.
-struct Pieces<'a> {
+struct PieceReader<'a> {
     parts: &'a [Bytes],
     total: usize,
 }
 
-impl Pieces<'_> {
+impl PieceReader<'_> {
     /// The bytes of `r` as sub-slices of the pieces it spans (no copy).
     fn range(&self, r: std::ops::Range<usize>) -> Vec<Bytes> {
         let mut out = Vec::with_capacity(1);
@@ -230,18 +230,18 @@ pub fn decode_pieces<T: Message>(parts: &[Bytes]) -> Result<(Header, T), CodecEr
 /// holds them, else the pieces gathered), the header, the body range and the pieces.
 fn with_head<R>(
     parts: &[Bytes],
-    f: impl FnOnce(&[u8], Header, std::ops::Range<usize>, &Pieces) -> Result<R, CodecError>,
+    f: impl FnOnce(&[u8], Header, std::ops::Range<usize>, &PieceReader) -> Result<R, CodecError>,
 ) -> Result<R, CodecError> {
     let total = parts.iter().map(Bytes::len).sum();
     let empty = Bytes::new();
     let first = parts.first().unwrap_or(&empty);
     match peek_header(first) {
-        Ok((header, body)) => f(first, header, body, &Pieces { parts, total }),
+        Ok((header, body)) => f(first, header, body, &PieceReader { parts, total }),
         Err(CodecError::Truncated { .. }) if parts.len() > 1 => {
-            let all = Pieces { parts, total }.contiguous(0..total);
+            let all = PieceReader { parts, total }.contiguous(0..total);
             let (header, body) = peek_header(&all)?;
             let one = [all.clone()];
-            f(&all, header, body, &Pieces { parts: &one, total })
+            f(&all, header, body, &PieceReader { parts: &one, total })
         }
         Err(e) => Err(e),
     }
@@ -261,7 +261,7 @@ fn decode_bounded<T: Message>(body: &[u8]) -> Result<(T, usize), bincode::error:
     bincode::serde::decode_from_slice(body, config())
 }
 
-fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &Pieces) -> Result<T, CodecError> {
+fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &PieceReader) -> Result<T, CodecError> {
     let (mut msg, used): (T, usize) = decode_bounded::<T>(&head[body.clone()]).map_err(|e| match e {
         bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
             what: "body",
@@ -318,41 +318,37 @@ pub fn decode_any(bytes: Bytes) -> Result<(Header, AnyMessage), CodecError> {
 
 /// Decode whatever message a payload in pieces holds.
 pub fn decode_any_pieces(parts: &[Bytes]) -> Result<(Header, AnyMessage), CodecError> {
-    with_head(parts, |head, header, body, p| {
-        let msg = match header.kind {
-            Kind::RawFrame => AnyMessage::RawFrame(decode_body(head, body, p)?),
-            Kind::Observation => AnyMessage::Observation(decode_body(head, body, p)?),
-            Kind::ActionChunk => AnyMessage::ActionChunk(decode_body(head, body, p)?),
-            Kind::Event => AnyMessage::Event(decode_body(head, body, p)?),
-            Kind::SegmentFinalized => AnyMessage::SegmentFinalized(decode_body(head, body, p)?),
-            Kind::ReplayRequest => AnyMessage::ReplayRequest(decode_body(head, body, p)?),
-            Kind::ReplayBatch => AnyMessage::ReplayBatch(decode_body(head, body, p)?),
-            Kind::Candidate => AnyMessage::Candidate(decode_body(head, body, p)?),
-            Kind::Promoted => AnyMessage::Promoted(decode_body(head, body, p)?),
-            Kind::Stats => AnyMessage::Stats(decode_body(head, body, p)?),
-            Kind::Reject => AnyMessage::Reject(decode_body(head, body, p)?),
-            Kind::LogAck => AnyMessage::LogAck(decode_body(head, body, p)?),
-        };
+    struct DecodeAs<'a> {
+        head: &'a [u8],
+        body: std::ops::Range<usize>,
+        pieces: &'a PieceReader<'a>,
+    }
+    impl KindVisitor for DecodeAs<'_> {
+        type Out = Result<AnyMessage, CodecError>;
+        fn visit<T: Message>(self) -> Self::Out {
+            decode_body::<T>(self.head, self.body, self.pieces).map(Into::into)
+        }
+    }
+    with_head(parts, |head, header, body, pieces| {
+        let msg = header.kind.visit(DecodeAs { head, body, pieces })?;
         Ok((header, msg))
     })
 }
 
 /// Encode any message (the CLI's `topic pub`).
 pub fn encode_any(robot: &str, seq: u64, stamp_ns: u64, msg: &AnyMessage) -> Result<Encoded, CodecError> {
-    match msg {
-        AnyMessage::RawFrame(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::Observation(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::ActionChunk(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::Event(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::SegmentFinalized(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::ReplayRequest(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::ReplayBatch(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::Candidate(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::Promoted(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::Stats(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::Reject(m) => encode(robot, seq, stamp_ns, m),
-        AnyMessage::LogAck(m) => encode(robot, seq, stamp_ns, m),
+    struct EncodeWith<'a> {
+        robot: &'a str,
+        seq: u64,
+        stamp_ns: u64,
     }
+    impl MessageVisitor for EncodeWith<'_> {
+        type Out = Result<Encoded, CodecError>;
+        fn visit<T: Message>(self, m: &T) -> Self::Out {
+            encode(self.robot, self.seq, self.stamp_ns, m)
+        }
+    }
+    msg.visit(EncodeWith { robot, seq, stamp_ns })
 }
 
 /// Nanoseconds since the Unix epoch, now.

@@ -202,6 +202,10 @@ pub fn decode_prefix(buf: &Bytes) -> Result<(DeviceFrame, usize), DeviceError> {
     let sensor = Sensor::from_u8(sensor).ok_or(DeviceError::UnknownSensor(sensor))?;
     let raw_robot = &buf[4..4 + ROBOT_LEN];
     let end = raw_robot.iter().position(|b| *b == 0).unwrap_or(ROBOT_LEN);
+    // NUL-padded: once a NUL comes, only NULs may follow (`esp\0zz` is not `esp`).
+    if raw_robot[end..].iter().any(|b| *b != 0) {
+        return Err(DeviceError::BadRobot(String::from_utf8_lossy(raw_robot).into_owned()));
+    }
     let robot = std::str::from_utf8(&raw_robot[..end])
         .ok()
         .filter(|r| crate::topics::validate_robot(r).is_ok())
@@ -238,11 +242,6 @@ impl StreamDecoder {
 
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
-    }
-
-    /// Bytes held, waiting for the rest of a frame.
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
     }
 
     fn skip(&mut self, n: usize) {
@@ -299,15 +298,22 @@ impl StreamDecoder {
 pub fn decode_datagram(buf: &Bytes) -> Vec<Result<DeviceFrame, DeviceError>> {
     let mut out = Vec::new();
     let mut at = 0;
+    // One error per run of bad bytes: resyncing through garbage finds "NF" by chance, and
+    // each false start is not another bad frame.
+    let mut in_garbage = false;
     while at < buf.len() {
         match decode_prefix(&buf.slice(at..)) {
             Ok((frame, used)) => {
                 out.push(Ok(frame));
                 at += used;
+                in_garbage = false;
             }
             Err(e) => {
                 let truncated = matches!(e, DeviceError::Truncated { .. });
-                out.push(Err(e));
+                if !in_garbage {
+                    out.push(Err(e));
+                }
+                in_garbage = true;
                 match find_magic(buf, at + 1) {
                     Some(next) if !truncated => at = next,
                     _ => break,
@@ -325,6 +331,55 @@ fn find_magic(buf: &[u8], from: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_datagram_of_garbage_is_one_error_and_frames_around_it_decode() {
+        // Random bytes with the magic sprinkled through them: many false starts, one error.
+        let mut rng = 0x1234_5678_u64;
+        let mut garbage: Vec<u8> = (0..65_000)
+            .map(|_| {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (rng >> 56) as u8
+            })
+            .collect();
+        for i in (100..64_000).step_by(9_000) {
+            garbage[i..i + 2].copy_from_slice(&MAGIC);
+        }
+        let out = decode_datagram(&Bytes::from(garbage.clone()));
+        assert_eq!(out.iter().filter(|r| r.is_err()).count(), 1, "{out:?}");
+        let mut mixed = frame(1).encode();
+        mixed.extend_from_slice(&garbage[..500]);
+        mixed.extend_from_slice(&frame(2).encode());
+        let out = decode_datagram(&Bytes::from(mixed));
+        let seqs: Vec<u32> = out.iter().filter_map(|r| r.as_ref().ok()).map(|f| f.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(out.len(), 3, "two frames and one error between them");
+    }
+
+    #[test]
+    fn robot_ids_that_are_not_safe_names_are_refused() {
+        for id in [".", "..", ".x", "unknown"] {
+            let mut f = frame(1);
+            f.robot = id.into();
+            assert!(
+                matches!(
+                    DeviceFrame::decode(&Bytes::from(f.encode())),
+                    Err(DeviceError::BadRobot(_))
+                ),
+                "{id:?}"
+            );
+        }
+        // Bytes after the padding NUL: not "esp".
+        let mut bytes = frame(1).encode();
+        bytes[4..4 + ROBOT_LEN].copy_from_slice(b"esp\0zz\0\0\0\0\0\0\0\0\0\0");
+        let crc = crc32fast::hash(&bytes[..bytes.len() - CRC_LEN]);
+        let n = bytes.len();
+        bytes[n - CRC_LEN..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            DeviceFrame::decode(&Bytes::from(bytes)),
+            Err(DeviceError::BadRobot(_))
+        ));
+    }
 
     fn frame(seq: u32) -> DeviceFrame {
         DeviceFrame {

@@ -5,8 +5,12 @@ use thiserror::Error;
 /// The default fleet name.
 pub const DEFAULT_FLEET: &str = "nb";
 
-/// Second-level names that belong to fleet services, not robots.
-pub const RESERVED: [&str; 4] = ["log", "replay", "ckpt", "node"];
+/// Second-level names that belong to fleet services, not robots; `unknown` is where ingest
+/// counts rejects that name no usable robot.
+pub const RESERVED: [&str; 5] = ["log", "replay", "ckpt", "node", UNATTRIBUTED];
+
+/// The robot name under which rejects that name no usable robot are counted.
+pub const UNATTRIBUTED: &str = "unknown";
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum NameError {
@@ -18,6 +22,8 @@ pub enum NameError {
     BadChar { what: &'static str, name: String, ch: char },
     #[error("robot name {0:?} is reserved for fleet services ({list})", list = RESERVED.join(", "))]
     Reserved(String),
+    #[error("{what} name {name:?} starts with '.': robot names are directory names on disk, and '.', '..' and hidden names are refused")]
+    LeadingDot { what: &'static str, name: String },
 }
 
 /// Check that `name` can stand as one chunk of a key expression.
@@ -38,9 +44,17 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
-/// Check a robot id: a valid chunk that is not a reserved service name.
+/// Check a robot id: a valid chunk that is not a reserved service name, and safe as a
+/// directory name (datasets are written to `{root}/{robot}`): no leading '.', so neither `.`
+/// nor `..`.
 pub fn validate_robot(name: &str) -> Result<(), NameError> {
     validate_name("robot", name)?;
+    if name.starts_with('.') {
+        return Err(NameError::LeadingDot {
+            what: "robot",
+            name: name.to_string(),
+        });
+    }
     if RESERVED.contains(&name) {
         return Err(NameError::Reserved(name.to_string()));
     }
@@ -96,6 +110,20 @@ pub fn robot_of<'a>(fleet: &str, key: &'a str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn robot_names_are_safe_directory_names() {
+        for bad in [".", "..", ".hidden", "unknown", "log", "a/b", "", "esp\0zz"] {
+            assert!(validate_robot(bad).is_err(), "{bad:?} must be refused");
+        }
+        for good in ["r0", "arm-left", "esp32_07", "a.b"] {
+            assert!(validate_robot(good).is_ok(), "{good:?} must be accepted");
+        }
+        assert!(validate_robot("..")
+            .unwrap_err()
+            .to_string()
+            .contains("starts with '.'"));
+    }
 
     #[test]
     fn keys_and_robot_of() {

@@ -16,27 +16,27 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// for. In JSON a blob is base64.
 #[derive(Clone, Default)]
 pub struct Blob {
-    pieces: Pieces,
+    pieces: BlobPieces,
     /// Length announced by a decoded body whose bytes have not been attached yet.
     pending: Option<u64>,
 }
 
 #[derive(Clone)]
-enum Pieces {
+enum BlobPieces {
     One(Bytes),
     Many(Vec<Bytes>),
 }
 
-impl Default for Pieces {
+impl Default for BlobPieces {
     fn default() -> Self {
-        Pieces::One(Bytes::new())
+        BlobPieces::One(Bytes::new())
     }
 }
 
 impl Blob {
     pub fn new(bytes: impl Into<Bytes>) -> Self {
         Blob {
-            pieces: Pieces::One(bytes.into()),
+            pieces: BlobPieces::One(bytes.into()),
             pending: None,
         }
     }
@@ -44,27 +44,24 @@ impl Blob {
     pub fn from_pieces(mut pieces: Vec<Bytes>) -> Self {
         pieces.retain(|p| !p.is_empty());
         let pieces = match pieces.len() {
-            0 => Pieces::One(Bytes::new()),
-            1 => Pieces::One(pieces.pop().unwrap_or_default()),
-            _ => Pieces::Many(pieces),
+            0 => BlobPieces::One(Bytes::new()),
+            1 => BlobPieces::One(pieces.pop().unwrap_or_default()),
+            _ => BlobPieces::Many(pieces),
         };
         Blob { pieces, pending: None }
     }
     /// The pieces, in order; one for a contiguous blob.
     pub fn pieces(&self) -> &[Bytes] {
         match &self.pieces {
-            Pieces::One(b) => std::slice::from_ref(b),
-            Pieces::Many(v) => v,
+            BlobPieces::One(b) => std::slice::from_ref(b),
+            BlobPieces::Many(v) => v,
         }
-    }
-    pub fn is_contiguous(&self) -> bool {
-        matches!(self.pieces, Pieces::One(_))
     }
     /// The bytes in one buffer: shared when contiguous, gathered (copied) otherwise.
     pub fn to_bytes(&self) -> Bytes {
         match &self.pieces {
-            Pieces::One(b) => b.clone(),
-            Pieces::Many(v) => {
+            BlobPieces::One(b) => b.clone(),
+            BlobPieces::Many(v) => {
                 let mut out = Vec::with_capacity(self.len());
                 v.iter().for_each(|p| out.extend_from_slice(p));
                 Bytes::from(out)
@@ -132,70 +129,10 @@ impl<'de> Deserialize<'de> for Blob {
         } else {
             let len = u64::deserialize(d)?;
             Ok(Blob {
-                pieces: Pieces::default(),
+                pieces: BlobPieces::default(),
                 pending: Some(len),
             })
         }
-    }
-}
-
-/// The message kind byte of the envelope.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[repr(u8)]
-pub enum Kind {
-    RawFrame = 1,
-    Observation = 2,
-    ActionChunk = 3,
-    Event = 4,
-    SegmentFinalized = 5,
-    ReplayRequest = 6,
-    ReplayBatch = 7,
-    Candidate = 8,
-    Promoted = 9,
-    Stats = 10,
-    Reject = 11,
-    LogAck = 12,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 12] = [
-        Kind::RawFrame,
-        Kind::Observation,
-        Kind::ActionChunk,
-        Kind::Event,
-        Kind::SegmentFinalized,
-        Kind::ReplayRequest,
-        Kind::ReplayBatch,
-        Kind::Candidate,
-        Kind::Promoted,
-        Kind::Stats,
-        Kind::Reject,
-        Kind::LogAck,
-    ];
-
-    pub fn from_u8(b: u8) -> Option<Kind> {
-        Kind::ALL.iter().copied().find(|k| *k as u8 == b)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::RawFrame => "RawFrame",
-            Kind::Observation => "Observation",
-            Kind::ActionChunk => "ActionChunk",
-            Kind::Event => "Event",
-            Kind::SegmentFinalized => "SegmentFinalized",
-            Kind::ReplayRequest => "ReplayRequest",
-            Kind::ReplayBatch => "ReplayBatch",
-            Kind::Candidate => "Candidate",
-            Kind::Promoted => "Promoted",
-            Kind::Stats => "Stats",
-            Kind::Reject => "Reject",
-            Kind::LogAck => "LogAck",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Kind> {
-        Kind::ALL.iter().copied().find(|k| k.name() == name)
     }
 }
 
@@ -205,12 +142,123 @@ impl fmt::Display for Kind {
     }
 }
 
-/// A type that travels in the envelope.
-pub trait Message: Serialize + DeserializeOwned + Send + Sync + 'static {
+/// A type that travels in the envelope: one row of the message table below.
+pub trait Message: Serialize + DeserializeOwned + Send + Sync + Into<AnyMessage> + 'static {
     const KIND: Kind;
     /// Visit the blobs of this message in field order (their bytes follow the body on the wire).
     fn visit_blobs(&self, _f: &mut dyn FnMut(&Blob)) {}
     fn visit_blobs_mut(&mut self, _f: &mut dyn FnMut(&mut Blob)) {}
+}
+
+/// Something done for one message type, chosen by its kind at run time.
+pub trait KindVisitor {
+    type Out;
+    fn visit<T: Message>(self) -> Self::Out;
+}
+
+/// Something done with a message of any kind.
+pub trait MessageVisitor {
+    type Out;
+    fn visit<T: Message>(self, msg: &T) -> Self::Out;
+}
+
+/// The message table: every kind's code, its type, and its blob fields (in field order) —
+/// listed once. `Kind`, its names, `AnyMessage`, the `Message` impls and the dispatch of the
+/// codec, the JSON view and `nanobot schema` all come from it.
+macro_rules! message_table {
+    ($( $code:literal => $name:ident $([ $($blob:ident).+ ])? ),* $(,)?) => {
+        /// The message kind byte of the envelope.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[repr(u8)]
+        pub enum Kind {
+            $($name = $code),*
+        }
+
+        impl Kind {
+            pub const ALL: &'static [Kind] = &[$(Kind::$name),*];
+
+            pub fn from_u8(b: u8) -> Option<Kind> {
+                match b {
+                    $($code => Some(Kind::$name),)*
+                    _ => None,
+                }
+            }
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kind::$name => stringify!($name),)*
+                }
+            }
+
+            pub fn from_name(name: &str) -> Option<Kind> {
+                Kind::ALL.iter().copied().find(|k| k.name() == name)
+            }
+
+            /// Run `v` for this kind's message type.
+            pub fn visit<V: KindVisitor>(self, v: V) -> V::Out {
+                match self {
+                    $(Kind::$name => v.visit::<$name>(),)*
+                }
+            }
+        }
+
+        /// Any message, for tools that do not know the kind in advance (the CLI, bridges).
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "kind", content = "msg")]
+        pub enum AnyMessage {
+            $($name($name),)*
+        }
+
+        impl AnyMessage {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(AnyMessage::$name(_) => Kind::$name,)*
+                }
+            }
+
+            /// Run `v` on the message inside.
+            pub fn visit<V: MessageVisitor>(&self, v: V) -> V::Out {
+                match self {
+                    $(AnyMessage::$name(m) => v.visit(m),)*
+                }
+            }
+        }
+
+        $(
+            impl From<$name> for AnyMessage {
+                fn from(m: $name) -> AnyMessage {
+                    AnyMessage::$name(m)
+                }
+            }
+
+            impl Message for $name {
+                const KIND: Kind = Kind::$name;
+                $(
+                    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
+                        f(&self.$($blob).+)
+                    }
+                    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
+                        f(&mut self.$($blob).+)
+                    }
+                )?
+            }
+        )*
+    };
+}
+
+message_table! {
+    1 => RawFrame [data],
+    2 => Observation [image.data],
+    3 => ActionChunk,
+    4 => Event,
+    5 => SegmentFinalized,
+    6 => ReplayRequest,
+    7 => ReplayBatch,
+    8 => Candidate [adapter],
+    9 => Promoted [adapter],
+    10 => Stats,
+    11 => Reject,
+    12 => LogAck,
 }
 
 /// How the bytes of a frame or image are encoded.
@@ -266,16 +314,6 @@ impl RawFrame {
     }
 }
 
-impl Message for RawFrame {
-    const KIND: Kind = Kind::RawFrame;
-    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
-        f(&self.data)
-    }
-    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
-        f(&mut self.data)
-    }
-}
-
 /// An image with its size and encoding.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Image {
@@ -305,16 +343,6 @@ pub struct Observation {
     /// The action the robot commanded at this observation (what a dataset records as
     /// `action`); empty when the robot does not report its commands.
     pub action: Vec<f32>,
-}
-
-impl Message for Observation {
-    const KIND: Kind = Kind::Observation;
-    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
-        f(&self.image.data)
-    }
-    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
-        f(&mut self.image.data)
-    }
 }
 
 /// Who produced an action chunk.
@@ -348,10 +376,6 @@ impl ActionChunk {
     }
 }
 
-impl Message for ActionChunk {
-    const KIND: Kind = Kind::ActionChunk;
-}
-
 /// What happened: `{fleet}/{robot}/event` (robot, operators → logger, replay).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EventKind {
@@ -367,10 +391,6 @@ pub struct Event {
     pub event: EventKind,
 }
 
-impl Message for Event {
-    const KIND: Kind = Kind::Event;
-}
-
 /// A finalized Parquet file: `{fleet}/log/{robot}/segment` (logger → replay).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SegmentFinalized {
@@ -383,10 +403,6 @@ pub struct SegmentFinalized {
     pub sha256: String,
 }
 
-impl Message for SegmentFinalized {
-    const KIND: Kind = Kind::SegmentFinalized;
-}
-
 /// A request for training windows: the query on `{fleet}/replay/sample`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReplayRequest {
@@ -396,10 +412,6 @@ pub struct ReplayRequest {
     /// Fraction of the batch drawn from the freshest segments.
     pub fresh_fraction: f32,
     pub seed: u64,
-}
-
-impl Message for ReplayRequest {
-    const KIND: Kind = Kind::ReplayRequest;
 }
 
 /// A named f32 tensor.
@@ -415,10 +427,6 @@ pub struct Tensor {
 pub struct ReplayBatch {
     pub windows: u32,
     pub tensors: Vec<Tensor>,
-}
-
-impl Message for ReplayBatch {
-    const KIND: Kind = Kind::ReplayBatch;
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -438,16 +446,6 @@ pub struct Candidate {
     pub adapter: Blob,
 }
 
-impl Message for Candidate {
-    const KIND: Kind = Kind::Candidate;
-    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
-        f(&self.adapter)
-    }
-    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
-        f(&mut self.adapter)
-    }
-}
-
 /// A promoted adapter: `{fleet}/ckpt/promoted` (promoter → policy actors).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Promoted {
@@ -458,16 +456,6 @@ pub struct Promoted {
     /// Robots that take it first; empty means the whole fleet.
     pub canary: Vec<String>,
     pub adapter: Blob,
-}
-
-impl Message for Promoted {
-    const KIND: Kind = Kind::Promoted;
-    fn visit_blobs(&self, f: &mut dyn FnMut(&Blob)) {
-        f(&self.adapter)
-    }
-    fn visit_blobs_mut(&mut self, f: &mut dyn FnMut(&mut Blob)) {
-        f(&mut self.adapter)
-    }
 }
 
 /// An actor's counters: published on `{fleet}/node/{node}/{actor}` beside its liveliness token.
@@ -481,10 +469,6 @@ pub struct Stats {
     pub dropped: u64,
     pub uptime_ms: u64,
     pub extra: Vec<Metric>,
-}
-
-impl Message for Stats {
-    const KIND: Kind = Kind::Stats;
 }
 
 /// A telemetry frame that ingest refused: `{fleet}/{robot}/rejects` (ingest → engineers).
@@ -502,10 +486,6 @@ pub struct Reject {
     pub count: u64,
 }
 
-impl Message for Reject {
-    const KIND: Kind = Kind::Reject;
-}
-
 /// The logger's acknowledgement: `{fleet}/log/{robot}/ack`. Every observation up to `last_seq`
 /// that reached the logger is durable (it survives `kill -9`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -513,45 +493,4 @@ pub struct LogAck {
     pub last_seq: u64,
     /// Durable rows in the robot's dataset.
     pub rows: u64,
-}
-
-impl Message for LogAck {
-    const KIND: Kind = Kind::LogAck;
-}
-
-/// Any message, for tools that do not know the kind in advance (the CLI, bridges).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "msg")]
-pub enum AnyMessage {
-    RawFrame(RawFrame),
-    Observation(Observation),
-    ActionChunk(ActionChunk),
-    Event(Event),
-    SegmentFinalized(SegmentFinalized),
-    ReplayRequest(ReplayRequest),
-    ReplayBatch(ReplayBatch),
-    Candidate(Candidate),
-    Promoted(Promoted),
-    Stats(Stats),
-    Reject(Reject),
-    LogAck(LogAck),
-}
-
-impl AnyMessage {
-    pub fn kind(&self) -> Kind {
-        match self {
-            AnyMessage::RawFrame(_) => Kind::RawFrame,
-            AnyMessage::Observation(_) => Kind::Observation,
-            AnyMessage::ActionChunk(_) => Kind::ActionChunk,
-            AnyMessage::Event(_) => Kind::Event,
-            AnyMessage::SegmentFinalized(_) => Kind::SegmentFinalized,
-            AnyMessage::ReplayRequest(_) => Kind::ReplayRequest,
-            AnyMessage::ReplayBatch(_) => Kind::ReplayBatch,
-            AnyMessage::Candidate(_) => Kind::Candidate,
-            AnyMessage::Promoted(_) => Kind::Promoted,
-            AnyMessage::Stats(_) => Kind::Stats,
-            AnyMessage::Reject(_) => Kind::Reject,
-            AnyMessage::LogAck(_) => Kind::LogAck,
-        }
-    }
 }

@@ -29,7 +29,7 @@ pub enum CheckpointError {
 /// What the checkpoint holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub enum Role {
     Base,
     Adapter,
 }
@@ -108,7 +108,7 @@ impl NormStats {
 /// The metadata every checkpoint carries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Meta {
-    pub kind: Kind,
+    pub kind: Role,
     /// A name for this base or adapter (stamped on the actions it produces).
     pub version: String,
     pub config: PolicyConfig,
@@ -184,7 +184,7 @@ pub fn read(path: &Path) -> Result<(Meta, HashMap<String, Tensor>), CheckpointEr
             "format version {format}, this build reads {FORMAT_VERSION}"
         )));
     }
-    let kind: Kind =
+    let kind: Role =
         serde_json::from_str(&format!("\"{}\"", get(K_KIND)?)).map_err(|e| refuse(format!("{K_KIND}: {e}")))?;
     let config: PolicyConfig = serde_json::from_str(get(K_CONFIG)?).map_err(|e| refuse(format!("{K_CONFIG}: {e}")))?;
     let norm: NormStats = serde_json::from_str(get(K_NORM)?).map_err(|e| refuse(format!("{K_NORM}: {e}")))?;
@@ -209,7 +209,7 @@ pub fn read(path: &Path) -> Result<(Meta, HashMap<String, Tensor>), CheckpointEr
 
 /// Load a checkpoint into `vars`, which must hold exactly its tensors with the same shapes,
 /// for the same config and kind. Returns its metadata.
-pub fn load_into(path: &Path, vars: &VarMap, config: &PolicyConfig, kind: Kind) -> Result<Meta, CheckpointError> {
+pub fn load_into(path: &Path, vars: &VarMap, config: &PolicyConfig, kind: Role) -> Result<Meta, CheckpointError> {
     let file = path.display().to_string();
     let refuse = |reason: String| CheckpointError::Refused {
         file: file.clone(),
@@ -280,7 +280,7 @@ mod tests {
 
     fn meta() -> Meta {
         Meta {
-            kind: Kind::Base,
+            kind: Role::Base,
             version: "base-test".into(),
             config: cfg(),
             norm: NormStats::fit(&[vec![0.0; 6], vec![1.0; 6]], &[vec![-1.0, -2.0], vec![1.0, 2.0]]),
@@ -300,7 +300,7 @@ mod tests {
         model(&b);
         let path = tmp("rt.safetensors");
         save(&path, &a, &meta()).unwrap();
-        let got = load_into(&path, &b, &cfg(), Kind::Base).unwrap();
+        let got = load_into(&path, &b, &cfg(), Role::Base).unwrap();
         assert_eq!(got, meta());
         let (da, db) = (a.data().lock().unwrap(), b.data().lock().unwrap());
         for (k, v) in da.iter() {
@@ -325,24 +325,24 @@ mod tests {
         // Another config.
         let mut other = cfg();
         other.head.horizon = 8;
-        let e = load_into(&path, &a, &other, Kind::Base).unwrap_err().to_string();
+        let e = load_into(&path, &a, &other, Role::Base).unwrap_err().to_string();
         assert!(e.contains("[head]") && e.contains("mm.safetensors"), "{e}");
         // Another kind.
-        let e = load_into(&path, &a, &cfg(), Kind::Adapter).unwrap_err().to_string();
+        let e = load_into(&path, &a, &cfg(), Role::Adapter).unwrap_err().to_string();
         assert!(e.contains("Adapter"), "{e}");
         // Other shapes.
         let c = VarMap::new();
         let vb = VarBuilder::from_varmap(&c, DType::F32, &Device::Cpu);
         candle_nn::linear(6, 5, vb.pp("a")).unwrap();
         candle_nn::linear(5, 2, vb.pp("b")).unwrap();
-        let e = load_into(&path, &c, &cfg(), Kind::Base).unwrap_err().to_string();
+        let e = load_into(&path, &c, &cfg(), Role::Base).unwrap_err().to_string();
         assert!(e.contains("shape"), "{e}");
         // Not a checkpoint at all, and a truncated one.
         std::fs::write(tmp("junk.safetensors"), b"junk").unwrap();
-        assert!(load_into(&tmp("junk.safetensors"), &a, &cfg(), Kind::Base).is_err());
+        assert!(load_into(&tmp("junk.safetensors"), &a, &cfg(), Role::Base).is_err());
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(tmp("cut.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-        assert!(load_into(&tmp("cut.safetensors"), &a, &cfg(), Kind::Base).is_err());
+        assert!(load_into(&tmp("cut.safetensors"), &a, &cfg(), Role::Base).is_err());
     }
 
     #[test]

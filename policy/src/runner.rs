@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use thiserror::Error;
 
-use crate::checkpoint::{self, CheckpointError, Kind, Meta, NormStats};
+use crate::checkpoint::{self, CheckpointError, Meta, NormStats, Role};
 use crate::export::{gguf_config, load_gguf_into};
 use crate::gguf::{Gguf, Value};
 use crate::model::{seeded_randn, ObsBatch, Policy};
@@ -27,29 +27,10 @@ pub enum RunnerError {
     Model(#[from] candle_core::Error),
 }
 
-/// One decoded observation step.
-#[derive(Clone, Debug)]
-pub struct Step {
-    /// RGB8, row-major, `image_size²·3` bytes.
-    pub rgb: Vec<u8>,
-    pub state: Vec<f32>,
-    /// `rows·cols` cells, row-major.
-    pub surface: Vec<f32>,
-}
-
-/// Append RGB8 pixels (row-major, interleaved) as the model's input: channel-major floats in
-/// [0, 1].
-pub fn rgb_to_chw(rgb: &[u8], out: &mut Vec<f32>) {
-    for ch in 0..3 {
-        out.extend(rgb.iter().skip(ch).step_by(3).map(|&v| v as f32 / 255.0));
-    }
-}
+pub use crate::preprocess::{rgb_to_chw, Step};
 
 pub struct Runner {
     policy: Policy,
-    /// Vision tokens of the last frames seen, by a hash of their pixels: in a stream, each
-    /// chunk's history frames were the previous chunks' new frames.
-    frames: std::sync::Mutex<std::collections::VecDeque<(u64, Tensor)>>,
     pub base: VarMap,
     pub adapter: Option<VarMap>,
     pub meta: Meta,
@@ -113,11 +94,10 @@ impl Runner {
                 .to_string();
             return Ok(Runner {
                 policy,
-                frames: Default::default(),
                 base,
                 adapter: None,
                 meta: Meta {
-                    kind: Kind::Base,
+                    kind: Role::Base,
                     version,
                     config,
                     norm,
@@ -129,14 +109,13 @@ impl Runner {
         }
         let (meta, _) = checkpoint::read(path)?;
         let (policy, base, adapter_vars) = build(&meta.config, adapter.is_some())?;
-        let meta = checkpoint::load_into(path, &base, &meta.config, Kind::Base)?;
+        let meta = checkpoint::load_into(path, &base, &meta.config, Role::Base)?;
         let adapter_meta = match (adapter, &adapter_vars) {
-            (Some(a), Some(vars)) => Some(checkpoint::load_into(a, vars, &meta.config, Kind::Adapter)?),
+            (Some(a), Some(vars)) => Some(checkpoint::load_into(a, vars, &meta.config, Role::Adapter)?),
             _ => None,
         };
         Ok(Runner {
             policy,
-            frames: Default::default(),
             base,
             adapter: adapter_vars,
             meta,
@@ -148,10 +127,6 @@ impl Runner {
 
     pub fn config(&self) -> &PolicyConfig {
         &self.meta.config
-    }
-
-    pub fn policy(&self) -> &Policy {
-        &self.policy
     }
 
     pub fn adapter_version(&self) -> String {
@@ -235,41 +210,55 @@ impl Runner {
         })
     }
 
+    /// The vision tokens of one frame (what a rollout caches per observation).
+    pub fn frame_tokens(&self, step: &Step) -> Result<Tensor, RunnerError> {
+        self.check(step)?;
+        let n = self.config().vision.image_size;
+        let mut px = Vec::with_capacity(3 * n * n);
+        rgb_to_chw(&step.rgb, &mut px);
+        Ok(self
+            .policy
+            .frame_tokens(&Tensor::from_vec(px, (1, 3, n, n), &Device::Cpu)?)?)
+    }
+
     /// An action chunk (`horizon × action_dim`, de-normalized) for `history`, with the DDIM
-    /// start noise drawn from `seed`.
+    /// start noise drawn from `seed`. Every frame goes through the vision encoder; a
+    /// [`crate::rollout::Rollout`] keeps each frame's tokens for the chunks where it is history.
     pub fn act(&self, history: &[Step], task: u32, seed: u64) -> Result<Vec<f32>, RunnerError> {
         let obs = self.batch(history, task)?;
         let c = self.config();
         let (t, n) = (c.trunk.n_obs_steps, c.vision.image_size);
-        let frames = obs.images.reshape((t, 3, n, n))?;
-        let keys: Vec<u64> = (0..t)
-            .map(|k| {
-                let i = (history.len() as isize - t as isize + k as isize).max(0) as usize;
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&history[i].rgb, &mut h);
-                std::hash::Hasher::finish(&h)
-            })
-            .collect();
-        let mut cache = self.frames.lock().unwrap_or_else(|e| e.into_inner());
-        let mut tokens = Vec::with_capacity(t);
-        for (k, key) in keys.iter().enumerate() {
-            let found = cache.iter().find(|(kk, _)| kk == key).map(|(_, tok)| tok.clone());
-            let tok = match found {
-                Some(tok) => tok,
-                None => {
-                    let tok = self.policy.frame_tokens(&frames.narrow(0, k, 1)?)?;
-                    cache.push_back((*key, tok.clone()));
-                    if cache.len() > t + 1 {
-                        cache.pop_front();
-                    }
-                    tok
-                }
-            };
-            tokens.push(tok);
+        let img = self
+            .policy
+            .frame_tokens(&obs.images.reshape((t, 3, n, n))?)?
+            .unsqueeze(0)?; // (1, T, image_tokens, width)
+        self.act_encoded(&img, &obs, seed)
+    }
+
+    /// [`Runner::act`] with the vision tokens of the history's last `n_obs_steps` frames
+    /// given (oldest first, each `(1, image_tokens, width)`).
+    pub fn act_with_tokens(
+        &self,
+        history: &[Step],
+        tokens: &[Tensor],
+        task: u32,
+        seed: u64,
+    ) -> Result<Vec<f32>, RunnerError> {
+        let obs = self.batch(history, task)?;
+        if tokens.len() != self.config().trunk.n_obs_steps {
+            return Err(RunnerError::Input(format!(
+                "{} frames of vision tokens for {} observation steps",
+                tokens.len(),
+                self.config().trunk.n_obs_steps
+            )));
         }
-        drop(cache);
-        let img = Tensor::cat(&tokens, 0)?.unsqueeze(0)?; // (1, T, image_tokens, width)
-        let cond = self.policy.encode_tokens(&img, &obs)?;
+        let img = Tensor::cat(tokens, 0)?.unsqueeze(0)?;
+        self.act_encoded(&img, &obs, seed)
+    }
+
+    fn act_encoded(&self, img: &Tensor, obs: &ObsBatch, seed: u64) -> Result<Vec<f32>, RunnerError> {
+        let c = self.config();
+        let cond = self.policy.encode_tokens(img, obs)?;
         let noise = seeded_randn(seed, &[1, c.head.horizon, c.head.action_dim], &Device::Cpu)?;
         let x = self
             .policy

@@ -110,18 +110,38 @@ fn shapes_and_determinism_for_a_fixed_seed() {
 #[test]
 fn a_fresh_adapter_leaves_the_whole_policy_unchanged() {
     let cfg = tiny();
-    let (with, _, adapter) = build(&cfg, 3, true);
-    let (without, _, _) = build(&cfg, 3, false);
+    let (without, base, _) = build(&cfg, 3, false);
+    // The adapter exactly as `Policy::new` makes it (no seeded_init, which zeroes B itself),
+    // over the same base weights.
+    let adapter = VarMap::new();
+    let dev = Device::Cpu;
+    let with = Policy::new(
+        &cfg,
+        VarBuilder::from_varmap(&base, DType::F32, &dev),
+        Some(VarBuilder::from_varmap(&adapter, DType::F32, &dev)),
+    )
+    .unwrap();
     assert!(
         adapter.all_vars().len() >= 4 * (cfg.trunk.depth + cfg.head.depth),
         "adapters on trunk and head"
     );
     let o = obs(&cfg, 2, 5);
     let noise = seeded_randn(4, &[2, 16, 2], &Device::Cpu).unwrap();
-    assert_eq!(
-        bits(&with.sample(&o, &noise).unwrap()),
-        bits(&without.sample(&o, &noise).unwrap())
-    );
+    let out = bits(&without.sample(&o, &noise).unwrap());
+    assert_eq!(bits(&with.sample(&o, &noise).unwrap()), out);
+    // And the comparison can fail: once B moves, the adapted policy acts differently.
+    for (name, var) in adapter.data().lock().unwrap().iter() {
+        if name.ends_with("lora_b") {
+            var.set(
+                &Tensor::ones(var.shape(), DType::F32, &dev)
+                    .unwrap()
+                    .affine(0.05, 0.0)
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    assert_ne!(bits(&with.sample(&o, &noise).unwrap()), out);
 }
 
 #[test]
@@ -181,12 +201,12 @@ fn a_tiny_policy_overfits_a_handful_of_demonstrations() {
     );
 
     // The trained policy exported with MXFP4 weights acts close to the f32 one.
-    use nanobot_policy::checkpoint::{Kind, Meta, NormStats};
+    use nanobot_policy::checkpoint::{Meta, NormStats, Role};
     use nanobot_policy::export::{load_gguf_into, to_gguf, weight_bytes};
     use nanobot_policy::gguf::Gguf;
     use nanobot_policy::quant::DType as Q;
     let meta = Meta {
-        kind: Kind::Base,
+        kind: Role::Base,
         version: "overfit".into(),
         config: cfg.clone(),
         norm: NormStats::fit(&[vec![0.0; 6]], &[vec![0.0; 2]]),
@@ -207,7 +227,7 @@ fn a_tiny_policy_overfits_a_handful_of_demonstrations() {
 
 #[test]
 fn exports_load_back_and_act_like_the_f32_policy() {
-    use nanobot_policy::checkpoint::{Kind, Meta, NormStats};
+    use nanobot_policy::checkpoint::{Meta, NormStats, Role};
     use nanobot_policy::export::{gguf_config, load_gguf_into, to_gguf};
     use nanobot_policy::gguf::Gguf;
     use nanobot_policy::quant::DType as Q;
@@ -215,7 +235,7 @@ fn exports_load_back_and_act_like_the_f32_policy() {
     let cfg = tiny();
     let (p, base, _) = build(&cfg, 13, false);
     let meta = Meta {
-        kind: Kind::Base,
+        kind: Role::Base,
         version: "base-13".into(),
         config: cfg.clone(),
         norm: NormStats::fit(&[vec![0.0; 6], vec![1.0; 6]], &[vec![-1.0; 2], vec![1.0; 2]]),
@@ -238,7 +258,7 @@ fn exports_load_back_and_act_like_the_f32_policy() {
 
 #[test]
 fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
-    use nanobot_policy::checkpoint::{save, Kind, Meta, NormStats};
+    use nanobot_policy::checkpoint::{save, Meta, NormStats, Role};
     use nanobot_policy::runner::{Runner, Step};
     let cfg = tiny();
     let (_, base, adapter) = build(&cfg, 11, true);
@@ -259,8 +279,8 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
         norm: norm.clone(),
     };
     let (bp, ap) = (dir.join("base.safetensors"), dir.join("adapter.safetensors"));
-    save(&bp, &base, &meta(Kind::Base, "base-1")).unwrap();
-    save(&ap, &adapter, &meta(Kind::Adapter, "lora-1")).unwrap();
+    save(&bp, &base, &meta(Role::Base, "base-1")).unwrap();
+    save(&ap, &adapter, &meta(Role::Adapter, "lora-1")).unwrap();
     let adapter_bytes = std::fs::metadata(&ap).unwrap().len();
     let base_bytes = std::fs::metadata(&bp).unwrap().len();
     assert!(
@@ -288,7 +308,7 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
     // Merged into the base (what export writes), the model acts as base + adapter.
     let merged = with.merged_base().unwrap();
     let mp = dir.join("merged.safetensors");
-    save(&mp, &merged, &meta(Kind::Base, "base-1+lora-1")).unwrap();
+    save(&mp, &merged, &meta(Role::Base, "base-1+lora-1")).unwrap();
     let a_merged = Runner::load(&mp, None)
         .unwrap()
         .act(std::slice::from_ref(&step), 1, 5)

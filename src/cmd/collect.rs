@@ -1,6 +1,13 @@
 //! `nanobot collect`: the telemetry collector. Device frames from a UDP socket or a serial port
 //! go through the ingest checks and alignment straight into one LeRobot dataset per robot
 //! (`OUT/{robot}`), with no fleet and no Zenoh. `nanobot verify DIR` checks datasets.
+//!
+//! Sizes and limits come from `--ingest-config` (the `ingest` actor's fields: `state_dim`,
+//! `action_dim`, `surface`, `image`, `rate_hz`, ...) and the dataset's features from
+//! `--logger-config` (the `logger` actor's: `robot_type`, `state_names`, `action_names`, `fps`,
+//! rotation). Without them a device gets the simulator's defaults: a 6-float state, 2-float
+//! action, 8×8 surface, 64×64 camera, `robot_type = "nanobot_sim"` and the simulator's feature
+//! names. Paths are relative to the working directory.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use nanobot_actors::ingest::{self, IngestConfig, IngestCore, Output, RejectLog, SerialConfig};
+use nanobot_actors::ingest::{self, IngestConfig, IngestCore, Produced, RejectLog, SerialConfig, SerialReader};
 use nanobot_actors::logger::{frame_of, LoggerConfig};
 use nanobot_dataset::{verify, DatasetWriter};
 use nanobot_messages::device::{DeviceError, DeviceFrame};
@@ -26,11 +33,15 @@ pub struct CollectArgs {
     /// Output directory: one LeRobot dataset per robot under it.
     #[arg(long)]
     out: PathBuf,
-    /// Ingest config (TOML, `ingest` actor fields): sizes, rates, limits.
-    #[arg(long)]
+    /// Ingest config (TOML, the `ingest` actor's fields): the sizes frames are checked against
+    /// (state_dim, action_dim, surface, image), rate_hz, staleness_ms, max_abs. Default: the
+    /// simulator's (6-float state, 2-float action, 8×8 surface, 64×64 camera).
+    #[arg(long, verbatim_doc_comment)]
     ingest_config: Option<PathBuf>,
-    /// Logger config (TOML, `logger` actor fields): features, file rotation.
-    #[arg(long)]
+    /// Logger config (TOML, the `logger` actor's fields): the dataset's features (robot_type,
+    /// state_names, action_names, fps), file rotation, max_pending_rows. Default: the
+    /// simulator's (robot_type "nanobot_sim").
+    #[arg(long, verbatim_doc_comment)]
     logger_config: Option<PathBuf>,
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(long)]
@@ -66,6 +77,7 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
             }
         });
     }
+    let mut serial = None;
     if let Some(dev) = &args.serial {
         let cfg = SerialConfig {
             device: dev.clone(),
@@ -74,8 +86,7 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
         let port = ingest::open_serial(&cfg).with_context(|| format!("serial {dev}"))?;
         eprintln!("collect: reading {dev} at {} baud", args.baud);
         let tx = tx.clone();
-        let name = dev.clone();
-        std::thread::spawn(move || ingest::read_stream(port, &name, |f| tx.send(f).is_ok()));
+        serial = Some(SerialReader::spawn(port, dev.clone(), move |f| tx.send(f).is_ok())?);
     }
     drop(tx);
     let stop = crate::signals::install()?;
@@ -83,6 +94,9 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
     let mut core = IngestCore::new(icfg);
     let mut writers: BTreeMap<String, DatasetWriter> = BTreeMap::new();
     let mut log = RejectLog::default();
+    // Rows waiting in memory while a disk fails are bounded like the logger's; newer rows
+    // beyond the bound are dropped and counted per robot.
+    let mut over_budget: BTreeMap<String, u64> = BTreeMap::new();
     let flush_every = Duration::from_millis(lcfg.flush_ms.max(1));
     let mut last_flush = Instant::now();
     let open = |robot: &str| -> anyhow::Result<DatasetWriter> {
@@ -98,7 +112,7 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
             Ok(r) => {
                 let out = core.on_device(r);
                 match out {
-                    Some(Output::Observation {
+                    Some(Produced::Observation {
                         robot,
                         seq,
                         stamp_ns,
@@ -109,11 +123,13 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
                             writers.insert(robot.clone(), open(&robot)?);
                         }
                         let w = writers.get_mut(&robot).expect("inserted above");
-                        if let Err(e) = w.push(frame_of(seq, stamp_ns, obs)) {
+                        if w.pending_rows() >= lcfg.max_pending_rows {
+                            *over_budget.entry(robot).or_default() += 1;
+                        } else if let Err(e) = w.push(frame_of(seq, stamp_ns, obs)) {
                             tracing::warn!(robot, "observation not logged: {e}");
                         }
                     }
-                    Some(Output::Reject { robot, reject }) => log.warn(&robot, &reject, Duration::from_secs(1)),
+                    Some(Produced::Reject { robot, reject }) => log.warn(&robot, &reject, Duration::from_secs(1)),
                     None => {}
                 }
             }
@@ -129,6 +145,7 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
             }
         }
     }
+    drop(serial);
     let mut failed = false;
     for (robot, w) in writers.iter_mut() {
         if let Err(e) = w.finish_file() {
@@ -139,8 +156,13 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
     for (robot, c) in &core.counts {
         let rows = writers.get(robot).map(|w| w.durable().1).unwrap_or(0);
         eprintln!(
-            "collect: {robot}: {rows} rows, {} frames accepted, {} observations, {} lost, {} stale, rejects {:?}",
-            c.accepted, c.observations, c.lost, c.stale, c.rejects
+            "collect: {robot}: {rows} rows, {} frames accepted, {} observations, {} lost, {} stale, {} dropped over budget, rejects {:?}",
+            c.accepted,
+            c.observations,
+            c.lost,
+            c.stale,
+            over_budget.get(robot).copied().unwrap_or(0),
+            c.rejects
         );
     }
     Ok(if failed { 1 } else { 0 })

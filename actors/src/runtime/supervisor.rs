@@ -1,19 +1,18 @@
-//! The node runtime: one process hosts the actors its launch file gives it, under a ractor
+//! The node supervisor: one process hosts the actors its launch file gives it, under a ractor
 //! supervisor that restarts a failed actor with backoff until the restart policy is spent.
 //! SIGINT/SIGTERM stop the actors in reverse start order and let each flush.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nanobot_messages::{topics, Metric, Stats};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::bus::{Bus, BusError, PubQos};
-use crate::launch::{ActorSpec, NodePlan};
+use super::actor::ActorKind;
+use super::context::Placement;
+use crate::bus::{Bus, BusError};
+use crate::launch::NodePlan;
 
 #[derive(Debug, Error)]
 pub enum NodeError {
@@ -25,171 +24,15 @@ pub enum NodeError {
     GaveUp { node: String, reason: String },
 }
 
-/// Errors an actor reports while starting or handling a message.
-#[derive(Debug, Error)]
-pub enum ActorError {
-    #[error("actor {actor} ({origin}): config: {reason}")]
-    Config {
-        actor: String,
-        origin: String,
-        reason: String,
-    },
-    #[error("actor {actor}: {source}")]
-    Bus { actor: String, source: BusError },
-}
-
-/// What every actor gets: the bus, its spec from the launch file, and how often it restarted.
-#[derive(Clone)]
-pub struct ActorContext {
-    pub bus: Bus,
-    pub node: String,
-    pub spec: ActorSpec,
-    pub restarts: u32,
-}
-
-impl ActorContext {
-    pub fn fleet(&self) -> &str {
-        self.bus.fleet()
-    }
-    pub fn name(&self) -> &str {
-        &self.spec.name
-    }
-
-    /// The actor's config (file + overrides), checked against its type.
-    pub fn config<C: DeserializeOwned>(&self) -> Result<C, ActorError> {
-        C::deserialize(toml::Value::Table(self.spec.config.clone())).map_err(|e| self.config_error(e.to_string()))
-    }
-
-    pub fn config_error(&self, reason: String) -> ActorError {
-        ActorError::Config {
-            actor: self.spec.name.clone(),
-            origin: self.spec.origin.clone(),
-            reason,
-        }
-    }
-
-    /// The robot this instance serves (launch files give it with `for_each_robot`).
-    pub fn robot(&self) -> Result<&str, ActorError> {
-        self.spec.robot.as_deref().ok_or_else(|| {
-            self.config_error(format!(
-                "a {} actor serves one robot: set for_each_robot = true or robots = [\"…\"]",
-                self.spec.kind
-            ))
-        })
-    }
-
-    pub fn bus_err(&self) -> impl Fn(BusError) -> ActorError + '_ {
-        move |source| ActorError::Bus {
-            actor: self.spec.name.clone(),
-            source,
-        }
-    }
-}
-
-/// Counters an actor keeps and publishes once a second beside its liveliness token.
-#[derive(Default)]
-pub struct Counters {
-    pub handled: AtomicU64,
-    pub errors: AtomicU64,
-    pub dropped: AtomicU64,
-    extra: Mutex<BTreeMap<String, f64>>,
-}
-
-impl Counters {
-    pub fn set(&self, name: &str, value: f64) {
-        self.extra
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), value);
-    }
-}
-
-/// An actor's presence on the bus: its liveliness token and its stats publication.
-/// Dropping it (when the actor stops) withdraws both.
-pub struct Presence {
-    _token: zenoh::liveliness::LivelinessToken,
-    stats_task: tokio::task::JoinHandle<()>,
-    pub counters: Arc<Counters>,
-}
-
-impl Presence {
-    pub async fn announce(ctx: &ActorContext) -> Result<Presence, ActorError> {
-        let token = ctx
-            .bus
-            .liveliness_token(&ctx.node, ctx.name())
-            .await
-            .map_err(ctx.bus_err())?;
-        let key = topics::node_actor(ctx.fleet(), &ctx.node, ctx.name());
-        let robot = ctx.spec.robot.clone().unwrap_or_default();
-        let publisher = ctx
-            .bus
-            .publisher::<Stats>(&key, &robot, PubQos::Control)
-            .await
-            .map_err(ctx.bus_err())?;
-        let counters = Arc::new(Counters::default());
-        let c = counters.clone();
-        let (node, actor, restarts) = (ctx.node.clone(), ctx.name().to_string(), ctx.restarts);
-        let started = Instant::now();
-        let stats_task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let extra = c
-                    .extra
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                    .map(|(k, v)| Metric {
-                        name: k.clone(),
-                        value: *v,
-                    })
-                    .collect();
-                let stats = Stats {
-                    node: node.clone(),
-                    actor: actor.clone(),
-                    restarts,
-                    handled: c.handled.load(Ordering::Relaxed),
-                    errors: c.errors.load(Ordering::Relaxed),
-                    dropped: c.dropped.load(Ordering::Relaxed),
-                    uptime_ms: started.elapsed().as_millis() as u64,
-                    extra,
-                };
-                if let Err(e) = publisher.put(&stats).await {
-                    tracing::debug!(error = %e, "stats not published");
-                }
-            }
-        });
-        Ok(Presence {
-            _token: token,
-            stats_task,
-            counters,
-        })
-    }
-}
-
-impl Drop for Presence {
-    fn drop(&mut self) {
-        self.stats_task.abort();
-    }
-}
-
-/// Start one actor of `ctx.spec.kind`, linked to `supervisor`.
-pub async fn spawn_actor(ctx: ActorContext, supervisor: ActorCell) -> Result<ActorCell, ActorProcessingErr> {
-    async fn linked<A: Actor<Arguments = ActorContext>>(
-        a: A,
-        ctx: ActorContext,
-        sup: ActorCell,
-    ) -> Result<ActorCell, ActorProcessingErr> {
-        let (r, _) = Actor::spawn_linked(None, a, ctx, sup).await?;
-        Ok(r.get_cell())
-    }
-    match ctx.spec.kind.as_str() {
-        "sim_robot" => linked(crate::sim_robot::SimRobotActor, ctx, supervisor).await,
-        "expert" => linked(crate::expert::ExpertActor, ctx, supervisor).await,
-        "ingest" => linked(crate::ingest::IngestActor, ctx, supervisor).await,
-        "logger" => linked(crate::logger::LoggerActor, ctx, supervisor).await,
-        "policy" => linked(crate::policy::PolicyActor, ctx, supervisor).await,
-        other => Err(format!("unknown actor type {other:?}").into()),
+/// Start one actor of `place.spec.kind` from `kinds`, linked to `supervisor`.
+async fn spawn_actor(
+    kinds: &[ActorKind],
+    place: Placement,
+    supervisor: ActorCell,
+) -> Result<ActorCell, ActorProcessingErr> {
+    match kinds.iter().find(|k| k.name == place.spec.kind) {
+        Some(kind) => kind.spawn(place, supervisor).await,
+        None => Err(format!("unknown actor type {:?}", place.spec.kind).into()),
     }
 }
 
@@ -198,6 +41,8 @@ pub struct NodeSupervisor;
 pub struct SupervisorArgs {
     pub bus: Bus,
     pub plan: NodePlan,
+    /// The actor types this build provides.
+    pub kinds: &'static [ActorKind],
     /// Set when the supervisor gives up, with the reason.
     pub failure: Arc<Mutex<Option<String>>>,
 }
@@ -222,8 +67,8 @@ impl SupervisorState {
             .position(|c| c.as_ref().is_some_and(|c| c.get_id() == cell.get_id()))
     }
 
-    fn ctx(&self, i: usize) -> ActorContext {
-        ActorContext {
+    fn place(&self, i: usize) -> Placement {
+        Placement {
             bus: self.args.bus.clone(),
             node: self.args.plan.name.clone(),
             spec: self.args.plan.actors[i].clone(),
@@ -294,9 +139,9 @@ impl Actor for NodeSupervisor {
             stopping: false,
         };
         for i in 0..n {
-            let ctx = state.ctx(i);
-            let name = ctx.spec.name.clone();
-            match spawn_actor(ctx, myself.get_cell()).await {
+            let place = state.place(i);
+            let name = place.spec.name.clone();
+            match spawn_actor(state.args.kinds, place, myself.get_cell()).await {
                 Ok(cell) => {
                     tracing::info!(node = %state.args.plan.name, actor = %name, "actor started");
                     state.children[i] = Some(cell);
@@ -319,9 +164,9 @@ impl Actor for NodeSupervisor {
         match msg {
             SupervisorMsg::Restart(i) if !state.stopping => {
                 state.restarts[i] += 1;
-                let ctx = state.ctx(i);
-                let name = ctx.spec.name.clone();
-                match spawn_actor(ctx, myself.get_cell()).await {
+                let place = state.place(i);
+                let name = place.spec.name.clone();
+                match spawn_actor(state.args.kinds, place, myself.get_cell()).await {
                     Ok(cell) => {
                         tracing::info!(actor = %name, restarts = state.restarts[i], "actor restarted");
                         state.children[i] = Some(cell);
@@ -367,8 +212,9 @@ impl Actor for NodeSupervisor {
     }
 }
 
-/// Run one node until SIGINT/SIGTERM, or until its supervisor gives up.
-pub async fn run_node(plan: NodePlan) -> Result<(), NodeError> {
+/// Run one node until SIGINT/SIGTERM, or until its supervisor gives up. `kinds` are the actor
+/// types this build provides (`crate::registry::ACTORS`).
+pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(), NodeError> {
     let bus = match Bus::open(&plan.bus, &plan.fleet).await {
         Ok(b) => b,
         Err(e @ BusError::Config(_)) => {
@@ -385,6 +231,7 @@ pub async fn run_node(plan: NodePlan) -> Result<(), NodeError> {
     let args = SupervisorArgs {
         bus: bus.clone(),
         plan,
+        kinds,
         failure: failure.clone(),
     };
     let (sup, handle) = Actor::spawn(None, NodeSupervisor, args)

@@ -7,13 +7,17 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
+
+use super::{peak_rss_mb, quantile};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use nanobot_policy::checkpoint::{Kind, Meta, NormStats};
+use nanobot_policy::checkpoint::{Meta, NormStats, Role};
 use nanobot_policy::export::{load_gguf_into, to_gguf, weight_bytes};
 use nanobot_policy::gguf::Gguf;
 use nanobot_policy::model::{seeded_init, seeded_randn};
 use nanobot_policy::quant::DType as Q;
+use nanobot_policy::rollout::Rollout;
+use nanobot_policy::runner::{Runner, Step};
 use nanobot_policy::{ObsBatch, Policy, PolicyConfig};
 
 fn build(cfg: &PolicyConfig) -> anyhow::Result<(Policy, VarMap)> {
@@ -63,24 +67,6 @@ fn time_chunks(p: &Policy, o: &ObsBatch, noise: &Tensor, runs: usize) -> anyhow:
     Ok((t, last))
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
 pub fn run(config: &Path, runs: usize) -> anyhow::Result<u8> {
     let cfg = PolicyConfig::load(config)?;
     let (p, vars) = build(&cfg)?;
@@ -90,7 +76,7 @@ pub fn run(config: &Path, runs: usize) -> anyhow::Result<u8> {
     let noise = seeded_randn(5, &[1, cfg.head.horizon, cfg.head.action_dim], &Device::Cpu)?;
 
     let meta = Meta {
-        kind: Kind::Base,
+        kind: Role::Base,
         version: "bench".into(),
         config: cfg.clone(),
         norm: NormStats::fit(&[vec![0.0; cfg.inputs.state_dim]], &[vec![0.0; cfg.head.action_dim]]),
@@ -127,42 +113,47 @@ pub fn run(config: &Path, runs: usize) -> anyhow::Result<u8> {
             println!(
                 "{:<26} {:>9.2} {:>9.2} {:>11.2} {:>13.3}",
                 format!("{label}, {threads}"),
-                pct(&t.total, 0.5),
-                pct(&t.total, 0.99),
-                pct(&t.encode, 0.5),
-                pct(&t.step, 0.5)
+                quantile(&t.total, 0.5),
+                quantile(&t.total, 0.99),
+                quantile(&t.encode, 0.5),
+                quantile(&t.step, 0.5)
             );
             outputs.push(a);
         }
     }
-    // Streaming: each chunk brings one new frame; the previous frame's vision tokens are kept
-    // (what the runner behind the policy actor and the HTTP server does).
-    let t = cfg.trunk.n_obs_steps;
-    let (s, w) = (cfg.vision.image_size, cfg.trunk.width);
-    let frames = o.images.reshape((t, 3, s, s))?;
-    let kept = p.frame_tokens(&frames.narrow(0, 0, t - 1)?)?;
-    let (mut total, mut vision) = (Vec::new(), Vec::new());
+    // Streaming, through the path the policy actor takes: the checkpoint loaded by the Runner,
+    // and a Rollout that sees one new observation per chunk and keeps the vision tokens of the
+    // frames still in its history.
+    let dir = std::env::temp_dir().join(format!("nb-bench-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ckpt = dir.join("bench.safetensors");
+    nanobot_policy::checkpoint::save(&ckpt, &vars, &meta)?;
+    let runner = Runner::load(&ckpt, None)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut rollout = Rollout::new(&runner, None, 0, 0)?;
+    let n = cfg.vision.image_size;
+    let step_at = |i: usize| Step {
+        rgb: (0..n * n * 3).map(|k| ((k * 7 + i * 13) % 251) as u8).collect(),
+        state: vec![0.1; cfg.inputs.state_dim],
+        surface: vec![0.0; cfg.inputs.surface_rows * cfg.inputs.surface_cols],
+    };
+    let mut total = Vec::new();
     one.install(|| -> anyhow::Result<()> {
         for i in 0..runs + 5 {
             let t0 = Instant::now();
-            let new = p.frame_tokens(&frames.narrow(0, t - 1, 1)?)?;
-            let t1 = Instant::now();
-            let img = Tensor::cat(&[&kept, &new], 0)?.reshape((1, t, cfg.image_tokens(), w))?;
-            let cond = p.encode_tokens(&img, &o)?;
-            p.sample_from(&cond, &noise)?;
+            rollout.observe(0, i as u64, 0, step_at(i));
+            rollout.infer(&runner, i as u64)?;
             if i >= 5 {
                 total.push(t0.elapsed().as_secs_f64() * 1e3);
-                vision.push((t1 - t0).as_secs_f64() * 1e3);
             }
         }
         Ok(())
     })?;
     println!(
-        "{:<26} {:>9.2} {:>9.2}   (new frame's vision {:.2} ms)",
+        "{:<26} {:>9.2} {:>9.2}   (runner + rollout, one new frame per chunk)",
         "f32, 1-thread, streaming",
-        pct(&total, 0.5),
-        pct(&total, 0.99),
-        pct(&vision, 0.5)
+        quantile(&total, 0.5),
+        quantile(&total, 0.99),
     );
     let diff = outputs[0]
         .iter()

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use nanobot_policy::checkpoint::{self, Kind, Meta};
+use nanobot_policy::checkpoint::{self, Meta, Role};
 use nanobot_policy::export::{to_gguf, weight_bytes};
 use nanobot_policy::quant::DType as Q;
 use nanobot_policy::runner::Runner;
@@ -51,7 +51,7 @@ pub fn export(a: ExportArgs) -> anyhow::Result<u8> {
         None => runner.meta.version.clone(),
     };
     let meta = Meta {
-        kind: Kind::Base,
+        kind: Role::Base,
         version,
         ..runner.meta.clone()
     };

@@ -18,85 +18,15 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use super::percentile;
 use bytes::Bytes;
-use clap::Subcommand;
 use nanobot_actors::bus::{Bus, BusConfig, PubQos};
 use nanobot_messages::TraceContext;
 use nanobot_messages::{Blob, Encoding, RawFrame};
 use serde_json::json;
 use zenoh::qos::CongestionControl;
 use zenoh::Wait;
-
-#[derive(Subcommand)]
-pub enum BenchCmd {
-    /// Bus throughput and latency beside raw Zenoh.
-    Bus {
-        /// Seconds of publishing per throughput measurement.
-        #[arg(long, default_value_t = 2.0)]
-        secs: f64,
-        /// Round trips per latency measurement.
-        #[arg(long, default_value_t = 2000)]
-        round_trips: usize,
-        /// Payload sizes in bytes.
-        #[arg(long, value_delimiter = ',', default_values_t = vec![64, 1024, 16384, 262144])]
-        sizes: Vec<usize>,
-        /// Only two processes (`two`) or only one (`one`); default both.
-        #[arg(long)]
-        only: Option<String>,
-    },
-    /// Action-chunk latency of the policy (encoder once, DDIM steps), f32 beside MXFP4.
-    Policy {
-        /// Policy config.
-        #[arg(long, default_value = "configs/policy/small.toml")]
-        config: std::path::PathBuf,
-        /// Timed action chunks per setting.
-        #[arg(long, default_value_t = 50)]
-        runs: usize,
-    },
-    /// Logger Parquet throughput beside pyarrow, ingest frames/s, and logger memory.
-    Log {
-        /// Rows per throughput run.
-        #[arg(long, default_value_t = 50_000)]
-        rows: u64,
-        /// Rows per data file.
-        #[arg(long, default_value_t = 16_384)]
-        per_file: u64,
-        /// Gigabytes of row data to log while measuring peak memory (0: skip).
-        #[arg(long, default_value_t = 1.0)]
-        memory_gb: f64,
-        /// Scratch directory (default: the system temp dir).
-        #[arg(long)]
-        dir: Option<std::path::PathBuf>,
-    },
-    /// The far side of `bench bus` between two processes (started by it).
-    #[command(hide = true)]
-    BusPeer {
-        #[arg(long)]
-        connect: String,
-        #[arg(long, value_delimiter = ',')]
-        sizes: Vec<usize>,
-    },
-}
-
-pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    match cmd {
-        BenchCmd::Bus {
-            secs,
-            round_trips,
-            sizes,
-            only,
-        } => rt.block_on(bench_bus(secs, round_trips, &sizes, only.as_deref())),
-        BenchCmd::BusPeer { connect, sizes } => rt.block_on(peer(&connect, &sizes)),
-        BenchCmd::Policy { config, runs } => crate::bench_policy::run(&config, runs),
-        BenchCmd::Log {
-            rows,
-            per_file,
-            memory_gb,
-            dir,
-        } => crate::bench_log::run(rows, per_file, memory_gb, dir.as_deref()),
-    }
-}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
@@ -222,7 +152,7 @@ async fn serve(bus: &Bus, sizes: &[usize]) -> anyhow::Result<(Counters, Vec<Box<
 }
 
 /// The far process: serve, and answer `bench/ctl/{report,reset}/{variant}/{size}`.
-async fn peer(connect: &str, sizes: &[usize]) -> anyhow::Result<u8> {
+pub async fn peer(connect: &str, sizes: &[usize]) -> anyhow::Result<u8> {
     let cfg = BusConfig {
         connect: vec![connect.to_string()],
         ..BusConfig::default()
@@ -338,13 +268,6 @@ async fn blast(bus: &Bus, v: Variant, size: usize, secs: f64) -> anyhow::Result<
         }
     };
     Ok(sent)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Round trips with one message in flight; returns sorted RTTs in µs.
@@ -515,7 +438,7 @@ fn codec_cost(sizes: &[usize]) {
     println!();
 }
 
-async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<&str>) -> anyhow::Result<u8> {
+pub async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<&str>) -> anyhow::Result<u8> {
     println!(
         "nanobot bench bus: {secs}s of publishing per throughput figure, {round_trips} round trips per latency figure"
     );

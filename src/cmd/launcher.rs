@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nanobot_actors::launch::{self, RestartPolicy};
-use nanobot_actors::ACTOR_KINDS;
+use nanobot_actors::registry;
 
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
@@ -152,7 +152,7 @@ fn on_exit(p: &mut NodeProc, status: ExitStatus, policy: &RestartPolicy) {
 }
 
 pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> {
-    let lf = match launch::load(file, ACTOR_KINDS) {
+    let lf = match launch::load(file, &registry::names()) {
         Ok(lf) => lf,
         Err(e) => {
             eprintln!("nanobot: error: {e}");

@@ -4,6 +4,13 @@
 //!   base64; or an array of Observations, oldest first, for the policy's history), or a NanoBot
 //!   envelope (`Content-Type: application/x-nanobot`) — answered with an ActionChunk in the same
 //!   form. A malformed body gets 400 and the reason.
+//!   With a session (`X-Nanobot-Session: NAME`, or the envelope's robot id), the server keeps
+//!   that client's history (a `Rollout`: the last `n_obs_steps` observations and their vision
+//!   tokens), so a client sends one observation per request, numbered by its `frame_index` (or
+//!   the envelope's seq); a new `episode`, or a number that goes back, starts it afresh.
+//!   Sessions are bounded (`--max-sessions`, least recently used dropped first).
+//! - Inference runs on one thread; at most `--queue` requests wait for it, and beyond that the
+//!   answer is 503 with `Retry-After` (counted), never an unbounded backlog.
 //! - `GET /v1/model`: config, version, adapter, format, parameter count.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text format).
 
@@ -20,9 +27,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
-use nanobot_actors::policy::step_of;
 use nanobot_messages::{codec, ActionChunk, ActionSource, Observation};
-use nanobot_policy::runner::Runner;
+use nanobot_policy::preprocess::step_of;
+use nanobot_policy::rollout::Rollout;
+use nanobot_policy::runner::{Runner, RunnerError};
 use serde_json::json;
 
 pub const ENVELOPE_TYPE: &str = "application/x-nanobot";
@@ -37,6 +45,33 @@ pub struct ServeArgs {
     adapter: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:8470")]
     listen: String,
+    /// The robots' control rate: an answer's `dt_ns` is its period.
+    #[arg(long, default_value_t = 20.0)]
+    rate_hz: f64,
+    /// Requests that may wait for inference; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 8)]
+    queue: usize,
+    /// Client sessions kept (least recently used dropped first).
+    #[arg(long, default_value_t = 256)]
+    max_sessions: usize,
+}
+
+/// Serving limits and the control rate.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    pub rate_hz: f64,
+    pub queue: usize,
+    pub max_sessions: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            rate_hz: 20.0,
+            queue: 8,
+            max_sessions: 256,
+        }
+    }
 }
 
 /// Latency histogram bucket bounds, seconds.
@@ -47,12 +82,17 @@ struct Metrics {
     ok: AtomicU64,
     bad: AtomicU64,
     failed: AtomicU64,
+    busy: AtomicU64,
     latency_us_sum: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
 }
 
 struct App {
     runner: Runner,
+    limits: ServeLimits,
+    /// Permits to wait for inference: `queue` of them.
+    slots: Arc<tokio::sync::Semaphore>,
+    sessions: std::sync::Mutex<Sessions>,
     /// Small models run fastest in a one-thread pool (candle hands tiny ops to rayon otherwise).
     pool: rayon::ThreadPool,
     params: usize,
@@ -68,15 +108,64 @@ fn bad(reason: impl std::fmt::Display) -> Response {
         .into_response()
 }
 
+/// Client sessions: a rollout per client, least recently used dropped first.
+#[derive(Default)]
+struct Sessions {
+    by_name: std::collections::HashMap<String, (u64, Arc<std::sync::Mutex<Rollout>>)>,
+    clock: u64,
+}
+
+impl Sessions {
+    fn get(&mut self, name: &str, runner: &Runner, max: usize) -> Result<Arc<std::sync::Mutex<Rollout>>, String> {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some((used, r)) = self.by_name.get_mut(name) {
+            *used = now;
+            return Ok(r.clone());
+        }
+        if self.by_name.len() >= max.max(1) {
+            if let Some(oldest) = self.by_name.iter().min_by_key(|(_, (u, _))| *u).map(|(k, _)| k.clone()) {
+                self.by_name.remove(&oldest);
+            }
+        }
+        let r = Arc::new(std::sync::Mutex::new(
+            Rollout::new(runner, None, 0, 0).map_err(|e| e.to_string())?,
+        ));
+        self.by_name.insert(name.to_string(), (now, r.clone()));
+        Ok(r)
+    }
+}
+
+/// A parsed request.
+struct Request {
+    obs: Vec<Observation>,
+    seq: u64,
+    /// The robot id of an envelope request (answered in the reply's envelope).
+    robot: String,
+    envelope: bool,
+    session: Option<String>,
+}
+
 /// The observations of a request, and whether the answer goes back as an envelope.
-fn parse(headers: &HeaderMap, body: &Bytes) -> Result<(Vec<Observation>, u64, bool), String> {
+fn parse(headers: &HeaderMap, body: &Bytes) -> Result<Request, String> {
     let ctype = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
+    let session = headers
+        .get("x-nanobot-session")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     if ctype.starts_with(ENVELOPE_TYPE) || ctype.starts_with("application/octet-stream") {
         let (h, o) = codec::decode::<Observation>(body.clone()).map_err(|e| format!("envelope: {e}"))?;
-        return Ok((vec![o], h.seq, true));
+        let session = session.or_else(|| (!h.robot.is_empty()).then(|| h.robot.clone()));
+        return Ok(Request {
+            obs: vec![o],
+            seq: h.seq,
+            robot: h.robot,
+            envelope: true,
+            session,
+        });
     }
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("JSON: line {} column {}: {e}", e.line(), e.column()))?;
@@ -92,31 +181,82 @@ fn parse(headers: &HeaderMap, body: &Bytes) -> Result<(Vec<Observation>, u64, bo
     if obs.is_empty() {
         return Err("no observation".into());
     }
-    Ok((obs, 0, false))
+    if session.is_some() && obs.len() > 1 {
+        return Err("a session request carries one observation (the server keeps the history)".into());
+    }
+    Ok(Request {
+        obs,
+        seq: 0,
+        robot: String::new(),
+        envelope: false,
+        session,
+    })
 }
 
 async fn act(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let t0 = Instant::now();
-    let (obs, seq, envelope) = match parse(&headers, &body) {
+    let req = match parse(&headers, &body) {
         Ok(v) => v,
         Err(e) => {
             app.metrics.bad.fetch_add(1, Ordering::Relaxed);
             return bad(e);
         }
     };
-    let steps = match obs.iter().map(step_of).collect::<Result<Vec<_>, _>>() {
-        Ok(s) => s,
-        Err(e) => {
-            app.metrics.bad.fetch_add(1, Ordering::Relaxed);
-            return bad(e);
-        }
+    // A bounded wait for the one inference thread: a full queue answers 503 at once.
+    let Ok(_slot) = app.slots.clone().try_acquire_owned() else {
+        app.metrics.busy.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            axum::Json(json!({"error": format!("{} requests already wait for inference; retry", app.limits.queue)})),
+        )
+            .into_response();
     };
-    let task = obs.last().map(|o| o.task).unwrap_or(0);
+    let rollout = match &req.session {
+        Some(name) => {
+            let got =
+                app.sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(name, &app.runner, app.limits.max_sessions);
+            match got {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    app.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                    return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(json!({"error": e}))).into_response();
+                }
+            }
+        }
+        None => None,
+    };
+    let (seq, task, envelope) = (req.seq, req.obs.last().map(|o| o.task).unwrap_or(0), req.envelope);
     let a = app.clone();
-    let result = tokio::task::spawn_blocking(move || a.pool.install(|| a.runner.act(&steps, task, seq))).await;
+    let obs = req.obs;
+    // JPEG decoding and inference off the async runtime, on the server's one-thread pool.
+    let result = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, RunnerError> {
+        let steps = obs
+            .iter()
+            .map(step_of)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RunnerError::Input(e.to_string()))?;
+        a.pool.install(|| match rollout {
+            Some(r) => {
+                let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+                let o = obs.last().expect("parse refuses an empty request");
+                let step = steps.into_iter().next_back().expect("one step per observation");
+                a.runner.check(&step)?;
+                // The client's step number: the envelope's seq, or the observation's frame_index.
+                let at = if envelope { seq } else { o.frame_index };
+                r.observe(o.episode, at, task, step);
+                r.infer(&a.runner, seq)
+            }
+            None => a.runner.act(&steps, task, seq),
+        })
+    })
+    .await;
     let actions = match result {
         Ok(Ok(actions)) => actions,
-        Ok(Err(nanobot_policy::runner::RunnerError::Input(e))) => {
+        Ok(Err(RunnerError::Input(e))) => {
             app.metrics.bad.fetch_add(1, Ordering::Relaxed);
             return bad(e);
         }
@@ -140,7 +280,7 @@ async fn act(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Re
     let c = app.runner.config();
     let chunk = ActionChunk {
         obs_seq: seq,
-        dt_ns: 0,
+        dt_ns: (1e9 / app.limits.rate_hz) as u64,
         horizon: c.head.horizon as u32,
         action_dim: c.head.action_dim as u32,
         actions,
@@ -157,8 +297,8 @@ async fn act(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Re
             m.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
     }
-    if envelope {
-        match codec::encode("", seq, codec::now_ns(), &chunk) {
+    if req.envelope {
+        match codec::encode(&req.robot, seq, codec::now_ns(), &chunk) {
             Ok(e) => {
                 let mut out = e.head.to_vec();
                 for b in e.blobs {
@@ -196,6 +336,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         ("200", ok),
         ("400", m.bad.load(Ordering::Relaxed)),
         ("500", m.failed.load(Ordering::Relaxed)),
+        ("503", m.busy.load(Ordering::Relaxed)),
     ] {
         s.push_str(&format!("nanobot_act_requests_total{{code=\"{code}\"}} {n}\n"));
     }
@@ -222,10 +363,17 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }
 
-pub fn router(runner: Runner) -> anyhow::Result<Router> {
+pub fn router(runner: Runner, limits: ServeLimits) -> anyhow::Result<Router> {
+    anyhow::ensure!(
+        limits.rate_hz > 0.0 && limits.queue > 0,
+        "--rate-hz and --queue must be positive"
+    );
     let params = runner.base.all_vars().iter().map(|v| v.elem_count()).sum();
     let app = Arc::new(App {
         runner,
+        limits,
+        slots: Arc::new(tokio::sync::Semaphore::new(limits.queue)),
+        sessions: Default::default(),
         pool: rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .thread_name(|_| "nb-serve".into())
@@ -250,7 +398,12 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         .map_err(|e| anyhow::anyhow!("listen {}: {e}", a.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, version, format = %runner.format, "serving the policy on http://{addr}/v1/act");
-    axum::serve(listener, router(runner)?)
+    let limits = ServeLimits {
+        rate_hz: a.rate_hz,
+        queue: a.queue,
+        max_sessions: a.max_sessions,
+    };
+    axum::serve(listener, router(runner, limits)?)
         .with_graceful_shutdown(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

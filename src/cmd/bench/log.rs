@@ -7,6 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+
+use super::{reset_peak_rss, rss_mb};
 use bytes::Bytes;
 use nanobot_actors::ingest::{sample_from_device, IngestConfig, IngestCore};
 use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, Frame, WriterConfig};
@@ -98,8 +100,8 @@ fn write_rows(dir: &Path, rows: u64, per_file: u64, blobs: &[Bytes]) -> anyhow::
 }
 
 fn pyarrow(rows: u64, per_file: u64, blobs_file: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
-    let script = include_str!("bench_log.py");
-    let o = Command::new("python3")
+    let script = include_str!("log.py");
+    let o = Command::new(super::python())
         .arg("-c")
         .arg(script)
         .args([rows.to_string(), per_file.to_string()])
@@ -113,23 +115,6 @@ fn pyarrow(rows: u64, per_file: u64, blobs_file: &Path, out: &Path) -> anyhow::R
         String::from_utf8_lossy(&o.stderr)
     );
     Ok(serde_json::from_slice(&o.stdout)?)
-}
-
-fn reset_peak_rss() {
-    // Linux: writing 5 to clear_refs resets VmHWM, the peak resident set.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn rss_mb(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 fn ingest_bench(ticks: usize) -> (f64, f64) {

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,10 @@ use zenoh::bytes::ZBytes;
 use zenoh::qos::{CongestionControl, Priority};
 use zenoh::sample::Sample;
 use zenoh::Session;
+
+pub mod inbox;
+
+pub use inbox::{Feeder, Inbox, InboxStats, Keep};
 
 #[derive(Debug, Error)]
 pub enum BusError {
@@ -140,30 +144,30 @@ pub struct Received<T> {
     pub trace: Option<TraceContext>,
 }
 
-/// Counters of one subscription.
+/// Rate-limits the warning for undecodable messages of one subscription (once a second).
 #[derive(Debug, Default)]
-pub struct SubStats {
-    pub received: AtomicU64,
-    /// Latest-only: messages replaced before they were taken.
-    pub replaced: AtomicU64,
-    /// Lossless: arrivals that found the queue full and waited.
-    pub waited: AtomicU64,
-    pub decode_errors: AtomicU64,
-    last_warn: Mutex<Option<Instant>>,
+struct DecodeWarn {
+    last: Mutex<Option<Instant>>,
 }
 
-impl SubStats {
-    fn decode_error(&self, key: &str, err: &CodecError) {
-        let n = self.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last_warn.lock().unwrap_or_else(|e| e.into_inner());
+impl DecodeWarn {
+    fn warn(&self, stats: &InboxStats, key: &str, err: &CodecError) {
+        let n = stats.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             *last = Some(Instant::now());
             tracing::warn!(key, error = %err, total = n, "undecodable message dropped");
         }
     }
-    pub fn dropped(&self) -> u64 {
-        self.replaced.load(Ordering::Relaxed) + self.decode_errors.load(Ordering::Relaxed)
-    }
+}
+
+/// A sample as it came off the wire, not yet decoded (sources that take more than one
+/// format, like ingest's raw topics).
+#[derive(Clone, Debug)]
+pub struct RawSample {
+    pub key: String,
+    pub payload: Bytes,
+    pub trace: Option<TraceContext>,
 }
 
 /// The pieces of a Zenoh payload, each shared with Zenoh (no copy).
@@ -288,73 +292,63 @@ impl Bus {
     async fn subscribe_decoded<T: Message>(
         &self,
         key: &str,
-        stats: Arc<SubStats>,
+        stats: Arc<InboxStats>,
         on_msg: impl Fn(Received<T>) + Send + Sync + 'static,
     ) -> Result<zenoh::pubsub::Subscriber<()>, BusError> {
+        let warn = DecodeWarn::default();
         self.session
             .declare_subscriber(key.to_string())
-            .callback(move |sample| {
-                stats.received.fetch_add(1, Ordering::Relaxed);
-                match decode_sample::<T>(&sample) {
-                    Ok(r) => on_msg(r),
-                    Err(e) => stats.decode_error(sample.key_expr().as_str(), &e),
+            .callback(move |sample| match decode_sample::<T>(&sample) {
+                Ok(r) => on_msg(r),
+                Err(e) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    warn.warn(&stats, sample.key_expr().as_str(), &e)
                 }
             })
             .await
             .map_err(|e| zerr(key, e))
     }
 
-    /// Latest-only subscription: a message not yet taken is replaced by a newer one (counted).
-    /// `wake` runs when a message arrives into an empty slot (to poke an actor's mailbox once).
-    pub async fn subscribe_latest<T: Message>(
+    /// A typed subscription into an [`Inbox`] that keeps the latest message or a bounded queue
+    /// (`keep`). Zenoh's receive thread never waits on it: what does not fit is counted.
+    /// `wake` runs when a message arrives into an empty inbox (to poke an actor's mailbox once).
+    pub async fn subscribe<T: Message>(
         &self,
         key: &str,
+        keep: Keep,
         wake: impl Fn() + Send + Sync + 'static,
-    ) -> Result<Latest<T>, BusError> {
-        let shared = Arc::new(LatestShared::<T> {
-            slot: Mutex::new(None),
-            notify: tokio::sync::Notify::new(),
-            stats: Arc::new(SubStats::default()),
-            full: AtomicBool::new(false),
-        });
-        let s = shared.clone();
-        let subscriber = self
-            .subscribe_decoded::<T>(key, shared.stats.clone(), move |r| {
-                let old = s.slot.lock().unwrap_or_else(|e| e.into_inner()).replace(r);
-                if old.is_some() {
-                    s.stats.replaced.fetch_add(1, Ordering::Relaxed);
-                }
-                s.notify.notify_one();
-                if !s.full.swap(true, Ordering::AcqRel) {
-                    wake();
-                }
+    ) -> Result<Inbox<Received<T>>, BusError> {
+        let (feeder, inbox) = inbox::inbox(keep, wake);
+        let stats = feeder.stats().clone();
+        let sub = self
+            .subscribe_decoded::<T>(key, stats, move |r| {
+                feeder.push(r);
             })
             .await?;
-        Ok(Latest {
-            _subscriber: subscriber,
-            shared,
-        })
+        Ok(inbox.with_guard(sub))
     }
 
-    /// Lossless subscription with a bounded queue: when the queue is full the arrival waits
-    /// (backpressure to publishers that block on congestion), and the wait is counted.
-    pub async fn subscribe_lossless<T: Message>(&self, key: &str, capacity: usize) -> Result<Lossless<T>, BusError> {
-        let (tx, rx) = flume::bounded(capacity.max(1));
-        let stats = Arc::new(SubStats::default());
-        let s = stats.clone();
-        let subscriber = self
-            .subscribe_decoded::<T>(key, stats.clone(), move |r| {
-                if tx.is_full() {
-                    s.waited.fetch_add(1, Ordering::Relaxed);
-                }
-                let _ = tx.send(r);
+    /// Like [`Bus::subscribe`], but the payloads are left undecoded.
+    pub async fn subscribe_raw(
+        &self,
+        key: &str,
+        keep: Keep,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Result<Inbox<RawSample>, BusError> {
+        let (feeder, inbox) = inbox::inbox(keep, wake);
+        let sub = self
+            .session
+            .declare_subscriber(key.to_string())
+            .callback(move |sample| {
+                feeder.push(RawSample {
+                    key: sample.key_expr().as_str().to_string(),
+                    payload: payload_bytes(sample.payload()),
+                    trace: sample_trace(&sample),
+                });
             })
-            .await?;
-        Ok(Lossless {
-            _subscriber: subscriber,
-            rx,
-            stats,
-        })
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(inbox.with_guard(sub))
     }
 
     /// Typed subscription that runs `f` on Zenoh's receive thread for each message: the
@@ -364,8 +358,14 @@ impl Bus {
         key: &str,
         f: impl Fn(Received<T>) + Send + Sync + 'static,
     ) -> Result<Callback, BusError> {
-        let stats = Arc::new(SubStats::default());
-        let subscriber = self.subscribe_decoded::<T>(key, stats.clone(), f).await?;
+        let stats = Arc::new(InboxStats::default());
+        let s = stats.clone();
+        let subscriber = self
+            .subscribe_decoded::<T>(key, stats.clone(), move |r| {
+                s.received.fetch_add(1, Ordering::Relaxed);
+                f(r)
+            })
+            .await?;
         Ok(Callback {
             _subscriber: subscriber,
             stats,
@@ -383,7 +383,8 @@ impl Bus {
         Ok(Queryable {
             inner,
             key: key.to_string(),
-            stats: SubStats::default(),
+            stats: InboxStats::default(),
+            warn: DecodeWarn::default(),
             _q: PhantomData,
         })
     }
@@ -517,6 +518,21 @@ impl<T: Message> Publisher<T> {
         put.await.map_err(|e| zerr(&self.key, e))
     }
 
+    /// Wait until at least one subscriber matches this publisher (a readiness signal for tools
+    /// and tests, instead of sleeping); false after `timeout`.
+    pub async fn wait_matched(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.inner.matching_status().await.is_ok_and(|m| m.matching()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// [`Publisher::put_traced`] without an async runtime (tight loops, bridges, benchmarks).
     pub fn put_wait(&self, msg: &T, trace: &TraceContext) -> Result<u64, BusError> {
         use zenoh::Wait;
@@ -534,78 +550,14 @@ impl<T: Message> Publisher<T> {
     }
 }
 
-struct LatestShared<T> {
-    slot: Mutex<Option<Received<T>>>,
-    notify: tokio::sync::Notify,
-    stats: Arc<SubStats>,
-    /// Set when a message arrives into an empty slot, cleared by `take`.
-    full: AtomicBool,
-}
-
-/// A latest-only subscription.
-pub struct Latest<T> {
-    _subscriber: zenoh::pubsub::Subscriber<()>,
-    shared: Arc<LatestShared<T>>,
-}
-
-impl<T: Message> Latest<T> {
-    /// The newest message not yet taken.
-    pub fn take(&self) -> Option<Received<T>> {
-        let r = self.shared.slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.shared.full.store(false, Ordering::Release);
-        r
-    }
-    /// The sequence number of the message waiting, if any (it stays waiting).
-    pub fn peek_seq(&self) -> Option<u64> {
-        self.shared
-            .slot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|r| r.header.seq)
-    }
-    /// Wait for the next message.
-    pub async fn recv(&self) -> Received<T> {
-        loop {
-            let notified = self.shared.notify.notified();
-            if let Some(r) = self.take() {
-                return r;
-            }
-            notified.await;
-        }
-    }
-    pub fn stats(&self) -> &SubStats {
-        &self.shared.stats
-    }
-}
-
 /// A callback subscription; dropping it undeclares.
 pub struct Callback {
     _subscriber: zenoh::pubsub::Subscriber<()>,
-    stats: Arc<SubStats>,
+    stats: Arc<InboxStats>,
 }
 
 impl Callback {
-    pub fn stats(&self) -> &SubStats {
-        &self.stats
-    }
-}
-
-/// A lossless subscription with a bounded queue.
-pub struct Lossless<T> {
-    _subscriber: zenoh::pubsub::Subscriber<()>,
-    rx: flume::Receiver<Received<T>>,
-    stats: Arc<SubStats>,
-}
-
-impl<T: Message> Lossless<T> {
-    pub async fn recv(&self) -> Option<Received<T>> {
-        self.rx.recv_async().await.ok()
-    }
-    pub fn try_recv(&self) -> Option<Received<T>> {
-        self.rx.try_recv().ok()
-    }
-    pub fn stats(&self) -> &SubStats {
+    pub fn stats(&self) -> &InboxStats {
         &self.stats
     }
 }
@@ -614,7 +566,8 @@ impl<T: Message> Lossless<T> {
 pub struct Queryable<Q> {
     inner: zenoh::query::Queryable<flume::Receiver<zenoh::query::Query>>,
     key: String,
-    stats: SubStats,
+    stats: InboxStats,
+    warn: DecodeWarn,
     _q: PhantomData<fn(Q)>,
 }
 
@@ -654,13 +607,13 @@ impl<Q: Message> Queryable<Q> {
                     })
                 }
                 Err(e) => {
-                    self.stats.decode_error(&self.key, &e);
+                    self.warn.warn(&self.stats, &self.key, &e);
                     let _ = query.reply_err(format!("{}: {e}", Q::KIND)).await;
                 }
             }
         }
     }
-    pub fn stats(&self) -> &SubStats {
+    pub fn stats(&self) -> &InboxStats {
         &self.stats
     }
 }

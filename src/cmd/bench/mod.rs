@@ -1,0 +1,124 @@
+//! `nanobot bench`: every figure printed beside a baseline measured in the same run (raw Zenoh
+//! for the bus, pyarrow for Parquet, ...), because these machines are noisy. One module per
+//! bench; the helpers they share are here.
+
+mod bus;
+mod log;
+mod policy;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Bus throughput and latency beside raw Zenoh.
+    Bus {
+        /// Seconds of publishing per throughput measurement.
+        #[arg(long, default_value_t = 2.0)]
+        secs: f64,
+        /// Round trips per latency measurement.
+        #[arg(long, default_value_t = 2000)]
+        round_trips: usize,
+        /// Payload sizes in bytes.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![64, 1024, 16384, 262144])]
+        sizes: Vec<usize>,
+        /// Only two processes (`two`) or only one (`one`); default both.
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// Action-chunk latency of the policy (encoder once, DDIM steps), f32 beside MXFP4.
+    Policy {
+        /// Policy config.
+        #[arg(long, default_value = "configs/policy/small.toml")]
+        config: std::path::PathBuf,
+        /// Timed action chunks per setting.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
+    /// Logger Parquet throughput beside pyarrow, ingest frames/s, and logger memory.
+    Log {
+        /// Rows per throughput run.
+        #[arg(long, default_value_t = 50_000)]
+        rows: u64,
+        /// Rows per data file.
+        #[arg(long, default_value_t = 16_384)]
+        per_file: u64,
+        /// Gigabytes of row data to log while measuring peak memory (0: skip).
+        #[arg(long, default_value_t = 1.0)]
+        memory_gb: f64,
+        /// Scratch directory (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
+    /// The far side of `bench bus` between two processes (started by it).
+    #[command(hide = true)]
+    BusPeer {
+        #[arg(long)]
+        connect: String,
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+    },
+}
+
+pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cmd {
+        BenchCmd::Bus {
+            secs,
+            round_trips,
+            sizes,
+            only,
+        } => rt.block_on(bus::bench_bus(secs, round_trips, &sizes, only.as_deref())),
+        BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
+        BenchCmd::Policy { config, runs } => policy::run(&config, runs),
+        BenchCmd::Log {
+            rows,
+            per_file,
+            memory_gb,
+            dir,
+        } => log::run(rows, per_file, memory_gb, dir.as_deref()),
+    }
+}
+
+/// The `p` quantile (0..=1) of `sorted` (ascending); 0 for no samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The `p` quantile of unsorted samples.
+pub fn quantile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    percentile(&s, p)
+}
+
+/// A field of /proc/self/status in MB (`VmHWM:` the peak resident set, `VmRSS:` the current).
+pub fn rss_mb(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// The peak resident set so far, MB.
+pub fn peak_rss_mb() -> f64 {
+    rss_mb("VmHWM:")
+}
+
+/// Start measuring the peak resident set afresh (Linux: 5 into clear_refs resets VmHWM).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The Python that baselines run with: the project's virtualenv (`.venv`, made by `.ci/run`)
+/// when there is one, else `python3`.
+pub fn python() -> std::path::PathBuf {
+    crate::python::interpreter()
+}

@@ -1,0 +1,11 @@
+//! The `nanobot` commands, one module each.
+
+pub mod bench;
+pub mod collect;
+pub mod export;
+pub mod fleet;
+pub mod launcher;
+pub mod run;
+pub mod serve;
+pub mod topic;
+pub mod train;
