@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, collect, export, fleet, launcher, serve, topic, train};
+use cmd::{bench, collect, export, fleet, launcher, schema, serve, topic, train};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +70,8 @@ enum Cmd {
     Export(export::ExportArgs),
     /// Serve a policy over HTTP: POST /v1/act, GET /v1/model, /healthz, /metrics.
     Serve(serve::ServeArgs),
+    /// The body layout of every message kind: fields, types, widths, enum values.
+    Schema(schema::SchemaArgs),
     /// Benchmarks, each printed beside a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -138,6 +140,10 @@ fn main() -> ExitCode {
         Cmd::Serve(args) => {
             init_tracing("info");
             runtime().and_then(|rt| rt.block_on(serve::serve(args)))
+        }
+        Cmd::Schema(args) => {
+            init_tracing("warn");
+            schema::schema_cmd(args)
         }
         Cmd::Bench { cmd } => {
             init_tracing("warn,zenoh=error");

@@ -20,6 +20,7 @@
 //! can hand them to Zenoh and back without copying them.
 
 pub mod codec;
+pub mod schema;
 pub mod device;
 pub mod json;
 pub mod topics;

@@ -113,7 +113,9 @@ impl Serialize for Blob {
         if s.is_human_readable() {
             s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(self.to_bytes()))
         } else {
-            s.serialize_u64(self.len() as u64)
+            // A newtype named "Blob" around its length: the same bytes as a bare u64 in
+            // bincode, and a type a schema reader can name (`nanobot schema`).
+            s.serialize_newtype_struct("Blob", &(self.len() as u64))
         }
     }
 }
@@ -127,7 +129,17 @@ impl<'de> Deserialize<'de> for Blob {
                 .map_err(|e| serde::de::Error::custom(format!("blob is not base64: {e}")))?;
             Ok(Blob::new(bytes))
         } else {
-            let len = u64::deserialize(d)?;
+            struct Len;
+            impl<'de> serde::de::Visitor<'de> for Len {
+                type Value = u64;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a blob length")
+                }
+                fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+                    u64::deserialize(d)
+                }
+            }
+            let len = d.deserialize_newtype_struct("Blob", Len)?;
             Ok(Blob {
                 pieces: BlobPieces::default(),
                 pending: Some(len),

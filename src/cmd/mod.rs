@@ -6,6 +6,7 @@ pub mod export;
 pub mod fleet;
 pub mod launcher;
 pub mod run;
+pub mod schema;
 pub mod serve;
 pub mod topic;
 pub mod train;
