@@ -112,7 +112,11 @@ fn samples() -> Vec<AnyMessage> {
             count: 1,
         }
         .into(),
-        LogAck { last_seq: 99, rows: 100 }.into(),
+        LogAck {
+            last_seq: 99,
+            rows: 100,
+        }
+        .into(),
     ];
     for event in [
         EventKind::EpisodeStart {

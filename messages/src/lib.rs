@@ -20,9 +20,9 @@
 //! can hand them to Zenoh and back without copying them.
 
 pub mod codec;
-pub mod schema;
 pub mod device;
 pub mod json;
+pub mod schema;
 pub mod topics;
 pub mod trace;
 pub mod types;

@@ -18,7 +18,10 @@ pub struct SchemaArgs {
 
 pub fn schema_cmd(a: SchemaArgs) -> anyhow::Result<u8> {
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&schema::registry_json().map_err(anyhow::Error::msg)?)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&schema::registry_json().map_err(anyhow::Error::msg)?)?
+        );
         return Ok(0);
     }
     let kinds: Vec<Kind> = match &a.kind {

@@ -364,6 +364,15 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 pub fn router(runner: Runner, limits: ServeLimits) -> anyhow::Result<Router> {
+    Ok(Router::new()
+        .route("/v1/act", post(act))
+        .route("/v1/model", get(model))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(app(runner, limits)?))
+}
+
+fn app(runner: Runner, limits: ServeLimits) -> anyhow::Result<Arc<App>> {
     anyhow::ensure!(
         limits.rate_hz > 0.0 && limits.queue > 0,
         "--rate-hz and --queue must be positive"
@@ -382,12 +391,7 @@ pub fn router(runner: Runner, limits: ServeLimits) -> anyhow::Result<Router> {
         metrics: Metrics::default(),
         started: Instant::now(),
     });
-    Ok(Router::new()
-        .route("/v1/act", post(act))
-        .route("/v1/model", get(model))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .with_state(app))
+    Ok(app)
 }
 
 pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
@@ -414,4 +418,98 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         })
         .await?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use nanobot_messages::{Blob, Encoding, Grid, Image};
+    use nanobot_policy::checkpoint::{self, Meta, NormStats, Role};
+    use nanobot_policy::PolicyConfig;
+
+    fn tiny_runner() -> Runner {
+        let dir = std::env::temp_dir().join(format!("nb-serve-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg =
+            PolicyConfig::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/policy/tiny.toml"))
+                .unwrap();
+        let vars = VarMap::new();
+        nanobot_policy::Policy::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), None).unwrap();
+        nanobot_policy::model::seeded_init(&vars, 1).unwrap();
+        let meta = Meta {
+            kind: Role::Base,
+            version: "t".into(),
+            norm: NormStats::fit(&[vec![0.0; cfg.inputs.state_dim]], &[vec![0.0; cfg.head.action_dim]]),
+            config: cfg,
+        };
+        let path = dir.join("tiny.safetensors");
+        checkpoint::save(&path, &vars, &meta).unwrap();
+        let r = Runner::load(&path, None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn observation() -> Observation {
+        let sim = nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default()).unwrap();
+        Observation {
+            episode: 0,
+            frame_index: 0,
+            task: 0,
+            image: Image {
+                width: 64,
+                height: 64,
+                encoding: Encoding::Jpeg,
+                data: Blob::new(sim.render_jpeg(90)),
+            },
+            state: sim.state().to_vec(),
+            surface: Grid {
+                rows: 8,
+                cols: 8,
+                cells: sim.surface(),
+            },
+            action: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_503_with_retry_after_and_counts_it() {
+        let limits = ServeLimits {
+            queue: 2,
+            ..ServeLimits::default()
+        };
+        let app = app(tiny_runner(), limits).unwrap();
+        let body = Bytes::from(serde_json::to_vec(&observation()).unwrap());
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        // Two requests already wait for inference.
+        let held = app.slots.clone().try_acquire_many_owned(2).unwrap();
+        let r = act(State(app.clone()), headers.clone(), body.clone()).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        assert_eq!(app.metrics.busy.load(Ordering::Relaxed), 1);
+        drop(held);
+        let r = act(State(app.clone()), headers, body).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[test]
+    fn sessions_are_bounded_least_recently_used_first() {
+        let runner = tiny_runner();
+        let mut s = Sessions::default();
+        let a = s.get("a", &runner, 2).unwrap();
+        s.get("b", &runner, 2).unwrap();
+        s.get("a", &runner, 2).unwrap();
+        s.get("c", &runner, 2).unwrap();
+        assert_eq!(s.by_name.len(), 2);
+        assert!(
+            s.by_name.contains_key("a") && s.by_name.contains_key("c"),
+            "b was least recently used"
+        );
+        assert!(
+            Arc::ptr_eq(&a, &s.get("a", &runner, 2).unwrap()),
+            "a session keeps its rollout"
+        );
+    }
 }
