@@ -170,7 +170,6 @@ fn node_list_echo_and_pub_work_against_a_running_fleet() {
         &ep,
     ]);
     let echo = echo.stdout(std::process::Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
     let msg = r#"{"kind":"Event","msg":{"episode":3,"event":{"Reward":{"value":1.5}}}}"#;
     let out = tool(&[
         "topic",
@@ -181,6 +180,9 @@ fn node_list_echo_and_pub_work_against_a_running_fleet() {
         "3",
         "--rate",
         "5",
+        // Publish once echo's subscription is known (a readiness signal, not a sleep).
+        "--wait",
+        "20",
         "--connect",
         &ep,
     ]);
@@ -240,10 +242,20 @@ fn doctor_says_connected_but_no_data() {
     let mut fleet = Proc::launch(&file, &[]);
     fleet.expect_line("actor started", Duration::from_secs(10));
     let ep = format!("tcp/127.0.0.1:{port}");
-    // Stats are published, so there is data on nb/**; the robot's topics are silent.
+    // Stats are published on nb/node/**, but the fleet's own topics are silent.
     let out = tool(&["doctor", "--connect", &ep]);
     let report = text(&out.stdout);
     assert!(report.contains("node quiet: 1 actor(s): expert_r0"), "{report}");
+    assert!(report.contains("FAIL      connected but no data on nb/**"), "{report}");
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    // The same doctor against a fleet whose robots publish: data, and exit 0.
+    let (sim, _) = sim_fleet("doctor-ok", 1);
+    let mut live = Proc::launch(&sim, &[]);
+    live.expect_actors(1, Duration::from_secs(30));
+    let out = tool(&["doctor", "--launch", sim.to_str().unwrap()]);
+    let report = text(&out.stdout);
+    assert!(report.contains("ok        data:"), "{report}");
+    assert_eq!(out.status.code(), Some(0), "{report}");
     let out = tool(&["topic", "echo", "nb/r0/**", "--timeout", "2", "--connect", &ep]);
     assert!(!out.status.success());
     assert!(

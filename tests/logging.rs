@@ -121,9 +121,19 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     let _sub = rt
         .block_on(bus.subscribe_callback::<LogAck>("nb/log/r0/ack", move |r| a.lock().unwrap().push(r.msg.last_seq)))
         .unwrap();
+    // Every observation ingest published, to check what each run of the logger acknowledged.
+    let published = Arc::new(Mutex::new(std::collections::BTreeSet::<u64>::new()));
+    let p = published.clone();
+    let _obs = rt
+        .block_on(bus.subscribe_callback::<Observation>("nb/r0/obs", move |r| {
+            p.lock().unwrap().insert(r.header.seq);
+        }))
+        .unwrap();
     let n_acks = || acks.lock().unwrap().len();
     let mut rng = 0x9e3779b97f4a7c15u64;
     let mut killed_with_open_journal = 0;
+    // The acks of each run of the logger: [start, end) in `acks`.
+    let mut runs = Vec::new();
     for round in 0..10 {
         let before = n_acks();
         let mut logger = run("log");
@@ -134,6 +144,7 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
         std::thread::sleep(Duration::from_millis((rng >> 33) % 400));
         logger.signal(libc::SIGKILL);
         logger.wait(Duration::from_secs(10));
+        runs.push(before..n_acks());
         let journals = std::fs::read_dir(data.join("r0/journal"))
             .map(|d| d.count())
             .unwrap_or(0);
@@ -152,6 +163,7 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     });
     logger.signal(libc::SIGTERM);
     assert!(logger.wait(Duration::from_secs(20)).success());
+    runs.push(before..n_acks());
     drop(robot);
 
     let root = data.join("r0");
@@ -163,9 +175,25 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     let dup: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dup.is_empty(), "sequence numbers stored twice: {dup:?}");
     let acked = acks.lock().unwrap().clone();
-    assert!(acked.len() >= 33);
     let missing: Vec<_> = acked.iter().filter(|s| !count.contains_key(s)).collect();
     assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    // An ack covers every row the logger had received up to its seq, not only that seq: within
+    // one run, every observation published between its first and last ack is stored.
+    let published = published.lock().unwrap().clone();
+    let mut covered = 0;
+    for r in &runs {
+        let acks_of_run = &acked[r.clone()];
+        assert!(acks_of_run.len() >= 3, "each run acknowledged rows: {acks_of_run:?}");
+        let (first, last) = (acks_of_run[0], *acks_of_run.last().unwrap());
+        let lost: Vec<u64> = published
+            .range(first + 1..=last)
+            .filter(|s| !count.contains_key(s))
+            .copied()
+            .collect();
+        assert!(lost.is_empty(), "acknowledged by {last} but not stored: {lost:?}");
+        covered += published.range(first + 1..=last).count();
+    }
+    assert!(covered >= 100, "the acks covered {covered} published rows");
     let report = nanobot_dataset::verify(&root).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     eprintln!(
@@ -219,12 +247,30 @@ set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
     let rj = rejects.clone();
     let _s2 = rt
         .block_on(bus.subscribe_callback::<Reject>("nb/*/rejects", move |r| {
-            *rj.lock().unwrap().entry(r.msg.reason.clone()).or_default() += 1;
+            let who = if r.key.as_str() == "nb/probe/rejects" {
+                "probe:"
+            } else {
+                ""
+            };
+            *rj.lock().unwrap().entry(format!("{who}{}", r.msg.reason)).or_default() += 1;
         }))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Readiness: probe with a frame of robot "probe" that ingest refuses (a 1-value state)
+    // until its reject reaches us: the subscriptions above are then known to the node.
+    let probe = DeviceFrame {
+        sensor: Sensor::State,
+        robot: "probe".into(),
+        seq: 0,
+        stamp_ns: 1,
+        payload: DeviceFrame::f32_payload(&[1.0]),
+    }
+    .encode();
+    wait_until("a probe's reject", Duration::from_secs(20), || {
+        sock.send_to(&probe, ("127.0.0.1", udp)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        rejects.lock().unwrap().contains_key("probe:size")
+    });
     let send = |b: &[u8]| {
         sock.send_to(b, ("127.0.0.1", udp)).unwrap();
         std::thread::sleep(Duration::from_millis(1));
@@ -268,7 +314,16 @@ set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
     wait_until("30 observations", Duration::from_secs(10), || {
         obs.lock().unwrap().len() >= 30
     });
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("25 rejects", Duration::from_secs(10), || {
+        rejects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("probe:"))
+            .map(|(_, n)| n)
+            .sum::<u64>()
+            >= 25
+    });
     let got = obs.lock().unwrap();
     assert_eq!(
         got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
@@ -281,7 +336,8 @@ set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
         assert_eq!(o.image.data.to_bytes().as_ref(), &jpeg[..]);
         assert_eq!(o.surface.cells.len(), 64);
     }
-    let r = rejects.lock().unwrap().clone();
+    let mut r = rejects.lock().unwrap().clone();
+    r.retain(|k, _| !k.starts_with("probe:"));
     for (reason, n) in [("decode", 5), ("size", 5), ("crc", 5), ("range", 5), ("image", 5)] {
         assert_eq!(r.get(reason), Some(&n), "rejects by reason: {r:?}");
     }
@@ -325,7 +381,7 @@ fn collect_writes_datasets_from_udp_and_verify_names_damage() {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    p.expect_line("collect: 40 observations", Duration::from_secs(20));
     p.signal(libc::SIGINT);
     assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.seen.join("\n"));
     let summary: String = p.lines.try_iter().collect::<Vec<_>>().join("\n");
@@ -361,8 +417,8 @@ fn collect_reads_device_frames_from_a_serial_port() {
     c.args(["collect", "--serial", &slave, "--baud", "921600", "--out"])
         .arg(&out);
     let mut p = Proc::spawn(c);
+    // Printed once the port is open and in raw mode: bytes written now arrive as they are.
     p.expect_line("reading", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(200));
     let jpeg = sim_jpeg();
     let mut stream = Vec::new();
     for i in 0..10u32 {
@@ -376,7 +432,7 @@ fn collect_reads_device_frames_from_a_serial_port() {
         master.write_all(piece).unwrap();
     }
     master.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    p.expect_line("collect: 10 observations", Duration::from_secs(20));
     p.signal(libc::SIGTERM);
     assert!(p.wait(Duration::from_secs(20)).success());
     assert_eq!(check_with_python(&out.join("uart1")), (0..10).collect::<Vec<_>>());

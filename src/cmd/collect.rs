@@ -99,6 +99,8 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
     let mut over_budget: BTreeMap<String, u64> = BTreeMap::new();
     let flush_every = Duration::from_millis(lcfg.flush_ms.max(1));
     let mut last_flush = Instant::now();
+    // Progress once a second while it changes: observations and rejects so far.
+    let (mut last_progress, mut reported) = (Instant::now(), (0u64, 0u64));
     let open = |robot: &str| -> anyhow::Result<DatasetWriter> {
         let root = args.out.join(robot);
         DatasetWriter::open(&root, lcfg.spec(), lcfg.writer_config())
@@ -135,6 +137,16 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            let now = core.counts.values().fold((0, 0), |(o, r), c| {
+                (o + c.observations, r + c.rejects.values().sum::<u64>())
+            });
+            if now != reported {
+                reported = now;
+                eprintln!("collect: {} observations, {} rejects so far", now.0, now.1);
+            }
         }
         if last_flush.elapsed() >= flush_every {
             last_flush = Instant::now();

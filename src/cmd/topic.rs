@@ -72,6 +72,10 @@ pub enum TopicCmd {
         count: u64,
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
+        /// Wait up to this many seconds for a matching subscriber before publishing (as
+        /// `ros2 topic pub --wait-matching-subscriptions`); publish anyway after it.
+        #[arg(long, default_value_t = 2.0)]
+        wait: f64,
         #[command(flatten)]
         conn: ConnectArgs,
     },
@@ -281,8 +285,9 @@ pub async fn run(cmd: TopicCmd) -> anyhow::Result<u8> {
             robot,
             count,
             rate,
+            wait,
             conn,
-        } => publish(&conn, &keyexpr, &json, robot, count, rate).await,
+        } => publish(&conn, &keyexpr, &json, robot, count, rate, wait).await,
     }
 }
 
@@ -380,6 +385,7 @@ async fn publish(
     robot: Option<String>,
     count: u64,
     rate: f64,
+    wait: f64,
 ) -> anyhow::Result<u8> {
     let value: Value = serde_json::from_str(text).context("the message is not JSON")?;
     let parsed = from_json(&value).map_err(|e| anyhow::anyhow!("the message does not match its kind: {e}"))?;
@@ -395,7 +401,7 @@ async fn publish(
         .await
         .map_err(|e| anyhow::anyhow!("publishing on {key}: {e}"))?;
     // Give subscriptions a moment to propagate so that a one-shot publication is not lost.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs_f64(wait.max(0.0));
     while Instant::now() < deadline {
         if publisher.matching_status().await.map(|m| m.matching()).unwrap_or(true) {
             break;
