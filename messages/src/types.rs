@@ -154,6 +154,34 @@ impl fmt::Display for Kind {
     }
 }
 
+/// Deserialize a sequence without trusting its length prefix for the allocation: bincode hands
+/// serde the claimed count as a size hint, and serde's `Vec` would reserve up to 1 MiB for it
+/// before a single element is read. Here at most 4 KiB is reserved up front; the vector grows
+/// only as elements actually decode, so a garbled prefix costs a small multiple of the bytes
+/// received.
+fn bounded_seq<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Seq<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Seq<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a sequence")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let cap = seq.size_hint().unwrap_or(0).min(4096 / std::mem::size_of::<T>().max(1));
+            let mut v = Vec::with_capacity(cap);
+            while let Some(x) = seq.next_element()? {
+                v.push(x);
+            }
+            Ok(v)
+        }
+    }
+    d.deserialize_seq(Seq(std::marker::PhantomData))
+}
+
 /// A type that travels in the envelope: one row of the message table below.
 pub trait Message: Serialize + DeserializeOwned + Send + Sync + Into<AnyMessage> + 'static {
     const KIND: Kind;
@@ -292,6 +320,7 @@ pub struct RawFrame {
     pub sensor: String,
     pub encoding: Encoding,
     /// Shape of the decoded value (`[h, w, 3]` for an image, `[n]` for a vector).
+    #[serde(deserialize_with = "bounded_seq")]
     pub shape: Vec<u32>,
     pub data: Blob,
 }
@@ -340,6 +369,7 @@ pub struct Image {
 pub struct Grid {
     pub rows: u32,
     pub cols: u32,
+    #[serde(deserialize_with = "bounded_seq")]
     pub cells: Vec<f32>,
 }
 
@@ -350,10 +380,12 @@ pub struct Observation {
     pub frame_index: u64,
     pub task: u32,
     pub image: Image,
+    #[serde(deserialize_with = "bounded_seq")]
     pub state: Vec<f32>,
     pub surface: Grid,
     /// The action the robot commanded at this observation (what a dataset records as
     /// `action`); empty when the robot does not report its commands.
+    #[serde(deserialize_with = "bounded_seq")]
     pub action: Vec<f32>,
 }
 
@@ -375,6 +407,7 @@ pub struct ActionChunk {
     pub horizon: u32,
     pub action_dim: u32,
     /// `horizon × action_dim` values, row-major.
+    #[serde(deserialize_with = "bounded_seq")]
     pub actions: Vec<f32>,
     pub source: ActionSource,
     pub policy_version: String,
@@ -430,7 +463,9 @@ pub struct ReplayRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Tensor {
     pub name: String,
+    #[serde(deserialize_with = "bounded_seq")]
     pub shape: Vec<u32>,
+    #[serde(deserialize_with = "bounded_seq")]
     pub data: Vec<f32>,
 }
 
@@ -438,6 +473,7 @@ pub struct Tensor {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReplayBatch {
     pub windows: u32,
+    #[serde(deserialize_with = "bounded_seq")]
     pub tensors: Vec<Tensor>,
 }
 
@@ -453,6 +489,7 @@ pub struct Candidate {
     pub adapter_id: String,
     pub base_version: String,
     pub step: u64,
+    #[serde(deserialize_with = "bounded_seq")]
     pub metrics: Vec<Metric>,
     /// The adapter's safetensors bytes.
     pub adapter: Blob,
@@ -466,6 +503,7 @@ pub struct Promoted {
     pub sha256: String,
     pub signature: String,
     /// Robots that take it first; empty means the whole fleet.
+    #[serde(deserialize_with = "bounded_seq")]
     pub canary: Vec<String>,
     pub adapter: Blob,
 }
@@ -480,6 +518,7 @@ pub struct Stats {
     pub errors: u64,
     pub dropped: u64,
     pub uptime_ms: u64,
+    #[serde(deserialize_with = "bounded_seq")]
     pub extra: Vec<Metric>,
 }
 

@@ -1,9 +1,58 @@
 //! Property tests of the wire codec: every message round-trips, and damaged bytes are refused
 //! with the right error, never a panic.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
 use bytes::Bytes;
 use nanobot_messages::*;
 use proptest::prelude::*;
+
+/// Counts the bytes this thread holds, and their peak, so a test can measure what one decode
+/// allocates (tests run on several threads; each counts its own).
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<usize> = const { Cell::new(0) };
+    static PEAK: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; only counts on the side.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: the caller's layout goes to the system allocator as it is.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let _ = LIVE.try_with(|c| {
+                let v = c.get() + l.size();
+                c.set(v);
+                let _ = PEAK.try_with(|pk| pk.set(pk.get().max(v)));
+            });
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: `p` came from `alloc` with this layout.
+        unsafe { System.dealloc(p, l) };
+        let _ = LIVE.try_with(|c| c.set(c.get().saturating_sub(l.size())));
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// The most bytes `f` held at once beyond what this thread held before.
+fn peak_alloc<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    let r = f();
+    (r, PEAK.with(Cell::get) - base)
+}
+
+/// What a decode of `n` input bytes may allocate: a small multiple of the input.
+fn alloc_bound(n: usize) -> usize {
+    4096 + 8 * n
+}
 
 fn any_chunk() -> impl Strategy<Value = ActionChunk> {
     (any::<u64>(), 1u32..17, 1u32..8, "[a-z0-9.]{0,12}", prop::bool::ANY).prop_flat_map(
@@ -134,12 +183,18 @@ proptest! {
             v[at] ^= b | 1;
         }
         // Either an error or a (different) valid message; never a panic or a huge allocation.
-        let _ = decode_any(Bytes::from(v));
+        let n = v.len();
+        let input = Bytes::from(v);
+        let (_, peak) = peak_alloc(|| decode_any(input));
+        prop_assert!(peak <= alloc_bound(n), "decoding {} bytes allocated {} bytes", n, peak);
     }
 
     #[test]
     fn random_bytes_never_panic(v in prop::collection::vec(any::<u8>(), 0..512)) {
-        let _ = decode_any(Bytes::from(v));
+        let n = v.len();
+        let input = Bytes::from(v);
+        let (_, peak) = peak_alloc(|| decode_any(input));
+        prop_assert!(peak <= alloc_bound(n), "decoding {} bytes allocated {} bytes", n, peak);
     }
 }
 
@@ -170,7 +225,17 @@ fn huge_announced_lengths_are_refused_without_allocating() {
     let mut v = wire("r0", 1, &f).to_vec();
     let body_start = 26 + 2;
     v[body_start..body_start + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-    assert!(decode::<RawFrame>(Bytes::from(v)).is_err());
+    let n = v.len();
+    let input = Bytes::from(v);
+    let (r, peak) = peak_alloc(|| decode::<RawFrame>(input));
+    assert!(r.is_err());
+    assert!(
+        peak <= alloc_bound(n),
+        "a 2^40-byte claim made the decoder allocate {peak} bytes"
+    );
+    // The measurement itself can fail: a decode that allocates as claimed is caught.
+    let (_, big) = peak_alloc(|| Vec::<u8>::with_capacity(1 << 20));
+    assert!(big > alloc_bound(n));
 }
 
 fn any_event_fixed() -> Event {
