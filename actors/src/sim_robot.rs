@@ -34,6 +34,8 @@ pub struct SimRobotConfig {
 pub struct FaultConfig {
     /// Panic at this tick (counted from the actor's start).
     pub panic_at_tick: Option<u64>,
+    /// Take this long to stop (a node that does not stop in time, for `launch --grace`).
+    pub slow_stop_ms: Option<u64>,
 }
 
 impl Default for SimRobotConfig {
@@ -255,6 +257,13 @@ impl NodeActor for SimRobot {
         let span = tracing::debug_span!("sim_tick", robot = %self.robot_id, tick = self.tick);
         self.tick(ctx).instrument(span).await;
         Ok(())
+    }
+
+    async fn stop(&mut self, _ctx: &Ctx<Self>) {
+        if let Some(ms) = self.cfg.fault.slow_stop_ms {
+            tracing::warn!(robot = %self.robot_id, ms, "injected fault: slow stop");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
     }
 
     fn metrics(&self, m: &mut Metrics) {

@@ -91,11 +91,11 @@ if b"pandas" not in (tasks.schema.metadata or {}):
     fail("meta/tasks.parquet has no pandas index metadata")
 try:
     import pandas  # noqa: F401
-    df = tasks.to_pandas()
-    if df.index.name != "task":
-        fail(f"meta/tasks.parquet: pandas index is {df.index.name}, want `task`")
 except ImportError:
-    pass
+    fail("pandas is needed to check the tasks index LeRobot reads: `pip install pandas` (.ci/run installs it)")
+df = tasks.to_pandas()
+if df.index.name != "task":
+    fail(f"meta/tasks.parquet: pandas index is {df.index.name}, want `task`")
 
 stats = json.load(open(os.path.join(root, "meta/stats.json")))
 for name in ["observation.state", "action"]:

@@ -201,9 +201,90 @@ fn disk_full_stops_acknowledgements_and_keeps_what_was_acknowledged() {
     );
     assert_eq!(w.durable(), (Some(4), 5), "no acknowledgement past the failure");
     assert_eq!(w.pending_rows(), 3, "the frames stay queued");
-    drop(w);
+    // More arrive while the disk is full; still nothing acknowledged.
+    push_all(&mut w, 8..10, 100);
+    assert!(w.flush().is_err());
+    assert_eq!(w.durable(), (Some(4), 5));
+    // The disk heals: the waiting rows are stored exactly once and acknowledgements resume.
     std::fs::remove_file(root.join("journal/file-000001.arrows")).unwrap();
-    assert_eq!(stored_seqs(root), (0..5).collect::<Vec<_>>());
+    assert_eq!(w.flush().unwrap(), Some(9));
+    assert_eq!(w.durable(), (Some(9), 10));
+    assert_eq!(w.pending_rows(), 0);
+    w.finish_file().unwrap();
+    drop(w);
+    assert_eq!(stored_seqs(root), (0..10).collect::<Vec<_>>());
+    let report = verify(root).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn files_rotate_at_their_size_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let limit = 1500;
+    let mut w = DatasetWriter::open(
+        root,
+        spec(),
+        WriterConfig {
+            file_max_bytes: limit,
+            ..cfg()
+        },
+    )
+    .unwrap();
+    let mut finalized = Vec::new();
+    for batch in 0..12 {
+        push_all(&mut w, batch * 4..batch * 4 + 4, 1000);
+        w.flush().unwrap();
+        finalized.extend(w.rotate_if_due().unwrap());
+    }
+    finalized.extend(w.finish_file().unwrap());
+    assert!(
+        finalized.len() >= 3,
+        "{} files for 48 rows at {limit} bytes",
+        finalized.len()
+    );
+    assert_eq!(finalized.iter().map(|f| f.rows).sum::<u64>(), 48);
+    assert_eq!(stored_seqs(root), (0..48).collect::<Vec<_>>());
+    assert!(verify(root).unwrap().ok());
+}
+
+#[test]
+fn verify_names_a_stray_data_file_and_an_unrecovered_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+    push_all(&mut w, 0..5, 100);
+    w.finish_file().unwrap();
+    // A file the manifest does not list (copied in by hand, or left by another writer).
+    let stray = root.join("data/chunk-000/file-009.parquet");
+    std::fs::copy(root.join("data/chunk-000/file-000.parquet"), &stray).unwrap();
+    // And a journal a crash left behind.
+    push_all(&mut w, 5..7, 100);
+    w.flush().unwrap();
+    std::mem::forget(w);
+    let report = verify(root).unwrap();
+    let found: Vec<(String, String)> = report
+        .problems
+        .iter()
+        .map(|p| {
+            (
+                p.path.file_name().unwrap().to_string_lossy().into_owned(),
+                p.what.clone(),
+            )
+        })
+        .collect();
+    assert!(
+        found
+            .iter()
+            .any(|(f, w)| f == "file-009.parquet" && w.contains("not in the manifest")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(f, w)| f.ends_with(".arrows") && w.contains("journal not yet recovered")),
+        "{found:?}"
+    );
 }
 
 #[test]
