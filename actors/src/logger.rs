@@ -113,10 +113,13 @@ pub fn frame_of(seq: u64, stamp_ns: u64, obs: Observation) -> Frame {
     }
 }
 
+/// A call to run on the writer thread.
+type WriterJob = Box<dyn FnOnce(&mut DatasetWriter) + Send>;
+
 /// The dataset writer on a thread of its own: journal fsyncs, recovery at open and file
 /// finalization never run on the async runtime. Calls run in order, one at a time.
 struct WriterThread {
-    tx: std::sync::mpsc::Sender<Box<dyn FnOnce(&mut DatasetWriter) + Send>>,
+    tx: std::sync::mpsc::Sender<WriterJob>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -124,7 +127,7 @@ impl WriterThread {
     /// Open (and recover) the dataset at `root` on a new thread named after the robot.
     async fn open(robot: &str, root: PathBuf, cfg: &LoggerConfig) -> Result<WriterThread, String> {
         let (spec, wcfg) = (cfg.spec(), cfg.writer_config());
-        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce(&mut DatasetWriter) + Send>>();
+        let (tx, rx) = std::sync::mpsc::channel::<WriterJob>();
         let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name(format!("nb-log-{robot}"))

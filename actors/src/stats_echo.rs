@@ -35,7 +35,7 @@ impl NodeActor for StatsEcho {
     type Event = ();
 
     async fn start(ctx: &Ctx<Self>, cfg: StatsEchoConfig) -> Result<Self, ActorError> {
-        if !(cfg.period_s > 0.0) {
+        if cfg.period_s.is_nan() || cfg.period_s <= 0.0 {
             return Err(ctx.config_error("period_s must be positive"));
         }
         let key = format!("{}/node/**", ctx.fleet());

@@ -7,8 +7,10 @@ use nanobot_messages::{Encoding, Observation, RawFrame};
 const MS: u64 = 1_000_000;
 
 fn jpeg(seed: u64) -> Vec<u8> {
-    let mut cfg = nanobot_sim::SimConfig::default();
-    cfg.seed = seed;
+    let cfg = nanobot_sim::SimConfig {
+        seed,
+        ..Default::default()
+    };
     nanobot_sim::SimRobot::new(cfg).unwrap().render_jpeg(85)
 }
 

@@ -459,11 +459,14 @@ pub async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Opt
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting the bench peer process")?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().context("peer stdout")?),
-            &mut line,
-        )?;
+        // The peer's "ready" line, read off the async runtime (a blocking pipe read).
+        let stdout = child.stdout.take().context("peer stdout")?;
+        let line = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+            Ok(line)
+        })
+        .await??;
         if line.trim() != "ready" {
             bail!("the bench peer did not start: {line:?}");
         }
@@ -480,7 +483,7 @@ pub async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Opt
         let _ = bus.session().put("bench/quit", "").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let _ = child.kill();
-        let _ = child.wait();
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         result?;
         bus.close().await;
     }
