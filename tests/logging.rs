@@ -341,6 +341,31 @@ set = {{ zenoh = false, udp = "127.0.0.1:{udp}" }}
     for (reason, n) in [("decode", 5), ("size", 5), ("crc", 5), ("range", 5), ("image", 5)] {
         assert_eq!(r.get(reason), Some(&n), "rejects by reason: {r:?}");
     }
+    // Datagrams are counted apart from frames: an empty one is counted, not ignored.
+    sock.send_to(b"", ("127.0.0.1", udp)).unwrap();
+    let stats = Arc::new(Mutex::new(Vec::<nanobot_messages::Stats>::new()));
+    let st = stats.clone();
+    let _s3 = rt
+        .block_on(
+            bus.subscribe_callback::<nanobot_messages::Stats>("nb/node/edge/ingest", move |r| {
+                st.lock().unwrap().push(r.msg)
+            }),
+        )
+        .unwrap();
+    let metric = |name: &str| {
+        stats
+            .lock()
+            .unwrap()
+            .last()
+            .and_then(|s| s.extra.iter().find(|m| m.name == name).map(|m| m.value))
+    };
+    wait_until("the empty datagram counted", Duration::from_secs(10), || {
+        metric("udp.empty") == Some(1.0)
+    });
+    // 5 garbage datagrams, 5 truncated, 5 with a bad CRC: each one datagram with errors.
+    assert_eq!(metric("udp.with_errors"), Some(15.0));
+    // Rejects are not transport losses: every frame arrived, so none is lost.
+    assert_eq!(metric("lost"), Some(0.0));
 }
 
 fn crc32(b: &[u8]) -> u32 {
@@ -406,6 +431,50 @@ fn collect_writes_datasets_from_udp_and_verify_names_damage() {
     let text = String::from_utf8_lossy(&gone.stdout);
     assert_eq!(gone.status.code(), Some(1));
     assert!(text.contains(&format!("{}: missing", data.display())), "{text}");
+}
+
+#[test]
+fn collect_refuses_robot_ids_that_are_not_safe_directory_names() {
+    let udp = free_udp();
+    let base = temp_dir("collect-ids");
+    let out = base.join("out");
+    let mut c = nanobot();
+    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"])
+        .arg(&out);
+    let mut p = Proc::spawn(c);
+    p.expect_line("listening on udp", Duration::from_secs(20));
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let jpeg = sim_jpeg();
+    for i in 0..5u32 {
+        for robot in ["..", ".", ".hidden", "unknown", "ok1"] {
+            sock.send_to(&tick_frames(robot, i, &jpeg).concat(), ("127.0.0.1", udp))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    p.expect_line("collect: 5 observations", Duration::from_secs(20));
+    p.signal(libc::SIGINT);
+    assert!(p.wait(Duration::from_secs(20)).success());
+    // Only the good robot has a dataset; nothing was written beside or into --out itself.
+    let mut made: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(made, ["ok1"]);
+    let beside: Vec<String> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(beside, ["out"], "nothing written into the parent of --out");
+    let summary = p.seen.join("\n") + &p.lines.try_iter().collect::<Vec<_>>().join("\n");
+    // 4 bad ids × 5 ticks × 4 frames, counted under the reserved name.
+    assert!(
+        summary.contains("collect: unknown:") && summary.contains("\"decode\": 80"),
+        "{summary}"
+    );
+    let ok = nanobot().arg("verify").arg(&out).output().unwrap();
+    assert!(ok.status.success(), "{}", text(&ok.stdout));
 }
 
 #[test]

@@ -308,6 +308,16 @@ pub fn decode_datagram(buf: &Bytes) -> Vec<Result<DeviceFrame, DeviceError>> {
                 at += used;
                 in_garbage = false;
             }
+            Err(e @ (DeviceError::UnknownSensor(_) | DeviceError::BadRobot(_))) => {
+                // An intact frame (its CRC holds) with content we refuse: one error, and the
+                // next frame starts right after it.
+                out.push(Err(e));
+                in_garbage = false;
+                match header(&buf.slice(at..)) {
+                    Ok((_, len)) => at += HEADER_LEN + len + CRC_LEN,
+                    Err(_) => break,
+                }
+            }
             Err(e) => {
                 let truncated = matches!(e, DeviceError::Truncated { .. });
                 if !in_garbage {
@@ -354,6 +364,18 @@ mod tests {
         let seqs: Vec<u32> = out.iter().filter_map(|r| r.as_ref().ok()).map(|f| f.seq).collect();
         assert_eq!(seqs, [1, 2]);
         assert_eq!(out.len(), 3, "two frames and one error between them");
+        // Intact frames with a robot id we refuse are each an error, not one run of garbage.
+        let mut bad = frame(3);
+        bad.robot = "..".into();
+        let three_bad = [bad.encode(), bad.encode(), bad.encode(), frame(4).encode()].concat();
+        let out = decode_datagram(&Bytes::from(three_bad));
+        assert_eq!(
+            out.iter()
+                .filter(|r| matches!(r, Err(DeviceError::BadRobot(_))))
+                .count(),
+            3
+        );
+        assert_eq!(out.last().unwrap().as_ref().unwrap().seq, 4);
     }
 
     #[test]

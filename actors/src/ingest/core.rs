@@ -289,8 +289,9 @@ struct Stamped {
 struct SensorTrack {
     /// The last accepted frame's sequence number.
     last_seq: Option<u64>,
-    /// The last sequence number seen, accepted or rejected (for gap counting).
-    seen_seq: Option<u64>,
+    /// Sequence numbers of frames rejected since the last accepted one (at most
+    /// `MAX_REJECTED_SEQS`).
+    rejected_since: Vec<u64>,
     last_stamp: Option<u64>,
     recent: VecDeque<Stamped>,
 }
@@ -327,6 +328,8 @@ pub struct IngestCore {
 }
 
 const RECENT: usize = 8;
+/// Rejected sequence numbers remembered between two accepted frames of a sensor.
+const MAX_REJECTED_SEQS: usize = 1024;
 
 impl IngestCore {
     pub fn new(cfg: IngestConfig) -> IngestCore {
@@ -448,18 +451,6 @@ impl IngestCore {
         let checked = self.check(&s);
         let track = self.robots.entry(s.robot.clone()).or_default();
         let st = track.sensors.entry(s.sensor).or_default();
-        let counts = self.counts.entry(s.robot.clone()).or_default();
-        // Loss is what the transport lost: gaps in the sequence numbers of every frame that
-        // arrived naming its robot, sensor and seq, rejected or not (a reject is counted as a
-        // reject, not also as lost).
-        match st.seen_seq {
-            Some(last) if s.seq > last => counts.lost += s.seq - last - 1,
-            Some(last) if s.seq < last => {
-                tracing::info!(robot = %s.robot, sensor = s.sensor.name(), seq = s.seq, last, "sequence restarted (device reboot?)")
-            }
-            _ => {}
-        }
-        st.seen_seq = Some(s.seq);
         let refusal = if let Err((reason, detail)) = checked {
             Some((reason, detail))
         } else if let Some(last) = st.last_stamp.filter(|l| s.stamp_ns <= *l) {
@@ -475,11 +466,30 @@ impl IngestCore {
             None
         };
         if let Some((reason, detail)) = refusal {
+            // It arrived: when the next good frame comes, it is not counted as lost.
+            if st.rejected_since.len() < MAX_REJECTED_SEQS {
+                st.rejected_since.push(s.seq);
+            }
             return Some(self.refuse(refused(reason, detail)));
         }
-        let track = self.robots.entry(s.robot.clone()).or_default();
-        let st = track.sensors.entry(s.sensor).or_default();
         let counts = self.counts.entry(s.robot.clone()).or_default();
+        // Loss is what the transport lost: the gap since the last accepted frame, less the
+        // frames in it that arrived and were rejected (counted as rejects, not also as lost).
+        match st.last_seq {
+            Some(last) if s.seq > last => {
+                let arrived = st
+                    .rejected_since
+                    .iter()
+                    .filter(|r| (last + 1..s.seq).contains(r))
+                    .count() as u64;
+                counts.lost += (s.seq - last - 1).saturating_sub(arrived);
+            }
+            Some(last) => {
+                tracing::info!(robot = %s.robot, sensor = s.sensor.name(), seq = s.seq, last, "sequence restarted (device reboot?)")
+            }
+            None => {}
+        }
+        st.rejected_since.clear();
         counts.accepted += 1;
         st.last_seq = Some(s.seq);
         st.last_stamp = Some(s.stamp_ns);
