@@ -41,6 +41,17 @@ fn sim_jpeg() -> Vec<u8> {
         .render_jpeg(85)
 }
 
+/// `nanobot collect` listening on a fresh UDP port, writing under `out`: (process, port).
+fn collect_udp(out: &Path) -> (Proc, u16) {
+    let udp = free_udp();
+    let mut c = nanobot();
+    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"])
+        .arg(out);
+    let mut p = Proc::spawn(c);
+    p.expect_line("listening on udp", Duration::from_secs(20));
+    (p, udp)
+}
+
 fn free_udp() -> u16 {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -386,13 +397,8 @@ fn crc32(b: &[u8]) -> u32 {
 
 #[test]
 fn collect_writes_datasets_from_udp_and_verify_names_damage() {
-    let udp = free_udp();
     let out = temp_dir("collect");
-    let mut c = nanobot();
-    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"])
-        .arg(&out);
-    let mut p = Proc::spawn(c);
-    p.expect_line("listening on udp", Duration::from_secs(20));
+    let (mut p, udp) = collect_udp(&out);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let jpeg = sim_jpeg();
     for i in 0..20u32 {
@@ -435,14 +441,9 @@ fn collect_writes_datasets_from_udp_and_verify_names_damage() {
 
 #[test]
 fn collect_refuses_robot_ids_that_are_not_safe_directory_names() {
-    let udp = free_udp();
     let base = temp_dir("collect-ids");
     let out = base.join("out");
-    let mut c = nanobot();
-    c.args(["collect", "--udp", &format!("127.0.0.1:{udp}"), "--out"])
-        .arg(&out);
-    let mut p = Proc::spawn(c);
-    p.expect_line("listening on udp", Duration::from_secs(20));
+    let (mut p, udp) = collect_udp(&out);
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     let jpeg = sim_jpeg();
     for i in 0..5u32 {

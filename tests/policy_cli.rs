@@ -13,7 +13,8 @@ use std::time::Duration;
 use common::*;
 use nanobot_dataset::{DatasetSpec, DatasetWriter, Frame, WriterConfig};
 use nanobot_messages::{ActionChunk, Blob, Encoding, Grid, Image, Observation};
-use nanobot_policy::runner::{Runner, Step};
+use nanobot_policy::preprocess::step_of;
+use nanobot_policy::runner::Runner;
 use nanobot_sim::{SimConfig, SimRobot};
 
 /// Two short episodes of the scripted expert reaching its target.
@@ -217,13 +218,7 @@ fn train_export_and_serve_a_policy() {
     let sim = SimRobot::new(SimConfig::default()).unwrap();
     let obs = observation(&sim);
     let runner = Runner::load(&ckpt, None).unwrap();
-    let step = Step {
-        rgb: nanobot_policy::preprocess::decode_jpeg_rgb(&obs.image.data.to_bytes())
-            .unwrap()
-            .2,
-        state: obs.state.clone(),
-        surface: obs.surface.cells.clone(),
-    };
+    let step = step_of(&obs).unwrap();
     let want = runner.act(&[step], 0, 0).unwrap();
     let body = serde_json::to_vec(&obs).unwrap();
     let (status, ctype, resp) = http(port, "POST", "/v1/act", "application/json", &body);
@@ -251,20 +246,8 @@ fn train_export_and_serve_a_policy() {
     let _ = sim2.step([1.0, 0.5]);
     let mut obs2 = observation(&sim2);
     obs2.frame_index = 1;
-    let step2 = Step {
-        rgb: nanobot_policy::preprocess::decode_jpeg_rgb(&obs2.image.data.to_bytes())
-            .unwrap()
-            .2,
-        state: obs2.state.clone(),
-        surface: obs2.surface.cells.clone(),
-    };
-    let step1 = Step {
-        rgb: nanobot_policy::preprocess::decode_jpeg_rgb(&obs.image.data.to_bytes())
-            .unwrap()
-            .2,
-        state: obs.state.clone(),
-        surface: obs.surface.cells.clone(),
-    };
+    let step2 = step_of(&obs2).unwrap();
+    let step1 = step_of(&obs).unwrap();
     let want2 = runner.act(&[step1, step2], 0, 0).unwrap();
     assert_ne!(want2, want, "history changes the answer");
     let both = serde_json::to_vec(&[&obs, &obs2]).unwrap();
@@ -361,13 +344,7 @@ fn train_export_and_serve_a_policy() {
     let mut p = Proc::spawn(c);
     p.expect_line("serving the policy", Duration::from_secs(30));
     let with = Runner::load(&ckpt, Some(&adapter)).unwrap();
-    let step = Step {
-        rgb: nanobot_policy::preprocess::decode_jpeg_rgb(&obs.image.data.to_bytes())
-            .unwrap()
-            .2,
-        state: obs.state.clone(),
-        surface: obs.surface.cells.clone(),
-    };
+    let step = step_of(&obs).unwrap();
     let want_adapted = with.act(&[step], 0, 0).unwrap();
     assert_ne!(want_adapted, want, "the adapter changes the actions");
     let (status, _, resp) = http(aport, "POST", "/v1/act", "application/json", &body);

@@ -430,7 +430,13 @@ mod tests {
     use nanobot_policy::PolicyConfig;
 
     fn tiny_runner() -> Runner {
-        let dir = std::env::temp_dir().join(format!("nb-serve-test-{}", std::process::id()));
+        // One directory per call: the tests run in parallel.
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "nb-serve-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg =
             PolicyConfig::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/policy/tiny.toml"))
