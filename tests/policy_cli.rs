@@ -396,11 +396,11 @@ fn a_trained_policy_drives_the_simulated_robot_with_a_receding_horizon() {
         "policy-actor",
         &[
             "--steps",
-            "300",
+            "600",
             "--batch",
             "16",
             "--lr",
-            "3e-3",
+            "1e-3",
             "--warmup",
             "20",
             "--version",
@@ -505,11 +505,28 @@ set = {{ checkpoint = "{ckpt}" }}
             .map(|e| (e[0], e.iter().copied().fold(f32::MAX, f32::min)))
             .collect()
     };
-    // A robot standing still, or one fed zeros, keeps its start distance. (Reaching targets
-    // reliably is the policy-quality work; a tiny policy after 300 steps gets part of the way.)
+    // The applied actions point at the target: the mean cosine between the command and the
+    // direction to the target (random or zero commands give about 0), and some episode closes
+    // most of its distance. Reaching targets reliably is the policy-quality work; a tiny policy
+    // after 600 steps on two demonstrations heads the right way.
+    let heading = {
+        let states = states.lock().unwrap();
+        let applied = applied.lock().unwrap();
+        let cos: Vec<f32> = applied
+            .iter()
+            .filter_map(|(t, a)| {
+                let s = states.get(t)?;
+                let (dx, dy) = (s[4] - s[0], s[5] - s[1]);
+                let (na, nd) = ((a[0] * a[0] + a[1] * a[1]).sqrt(), (dx * dx + dy * dy).sqrt());
+                (na > 1e-3 && nd > 0.05).then(|| (a[0] * dx + a[1] * dy) / (na * nd))
+            })
+            .collect();
+        cos.iter().sum::<f32>() / cos.len().max(1) as f32
+    };
+    eprintln!("mean heading cosine {heading:.3}; episodes (start, closest) {progress:?}");
     assert!(
-        progress.iter().any(|(start, closest)| *closest <= 0.7 * start),
-        "the robot heads for its target in some episode: (start, closest) {progress:?}"
+        heading > 0.1 && progress.iter().any(|(start, closest)| *closest <= 0.7 * start),
+        "the robot heads for its target: mean cosine {heading:.3}, (start, closest) {progress:?}"
     );
     let got = chunks.lock().unwrap().clone();
     for ch in &got {

@@ -35,29 +35,97 @@ fn linear(
     LoraLinear::new(i, o, base.pp(name), adapter.map(|(vb, r, a)| (vb.pp(name), *r, *a)))
 }
 
-fn ln(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
-    layer_norm(dim, LayerNormConfig::default(), vb)
+/// Whether the policy is building a graph to train. candle's fast layer-norm kernel has no
+/// backward pass (`apply_op3_no_bwd`): a graph through it gives no gradient to anything before
+/// the norm — with it, training reached only the diffusion head, and the whole encoder (ViT,
+/// sensor, surface and task projectors, trunk) kept its random initial weights. While the switch
+/// is on, norms take candle's differentiable path; inference keeps the fast kernel.
+#[derive(Clone, Debug, Default)]
+struct TrainSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl TrainSwitch {
+    fn on(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Sets a policy's train switch for as long as it lives.
+struct Training<'a>(&'a TrainSwitch);
+
+impl<'a> Training<'a> {
+    fn start(s: &'a TrainSwitch) -> Training<'a> {
+        s.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        Training(s)
+    }
+}
+
+impl Drop for Training<'_> {
+    fn drop(&mut self) {
+        self.0 .0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A layer norm: the fast kernel for inference, differentiable ops while training.
+#[derive(Clone, Debug)]
+struct Norm {
+    fast: LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+    train: TrainSwitch,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.train.on() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        } else {
+            self.fast.forward(x)
+        }
+    }
+}
+
+fn ln(dim: usize, vb: VarBuilder, train: &TrainSwitch) -> Result<Norm> {
+    let cfg = LayerNormConfig::default();
+    let fast = layer_norm(dim, cfg, vb)?;
+    let bias = fast
+        .bias()
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("layer norm without a bias".into()))?;
+    Ok(Norm {
+        weight: fast.weight().clone(),
+        bias,
+        eps: cfg.eps as f32,
+        fast,
+        train: train.clone(),
+    })
 }
 
 /// A pre-norm transformer block (SiLU MLP: cheaper than GELU on CPU at these sizes).
 #[derive(Clone, Debug)]
 struct Block {
-    ln1: LayerNorm,
+    ln1: Norm,
     qkv: LoraLinear,
     proj: LoraLinear,
-    ln2: LayerNorm,
+    ln2: Norm,
     fc1: LoraLinear,
     fc2: LoraLinear,
     heads: usize,
 }
 
 impl Block {
-    fn new(dim: usize, heads: usize, vb: VarBuilder, adapter: Option<&(VarBuilder, usize, f64)>) -> Result<Self> {
+    fn new(
+        dim: usize,
+        heads: usize,
+        vb: VarBuilder,
+        adapter: Option<&(VarBuilder, usize, f64)>,
+        train: &TrainSwitch,
+    ) -> Result<Self> {
         Ok(Block {
-            ln1: ln(dim, vb.pp("ln1"))?,
+            ln1: ln(dim, vb.pp("ln1"), train)?,
             qkv: linear(dim, 3 * dim, &vb, adapter, "qkv")?,
             proj: linear(dim, dim, &vb, adapter, "proj")?,
-            ln2: ln(dim, vb.pp("ln2"))?,
+            ln2: ln(dim, vb.pp("ln2"), train)?,
             fc1: linear(dim, 4 * dim, &vb, adapter, "fc1")?,
             fc2: linear(4 * dim, dim, &vb, adapter, "fc2")?,
             heads,
@@ -93,22 +161,22 @@ struct Vision {
     patch_embed: LoraLinear,
     pos: Tensor,
     blocks: Vec<Block>,
-    ln: LayerNorm,
+    ln: Norm,
     projector: LoraLinear,
     patch: usize,
 }
 
 impl Vision {
-    fn new(cfg: &PolicyConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &PolicyConfig, vb: VarBuilder, train: &TrainSwitch) -> Result<Self> {
         let v = &cfg.vision;
         let n = cfg.image_tokens();
         Ok(Vision {
             patch_embed: linear(3 * v.patch * v.patch, v.dim, &vb, None, "patch_embed")?,
             pos: vb.get_with_hints((n, v.dim), "pos", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?,
             blocks: (0..v.depth)
-                .map(|i| Block::new(v.dim, v.heads, vb.pp(format!("block{i}")), None))
+                .map(|i| Block::new(v.dim, v.heads, vb.pp(format!("block{i}")), None, train))
                 .collect::<Result<_>>()?,
-            ln: ln(v.dim, vb.pp("ln"))?,
+            ln: ln(v.dim, vb.pp("ln"), train)?,
             projector: linear(v.dim, cfg.trunk.width, &vb, None, "projector")?,
             patch: v.patch,
         })
@@ -151,13 +219,18 @@ struct Head {
     time_mlp2: LoraLinear,
     cond_proj: LoraLinear,
     input: LoraLinear,
-    blocks: Vec<(LayerNorm, LoraLinear, LoraLinear, LoraLinear)>,
+    blocks: Vec<(Norm, LoraLinear, LoraLinear, LoraLinear)>,
     output: LoraLinear,
     hidden: usize,
 }
 
 impl Head {
-    fn new(cfg: &PolicyConfig, vb: VarBuilder, adapter: Option<&(VarBuilder, usize, f64)>) -> Result<Self> {
+    fn new(
+        cfg: &PolicyConfig,
+        vb: VarBuilder,
+        adapter: Option<&(VarBuilder, usize, f64)>,
+        train: &TrainSwitch,
+    ) -> Result<Self> {
         let h = cfg.head.hidden;
         let chunk = cfg.head.horizon * cfg.head.action_dim;
         let blocks = (0..cfg.head.depth)
@@ -165,7 +238,7 @@ impl Head {
                 let vbi = vb.pp(format!("block{i}"));
                 let ad = adapter.map(|(a, r, al)| (a.pp(format!("block{i}")), *r, *al));
                 Ok((
-                    ln(h, vbi.pp("ln"))?,
+                    ln(h, vbi.pp("ln"), train)?,
                     linear(h, 2 * h, &vbi, ad.as_ref(), "film")?,
                     linear(h, 2 * h, &vbi, ad.as_ref(), "fc1")?,
                     linear(2 * h, h, &vbi, ad.as_ref(), "fc2")?,
@@ -242,8 +315,9 @@ pub struct Policy {
     token_pos: Tensor,
     step_pos: Tensor,
     trunk: Vec<Block>,
-    trunk_ln: LayerNorm,
+    trunk_ln: Norm,
     head: Head,
+    train: TrainSwitch,
     pub schedule: DdpmSchedule,
     pub sampler: DdimSampler,
     device: Device,
@@ -268,8 +342,9 @@ impl Policy {
         let sampler =
             DdimSampler::new(schedule.clone(), cfg.head.ddim_steps, Some(1.0)).map_err(candle_core::Error::msg)?;
         let tv = base.pp("trunk");
+        let train = TrainSwitch::default();
         Ok(Policy {
-            vision: Vision::new(cfg, base.pp("vision"))?,
+            vision: Vision::new(cfg, base.pp("vision"), &train)?,
             sensor1: linear(i.state_dim, w, &base, None, "sensor1")?,
             sensor2: linear(w, w, &base, None, "sensor2")?,
             surface: linear(sp * sp, w, &base, None, "surface")?,
@@ -289,11 +364,12 @@ impl Policy {
                     let a = trunk_ad
                         .as_ref()
                         .map(|(vb, r, al)| (vb.pp(format!("block{k}")), *r, *al));
-                    Block::new(w, cfg.trunk.heads, tv.pp(format!("block{k}")), a.as_ref())
+                    Block::new(w, cfg.trunk.heads, tv.pp(format!("block{k}")), a.as_ref(), &train)
                 })
                 .collect::<Result<_>>()?,
-            trunk_ln: ln(w, tv.pp("ln"))?,
-            head: Head::new(cfg, base.pp("head"), head_ad.as_ref())?,
+            trunk_ln: ln(w, tv.pp("ln"), &train)?,
+            head: Head::new(cfg, base.pp("head"), head_ad.as_ref(), &train)?,
+            train,
             schedule,
             sampler,
             device: base.device().clone(),
@@ -367,6 +443,7 @@ impl Policy {
     /// action chunks `actions` (B, horizon, action_dim), noise `eps` of the same shape and
     /// training timesteps `t` (B, u32).
     pub fn loss(&self, obs: &ObsBatch, actions: &Tensor, eps: &Tensor, t: &[u32]) -> Result<Tensor> {
+        let _training = Training::start(&self.train);
         let b = actions.dim(0)?;
         let (mut wa, mut wb) = (Vec::with_capacity(b), Vec::with_capacity(b));
         for &ti in t {
@@ -383,6 +460,43 @@ impl Policy {
         let tt = Tensor::from_vec(t.iter().map(|&x| x as f32).collect::<Vec<_>>(), b, &self.device)?;
         let pred = self.denoise(&noisy, &tt, &self.encode(obs)?)?;
         (pred - eps)?.sqr()?.mean_all()
+    }
+
+    /// The DDPM loss with a weight per sample (B) and a mask of the actions that are real
+    /// (B, horizon; 0 where a window ran past its episode and the action is padding, as
+    /// LeRobot's `action_is_pad`): Σ_b w_b · mean over real actions of the squared error, over
+    /// Σ_b w_b. Samples whose weight is 0 do not train.
+    pub fn loss_weighted(
+        &self,
+        obs: &ObsBatch,
+        actions: &Tensor,
+        eps: &Tensor,
+        t: &[u32],
+        weights: &Tensor,
+        action_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let _training = Training::start(&self.train);
+        let (b, hz, ad) = actions.dims3()?;
+        let (mut wa, mut wb) = (Vec::with_capacity(b), Vec::with_capacity(b));
+        for &ti in t {
+            let (a, s) = self
+                .schedule
+                .noise_weights(ti as usize)
+                .map_err(candle_core::Error::msg)?;
+            wa.push(a as f32);
+            wb.push(s as f32);
+        }
+        let wa = Tensor::from_vec(wa, (b, 1, 1), &self.device)?;
+        let wb = Tensor::from_vec(wb, (b, 1, 1), &self.device)?;
+        let noisy = (actions.broadcast_mul(&wa)? + eps.broadcast_mul(&wb)?)?;
+        let tt = Tensor::from_vec(t.iter().map(|&x| x as f32).collect::<Vec<_>>(), b, &self.device)?;
+        let pred = self.denoise(&noisy, &tt, &self.encode(obs)?)?;
+        let mask = action_mask.reshape((b, hz, 1))?;
+        let err = (pred - eps)?.sqr()?.broadcast_mul(&mask)?.sum((1, 2))?; // (B)
+        let real = (mask.sum((1, 2))? * ad as f64)?.clamp(1.0, f64::MAX)?; // (B)
+        let per_sample = (err / real)?;
+        let total = weights.sum_all()?.clamp(1e-12, f64::MAX)?;
+        (per_sample * weights)?.sum_all()?.broadcast_div(&total)
     }
 
     /// Sample normalized action chunks (B, horizon, action_dim) with DDIM from `noise`.

@@ -35,6 +35,21 @@ impl Normal {
         self.spare = Some((r * th.sin()) as f32);
         (r * th.cos()) as f32
     }
+    /// The generator's whole state (for a training checkpoint that resumes exactly).
+    pub fn state(&self) -> (u64, Option<f32>) {
+        (self.state, self.spare)
+    }
+
+    /// A generator continuing from `state()`.
+    pub fn from_state((state, spare): (u64, Option<f32>)) -> Self {
+        Normal { state, spare }
+    }
+
+    /// Uniform float in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        self.uniform()
+    }
+
     /// Uniform integer in `0..n`.
     pub fn below(&mut self, n: u32) -> u32 {
         (self.next_u64() % n as u64) as u32

@@ -16,7 +16,7 @@ use nanobot_dataset::{read_dataset, StoredFrame};
 use nanobot_policy::checkpoint::{self, Meta, Role};
 use nanobot_policy::model::seeded_init;
 use nanobot_policy::preprocess::decode_jpeg_rgb;
-use nanobot_policy::train::{Row, TrainConfig, Trainer, Windows};
+use nanobot_policy::train::{LrSchedule, Row, TrainConfig, Trainer, Windows};
 use nanobot_policy::{Policy, PolicyConfig};
 
 #[derive(Args)]
@@ -104,13 +104,15 @@ pub fn train(a: TrainArgs) -> anyhow::Result<u8> {
     let policy = Policy::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &dev), None)?;
     seeded_init(&vars, a.seed)?;
     let mut trainer = Trainer::new(
-        vars.all_vars(),
+        Trainer::named(&vars),
         TrainConfig {
             batch: a.batch,
             lr: a.lr,
             warmup: a.warmup,
             weight_decay: a.weight_decay,
             seed: a.seed,
+            grad_clip: None,
+            schedule: LrSchedule::Constant,
         },
     )?;
     let version = a.version.clone().unwrap_or_else(|| {
