@@ -439,10 +439,9 @@ impl Policy {
             .reshape((b, hz, ad))
     }
 
-    /// The DDPM training loss: MSE between the true noise and its prediction, for normalized
-    /// action chunks `actions` (B, horizon, action_dim), noise `eps` of the same shape and
-    /// training timesteps `t` (B, u32).
-    pub fn loss(&self, obs: &ObsBatch, actions: &Tensor, eps: &Tensor, t: &[u32]) -> Result<Tensor> {
+    /// The denoiser's noise prediction for `actions` noised with `eps` at timesteps `t`, built
+    /// as a training graph (every weight reachable).
+    fn predict_noise(&self, obs: &ObsBatch, actions: &Tensor, eps: &Tensor, t: &[u32]) -> Result<Tensor> {
         let _training = Training::start(&self.train);
         let b = actions.dim(0)?;
         let (mut wa, mut wb) = (Vec::with_capacity(b), Vec::with_capacity(b));
@@ -458,8 +457,14 @@ impl Policy {
         let wb = Tensor::from_vec(wb, (b, 1, 1), &self.device)?;
         let noisy = (actions.broadcast_mul(&wa)? + eps.broadcast_mul(&wb)?)?;
         let tt = Tensor::from_vec(t.iter().map(|&x| x as f32).collect::<Vec<_>>(), b, &self.device)?;
-        let pred = self.denoise(&noisy, &tt, &self.encode(obs)?)?;
-        (pred - eps)?.sqr()?.mean_all()
+        self.denoise(&noisy, &tt, &self.encode(obs)?)
+    }
+
+    /// The DDPM training loss: MSE between the true noise and its prediction, for normalized
+    /// action chunks `actions` (B, horizon, action_dim), noise `eps` of the same shape and
+    /// training timesteps `t` (B, u32).
+    pub fn loss(&self, obs: &ObsBatch, actions: &Tensor, eps: &Tensor, t: &[u32]) -> Result<Tensor> {
+        (self.predict_noise(obs, actions, eps, t)? - eps)?.sqr()?.mean_all()
     }
 
     /// The DDPM loss with a weight per sample (B) and a mask of the actions that are real
@@ -475,22 +480,8 @@ impl Policy {
         weights: &Tensor,
         action_mask: &Tensor,
     ) -> Result<Tensor> {
-        let _training = Training::start(&self.train);
         let (b, hz, ad) = actions.dims3()?;
-        let (mut wa, mut wb) = (Vec::with_capacity(b), Vec::with_capacity(b));
-        for &ti in t {
-            let (a, s) = self
-                .schedule
-                .noise_weights(ti as usize)
-                .map_err(candle_core::Error::msg)?;
-            wa.push(a as f32);
-            wb.push(s as f32);
-        }
-        let wa = Tensor::from_vec(wa, (b, 1, 1), &self.device)?;
-        let wb = Tensor::from_vec(wb, (b, 1, 1), &self.device)?;
-        let noisy = (actions.broadcast_mul(&wa)? + eps.broadcast_mul(&wb)?)?;
-        let tt = Tensor::from_vec(t.iter().map(|&x| x as f32).collect::<Vec<_>>(), b, &self.device)?;
-        let pred = self.denoise(&noisy, &tt, &self.encode(obs)?)?;
+        let pred = self.predict_noise(obs, actions, eps, t)?;
         let mask = action_mask.reshape((b, hz, 1))?;
         let err = (pred - eps)?.sqr()?.broadcast_mul(&mask)?.sum((1, 2))?; // (B)
         let real = (mask.sum((1, 2))? * ad as f64)?.clamp(1.0, f64::MAX)?; // (B)

@@ -5,6 +5,7 @@
 mod bus;
 mod log;
 mod policy;
+mod train;
 
 use clap::Subcommand;
 
@@ -49,6 +50,16 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Training samples/s, LoRA beside full fine-tuning, beside PyTorch's figures.
+    Train {
+        #[arg(long, default_value = "configs/policy/small.toml")]
+        config: std::path::PathBuf,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Timed steps per setting.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
     /// The far side of `bench bus` between two processes (started by it).
     #[command(hide = true)]
     BusPeer {
@@ -70,6 +81,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
         } => rt.block_on(bus::bench_bus(secs, round_trips, &sizes, only.as_deref())),
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
         BenchCmd::Policy { config, runs } => policy::run(&config, runs),
+        BenchCmd::Train { config, batch, steps } => train::run(&config, batch, steps),
         BenchCmd::Log {
             rows,
             per_file,
