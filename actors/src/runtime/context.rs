@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nanobot_messages::Message;
 use ractor::ActorRef;
+use serde::Deserialize as _;
 use thiserror::Error;
 
 use super::actor::{Input, NodeActor, RuntimeMsg};
@@ -238,5 +239,3 @@ impl<A: NodeActor> Ctx<A> {
         (feeder, inbox)
     }
 }
-
-use serde::Deserialize as _;
