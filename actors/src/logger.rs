@@ -119,7 +119,7 @@ type WriterJob = Box<dyn FnOnce(&mut DatasetWriter) + Send>;
 /// The dataset writer on a thread of its own: journal fsyncs, recovery at open and file
 /// finalization never run on the async runtime. Calls run in order, one at a time.
 struct WriterThread {
-    tx: std::sync::mpsc::Sender<WriterJob>,
+    tx: Option<std::sync::mpsc::Sender<WriterJob>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -149,7 +149,7 @@ impl WriterThread {
             .map_err(|e| format!("writer thread: {e}"))?;
         opened_rx.await.map_err(|_| "writer thread ended".to_string())??;
         Ok(WriterThread {
-            tx,
+            tx: Some(tx),
             thread: Some(thread),
         })
     }
@@ -158,6 +158,7 @@ impl WriterThread {
     async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut DatasetWriter) -> R + Send + 'static) -> Option<R> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx
+            .as_ref()?
             .send(Box::new(move |w| {
                 let _ = tx.send(f(w));
             }))
@@ -169,8 +170,7 @@ impl WriterThread {
 impl Drop for WriterThread {
     fn drop(&mut self) {
         // Close the channel; the thread ends after the calls already queued.
-        let (tx, _) = std::sync::mpsc::channel();
-        drop(std::mem::replace(&mut self.tx, tx));
+        self.tx.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -90,25 +90,12 @@ impl Rollout {
         })
     }
 
-    pub fn schedule(&self) -> Schedule {
-        self.schedule
-    }
-
     /// Forget the history, the cached tokens and the plan.
     pub fn reset(&mut self) {
         self.episode = None;
         self.history.clear();
         self.tokens.clear();
         self.plan = None;
-    }
-
-    pub fn plan(&self) -> Option<&Plan> {
-        self.plan.as_ref()
-    }
-
-    /// Observations in the history.
-    pub fn history_len(&self) -> usize {
-        self.history.len()
     }
 
     /// Record observation `seq` of `episode`; true when a new chunk is due now.

@@ -415,12 +415,10 @@ impl Trainer {
         &self.cfg
     }
 
-    /// Draw `n` indices below `len` and `n` training timesteps below `steps` from the
-    /// trainer's RNG (so a resumed run draws what the uninterrupted one would have).
-    pub fn draw(&mut self, n: usize, len: usize, steps: usize) -> (Vec<usize>, Vec<u32>) {
-        let idx = (0..n).map(|_| self.rng.below(len as u32) as usize).collect();
-        let t = (0..n).map(|_| self.rng.below(steps as u32)).collect();
-        (idx, t)
+    /// Draw `n` row indices below `len` from the trainer's RNG (so a resumed run draws what
+    /// the uninterrupted one would have).
+    pub fn draw(&mut self, n: usize, len: usize) -> Vec<usize> {
+        (0..n).map(|_| self.rng.below(len as u32) as usize).collect()
     }
 
     fn begin_step(&mut self) -> u64 {
@@ -455,7 +453,7 @@ impl Trainer {
     ) -> Result<f32, TrainError> {
         let step = self.begin_step();
         let batch = self.cfg.batch;
-        let idx: Vec<usize> = (0..batch).map(|_| self.rng.below(data.len() as u32) as usize).collect();
+        let idx = self.draw(batch, data.len());
         let (obs, actions) = data.batch(&idx, pcfg, norm)?;
         let eps = seeded_randn(self.cfg.seed.wrapping_add(step * 7919), actions.dims(), &Device::Cpu)?;
         let t: Vec<u32> = (0..batch)

@@ -137,7 +137,7 @@ fn lora_training_lowers_the_loss_and_leaves_the_base_bit_identical() {
     let mut t = Trainer::new(Trainer::named(&adapter), lora_cfg(1)).unwrap();
     let mut losses = Vec::new();
     for _ in 0..40 {
-        let (idx, _) = t.draw(8, data.len(), 1);
+        let idx = t.draw(8, data.len());
         let batch = data.batch_padded(&idx, &cfg, &n).unwrap();
         losses.push(t.step_on(&policy, &batch, &cfg).unwrap());
     }
@@ -159,7 +159,7 @@ fn run(steps: usize, split: Option<usize>, dir: &Path) -> Vec<(String, Vec<u32>)
     let base_vars = base(&cfg, 9);
     let one_leg = |t: &mut Trainer, policy: &Policy, k: usize| {
         for _ in 0..k {
-            let (idx, _) = t.draw(6, data.len(), 1);
+            let idx = t.draw(6, data.len());
             let batch = data.batch_padded(&idx, &cfg, &n).unwrap();
             t.step_on(policy, &batch, &cfg).unwrap();
         }

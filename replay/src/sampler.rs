@@ -75,10 +75,6 @@ impl Sampler {
         self.rows.is_empty()
     }
 
-    pub fn rows(&self) -> &[RowMeta] {
-        &self.rows
-    }
-
     /// Change a row's weight (an intervention or a preference that came later).
     pub fn set_weight(&mut self, i: usize, weight: f32) {
         if let Some(r) = self.rows.get_mut(i) {

@@ -162,15 +162,6 @@ impl<T> Inbox<T> {
             .map(f)
     }
 
-    /// Messages waiting.
-    pub fn len(&self) -> usize {
-        self.shared.queue.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Wait for the next message.
     pub async fn recv(&self) -> T {
         loop {
@@ -180,10 +171,6 @@ impl<T> Inbox<T> {
             }
             notified.await;
         }
-    }
-
-    pub fn keep(&self) -> Keep {
-        self.shared.keep
     }
 
     pub fn stats(&self) -> &Arc<InboxStats> {

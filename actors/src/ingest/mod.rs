@@ -38,7 +38,6 @@ use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 pub struct Waiting;
 
 pub struct Ingest {
-    fleet: String,
     core: IngestCore,
     raw: Option<Inbox<RawSample>>,
     events: Inbox<Received<Event>>,
@@ -101,9 +100,9 @@ impl Ingest {
         }
     }
 
-    fn take_events(&mut self) {
+    fn take_events(&mut self, fleet: &str) {
         while let Some(r) = self.events.take() {
-            match topics::robot_of(&self.fleet, r.key.as_str()) {
+            match topics::robot_of(fleet, r.key.as_str()) {
                 Some(robot) => {
                     let robot = robot.to_string();
                     self.core.on_event(&robot, &r.msg)
@@ -171,7 +170,6 @@ impl NodeActor for Ingest {
         };
         let every = Duration::from_millis(cfg.reject_log_interval_ms);
         Ok(Ingest {
-            fleet: fleet.to_string(),
             core: IngestCore::new(cfg),
             raw,
             events,
@@ -186,12 +184,12 @@ impl NodeActor for Ingest {
 
     async fn handle(&mut self, ctx: &Ctx<Self>, _input: Input<Waiting>) -> Result<(), ActorError> {
         // Episode events first: a frame is numbered in the episode that started before it.
-        self.take_events();
+        self.take_events(ctx.fleet());
         loop {
             let mut any = false;
             if let Some(r) = self.raw.as_ref().and_then(|i| i.take()) {
                 any = true;
-                self.take_events();
+                self.take_events(ctx.fleet());
                 let out = self.on_raw(ctx.fleet(), r);
                 if let Some(out) = out {
                     self.publish(ctx, out).await;

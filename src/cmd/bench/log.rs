@@ -101,7 +101,7 @@ fn write_rows(dir: &Path, rows: u64, per_file: u64, blobs: &[Bytes]) -> anyhow::
 
 fn pyarrow(rows: u64, per_file: u64, blobs_file: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
     let script = include_str!("log.py");
-    let o = Command::new(super::python())
+    let o = Command::new(crate::python::interpreter())
         .arg("-c")
         .arg(script)
         .args([rows.to_string(), per_file.to_string()])

@@ -128,9 +128,3 @@ pub fn peak_rss_mb() -> f64 {
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
-
-/// The Python that baselines run with: the project's virtualenv (`.venv`, made by `.ci/run`)
-/// when there is one, else `python3`.
-pub fn python() -> std::path::PathBuf {
-    crate::python::interpreter()
-}

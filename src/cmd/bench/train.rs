@@ -59,7 +59,7 @@ fn time(
         },
     )?;
     let step = |t: &mut Trainer| -> anyhow::Result<f32> {
-        let (idx, _) = t.draw(batch, data.len(), 1);
+        let idx = t.draw(batch, data.len());
         let b = data.batch_padded(&idx, cfg, &norm)?;
         Ok(t.step_on(policy, &b, cfg)?)
     };
