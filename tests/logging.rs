@@ -415,7 +415,7 @@ fn collect_writes_datasets_from_udp_and_verify_names_damage() {
     p.expect_line("collect: 40 observations", Duration::from_secs(20));
     p.signal(libc::SIGINT);
     assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.seen.join("\n"));
-    let summary: String = p.lines.try_iter().collect::<Vec<_>>().join("\n");
+    let summary = p.all_lines(Duration::from_secs(10));
     assert!(summary.contains("esp2: 20 rows"), "{summary}");
     assert!(summary.contains("\"decode\": 1"), "{summary}");
     for robot in ["esp2", "esp3"] {
@@ -468,7 +468,7 @@ fn collect_refuses_robot_ids_that_are_not_safe_directory_names() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(beside, ["out"], "nothing written into the parent of --out");
-    let summary = p.seen.join("\n") + &p.lines.try_iter().collect::<Vec<_>>().join("\n");
+    let summary = p.all_lines(Duration::from_secs(10));
     // 4 bad ids × 5 ticks × 4 frames, counted under the reserved name.
     assert!(
         summary.contains("collect: unknown:") && summary.contains("\"decode\": 80"),

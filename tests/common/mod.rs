@@ -113,6 +113,21 @@ impl Proc {
         }
     }
 
+    /// Every line seen so far and every line still to come until the output closes (after the
+    /// process exited), waiting at most `within` for them.
+    pub fn all_lines(&mut self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(line) => self.seen.push(line),
+                Err(_) => return self.seen.join("\n"),
+            }
+        }
+    }
+
     /// Wait until `n` actors reported that they started.
     pub fn expect_actors(&mut self, n: usize, within: Duration) {
         for _ in 0..n {
