@@ -14,5 +14,6 @@ pub mod expert;
 pub mod ingest;
 pub mod logger;
 pub mod policy;
+pub mod replay;
 pub mod sim_robot;
 pub mod stats_echo;

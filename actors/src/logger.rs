@@ -7,19 +7,21 @@
 //! is announced with SegmentFinalized on `{fleet}/log/{robot}/segment`. When the disk fails
 //! (full, unwritable), the error is logged with the file, acknowledgements stop, and the frames
 //! wait in memory (up to `max_pending_rows`; newer arrivals beyond it are dropped and counted
-//! as `dropped_over_budget`) while the logger retries. The writer runs on a thread of its own
+//! as `dropped_over_budget`) while the logger retries. The robot's events (`{fleet}/{robot}/event`:
+//! episodes, interventions, rewards, preferences) go to the dataset's `meta/events.jsonl` at
+//! the same flush, for replay to weight rows by. The writer runs on a thread of its own
 //! (`nb-log-{robot}`): fsyncs, recovery and finalizing never hold up the async runtime.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, FileEntry, Frame, WriterConfig};
-use nanobot_messages::{codec::now_ns, topics, LogAck, Observation, SegmentFinalized};
+use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, EventLog, FileEntry, Frame, StoredEvent, WriterConfig};
+use nanobot_messages::{codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized};
 use serde::Deserialize;
 
 use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
-use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
+use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor, Worker};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -113,72 +115,15 @@ pub fn frame_of(seq: u64, stamp_ns: u64, obs: Observation) -> Frame {
     }
 }
 
-/// A call to run on the writer thread.
-type WriterJob = Box<dyn FnOnce(&mut DatasetWriter) + Send>;
-
-/// The dataset writer on a thread of its own: journal fsyncs, recovery at open and file
-/// finalization never run on the async runtime. Calls run in order, one at a time.
-struct WriterThread {
-    tx: Option<std::sync::mpsc::Sender<WriterJob>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl WriterThread {
-    /// Open (and recover) the dataset at `root` on a new thread named after the robot.
-    async fn open(robot: &str, root: PathBuf, cfg: &LoggerConfig) -> Result<WriterThread, String> {
-        let (spec, wcfg) = (cfg.spec(), cfg.writer_config());
-        let (tx, rx) = std::sync::mpsc::channel::<WriterJob>();
-        let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("nb-log-{robot}"))
-            .spawn(move || {
-                let mut w = match DatasetWriter::open(&root, spec, wcfg) {
-                    Ok(w) => {
-                        let _ = opened_tx.send(Ok(()));
-                        w
-                    }
-                    Err(e) => {
-                        let _ = opened_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                while let Ok(job) = rx.recv() {
-                    job(&mut w);
-                }
-            })
-            .map_err(|e| format!("writer thread: {e}"))?;
-        opened_rx.await.map_err(|_| "writer thread ended".to_string())??;
-        Ok(WriterThread {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Run `f` on the writer thread and wait for its answer without blocking the runtime.
-    async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut DatasetWriter) -> R + Send + 'static) -> Option<R> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .as_ref()?
-            .send(Box::new(move |w| {
-                let _ = tx.send(f(w));
-            }))
-            .ok()?;
-        rx.await.ok()
-    }
-}
-
-impl Drop for WriterThread {
-    fn drop(&mut self) {
-        // Close the channel; the thread ends after the calls already queued.
-        self.tx.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// What the writer thread owns: the dataset, and the events file beside it.
+struct Disk {
+    data: DatasetWriter,
+    events: EventLog,
 }
 
 /// What one flush on the writer thread did.
 struct Flushed {
+    events: Result<(), nanobot_dataset::DatasetError>,
     refused: Vec<String>,
     flush: Result<Option<u64>, nanobot_dataset::DatasetError>,
     durable: (Option<u64>, u64),
@@ -191,7 +136,9 @@ pub struct Logger {
     cfg: LoggerConfig,
     robot: String,
     root: PathBuf,
-    writer: WriterThread,
+    writer: Worker<Disk>,
+    events: Inbox<Received<Event>>,
+    events_logged: u64,
     obs: Inbox<Received<Observation>>,
     ack: Publisher<LogAck>,
     segments: Publisher<SegmentFinalized>,
@@ -235,6 +182,24 @@ impl Logger {
         }
         frames
     }
+
+    /// The events that arrived, as stored lines (`seq` is the envelope's: the robot's tick, the
+    /// same numbering as its rows' `seq`).
+    fn take_events(&mut self) -> Vec<StoredEvent> {
+        let mut out = Vec::new();
+        while let Some(r) = self.events.take() {
+            match serde_json::to_value(&r.msg) {
+                Ok(event) => out.push(StoredEvent {
+                    seq: r.header.seq,
+                    stamp_ns: r.header.stamp_ns,
+                    event,
+                }),
+                Err(e) => tracing::warn!(robot = %self.robot, "event not logged: {e}"),
+            }
+        }
+        self.events_logged += out.len() as u64;
+        out
+    }
 }
 
 /// Announce finalized files on `{fleet}/log/{robot}/segment`.
@@ -273,11 +238,17 @@ impl NodeActor for Logger {
         let root = PathBuf::from(cfg.root.replace("{fleet}", fleet).replace("{robot}", &robot));
         // A dataset that cannot be opened is a configuration problem (path, permissions,
         // features that differ from the existing dataset's): say which.
-        let writer = WriterThread::open(&robot, root.clone(), &cfg)
-            .await
-            .map_err(|e| ctx.config_error(format!("dataset {}: {e}", root.display())))?;
+        let (spec, wcfg, at) = (cfg.spec(), cfg.writer_config(), root.clone());
+        let writer = Worker::spawn(format!("nb-log-{robot}"), move || {
+            let data = DatasetWriter::open(&at, spec, wcfg).map_err(|e| e.to_string())?;
+            let events = EventLog::open(&at).map_err(|e| e.to_string())?;
+            Ok(Disk { data, events })
+        })
+        .await
+        .map_err(|e| ctx.config_error(format!("dataset {}: {e}", root.display())))?;
         let (last, rows, files) = writer
-            .call(|w| {
+            .call(|d| {
+                let w = &mut d.data;
                 let (last, rows) = w.durable();
                 (last, rows, w.manifest().files.len())
             })
@@ -288,6 +259,15 @@ impl NodeActor for Logger {
             obs: ctx
                 .subscribe("obs", &topics::obs(fleet, &robot), Keep::All { queue: cfg.queue }, None)
                 .await?,
+            events: ctx
+                .subscribe(
+                    "events",
+                    &topics::event(fleet, &robot),
+                    Keep::All { queue: cfg.queue },
+                    None,
+                )
+                .await?,
+            events_logged: 0,
             ack: ctx
                 .publisher(&topics::log_ack(fleet, &robot), &robot, PubQos::Data)
                 .await?,
@@ -312,10 +292,13 @@ impl NodeActor for Logger {
 
     async fn handle(&mut self, ctx: &Ctx<Self>, _tick: Input<()>) -> Result<(), ActorError> {
         let frames = self.take_arrivals();
+        let events = self.take_events();
         let check_rotation = self.failing_since.is_none();
         let done = self
             .writer
-            .call(move |w| {
+            .call(move |d| {
+                let events = d.events.append(&events);
+                let w = &mut d.data;
                 let refused = frames
                     .into_iter()
                     .filter_map(|f| w.push(f).err().map(|e| e.to_string()))
@@ -327,6 +310,7 @@ impl NodeActor for Logger {
                     Ok(Vec::new())
                 };
                 Flushed {
+                    events,
                     refused,
                     flush,
                     durable: w.durable(),
@@ -337,6 +321,9 @@ impl NodeActor for Logger {
             })
             .await
             .ok_or_else(|| ctx.failed("writer thread ended"))?;
+        if let Err(e) = &done.events {
+            self.disk_error(ctx, e);
+        }
         let c = &ctx.counters;
         for e in &done.refused {
             self.refused += 1;
@@ -380,14 +367,20 @@ impl NodeActor for Logger {
         m.set("refused", self.refused as f64);
         m.set("dropped_over_budget", self.over_budget as f64);
         m.set("files", self.files as f64);
+        m.set("events", self.events_logged as f64);
     }
 
     async fn stop(&mut self, _ctx: &Ctx<Self>) {
         // A clean stop finalizes the open file; a crash leaves the journal for the next start.
         let frames = self.take_arrivals();
+        let events = self.take_events();
         let done = self
             .writer
-            .call(move |w| {
+            .call(move |d| {
+                if let Err(e) = d.events.append(&events) {
+                    tracing::error!("events not logged at stop: {e}");
+                }
+                let w = &mut d.data;
                 for f in frames {
                     let _ = w.push(f);
                 }

@@ -94,7 +94,9 @@ impl SimRobot {
             episode: self.world.episode(),
             event,
         };
-        if let Err(e) = self.events.put(&ev).await {
+        // Stamped with the tick, the numbering of the robot's telemetry (and of its logged rows'
+        // `seq`), so that an intervention's rows can be found.
+        if let Err(e) = self.events.put_with(&ev, self.tick, now_ns(), None).await {
             tracing::warn!(robot = %self.robot_id, error = %e, "event not published");
         }
     }

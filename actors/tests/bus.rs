@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nanobot_actors::bus::{Bus, BusConfig, Keep, PubQos};
-use nanobot_messages::{Event, EventKind, Kind, ReplayBatch, ReplayRequest, Tensor, TraceContext};
+use nanobot_messages::{Blob, DType, Event, EventKind, Kind, ReplayBatch, ReplayRequest, TensorView, TraceContext};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -177,13 +177,21 @@ async fn typed_queries_get_typed_replies_and_bad_requests_an_error() {
     let q = a.queryable::<ReplayRequest>("t/replay/sample", 4).await.unwrap();
     let server = tokio::spawn(async move {
         while let Some(req) = q.recv().await {
+            let n = req.msg.batch_size;
             let batch = ReplayBatch {
-                windows: req.msg.batch_size,
-                tensors: vec![Tensor {
-                    name: "action".into(),
-                    shape: vec![req.msg.batch_size],
-                    data: vec![0.5; req.msg.batch_size as usize],
+                windows: n,
+                wait: String::new(),
+                tensors: vec![TensorView {
+                    name: "weight".into(),
+                    dtype: DType::F32,
+                    shape: vec![n],
+                    offset: 0,
                 }],
+                rows: 10,
+                mean_age_s: 0.0,
+                newest_stamp_ns: 0,
+                intervention_share: 0.0,
+                data: Blob::new(0.5f32.to_le_bytes().repeat(n as usize)),
             };
             req.reply("", &batch).await.unwrap();
             if q.stats().decode_errors.load(Ordering::Relaxed) > 0 {
@@ -195,8 +203,8 @@ async fn typed_queries_get_typed_replies_and_bad_requests_an_error() {
         batch_size: 3,
         n_obs_steps: 2,
         horizon: 16,
-        fresh_fraction: 0.5,
         seed: 1,
+        held_out: false,
     };
     // Ask until the queryable is known on the other side (its declaration travels too).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -213,7 +221,10 @@ async fn typed_queries_get_typed_replies_and_bad_requests_an_error() {
     assert_eq!(replies.len(), 1);
     let batch = replies.into_iter().next().unwrap().unwrap();
     assert_eq!(batch.msg.windows, 3);
-    assert_eq!(batch.msg.tensors[0].data, vec![0.5; 3]);
+    let (view, bytes) = batch.msg.tensor("weight").unwrap();
+    assert_eq!(view.shape, vec![3]);
+    assert_eq!(&bytes[..], &0.5f32.to_le_bytes().repeat(3)[..]);
+    assert!(batch.msg.tensor("image").is_none());
     // A request of the wrong kind gets an error reply naming the expected kind.
     let wrong = b
         .get::<Event, ReplayBatch>("t/replay/sample", "", &reward(1.0), Duration::from_secs(5))

@@ -9,7 +9,9 @@
 //! `meta/stats.json`, `meta/tasks.parquet`, `meta/episodes/...`) is rebuilt from it after each
 //! file. [`verify`] checks a whole dataset against its manifest.
 
+pub mod columns;
 mod error;
+pub mod events;
 mod fsutil;
 pub mod journal;
 pub mod manifest;
@@ -20,7 +22,10 @@ pub mod stats;
 pub mod verify;
 pub mod writer;
 
+pub use columns::{Columns, Floats};
 pub use error::DatasetError;
+pub use events::{read_events, EventLog, StoredEvent};
+pub use fsutil::sha256_file;
 pub use manifest::{EpisodeSpan, FileEntry, Manifest};
 pub use read::{read_dataset, StoredFrame};
 pub use spec::{CameraSpec, DatasetSpec};

@@ -206,7 +206,7 @@ mod tests {
         assert!(obs.contains("blob"), "{obs}");
         assert!(obs.contains("0 Jpeg") && obs.contains("2 F32Le"), "{obs}");
         let ev = describe(Kind::Event, &r);
-        for v in ["EpisodeStart", "EpisodeEnd", "Intervention", "Reward"] {
+        for v in ["EpisodeStart", "EpisodeEnd", "Intervention", "Reward", "Preference"] {
             assert!(ev.contains(v), "every variant traced: {ev}");
         }
         assert!(describe(Kind::ActionChunk, &r).contains("2 Operator"));

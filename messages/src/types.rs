@@ -293,7 +293,7 @@ message_table! {
     4 => Event,
     5 => SegmentFinalized,
     6 => ReplayRequest,
-    7 => ReplayBatch,
+    7 => ReplayBatch [data],
     8 => Candidate [adapter],
     9 => Promoted [adapter],
     10 => Stats,
@@ -424,10 +424,27 @@ impl ActionChunk {
 /// What happened: `{fleet}/{robot}/event` (robot, operators → logger, replay).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum EventKind {
-    EpisodeStart { task: u32, shift: String },
-    EpisodeEnd { success: bool, steps: u32, reward: f32 },
-    Intervention { active: bool, reason: String },
-    Reward { value: f32 },
+    EpisodeStart {
+        task: u32,
+        shift: String,
+    },
+    EpisodeEnd {
+        success: bool,
+        steps: u32,
+        reward: f32,
+    },
+    Intervention {
+        active: bool,
+        reason: String,
+    },
+    Reward {
+        value: f32,
+    },
+    /// An operator's verdict on an episode: positive is a thumbs-up, negative a thumbs-down
+    /// (`nanobot topic pub nb/r0/event '{"episode":3,"event":{"Preference":{"score":1}}}'`).
+    Preference {
+        score: i8,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -454,27 +471,76 @@ pub struct ReplayRequest {
     pub batch_size: u32,
     pub n_obs_steps: u32,
     pub horizon: u32,
-    /// Fraction of the batch drawn from the freshest segments.
-    pub fresh_fraction: f32,
+    /// The draw's seed: the same request over the same rows gives the same windows.
     pub seed: u64,
+    /// Draw from the held-out episodes (never served for training) instead.
+    pub held_out: bool,
 }
 
-/// A named f32 tensor.
+/// Element type of a [`TensorView`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DType {
+    U8,
+    U32,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 => 1,
+            DType::U32 | DType::F32 => 4,
+        }
+    }
+}
+
+/// A tensor inside a [`ReplayBatch`]'s blob: little-endian, row-major, at `offset`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Tensor {
+pub struct TensorView {
     pub name: String,
+    pub dtype: DType,
     #[serde(deserialize_with = "bounded_seq")]
     pub shape: Vec<u32>,
-    #[serde(deserialize_with = "bounded_seq")]
-    pub data: Vec<f32>,
+    pub offset: u64,
 }
 
-/// The reply to a [`ReplayRequest`].
+impl TensorView {
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().map(|d| *d as usize).product::<usize>() * self.dtype.size()
+    }
+}
+
+/// The reply to a [`ReplayRequest`]: `windows` training windows, every tensor in one blob
+/// (`image` u8 (B, T, 3, H, W), `state` f32 (B, T, S), `surface` f32 (B, T, R, C), `task` u32
+/// (B), `action` f32 (B, horizon, A), `action_mask` f32 (B, horizon), `obs_pad` u8 (B, T),
+/// `weight` f32 (B)); states and actions as logged, not normalized. No windows, and `wait`
+/// says why, when the rate limiter holds the trainer back or there are no rows yet.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReplayBatch {
     pub windows: u32,
+    pub wait: String,
     #[serde(deserialize_with = "bounded_seq")]
-    pub tensors: Vec<Tensor>,
+    pub tensors: Vec<TensorView>,
+    /// Rows replay holds for training (held-out rows not counted).
+    pub rows: u64,
+    /// Mean age of the sampled rows at the reply (now − when they were recorded), seconds.
+    pub mean_age_s: f32,
+    /// When the newest sampled row was recorded, ns since the Unix epoch.
+    pub newest_stamp_ns: u64,
+    /// Share of the windows that start on an expert-driven row.
+    pub intervention_share: f32,
+    pub data: Blob,
+}
+
+impl ReplayBatch {
+    /// The bytes of tensor `name`, checked against the blob.
+    pub fn tensor(&self, name: &str) -> Option<(&TensorView, Bytes)> {
+        let t = self.tensors.iter().find(|t| t.name == name)?;
+        let start = t.offset as usize;
+        let end = start.checked_add(t.bytes())?;
+        let data = self.data.to_bytes();
+        (end <= data.len()).then(|| (t, data.slice(start..end)))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -489,6 +555,8 @@ pub struct Candidate {
     pub adapter_id: String,
     pub base_version: String,
     pub step: u64,
+    /// Lower-case hex sha256 of `adapter`.
+    pub sha256: String,
     #[serde(deserialize_with = "bounded_seq")]
     pub metrics: Vec<Metric>,
     /// The adapter's safetensors bytes.

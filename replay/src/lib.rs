@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use limiter::RateLimiter;
 pub use sampler::{RowMeta, Sampler, Strategy};
-pub use weights::{EpisodeFeedback, WeightConfig};
+pub use weights::{EpisodeFeedback, RowKind, WeightConfig};
 
 /// SplitMix64: the same draws from the same seed everywhere.
 #[derive(Clone, Debug)]

@@ -63,17 +63,32 @@ pub enum RowKind {
 impl WeightConfig {
     /// The kind of frame `i` of an episode with `fb`.
     pub fn kind(&self, i: u64, fb: &EpisodeFeedback) -> RowKind {
-        if fb.interventions.iter().any(|(s, e)| (*s..*e).contains(&i)) {
+        let mut sorted = fb.interventions.clone();
+        sorted.sort_unstable();
+        self.kind_in(i, &sorted)
+    }
+
+    /// The kind of frame `i` given intervention ranges `[start, end)` sorted by start and not
+    /// overlapping (a binary search: replay asks this for every row it holds).
+    pub fn kind_in(&self, i: u64, sorted: &[(u64, u64)]) -> RowKind {
+        let next = sorted.partition_point(|(s, _)| *s <= i);
+        if next > 0 && i < sorted[next - 1].1 {
             RowKind::Intervention
-        } else if fb
-            .interventions
-            .iter()
-            .any(|(s, _)| i < *s && i + self.pre_intervention_steps >= *s)
-        {
+        } else if next < sorted.len() && i + self.pre_intervention_steps >= sorted[next].0 {
             RowKind::PreIntervention
         } else {
             RowKind::Robot
         }
+    }
+
+    /// A row's weight: its kind's, times its episode's factor.
+    pub fn weight(&self, kind: RowKind, episode_factor: f32) -> f32 {
+        episode_factor
+            * match kind {
+                RowKind::Robot => 1.0,
+                RowKind::PreIntervention => self.pre_intervention,
+                RowKind::Intervention => self.intervention,
+            }
     }
 
     /// The episode-level factor: reward (against `baseline`, the mean return) and preference.
@@ -94,15 +109,9 @@ impl WeightConfig {
     /// The weight of every frame of an episode of `len` frames.
     pub fn row_weights(&self, len: u64, fb: &EpisodeFeedback, baseline: f32) -> Vec<f32> {
         let f = self.episode_factor(fb, baseline);
-        (0..len)
-            .map(|i| {
-                f * match self.kind(i, fb) {
-                    RowKind::Robot => 1.0,
-                    RowKind::PreIntervention => self.pre_intervention,
-                    RowKind::Intervention => self.intervention,
-                }
-            })
-            .collect()
+        let mut sorted = fb.interventions.clone();
+        sorted.sort_unstable();
+        (0..len).map(|i| self.weight(self.kind_in(i, &sorted), f)).collect()
     }
 }
 

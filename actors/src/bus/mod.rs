@@ -619,6 +619,15 @@ impl<Q: Message> Queryable<Q> {
 }
 
 impl<Q> Request<Q> {
+    /// Answer with an error (a request that cannot be served as asked).
+    pub async fn reply_err(&self, reason: &str) -> Result<(), BusError> {
+        let key = self.query.key_expr().as_str().to_string();
+        self.query
+            .reply_err(reason.to_string())
+            .await
+            .map_err(|e| zerr(&key, e))
+    }
+
     pub async fn reply<R: Message>(&self, robot: &str, msg: &R) -> Result<(), BusError> {
         let key = self.query.key_expr().as_str().to_string();
         let enc = codec::encode(robot, self.header.seq, codec::now_ns(), msg).map_err(|e| BusError::Codec {

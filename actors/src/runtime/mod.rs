@@ -8,7 +8,9 @@
 mod actor;
 mod context;
 mod supervisor;
+mod worker;
 
 pub use actor::{ActorKind, Input, Metrics, NodeActor};
 pub use context::{ActorError, Counters, Ctx, EventSender, Placement};
 pub use supervisor::{run_node, NodeError};
+pub use worker::Worker;
