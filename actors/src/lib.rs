@@ -17,3 +17,4 @@ pub mod policy;
 pub mod replay;
 pub mod sim_robot;
 pub mod stats_echo;
+pub mod trainer;

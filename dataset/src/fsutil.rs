@@ -123,6 +123,11 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64), DatasetError> {
     Ok((hash, n))
 }
 
+/// sha256 of bytes in memory, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
     let mut s = String::with_capacity(bytes.len() * 2);

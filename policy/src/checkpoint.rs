@@ -124,10 +124,23 @@ const K_NORM: &str = "nanobot.norm";
 /// Write every variable of `vars` with `meta`.
 pub fn save(path: &Path, vars: &VarMap, meta: &Meta) -> Result<(), CheckpointError> {
     let file = path.display().to_string();
-    let fmt = |reason: String| CheckpointError::Format {
+    let bytes = to_bytes(vars, meta).map_err(|reason| CheckpointError::Format {
         file: file.clone(),
         reason,
+    })?;
+    let tmp = path.with_extension("safetensors.tmp");
+    let io = |source| CheckpointError::Io {
+        file: file.clone(),
+        source,
     };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// A checkpoint's bytes (safetensors with `meta`): what `save` writes, and what a trainer
+/// ships as a candidate adapter.
+pub fn to_bytes(vars: &VarMap, meta: &Meta) -> Result<Vec<u8>, String> {
+    let fmt = |reason: String| reason;
     let mut md = HashMap::new();
     md.insert(K_FORMAT.to_string(), FORMAT_VERSION.to_string());
     md.insert(
@@ -149,15 +162,31 @@ pub fn save(path: &Path, vars: &VarMap, meta: &Meta) -> Result<(), CheckpointErr
     let data = vars.data().lock().unwrap_or_else(|e| e.into_inner());
     let mut tensors: Vec<(String, Tensor)> = data.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(md))
+    let mut bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(md))
         .map_err(|e| fmt(e.to_string()))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    let io = |source| CheckpointError::Io {
-        file: file.clone(),
-        source,
-    };
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    canonical_header(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Rewrite a safetensors header with its keys sorted: `safetensors::serialize` writes the
+/// metadata map in a hash map's order, so the same weights would give different bytes (and a
+/// different sha256) from one call to the next. The header keeps its length.
+fn canonical_header(bytes: &mut [u8]) -> Result<(), String> {
+    let len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+        .ok_or("safetensors without a header")?;
+    let header = bytes.get(8..8 + len).ok_or("safetensors header overruns the file")?;
+    let value: serde_json::Value = serde_json::from_slice(header).map_err(|e| format!("safetensors header: {e}"))?;
+    // serde_json's map is ordered by key (no `preserve_order`).
+    let sorted = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    if sorted.len() > len {
+        return Err("canonical header longer than the original".into());
+    }
+    let out = &mut bytes[8..8 + len];
+    out[..sorted.len()].copy_from_slice(&sorted);
+    out[sorted.len()..].fill(b' ');
+    Ok(())
 }
 
 /// Read a checkpoint's metadata and tensors.

@@ -181,6 +181,81 @@ pub struct TrainBatch {
     pub weights: Tensor,
 }
 
+impl TrainBatch {
+    /// A batch replay served (`nanobot_messages::ReplayBatch`), checked against the policy's
+    /// sizes, normalized with the base's statistics: images to channel-major floats in [0, 1],
+    /// states and actions to [-1, 1] as in offline training.
+    pub fn from_replay(
+        b: &nanobot_messages::ReplayBatch,
+        cfg: &PolicyConfig,
+        norm: &NormStats,
+    ) -> Result<TrainBatch, TrainError> {
+        use nanobot_messages::DType as D;
+        let n = b.windows as usize;
+        let (t, hz, px) = (cfg.trunk.n_obs_steps, cfg.head.horizon, cfg.vision.image_size);
+        let (sd, ad) = (cfg.inputs.state_dim, cfg.head.action_dim);
+        let (sr, sc) = (cfg.inputs.surface_rows, cfg.inputs.surface_cols);
+        let get = |name: &str, dtype: D, shape: &[usize]| -> Result<bytes::Bytes, TrainError> {
+            let (view, bytes) = b.tensor(name).ok_or_else(|| {
+                TrainError::Data(format!("replay batch: no tensor `{name}` (or it overruns the blob)"))
+            })?;
+            let want: Vec<u32> = shape.iter().map(|d| *d as u32).collect();
+            if view.dtype != dtype || view.shape != want {
+                return Err(TrainError::Data(format!(
+                    "replay batch: `{name}` is {:?} {:?}, the policy needs {dtype:?} {want:?}",
+                    view.dtype, view.shape
+                )));
+            }
+            Ok(bytes)
+        };
+        let f32s = |bytes: &[u8]| -> Vec<f32> {
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let image: Vec<f32> = get("image", D::U8, &[n, t, 3, px, px])?
+            .iter()
+            .map(|&v| v as f32 / 255.0)
+            .collect();
+        let state: Vec<f32> = f32s(&get("state", D::F32, &[n, t, sd])?)
+            .chunks_exact(sd.max(1))
+            .flat_map(|r| norm.normalize_state(r))
+            .collect();
+        let surface = f32s(&get("surface", D::F32, &[n, t, sr * sc])?);
+        let task: Vec<u32> = get("task", D::U32, &[n])?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let action: Vec<f32> = f32s(&get("action", D::F32, &[n, hz, ad])?)
+            .chunks_exact(ad.max(1))
+            .flat_map(|r| norm.normalize_action(r))
+            .collect();
+        let mask = f32s(&get("action_mask", D::F32, &[n, hz])?);
+        let obs_pad = get("obs_pad", D::U8, &[n, t])?.to_vec();
+        let weights = f32s(&get("weight", D::F32, &[n])?);
+        if let Some(bad) = task.iter().find(|v| **v as usize >= cfg.inputs.n_tasks) {
+            return Err(TrainError::Data(format!(
+                "replay batch: task {bad}, the policy knows {}",
+                cfg.inputs.n_tasks
+            )));
+        }
+        let dev = Device::Cpu;
+        Ok(TrainBatch {
+            obs: ObsBatch {
+                images: Tensor::from_vec(image, (n, t, 3, px, px), &dev)?,
+                state: Tensor::from_vec(state, (n, t, sd), &dev)?,
+                surface: Tensor::from_vec(surface, (n, t, sr, sc), &dev)?,
+                task: Tensor::from_vec(task, n, &dev)?,
+            },
+            actions: Tensor::from_vec(action, (n, hz, ad), &dev)?,
+            action_mask: Tensor::from_vec(mask, (n, hz), &dev)?,
+            obs_pad: Tensor::from_vec(obs_pad, (n, t), &dev)?,
+            weights: Tensor::from_vec(weights, n, &dev)?,
+        })
+    }
+}
+
 /// AdamW with decoupled weight decay and bias correction — the same arithmetic as candle's,
 /// step for step — with its moments in plain sight, by variable name, so that a trainer
 /// checkpoint holds them and a resumed run continues exactly.

@@ -14,6 +14,8 @@
 //! thread of its own (`nb-replay`): Parquet reads, hashing and JPEG decoding never run on the
 //! async runtime. A batch is one blob: in one process Zenoh hands it over without a copy.
 
+#[cfg(test)]
+pub(crate) mod fixtures;
 mod frames;
 pub mod store;
 

@@ -714,49 +714,11 @@ impl BatchWriter {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use nanobot_dataset::{DatasetWriter, EventLog, Frame, StoredEvent, WriterConfig};
+    use nanobot_dataset::{EventLog, StoredEvent};
 
     use super::*;
 
-    const EP_LEN: u64 = 5;
-
-    fn jpeg() -> bytes::Bytes {
-        let w = nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default()).unwrap();
-        w.render_jpeg(80).into()
-    }
-
-    /// A robot's dataset at `root` with rows `seqs` (episodes of `EP_LEN` by seq), one data file
-    /// per `per_file` rows; state[0] is the row's seq, action[0] too.
-    fn dataset(root: &Path, seqs: std::ops::Range<u64>, per_file: u64) {
-        let cfg = WriterConfig {
-            file_max_bytes: u64::MAX,
-            file_max_age: Duration::from_secs(3600),
-            chunks_size: 1000,
-            ..WriterConfig::default()
-        };
-        let mut w = DatasetWriter::open(root, DatasetSpec::sim(20.0, 64, 8), cfg).unwrap();
-        let image = jpeg();
-        for seq in seqs {
-            w.push(Frame {
-                seq,
-                stamp_ns: 1_000 + seq,
-                source_episode: seq / EP_LEN,
-                task: 0,
-                image: Some(image.clone()),
-                state: vec![seq as f32, 0.0, 0.0, 0.0, 0.0, 0.0],
-                action: vec![seq as f32, 1.0],
-                surface: vec![0.5; 64],
-            })
-            .unwrap();
-            w.flush().unwrap();
-            if (seq + 1) % per_file == 0 {
-                w.finish_file().unwrap();
-            }
-        }
-        w.finish_file().unwrap();
-    }
+    use super::super::fixtures::{dataset, EP_LEN};
 
     fn cfg() -> StoreConfig {
         StoreConfig {
