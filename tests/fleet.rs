@@ -38,11 +38,20 @@ set = {{ rate_hz = 50.0 }}
 #[test]
 fn two_nodes_exchange_messages_through_the_shipped_launch_file() {
     let (apu, robot) = (free_port(), free_port());
+    let dir = temp_dir("two-nodes");
+    let at = |p: &str| dir.join(p).display().to_string();
     let mut fleet = Proc::launch(
         &repo().join("launch/two_nodes.toml"),
-        &[("NB_APU_PORT", apu.to_string()), ("NB_ROBOT_PORT", robot.to_string())],
+        &[
+            ("NB_APU_PORT", apu.to_string()),
+            ("NB_ROBOT_PORT", robot.to_string()),
+            ("NB_DATA", at("data")),
+            ("NB_STATE", at("state")),
+            ("NB_CHECKPOINT", at("no-base-yet.safetensors")),
+        ],
     );
-    fleet.expect_actors(4, Duration::from_secs(10));
+    // apu: 2 experts, replay, trainer; robot: 2 robots, 2 ingests, 2 loggers.
+    fleet.expect_actors(10, Duration::from_secs(20));
     let ep = format!("tcp/127.0.0.1:{robot}");
     // Actions made on the apu node for the robot on the robot node, answering its state frames.
     let out = tool(&[
@@ -78,8 +87,11 @@ fn two_nodes_exchange_messages_through_the_shipped_launch_file() {
     for (node, actor) in [
         ("apu", "expert_r0"),
         ("apu", "expert_r1"),
+        ("apu", "replay"),
+        ("apu", "trainer"),
         ("robot", "sim_robot_r0"),
         ("robot", "sim_robot_r1"),
+        ("robot", "logger_r1"),
     ] {
         assert!(
             listing.lines().any(|l| l.starts_with(node) && l.contains(actor)),

@@ -11,44 +11,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use nanobot_dataset::{DatasetSpec, DatasetWriter, Frame, WriterConfig};
 use nanobot_messages::{ActionChunk, Blob, Encoding, Grid, Image, Observation};
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::runner::Runner;
 use nanobot_sim::{SimConfig, SimRobot};
-
-/// Two short episodes of the scripted expert reaching its target.
-fn demo_dataset(root: &Path) {
-    let mut w = DatasetWriter::open(root, DatasetSpec::sim(20.0, 64, 8), WriterConfig::default()).unwrap();
-    let mut sim = SimRobot::new(SimConfig {
-        episode_steps: 40,
-        ..SimConfig::default()
-    })
-    .unwrap();
-    let mut seq = 0;
-    for _ in 0..2 {
-        loop {
-            let a = sim.expert_action();
-            let frame = Frame {
-                seq,
-                stamp_ns: seq * 50_000_000,
-                source_episode: sim.episode(),
-                task: 0,
-                image: Some(sim.render_jpeg(90).into()),
-                state: sim.state().to_vec(),
-                action: a.to_vec(),
-                surface: sim.surface(),
-            };
-            w.push(frame).unwrap();
-            seq += 1;
-            if sim.step(a).is_some() {
-                sim.reset();
-                break;
-            }
-        }
-    }
-    w.finish_file().unwrap();
-}
 
 /// Demonstrations in `tag`'s temp dir, and a tiny policy trained on them with `args`:
 /// (directory, checkpoint, the trainer's output).

@@ -57,23 +57,39 @@ fn samples() -> Vec<AnyMessage> {
             batch_size: 8,
             n_obs_steps: 2,
             horizon: 16,
-            fresh_fraction: 0.75,
             seed: 5,
+            held_out: true,
         }
         .into(),
         ReplayBatch {
             windows: 1,
-            tensors: vec![Tensor {
-                name: "action".into(),
-                shape: vec![2],
-                data: vec![1.5, 2.5],
-            }],
+            wait: String::new(),
+            tensors: vec![
+                TensorView {
+                    name: "action".into(),
+                    dtype: DType::F32,
+                    shape: vec![2],
+                    offset: 0,
+                },
+                TensorView {
+                    name: "obs_pad".into(),
+                    dtype: DType::U8,
+                    shape: vec![1],
+                    offset: 8,
+                },
+            ],
+            rows: 12,
+            mean_age_s: 1.5,
+            newest_stamp_ns: 77,
+            intervention_share: 0.25,
+            data: Blob::new([1.5f32.to_le_bytes(), 2.5f32.to_le_bytes()].concat()),
         }
         .into(),
         Candidate {
             adapter_id: "c1".into(),
             base_version: "base-1".into(),
             step: 100,
+            sha256: "ef".repeat(32),
             metrics: vec![Metric {
                 name: "loss".into(),
                 value: 0.25,
@@ -133,6 +149,7 @@ fn samples() -> Vec<AnyMessage> {
             reason: "actions resumed".into(),
         },
         EventKind::Reward { value: -0.5 },
+        EventKind::Preference { score: -1 },
     ] {
         v.push(Event { episode: 4, event }.into());
     }

@@ -480,7 +480,7 @@ impl NodeActor for TrainerActor {
     type Event = TrainerEvent;
 
     async fn start(ctx: &Ctx<Self>, cfg: TrainerConfig) -> Result<Self, ActorError> {
-        if cfg.batch == 0 || cfg.held_out_windows == 0 || cfg.timeout_ms == 0 || !(cfg.lr > 0.0) {
+        if cfg.batch == 0 || cfg.held_out_windows == 0 || cfg.timeout_ms == 0 || cfg.lr.is_nan() || cfg.lr <= 0.0 {
             return Err(ctx.config_error("batch, held_out_windows, timeout_ms and lr must be positive"));
         }
         let fleet = ctx.fleet().to_string();

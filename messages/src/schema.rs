@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 
 use serde_reflection::{ContainerFormat, Format, Named, Registry, Tracer, TracerConfig, VariantFormat};
 
-use crate::types::{ActionSource, Encoding, EventKind, Kind, KindVisitor, Message};
+use crate::types::{ActionSource, DType, Encoding, EventKind, Kind, KindVisitor, Message};
 
 /// Every message kind's types, by name: structs (fields in order), enums (variants by index),
 /// and `Blob`.
@@ -35,6 +35,7 @@ pub fn registry() -> Result<Registry, String> {
     tracer.trace_simple_type::<EventKind>().map_err(err)?;
     tracer.trace_simple_type::<Encoding>().map_err(err)?;
     tracer.trace_simple_type::<ActionSource>().map_err(err)?;
+    tracer.trace_simple_type::<DType>().map_err(err)?;
     for k in Kind::ALL {
         k.visit(Trace(&mut tracer))?;
     }

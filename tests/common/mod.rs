@@ -239,3 +239,41 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Two short episodes of the scripted expert reaching its target.
+pub fn demo_dataset(root: &Path) {
+    let mut w = nanobot_dataset::DatasetWriter::open(
+        root,
+        nanobot_dataset::DatasetSpec::sim(20.0, 64, 8),
+        nanobot_dataset::WriterConfig::default(),
+    )
+    .unwrap();
+    let mut sim = nanobot_sim::SimRobot::new(nanobot_sim::SimConfig {
+        episode_steps: 40,
+        ..nanobot_sim::SimConfig::default()
+    })
+    .unwrap();
+    let mut seq = 0;
+    for _ in 0..2 {
+        loop {
+            let a = sim.expert_action();
+            let frame = nanobot_dataset::Frame {
+                seq,
+                stamp_ns: seq * 50_000_000,
+                source_episode: sim.episode(),
+                task: 0,
+                image: Some(sim.render_jpeg(90).into()),
+                state: sim.state().to_vec(),
+                action: a.to_vec(),
+                surface: sim.surface(),
+            };
+            w.push(frame).unwrap();
+            seq += 1;
+            if sim.step(a).is_some() {
+                sim.reset();
+                break;
+            }
+        }
+    }
+    w.finish_file().unwrap();
+}

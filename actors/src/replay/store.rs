@@ -315,7 +315,8 @@ impl Store {
         let task = s.cols.task_index[row as usize].max(0) as u32;
         let episode = s.cols.episode_index[row as usize];
         let r = &mut self.robots[robot as usize];
-        let held_out = self.cfg.held_out_every > 0 && episode_hash(&r.name, episode) % self.cfg.held_out_every == 0;
+        let held_out =
+            self.cfg.held_out_every > 0 && episode_hash(&r.name, episode).is_multiple_of(self.cfg.held_out_every);
         let id = self.rows.len();
         let meta = RowMeta {
             robot,
