@@ -46,6 +46,8 @@ pub struct TrainerConfig {
     pub weight_decay: f64,
     pub grad_clip: Option<f64>,
     pub schedule: LrSchedule,
+    /// Shards of each batch trained at once, one core each (see `TrainConfig::shards`).
+    pub shards: usize,
     /// Seeds the adapter's initialization, the diffusion noise and replay's draws.
     pub seed: u64,
     pub checkpoint_every: u64,
@@ -72,6 +74,7 @@ impl Default for TrainerConfig {
             weight_decay: 0.0,
             grad_clip: Some(1.0),
             schedule: LrSchedule::Constant,
+            shards: 1,
             seed: 0,
             checkpoint_every: 50,
             candidate_every: 200,
@@ -314,6 +317,7 @@ impl TrainerActor {
             seed: self.cfg.seed,
             grad_clip: self.cfg.grad_clip,
             schedule: self.cfg.schedule,
+            shards: self.cfg.shards.max(1),
         };
         let dir = self.state_dir.clone();
         let worker = Worker::spawn("nb-train".into(), move || TrainCore::open(&base, &dir, tcfg))
@@ -591,6 +595,7 @@ mod tests {
             seed: 3,
             grad_clip: Some(1.0),
             schedule: LrSchedule::Constant,
+            shards: 2,
         }
     }
 

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod export;
+pub mod fused;
 pub mod gguf;
 pub mod lora;
 pub mod model;

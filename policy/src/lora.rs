@@ -51,12 +51,35 @@ impl LoraLinear {
 }
 
 impl Module for LoraLinear {
+    /// Leading dimensions are flattened so that every product is one 2-D GEMM (a batched
+    /// matmul against a broadcast weight costs a reduction over the batch in the backward pass).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
+        let dims = x.dims().to_vec();
+        let (last, lead) = match dims.split_last() {
+            Some((l, lead)) if lead.len() > 1 => (*l, lead.to_vec()),
+            _ => return self.forward_2d(x),
+        };
+        let rows: usize = lead.iter().product();
+        let y = self.forward_2d(&x.reshape((rows, last))?)?;
+        let mut out = lead;
+        out.push(y.dim(1)?);
+        y.reshape(out)
+    }
+}
+
+impl LoraLinear {
+    fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.base.weight();
+        // Training the adapter only: the base's weight takes no gradient.
+        let y = if x.rank() == 2 && x.track_op() && !w.track_op() && !self.base.bias().is_some_and(|b| b.track_op()) {
+            crate::fused::frozen_linear(x, w, self.base.bias())?
+        } else {
+            self.base.forward(x)?
+        };
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {
-                let h = x.broadcast_matmul(&ad.a.t()?)?.broadcast_matmul(&ad.b.t()?)?;
+                let h = x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
                 y + (h * ad.scale)?
             }
         }

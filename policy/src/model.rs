@@ -39,13 +39,15 @@ fn linear(
 /// backward pass (`apply_op3_no_bwd`): a graph through it gives no gradient to anything before
 /// the norm — with it, training reached only the diffusion head, and the whole encoder (ViT,
 /// sensor, surface and task projectors, trunk) kept its random initial weights. While the switch
-/// is on, norms take candle's differentiable path; inference keeps the fast kernel.
+/// is on, norms that a gradient must pass take `fused::layer_norm` (one kernel each way);
+/// inference keeps candle's kernel.
 #[derive(Clone, Debug, Default)]
-struct TrainSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+struct TrainSwitch(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
 impl TrainSwitch {
+    /// Some training graph is being built (a count: shards of one batch train at once).
     fn on(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 }
 
@@ -54,18 +56,18 @@ struct Training<'a>(&'a TrainSwitch);
 
 impl<'a> Training<'a> {
     fn start(s: &'a TrainSwitch) -> Training<'a> {
-        s.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        s.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Training(s)
     }
 }
 
 impl Drop for Training<'_> {
     fn drop(&mut self) {
-        self.0 .0.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.0 .0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-/// A layer norm: the fast kernel for inference, differentiable ops while training.
+/// A layer norm: candle's kernel for inference, the fused differentiable one while training.
 #[derive(Clone, Debug)]
 struct Norm {
     fast: LayerNorm,
@@ -77,8 +79,10 @@ struct Norm {
 
 impl Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.train.on() {
-            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, self.eps)
+        // Only where a gradient must flow: through trained weights, or into a tracked input (a
+        // frozen tower under LoRA takes the fast kernel even while the rest trains).
+        if self.train.on() && (x.track_op() || self.weight.track_op() || self.bias.track_op()) {
+            crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
         } else {
             self.fast.forward(x)
         }
@@ -480,14 +484,30 @@ impl Policy {
         weights: &Tensor,
         action_mask: &Tensor,
     ) -> Result<Tensor> {
+        let total = weights.sum_all()?.to_scalar::<f32>()? as f64;
+        self.loss_weighted_over(obs, actions, eps, t, weights, action_mask, total)
+    }
+
+    /// [`loss_weighted`](Self::loss_weighted) of part of a batch whose weights sum to `total`:
+    /// the parts' losses (and gradients) add up to the whole batch's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_weighted_over(
+        &self,
+        obs: &ObsBatch,
+        actions: &Tensor,
+        eps: &Tensor,
+        t: &[u32],
+        weights: &Tensor,
+        action_mask: &Tensor,
+        total: f64,
+    ) -> Result<Tensor> {
         let (b, hz, ad) = actions.dims3()?;
         let pred = self.predict_noise(obs, actions, eps, t)?;
         let mask = action_mask.reshape((b, hz, 1))?;
         let err = (pred - eps)?.sqr()?.broadcast_mul(&mask)?.sum((1, 2))?; // (B)
         let real = (mask.sum((1, 2))? * ad as f64)?.clamp(1.0, f64::MAX)?; // (B)
         let per_sample = (err / real)?;
-        let total = weights.sum_all()?.clamp(1e-12, f64::MAX)?;
-        (per_sample * weights)?.sum_all()?.broadcast_div(&total)
+        (per_sample * weights)?.sum_all()? / total.max(1e-12)
     }
 
     /// Sample normalized action chunks (B, horizon, action_dim) with DDIM from `noise`.

@@ -425,6 +425,15 @@ pub struct TrainConfig {
     pub grad_clip: Option<f64>,
     #[serde(default = "constant")]
     pub schedule: LrSchedule,
+    /// Train each batch as this many shards at once, each on a thread of its own with
+    /// one-thread math, their gradients summed (data parallelism across cores: the small model's
+    /// ops are too small to split). 1: the whole batch on the caller's thread.
+    #[serde(default = "one")]
+    pub shards: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn constant() -> LrSchedule {
@@ -437,6 +446,8 @@ pub struct Trainer {
     cfg: TrainConfig,
     opt: AdamW,
     rng: Normal,
+    /// One single-thread pool per shard (none for one shard).
+    pools: Vec<rayon::ThreadPool>,
 }
 
 /// What a training-state file holds besides tensors.
@@ -463,10 +474,24 @@ impl Trainer {
                 ..AdamParams::default()
             },
         )?;
+        let pools = if cfg.shards > 1 {
+            (0..cfg.shards)
+                .map(|i| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(1)
+                        .thread_name(move |_| format!("nb-train-shard{i}"))
+                        .build()
+                        .map_err(|e| TrainError::Data(format!("training shard threads: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
         Ok(Trainer {
             rng: Normal::new(cfg.seed ^ 0x7a11),
             cfg,
             opt,
+            pools,
         })
     }
 
@@ -549,8 +574,87 @@ impl Trainer {
             &Device::Cpu,
         )?;
         let t: Vec<u32> = (0..b).map(|_| self.rng.below(pcfg.head.train_steps as u32)).collect();
-        let loss = policy.loss_weighted(&batch.obs, &batch.actions, &eps, &t, &batch.weights, &batch.action_mask)?;
-        self.finish_step(&loss, step)
+        if self.pools.len() < 2 || b < self.pools.len() {
+            let loss =
+                policy.loss_weighted(&batch.obs, &batch.actions, &eps, &t, &batch.weights, &batch.action_mask)?;
+            return self.finish_step(&loss, step);
+        }
+        let (l, mut grads) = self.sharded_grads(policy, batch, &eps, &t)?;
+        if !l.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step as usize,
+                loss: l,
+            });
+        }
+        if let Some(max) = self.cfg.grad_clip {
+            self.opt.clip_grad_norm(&mut grads, max)?;
+        }
+        self.opt.step(&grads)?;
+        Ok(l)
+    }
+
+    /// The batch's loss and gradients, computed as shards at once (one per pool), each shard's
+    /// loss normalized by the whole batch's weights so that the parts add up to the whole.
+    fn sharded_grads(
+        &self,
+        policy: &Policy,
+        batch: &TrainBatch,
+        eps: &Tensor,
+        t: &[u32],
+    ) -> Result<(f32, GradStore), TrainError> {
+        let b = batch.actions.dim(0)?;
+        let n = self.pools.len();
+        let total = batch.weights.sum_all()?.to_scalar::<f32>()? as f64;
+        let shard = |start: usize, len: usize| -> Result<(f32, GradStore), TrainError> {
+            let cut = |x: &Tensor| x.narrow(0, start, len);
+            let obs = ObsBatch {
+                images: cut(&batch.obs.images)?,
+                state: cut(&batch.obs.state)?,
+                surface: cut(&batch.obs.surface)?,
+                task: cut(&batch.obs.task)?,
+            };
+            let loss = policy.loss_weighted_over(
+                &obs,
+                &cut(&batch.actions)?,
+                &cut(eps)?,
+                &t[start..start + len],
+                &cut(&batch.weights)?,
+                &cut(&batch.action_mask)?,
+                total,
+            )?;
+            Ok((loss.to_scalar::<f32>()?, loss.backward()?))
+        };
+        let ranges: Vec<(usize, usize)> = (0..n).map(|i| (i * b / n, (i + 1) * b / n - i * b / n)).collect();
+        let parts: Vec<Result<(f32, GradStore), TrainError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranges
+                .iter()
+                .zip(&self.pools)
+                .map(|(&(start, len), pool)| s.spawn(move || pool.install(|| shard(start, len))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(TrainError::Data("a training shard panicked".into())))
+                })
+                .collect()
+        });
+        let mut parts = parts.into_iter();
+        let (mut loss, mut grads) = parts.next().ok_or_else(|| TrainError::Data("no shards".into()))??;
+        for part in parts {
+            let (l, g) = part?;
+            loss += l;
+            for (_, var, _, _) in &self.opt.vars {
+                if let Some(add) = g.get(var) {
+                    let sum = match grads.remove(var) {
+                        Some(have) => (have + add)?,
+                        None => add.clone(),
+                    };
+                    grads.insert(var, sum);
+                }
+            }
+        }
+        Ok((loss, grads))
     }
 
     /// The loss of `batch` without training (held-out evaluation), with fixed noise from `seed`.

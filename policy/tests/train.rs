@@ -85,6 +85,7 @@ fn lora_cfg(seed: u64) -> TrainConfig {
             total: 40,
             min_ratio: 0.1,
         },
+        shards: 1,
     }
 }
 
@@ -358,4 +359,42 @@ fn every_weight_of_the_policy_and_of_its_adapter_gets_a_gradient() {
         .map(|(n, _)| n)
         .collect();
     assert!(dead.is_empty(), "adapters that cannot learn: {dead:?}");
+}
+
+#[test]
+fn a_batch_trained_as_two_shards_gives_what_one_gives_up_to_rounding() {
+    let cfg = tiny();
+    let data = windows(3, 20, 4);
+    let n = norm(&data);
+    let base_vars = base(&cfg, 9);
+    let train = |shards: usize| {
+        let (policy, adapter) = with_adapter(&cfg, &base_vars);
+        let mut t = Trainer::new(Trainer::named(&adapter), TrainConfig { shards, ..lora_cfg(5) }).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..6 {
+            let idx = t.draw(9, data.len());
+            let batch = data.batch_padded(&idx, &cfg, &n).unwrap();
+            losses.push(t.step_on(&policy, &batch, &cfg).unwrap());
+        }
+        let weights: Vec<f32> = Trainer::named(&adapter)
+            .iter()
+            .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (losses, weights)
+    };
+    let ((l1, w1), (l2, w2)) = (train(1), train(2));
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "losses {l1:?} vs {l2:?}");
+    }
+    let worst = w1.iter().zip(&w2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "adapters differ by {worst}");
+    let (_, fresh) = with_adapter(&cfg, &base_vars);
+    let init: Vec<f32> = Trainer::named(&fresh)
+        .iter()
+        .flat_map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    assert!(
+        w1.iter().zip(&init).any(|(a, b)| (a - b).abs() > 1e-3),
+        "the steps trained"
+    );
 }

@@ -45,6 +45,10 @@ pub struct TrainArgs {
     checkpoint_every: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train each batch as this many shards at once, one core each (data parallelism; the
+    /// result differs from one shard's only by rounding).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
     /// Name stamped on the checkpoint (and on the actions it produces).
     #[arg(long)]
     version: Option<String>,
@@ -113,6 +117,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<u8> {
             seed: a.seed,
             grad_clip: None,
             schedule: LrSchedule::Constant,
+            shards: a.shards,
         },
     )?;
     let version = a.version.clone().unwrap_or_else(|| {
