@@ -629,12 +629,13 @@ mod tests {
 
         let mut core = TrainCore::open(&base_path, &dir.path().join("a"), train_cfg()).unwrap();
         let before = core.candidate(Some(fixed), 9).unwrap();
-        assert_eq!(
-            before.held_out_loss, before.held_out_loss_base,
-            "a fresh adapter is the base"
-        );
+        // A fresh adapter is the base (up to rounding: a graph through the adapter takes the
+        // training kernels).
+        let rel = (before.held_out_loss - before.held_out_loss_base).abs() / before.held_out_loss_base;
+        assert!(rel < 1e-5, "{} vs {}", before.held_out_loss, before.held_out_loss_base);
+        let mut la = Vec::new();
         for b in &batches[1..=60] {
-            core.step(b).unwrap();
+            la.push(core.step(b).unwrap());
         }
         let after = core.candidate(Some(fixed), 9).unwrap();
         assert!(
@@ -651,16 +652,18 @@ mod tests {
 
         // Interrupted at step 25 (its state written), reopened, and run to 60: the same adapter.
         let mut first = TrainCore::open(&base_path, &dir.path().join("b"), train_cfg()).unwrap();
+        let mut lb = Vec::new();
         for b in &batches[1..=25] {
-            first.step(b).unwrap();
+            lb.push(first.step(b).unwrap());
         }
         first.checkpoint().unwrap();
         drop(first);
         let mut resumed = TrainCore::open(&base_path, &dir.path().join("b"), train_cfg()).unwrap();
         assert_eq!(resumed.steps_done(), 25);
         for b in &batches[26..=60] {
-            resumed.step(b).unwrap();
+            lb.push(resumed.step(b).unwrap());
         }
+        assert_eq!(la, lb, "every step's loss, resumed or not");
         let again = resumed.candidate(None, 9).unwrap();
         assert_eq!(again.id, after.id);
         assert!(

@@ -7,13 +7,9 @@ use nanobot_dataset::{DatasetSpec, DatasetWriter, Frame, WriterConfig};
 
 pub const EP_LEN: u64 = 5;
 
-pub fn jpeg() -> bytes::Bytes {
-    let w = nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default()).unwrap();
-    w.render_jpeg(80).into()
-}
-
 /// A robot's dataset at `root` with rows `seqs` (episodes of `EP_LEN` by seq), one data file
-/// per `per_file` rows; state[0] is the row's seq, action[0] too.
+/// per `per_file` rows; state[0] is the row's seq, action[0] too; the camera frames are a
+/// simulated robot's as the expert drives it (every one different).
 pub fn dataset(root: &Path, seqs: std::ops::Range<u64>, per_file: u64) {
     let cfg = WriterConfig {
         file_max_bytes: u64::MAX,
@@ -22,14 +18,18 @@ pub fn dataset(root: &Path, seqs: std::ops::Range<u64>, per_file: u64) {
         ..WriterConfig::default()
     };
     let mut w = DatasetWriter::open(root, DatasetSpec::sim(20.0, 64, 8), cfg).unwrap();
-    let image = jpeg();
+    let mut sim = nanobot_sim::SimRobot::new(nanobot_sim::SimConfig::default()).unwrap();
     for seq in seqs {
+        let image: bytes::Bytes = sim.render_jpeg(80).into();
+        if sim.step(sim.expert_action()).is_some() {
+            sim.reset();
+        }
         w.push(Frame {
             seq,
             stamp_ns: 1_000 + seq,
             source_episode: seq / EP_LEN,
             task: 0,
-            image: Some(image.clone()),
+            image: Some(image),
             state: vec![seq as f32, 0.0, 0.0, 0.0, 0.0, 0.0],
             action: vec![seq as f32, 1.0],
             surface: vec![0.5; 64],

@@ -5,6 +5,7 @@
 mod bus;
 mod log;
 mod policy;
+mod replay;
 mod train;
 
 use clap::Subcommand;
@@ -60,6 +61,23 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 10)]
         steps: usize,
     },
+    /// Training windows/s out of replay (cold, cache warm, through Zenoh) beside the trainer's
+    /// samples/s in the same run.
+    Replay {
+        #[arg(long, default_value = "configs/policy/small.toml")]
+        config: std::path::PathBuf,
+        /// Rows of simulated fleet data to sample from.
+        #[arg(long, default_value_t = 8000)]
+        rows: u64,
+        #[arg(long, default_value_t = 32)]
+        batch: u32,
+        /// Timed batches per setting.
+        #[arg(long, default_value_t = 60)]
+        batches: u64,
+        /// Scratch directory (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// The far side of `bench bus` between two processes (started by it).
     #[command(hide = true)]
     BusPeer {
@@ -82,6 +100,13 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
         BenchCmd::Policy { config, runs } => policy::run(&config, runs),
         BenchCmd::Train { config, batch, steps } => train::run(&config, batch, steps),
+        BenchCmd::Replay {
+            config,
+            rows,
+            batch,
+            batches,
+            dir,
+        } => replay::run(&config, rows, batch, batches, dir.as_deref()),
         BenchCmd::Log {
             rows,
             per_file,
