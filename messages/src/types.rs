@@ -533,13 +533,27 @@ pub struct ReplayBatch {
 }
 
 impl ReplayBatch {
+    /// Every tensor with its bytes, checked against the blob (gathered once: a blob that came
+    /// over the network in fragments is made contiguous here, not once per tensor).
+    pub fn tensors(&self) -> Vec<(&TensorView, Option<Bytes>)> {
+        let data = self.data.to_bytes();
+        self.tensors
+            .iter()
+            .map(|t| {
+                let start = t.offset as usize;
+                let bytes = start
+                    .checked_add(t.bytes())
+                    .filter(|end| *end <= data.len())
+                    .map(|end| data.slice(start..end));
+                (t, bytes)
+            })
+            .collect()
+    }
+
     /// The bytes of tensor `name`, checked against the blob.
     pub fn tensor(&self, name: &str) -> Option<(&TensorView, Bytes)> {
-        let t = self.tensors.iter().find(|t| t.name == name)?;
-        let start = t.offset as usize;
-        let end = start.checked_add(t.bytes())?;
-        let data = self.data.to_bytes();
-        (end <= data.len()).then(|| (t, data.slice(start..end)))
+        let (t, bytes) = self.tensors().into_iter().find(|(t, _)| t.name == name)?;
+        Some((t, bytes?))
     }
 }
 

@@ -195,10 +195,15 @@ impl TrainBatch {
         let (t, hz, px) = (cfg.trunk.n_obs_steps, cfg.head.horizon, cfg.vision.image_size);
         let (sd, ad) = (cfg.inputs.state_dim, cfg.head.action_dim);
         let (sr, sc) = (cfg.inputs.surface_rows, cfg.inputs.surface_cols);
+        let all = b.tensors();
         let get = |name: &str, dtype: D, shape: &[usize]| -> Result<bytes::Bytes, TrainError> {
-            let (view, bytes) = b.tensor(name).ok_or_else(|| {
-                TrainError::Data(format!("replay batch: no tensor `{name}` (or it overruns the blob)"))
-            })?;
+            let (view, bytes) = all
+                .iter()
+                .find(|(t, _)| t.name == name)
+                .and_then(|(t, bytes)| Some((*t, bytes.clone()?)))
+                .ok_or_else(|| {
+                    TrainError::Data(format!("replay batch: no tensor `{name}` (or it overruns the blob)"))
+                })?;
             let want: Vec<u32> = shape.iter().map(|d| *d as u32).collect();
             if view.dtype != dtype || view.shape != want {
                 return Err(TrainError::Data(format!(

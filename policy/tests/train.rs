@@ -9,7 +9,7 @@ use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use nanobot_policy::checkpoint::NormStats;
 use nanobot_policy::model::seeded_init;
 use nanobot_policy::rng::Normal;
-use nanobot_policy::train::{AdamParams, AdamW, LrSchedule, Row, TrainConfig, Trainer, Windows};
+use nanobot_policy::train::{AdamParams, AdamW, LrSchedule, Row, TrainBatch, TrainConfig, Trainer, Windows};
 use nanobot_policy::{Policy, PolicyConfig};
 
 fn tiny() -> PolicyConfig {
@@ -397,4 +397,37 @@ fn a_batch_trained_as_two_shards_gives_what_one_gives_up_to_rounding() {
         w1.iter().zip(&init).any(|(a, b)| (a - b).abs() > 1e-3),
         "the steps trained"
     );
+}
+
+#[test]
+fn a_replay_batch_that_does_not_fit_the_policy_is_refused_by_tensor() {
+    use nanobot_messages::{Blob, DType as D, ReplayBatch, TensorView};
+    let cfg = tiny();
+    let view = |name: &str, dtype: D, shape: Vec<u32>, offset: u64| TensorView {
+        name: name.into(),
+        dtype,
+        shape,
+        offset,
+    };
+    let batch = |tensors: Vec<TensorView>, bytes: usize| ReplayBatch {
+        windows: 1,
+        wait: String::new(),
+        tensors,
+        rows: 1,
+        mean_age_s: 0.0,
+        newest_stamp_ns: 0,
+        intervention_share: 0.0,
+        data: Blob::new(vec![0u8; bytes]),
+    };
+    let n = norm(&windows(1, 4, 1));
+    let image = 2 * 3 * 64 * 64;
+    let err = |b: &ReplayBatch| TrainBatch::from_replay(b, &cfg, &n).err().unwrap().to_string();
+    // No tensors at all.
+    assert!(err(&batch(vec![], 0)).contains("no tensor `image`"));
+    // An image of the wrong size.
+    let e = err(&batch(vec![view("image", D::U8, vec![1, 2, 3, 32, 32], 0)], image));
+    assert!(e.contains("`image` is U8 [1, 2, 3, 32, 32]"), "{e}");
+    // A tensor that runs past the blob.
+    let e = err(&batch(vec![view("image", D::U8, vec![1, 2, 3, 64, 64], 8)], image));
+    assert!(e.contains("overruns"), "{e}");
 }
