@@ -19,6 +19,8 @@ pub struct Adapter {
 pub struct LoraLinear {
     base: Linear,
     adapter: Option<Adapter>,
+    /// The base's weight as a plain slice, for the fused training kernel (taken on first use).
+    frozen: std::sync::OnceLock<crate::fused::Frozen>,
 }
 
 impl LoraLinear {
@@ -39,7 +41,11 @@ impl LoraLinear {
             }),
             None => None,
         };
-        Ok(LoraLinear { base, adapter })
+        Ok(LoraLinear {
+            base,
+            adapter,
+            frozen: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn base(&self) -> &Linear {
@@ -70,8 +76,22 @@ impl Module for LoraLinear {
 impl LoraLinear {
     fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.base.weight();
+        let base_frozen = !w.track_op() && !self.base.bias().is_some_and(|b| b.track_op());
+        // Training the adapter on a frozen base: the whole layer is one node of the graph.
+        if let Some(ad) = &self.adapter {
+            if x.rank() == 2 && base_frozen && (ad.a.track_op() || ad.b.track_op()) {
+                let frozen = match self.frozen.get() {
+                    Some(f) => f,
+                    None => {
+                        let f = crate::fused::Frozen::new(w, self.base.bias())?;
+                        self.frozen.get_or_init(|| f)
+                    }
+                };
+                return crate::fused::lora_linear(x, frozen, &ad.a, &ad.b, ad.scale);
+            }
+        }
         // Training the adapter only: the base's weight takes no gradient.
-        let y = if x.rank() == 2 && x.track_op() && !w.track_op() && !self.base.bias().is_some_and(|b| b.track_op()) {
+        let y = if x.rank() == 2 && x.track_op() && base_frozen {
             crate::fused::frozen_linear(x, w, self.base.bias())?
         } else {
             self.base.forward(x)?
@@ -79,8 +99,10 @@ impl LoraLinear {
         match &self.adapter {
             None => Ok(y),
             Some(ad) => {
-                let h = x.matmul(&ad.a.t()?)?.matmul(&ad.b.t()?)?;
-                y + (h * ad.scale)?
+                // The scale on the rank-r intermediate, not on the output: a pass over r columns
+                // instead of `out`.
+                let h = (x.matmul(&ad.a.t()?)? * ad.scale)?.matmul(&ad.b.t()?)?;
+                y + h
             }
         }
     }

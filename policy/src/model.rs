@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder, VarMap};
 
 use crate::config::PolicyConfig;
+use crate::fused::silu;
 use crate::lora::LoraLinear;
 use crate::schedule::{DdimSampler, DdpmSchedule};
 
@@ -154,7 +155,7 @@ impl Block {
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         let x = (x + self.proj.forward(&o)?)?;
-        let h = self.fc1.forward(&self.ln2.forward(&x)?)?.silu()?;
+        let h = silu(&self.fc1.forward(&self.ln2.forward(&x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }
@@ -264,8 +265,8 @@ impl Head {
     fn condition(&self, cond: &Tensor, t: &Tensor) -> Result<Tensor> {
         let te = self
             .time_mlp2
-            .forward(&self.time_mlp1.forward(&timestep_embedding(t, self.hidden)?)?.silu()?)?;
-        (self.cond_proj.forward(cond)? + te)?.silu()
+            .forward(&silu(&self.time_mlp1.forward(&timestep_embedding(t, self.hidden)?)?)?)?;
+        silu(&(self.cond_proj.forward(cond)? + te)?)
     }
 
     /// FiLM scale-and-shift of every block for conditioning vectors `c` (B, hidden).
@@ -301,7 +302,7 @@ impl Head {
         let mut h = self.input.forward(noisy)?;
         for ((norm, _, fc1, fc2), (scale1, shift)) in self.blocks.iter().zip(terms) {
             let x = norm.forward(&h)?.broadcast_mul(scale1)?.broadcast_add(shift)?;
-            h = (h + fc2.forward(&fc1.forward(&x)?.silu()?)?)?;
+            h = (h + fc2.forward(&silu(&fc1.forward(&x)?)?)?)?;
         }
         self.output.forward(&h)
     }
@@ -407,7 +408,7 @@ impl Policy {
         let img = img.clone();
         let sensor = self
             .sensor2
-            .forward(&self.sensor1.forward(&obs.state)?.silu()?)?
+            .forward(&silu(&self.sensor1.forward(&obs.state)?)?)?
             .unsqueeze(2)?; // (B, T, 1, W)
         let (rows, cols) = (self.cfg.inputs.surface_rows, self.cfg.inputs.surface_cols);
         let sp = self.cfg.inputs.surface_patch;
