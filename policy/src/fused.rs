@@ -6,7 +6,7 @@
 //! allocations, not the arithmetic, are the cost. Here the forward is one pass per row and the
 //! backward one kernel that writes the input's, the scale's and the shift's gradients together.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// SiLU, `x · σ(x)`: on a tensor a gradient flows through, one kernel each way (candle's
 /// backward rebuilds σ from half a dozen element-wise ops); elsewhere candle's own.
@@ -74,11 +74,8 @@ impl candle_core::CustomOp2 for SiluBackward {
 /// matmul backward computes the gradient of both operands, and a constant weight's is a
 /// product as large as the forward one, thrown away, plus the bias's reduction. This op's
 /// backward gives `x` its gradient and nothing else. `x` is 2-D.
-pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    x.apply_op1(FrozenLinear {
-        weight: weight.clone(),
-        bias: bias.cloned(),
-    })
+pub fn frozen_linear(x: &Tensor, frozen: &Frozen) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(FrozenLinear { frozen: frozen.clone() })
 }
 
 /// A LoRA layer on a frozen base, `x · Wᵀ + bias + scale · (x · Aᵀ) · Bᵀ`, as one node of the
@@ -113,6 +110,16 @@ impl Frozen {
                 .map(|b| b.flatten_all()?.to_vec1::<f32>().map(std::sync::Arc::new))
                 .transpose()?,
         })
+    }
+}
+
+impl Frozen {
+    /// `rows` copies of the bias (zeros without one): where a GEMM accumulates the product.
+    fn bias_rows(&self, rows: usize, out: usize) -> Vec<f32> {
+        match &self.bias {
+            Some(bias) if bias.len() == out => bias.iter().copied().cycle().take(rows * out).collect(),
+            _ => vec![0f32; rows * out],
+        }
     }
 }
 
@@ -198,10 +205,7 @@ impl CustomOp3 for LoraOp {
             )));
         }
         // y = bias, then y += x·Wᵀ, then y += scale·(x·Aᵀ)·Bᵀ: three GEMMs on the slices, no copy.
-        let mut y = match &self.frozen.bias {
-            Some(bias) => bias.iter().copied().cycle().take(rows * out).collect(),
-            None => vec![0f32; rows * out],
-        };
+        let mut y = self.frozen.bias_rows(rows, out);
         let mut xa = vec![0f32; rows * r];
         // SAFETY: every matrix's extent is checked against its slice above.
         unsafe {
@@ -236,8 +240,7 @@ impl CustomOp3 for LoraOp {
 }
 
 struct FrozenLinear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    frozen: Frozen,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -246,18 +249,24 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = Tensor::from_slice(slice(s, l, "x")?, l.dims(), &Device::Cpu)?;
-        let y = x.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        let x = slice(s, l, "x")?;
+        let (rows, inp) = l.shape().dims2()?;
+        let w = &self.frozen.weight;
+        let out = w.len() / inp.max(1);
+        if w.len() != out * inp {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen linear: x {rows}×{inp}, weight {} values",
+                w.len()
+            )));
+        }
+        let mut y = self.frozen.bias_rows(rows, out);
+        // SAFETY: the extents are checked above.
+        unsafe { gemm_rm(&mut y, rows, out, inp, x, (inp, 1), w, (1, inp), 1.0, true) };
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+        Ok(Some(grad.matmul(&self.frozen.weight_tensor)?))
     }
 }
 
@@ -469,7 +478,7 @@ mod tests {
         let w = seeded_randn(2, &[5, 12], &dev).unwrap();
         let b = seeded_randn(3, &[5], &dev).unwrap();
         let probe = seeded_randn(4, &[7, 5], &dev).unwrap();
-        let ours = frozen_linear(x.as_tensor(), &w, Some(&b)).unwrap();
+        let ours = frozen_linear(x.as_tensor(), &Frozen::new(&w, Some(&b)).unwrap()).unwrap();
         let theirs = x
             .as_tensor()
             .matmul(&w.t().unwrap())

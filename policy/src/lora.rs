@@ -77,22 +77,22 @@ impl LoraLinear {
     fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.base.weight();
         let base_frozen = !w.track_op() && !self.base.bias().is_some_and(|b| b.track_op());
+        let frozen = || -> Result<&crate::fused::Frozen> {
+            if let Some(f) = self.frozen.get() {
+                return Ok(f);
+            }
+            let f = crate::fused::Frozen::new(w, self.base.bias())?;
+            Ok(self.frozen.get_or_init(|| f))
+        };
         // Training the adapter on a frozen base: the whole layer is one node of the graph.
         if let Some(ad) = &self.adapter {
             if x.rank() == 2 && base_frozen && (ad.a.track_op() || ad.b.track_op()) {
-                let frozen = match self.frozen.get() {
-                    Some(f) => f,
-                    None => {
-                        let f = crate::fused::Frozen::new(w, self.base.bias())?;
-                        self.frozen.get_or_init(|| f)
-                    }
-                };
-                return crate::fused::lora_linear(x, frozen, &ad.a, &ad.b, ad.scale);
+                return crate::fused::lora_linear(x, frozen()?, &ad.a, &ad.b, ad.scale);
             }
         }
-        // Training the adapter only: the base's weight takes no gradient.
+        // A gradient flows through a frozen layer: only its input takes one.
         let y = if x.rank() == 2 && x.track_op() && base_frozen {
-            crate::fused::frozen_linear(x, w, self.base.bias())?
+            crate::fused::frozen_linear(x, frozen()?)?
         } else {
             self.base.forward(x)?
         };
