@@ -376,6 +376,13 @@ impl CustomOp3 for LayerNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (slice(s1, l1, "x")?, slice(s2, l2, "weight")?, slice(s3, l3, "grad")?);
         let d = w.len();
+        if d == 0 || g.len() != x.len() || x.len() % d != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "layer norm backward: x {} values, weight {d}, grad {}",
+                x.len(),
+                g.len()
+            )));
+        }
         let rows = x.len() / d;
         let mut out = vec![0f32; (rows + 2) * d];
         let (dx, tail) = out.split_at_mut(rows * d);
