@@ -11,6 +11,7 @@ use arrow_array::{Array, BinaryArray, RecordBatch};
 use arrow_buffer::ScalarBuffer;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::read::StoredFrame;
 use crate::spec::{self, DatasetSpec};
 use crate::DatasetError;
 
@@ -31,6 +32,9 @@ impl Floats {
 #[derive(Clone, Debug)]
 pub struct Columns {
     pub rows: usize,
+    pub index: ScalarBuffer<i64>,
+    pub frame_index: ScalarBuffer<i64>,
+    pub timestamp: ScalarBuffer<f32>,
     pub episode_index: ScalarBuffer<i64>,
     pub task_index: ScalarBuffer<i64>,
     pub seq: ScalarBuffer<i64>,
@@ -123,8 +127,16 @@ impl Columns {
             }
             None => None,
         };
+        let timestamp = col(spec::TIMESTAMP)?
+            .as_primitive_opt::<Float32Type>()
+            .ok_or_else(|| DatasetError::invalid(path, format!("`{}` is not float32", spec::TIMESTAMP)))?
+            .values()
+            .clone();
         Ok(Columns {
             rows: b.num_rows(),
+            index: int(spec::INDEX)?,
+            frame_index: int(spec::FRAME_INDEX)?,
+            timestamp,
             episode_index: int(spec::EPISODE_INDEX)?,
             task_index: int(spec::TASK_INDEX)?,
             seq: int(spec::SEQ)?,
@@ -138,6 +150,25 @@ impl Columns {
             },
             images,
         })
+    }
+
+    /// Row `i` as an owned frame.
+    pub fn frame(&self, i: usize) -> StoredFrame {
+        let u = |b: &ScalarBuffer<i64>| b[i] as u64;
+        StoredFrame {
+            index: u(&self.index),
+            episode_index: u(&self.episode_index),
+            frame_index: u(&self.frame_index),
+            task_index: u(&self.task_index),
+            timestamp: self.timestamp[i],
+            seq: u(&self.seq),
+            stamp_ns: u(&self.stamp_ns),
+            source_episode: u(&self.source_episode),
+            state: self.state.row(i).to_vec(),
+            action: self.action.row(i).to_vec(),
+            surface: self.surface.as_ref().map_or_else(Vec::new, |s| s.row(i).to_vec()),
+            image: self.image(i).map(<[u8]>::to_vec),
+        }
     }
 
     /// Row `i`'s encoded image, if it has one.

@@ -96,7 +96,7 @@ pub fn lora_linear(x: &Tensor, frozen: &Frozen, a: &Tensor, b: &Tensor, scale: f
 /// A frozen linear layer's weight (out × in, row-major) and bias as plain slices, taken once.
 #[derive(Clone, Debug)]
 pub struct Frozen {
-    pub weight_tensor: Tensor,
+    weight_tensor: Tensor,
     weight: std::sync::Arc<Vec<f32>>,
     bias: Option<std::sync::Arc<Vec<f32>>>,
 }

@@ -12,7 +12,8 @@
 //! `{fleet}/replay/sample`, paced by a samples-per-insert rate limiter; one episode in
 //! `held_out_every` is never trained on and answers held-out requests. The store runs on a
 //! thread of its own (`nb-replay`): Parquet reads, hashing and JPEG decoding never run on the
-//! async runtime. A batch is one blob: in one process Zenoh hands it over without a copy.
+//! async runtime. A batch is one blob, which the bus passes to Zenoh as its own bytes rather
+//! than copying it into the encoded message.
 
 #[cfg(test)]
 pub(crate) mod fixtures;
@@ -232,5 +233,21 @@ impl NodeActor for Replay {
         m.set("cache_mb", s.cache_bytes as f64 / 1048576.0);
         let looked = (s.cache_hits + s.cache_misses).max(1) as f64;
         m.set("cache_hit_rate", s.cache_hits as f64 / looked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_parses_and_a_misspelt_field_is_refused() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/replay.toml")).unwrap();
+        let cfg: ReplayConfig = toml::from_str(&text).unwrap();
+        assert_eq!(cfg.store.held_out_every, 10);
+        let bad = toml::from_str::<ReplayConfig>("samples_per_insrt = 4.0")
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("samples_per_insrt"), "{bad}");
     }
 }

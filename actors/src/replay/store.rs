@@ -49,7 +49,7 @@ impl Default for StoreConfig {
     }
 }
 
-/// The store's counters, copied out after every call for the actor's Stats.
+/// The store's counters and sizes, copied out after every call for the actor's Stats.
 #[derive(Clone, Debug, Default)]
 pub struct StoreStats {
     pub segments: u64,
@@ -177,6 +177,9 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         let mut s = self.stats.clone();
+        s.segments = self.segments.len() as u64;
+        s.rows = self.train_ids.len() as u64;
+        s.held_out_rows = self.held_ids.len() as u64;
         s.cache_bytes = self.frames.bytes() as u64;
         s.cache_hits = self.frames.hits;
         s.cache_misses = self.frames.misses;
@@ -253,7 +256,6 @@ impl Store {
         for row in 0..n {
             self.push_row(seg, row as u32);
         }
-        self.stats.segments += 1;
         self.read_events(robot);
         self.weights_stale = true;
         Ok(Added::Rows(n as u64))
@@ -327,13 +329,11 @@ impl Store {
         let slot = if held_out {
             self.held.push(meta);
             self.held_ids.push(id);
-            self.stats.held_out_rows += 1;
             self.held_ids.len() - 1
         } else {
             self.train.push(meta);
             self.train_ids.push(id);
             self.limiter.insert(1);
-            self.stats.rows += 1;
             self.train_ids.len() - 1
         };
         self.rows.push(RowRef {
@@ -484,7 +484,7 @@ impl Store {
             let need = self.limiter.inserts_needed(b as u64);
             return Ok(waiting(
                 format!("rate limit: {need} more rows before {b} more windows"),
-                self.stats.rows,
+                self.train_ids.len() as u64,
             ));
         }
         let mut rng = Rng::new(req.seed);
@@ -497,7 +497,10 @@ impl Store {
         if starts.len() < b {
             self.stats.waits += 1;
             let what = if req.held_out { "held-out" } else { "training" };
-            return Ok(waiting(format!("no {what} rows to draw from yet"), self.stats.rows));
+            return Ok(waiting(
+                format!("no {what} rows to draw from yet"),
+                self.train_ids.len() as u64,
+            ));
         }
         let batch = self.windows(&starts, t, h, now_ns);
         self.stats.windows_served += b as u64;
@@ -620,7 +623,7 @@ impl Store {
             windows: b as u32,
             wait: String::new(),
             tensors: out.views,
-            rows: self.stats.rows,
+            rows: self.train_ids.len() as u64,
             mean_age_s: mean_age_s as f32,
             newest_stamp_ns: stamps.iter().copied().max().unwrap_or(0),
             intervention_share: interventions as f32 / b as f32,
