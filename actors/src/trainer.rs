@@ -105,6 +105,8 @@ pub struct TrainCore {
 pub struct Made {
     pub id: String,
     pub bytes: Vec<u8>,
+    /// Lower-case hex sha256 of `bytes`.
+    pub sha256: String,
     pub held_out_loss: f32,
     pub held_out_loss_base: f32,
 }
@@ -206,6 +208,7 @@ impl TrainCore {
         let bytes = checkpoint::to_bytes(&self.adapter, &self.adapter_meta(&id))?;
         Ok(Made {
             id,
+            sha256: nanobot_dataset::sha256_hex(&bytes),
             bytes,
             held_out_loss,
             held_out_loss_base,
@@ -378,7 +381,7 @@ impl TrainerActor {
             adapter_id: made.id.clone(),
             base_version: self.base_version.clone(),
             step: self.step,
-            sha256: nanobot_dataset::sha256_hex(&made.bytes),
+            sha256: made.sha256,
             metrics: vec![
                 metric("train_loss", train_loss as f64),
                 metric("held_out_loss", made.held_out_loss as f64),
