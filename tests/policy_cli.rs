@@ -502,23 +502,22 @@ set = {{ checkpoint = "{ckpt}" }}
         assert_eq!(ch.dt_ns, 50_000_000);
         assert!(ch.actions.iter().all(|a| a.is_finite() && a.abs() <= 1.0 + 1e-6));
     }
-    // Receding horizon: a new chunk every n_action_steps − lead = 6 ticks, not every tick.
+    // Receding horizon: a new chunk every n_action_steps − lead − 1 = 5 ticks, not every tick.
     let gaps: Vec<u64> = got
         .windows(2)
         .map(|w| w[1].obs_seq.wrapping_sub(w[0].obs_seq))
         .collect();
-    let regular = gaps.iter().filter(|g| **g == 6).count();
+    let regular = gaps.iter().filter(|g| **g == 5).count();
     assert!(regular * 2 >= gaps.len(), "chunk spacing {gaps:?}");
     // The robot applied the chunks: the action it reports at tick t is the one a chunk planned
-    // for t (chunk answering s plans ticks s+1 … s+16).
+    // for t (chunk answering s plans ticks s … s+15; s itself has passed when it arrives).
     let applied = applied.lock().unwrap().clone();
     let first = got[0].obs_seq + 1;
     let last = got.last().unwrap().obs_seq;
     let ticks: Vec<u64> = applied.keys().copied().filter(|t| (first..=last).contains(t)).collect();
     let planned = |t: u64, a: &[f32]| {
-        got.iter().any(|c| {
-            t > c.obs_seq && t <= c.obs_seq + c.horizon as u64 && c.action((t - c.obs_seq - 1) as usize) == Some(a)
-        })
+        got.iter()
+            .any(|c| t > c.obs_seq && t < c.obs_seq + c.horizon as u64 && c.action((t - c.obs_seq) as usize) == Some(a))
     };
     let matched = ticks.iter().filter(|t| planned(**t, &applied[*t])).count();
     assert!(ticks.len() >= 60, "{} ticks reported", ticks.len());

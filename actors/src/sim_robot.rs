@@ -4,14 +4,18 @@
 //! `{fleet}/{robot}/raw/{camera,surface,action,state}`, then steps the world; episode events go
 //! on `{fleet}/{robot}/event`.
 //! Cut off from its controller for `intervene_after_ms`, its onboard scripted expert takes over
-//! (an Intervention event), so the robot keeps acting.
+//! (an Intervention event), so the robot keeps acting; and an episode still short of the target
+//! after `intervene_after_steps` ticks is finished by the expert (an Intervention too: what a
+//! human operator does for a failing robot, and what replay weights up). An episode the expert
+//! finished does not count as the controller's success (`policy_successes`).
+//! `shift_after_s` switches the world to the `shift_to` condition while the robot runs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nanobot_messages::{codec::now_ns, topics, ActionChunk, Encoding, Event, EventKind, RawFrame, TraceContext};
-use nanobot_sim::{SimConfig, SimRobot as World};
+use nanobot_sim::{Shift, SimConfig, SimRobot as World};
 use serde::Deserialize;
 use tracing::Instrument;
 
@@ -25,6 +29,11 @@ pub struct SimRobotConfig {
     pub jpeg_quality: u8,
     /// Without an action for this long, the onboard expert takes over (0: never).
     pub intervene_after_ms: u64,
+    /// An episode not done after this many ticks is finished by the onboard expert (0: never).
+    pub intervene_after_steps: u32,
+    /// Seconds after the start at which the world switches to `shift_to`.
+    pub shift_after_s: Option<f64>,
+    pub shift_to: Shift,
     pub fault: FaultConfig,
 }
 
@@ -44,6 +53,9 @@ impl Default for SimRobotConfig {
             sim: SimConfig::default(),
             jpeg_quality: 85,
             intervene_after_ms: 1000,
+            intervene_after_steps: 0,
+            shift_after_s: None,
+            shift_to: Shift::None,
             fault: FaultConfig::default(),
         }
     }
@@ -56,7 +68,11 @@ pub struct SimRobot {
     tick: u64,
     queue: VecDeque<[f32; 2]>,
     last_action_at: Instant,
+    started: Instant,
     intervening: bool,
+    /// The expert finishes this episode (it was failing).
+    rescuing: bool,
+    shifted: bool,
     act: Inbox<Received<ActionChunk>>,
     camera: Publisher<RawFrame>,
     state_pub: Publisher<RawFrame>,
@@ -65,6 +81,7 @@ pub struct SimRobot {
     events: Publisher<Event>,
     episodes: u64,
     successes: u64,
+    policy_successes: u64,
     missed: u64,
     interventions: u64,
     bad_chunks: u64,
@@ -77,7 +94,8 @@ pub fn chunk_actions(chunk: &ActionChunk, tick: u64, dim: usize) -> Option<Vec<[
     if chunk.action_dim as usize != dim || dim != 2 || chunk.actions.len() != want {
         return None;
     }
-    let skip = tick.saturating_sub(chunk.obs_seq.saturating_add(1));
+    // Action k is for tick obs_seq + k: the ones whose ticks have passed are skipped.
+    let skip = tick.saturating_sub(chunk.obs_seq);
     Some(
         chunk
             .actions
@@ -121,10 +139,30 @@ impl SimRobot {
     }
 
     async fn tick(&mut self, ctx: &Ctx<Self>) {
+        if let Some(after) = self.cfg.shift_after_s {
+            if !self.shifted && self.started.elapsed().as_secs_f64() >= after {
+                self.shifted = true;
+                self.cfg.sim.shift = self.cfg.shift_to;
+                self.world.set_shift(self.cfg.shift_to);
+                tracing::info!(robot = %self.robot_id, shift = self.cfg.shift_to.name(), "the world shifts (from the next episode's start on, and the drive now)");
+            }
+        }
+        let limit = self.cfg.intervene_after_steps;
+        if limit > 0 && !self.rescuing && self.world.step_in_episode() >= limit {
+            self.rescuing = true;
+            self.interventions += 1;
+            self.event(EventKind::Intervention {
+                active: true,
+                reason: format!("episode not done after {limit} ticks: onboard expert finishes it"),
+            })
+            .await;
+        }
         self.take_chunk(ctx);
         let timeout = self.cfg.intervene_after_ms;
         let cut_off = timeout > 0 && self.last_action_at.elapsed() >= Duration::from_millis(timeout);
-        let action = match self.queue.pop_front() {
+        let queued = self.queue.pop_front();
+        let action = match queued {
+            _ if self.rescuing => self.world.expert_action(),
             Some(a) => {
                 if self.intervening && !cut_off {
                     self.intervening = false;
@@ -183,12 +221,21 @@ impl SimRobot {
         if let Some(end) = self.world.step(action) {
             self.episodes += 1;
             self.successes += end.success as u64;
+            self.policy_successes += (end.success && !self.rescuing && !self.intervening) as u64;
             self.event(EventKind::EpisodeEnd {
                 success: end.success,
                 steps: end.steps,
                 reward: end.reward,
             })
             .await;
+            if self.rescuing {
+                self.rescuing = false;
+                self.event(EventKind::Intervention {
+                    active: false,
+                    reason: "episode over".into(),
+                })
+                .await;
+            }
             self.world.reset();
             self.queue.clear();
             self.event(EventKind::EpisodeStart {
@@ -230,10 +277,14 @@ impl NodeActor for SimRobot {
             tick: 0,
             queue: VecDeque::new(),
             last_action_at: Instant::now(),
+            started: Instant::now(),
             intervening: false,
+            rescuing: false,
+            shifted: false,
             robot_id,
             episodes: 0,
             successes: 0,
+            policy_successes: 0,
             missed: 0,
             interventions: 0,
             bad_chunks: 0,
@@ -271,6 +322,7 @@ impl NodeActor for SimRobot {
     fn metrics(&self, m: &mut Metrics) {
         m.set("episodes", self.episodes as f64);
         m.set("successes", self.successes as f64);
+        m.set("policy_successes", self.policy_successes as f64);
         m.set("missed_actions", self.missed as f64);
         m.set("interventions", self.interventions as f64);
         m.set("episode", self.world.episode() as f64);
@@ -297,13 +349,15 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_covers_the_ticks_after_its_observation() {
+    fn a_chunks_first_action_is_for_the_tick_of_its_observation() {
         let c = chunk(3, 2, vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
         assert_eq!(
-            chunk_actions(&c, 11, 2).unwrap(),
+            chunk_actions(&c, 10, 2).unwrap(),
             vec![[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
         );
-        assert_eq!(chunk_actions(&c, 13, 2).unwrap(), vec![[3.0, 3.0]]);
+        // One tick late (the usual case: inference takes a tick): the first action is past.
+        assert_eq!(chunk_actions(&c, 11, 2).unwrap(), vec![[2.0, 2.0], [3.0, 3.0]]);
+        assert_eq!(chunk_actions(&c, 12, 2).unwrap(), vec![[3.0, 3.0]]);
         assert!(chunk_actions(&c, 20, 2).unwrap().is_empty());
     }
 

@@ -295,10 +295,15 @@ message_table! {
     6 => ReplayRequest,
     7 => ReplayBatch [data],
     8 => Candidate [adapter],
-    9 => Promoted [adapter],
+    9 => Promoted,
     10 => Stats,
     11 => Reject,
     12 => LogAck,
+    13 => AdapterRequest,
+    14 => AdapterBytes [data],
+    15 => PolicyStatus,
+    16 => CkptCommand,
+    17 => CkptReply,
 }
 
 /// How the bytes of a frame or image are encoded.
@@ -400,7 +405,9 @@ pub enum ActionSource {
 /// A chunk of continuous actions: `{fleet}/{robot}/act` (policy → robot).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ActionChunk {
-    /// Sequence number of the observation this chunk answers.
+    /// Sequence number of the observation this chunk answers. Action `k` is for tick
+    /// `obs_seq + k` (as a dataset pairs a row's action with its observation): a robot that
+    /// gets the chunk at a later tick skips the actions whose ticks have passed.
     pub obs_seq: u64,
     /// Time step between consecutive actions, ns.
     pub dt_ns: u64,
@@ -577,17 +584,99 @@ pub struct Candidate {
     pub adapter: Blob,
 }
 
-/// A promoted adapter: `{fleet}/ckpt/promoted` (promoter → policy actors).
+/// A promoted adapter: what a robot needs to fetch, check and load it. The promoter signs
+/// [`AdapterManifest::signed_text`] with the fleet's ed25519 key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterManifest {
+    pub adapter_id: String,
+    /// The base checkpoint version the adapter was trained on.
+    pub base_version: String,
+    /// Lower-case hex sha256 of the adapter's safetensors bytes.
+    pub sha256: String,
+    pub bytes: u64,
+    /// The gates' figures (held-out loss, shadow success per condition, ...).
+    #[serde(deserialize_with = "bounded_seq")]
+    pub metrics: Vec<Metric>,
+    /// Lower-case hex ed25519 signature of `signed_text()`.
+    pub signature: String,
+}
+
+impl AdapterManifest {
+    /// What the signature covers: the id, the base, the bytes' hash and length.
+    pub fn signed_text(&self) -> String {
+        format!(
+            "nanobot-adapter/1\n{}\n{}\n{}\n{}",
+            self.adapter_id, self.base_version, self.sha256, self.bytes
+        )
+    }
+}
+
+/// The fleet's rollout: `{fleet}/ckpt/promoted` (promoter → policy actors), published on every
+/// change and again every second (so a robot that starts late learns it). Robots named in
+/// `canary_robots` run `canary`, every other robot runs `fleet`; `None` is the base alone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Promoted {
-    pub adapter_id: String,
-    pub base_version: String,
-    pub sha256: String,
-    pub signature: String,
-    /// Robots that take it first; empty means the whole fleet.
+    /// Grows with every change of the rollout.
+    pub generation: u64,
+    pub fleet: Option<AdapterManifest>,
+    pub canary: Option<AdapterManifest>,
     #[serde(deserialize_with = "bounded_seq")]
-    pub canary: Vec<String>,
-    pub adapter: Blob,
+    pub canary_robots: Vec<String>,
+}
+
+impl Promoted {
+    /// The adapter `robot` should run (`None`: the base alone).
+    pub fn for_robot(&self, robot: &str) -> Option<&AdapterManifest> {
+        if self.canary.is_some() && self.canary_robots.iter().any(|r| r == robot) {
+            self.canary.as_ref()
+        } else {
+            self.fleet.as_ref()
+        }
+    }
+}
+
+/// A request for a promoted adapter's bytes: the query on `{fleet}/ckpt/adapter`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterRequest {
+    pub sha256: String,
+}
+
+/// A promoted adapter's safetensors bytes (the reply to [`AdapterRequest`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdapterBytes {
+    pub adapter_id: String,
+    pub sha256: String,
+    pub data: Blob,
+}
+
+/// What a robot's policy runs: `{fleet}/{robot}/policy` (policy actor → promoter, engineers),
+/// published when it swaps adapters or refuses one, and every few seconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    pub base_version: String,
+    /// The adapter acting now (empty: the base alone).
+    pub adapter_id: String,
+    /// The rollout generation this answers.
+    pub generation: u64,
+    /// Adapters refused so far (bad signature, hash, bytes, base, shapes, NaN).
+    pub refused: u64,
+    /// Why the last one was refused (empty if none was).
+    pub last_error: String,
+}
+
+/// An engineer's command to the promoter: the query on `{fleet}/ckpt/control`. `op` is `list`,
+/// `show` (`id`), `promote` (`id`: skip the canary) or `rollback`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CkptCommand {
+    pub op: String,
+    pub id: String,
+}
+
+/// The promoter's answer to a [`CkptCommand`]: JSON for the CLI to print.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CkptReply {
+    pub ok: bool,
+    pub json: String,
 }
 
 /// An actor's counters: published on `{fleet}/node/{node}/{actor}` beside its liveliness token.

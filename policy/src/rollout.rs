@@ -3,9 +3,11 @@
 //! executed (the plan), the receding-horizon schedule and blending, and the vision tokens of
 //! the frames still in the history, keyed by observation sequence number.
 //!
-//! A chunk answering observation `s` covers ticks `s+1 ..= s+horizon`. Once the robot has
-//! executed `n_action_steps − lead` of them the next chunk is due, so it is out before the
-//! current one runs out; where the new chunk overlaps the old, its first `blend` actions are
+//! A chunk answering observation `s` holds the actions for ticks `s ..< s+horizon` (action `k`
+//! for tick `s+k`, as training pairs a row's action with its observation); the robot, which
+//! gets it a tick or more later, skips the ones whose ticks have passed. Once `n_action_steps −
+//! lead − 1` ticks of it have passed the next chunk is due, so it is out before the current one
+//! runs out; where the new chunk overlaps the old, its first `blend` actions are
 //! cross-faded from old to new. A new episode (or `reset`) starts the history afresh and voids
 //! the plan.
 
@@ -34,7 +36,7 @@ pub struct Plan {
     pub actions: Vec<f32>,
 }
 
-/// A chunk ready to send: the (blended) actions for the ticks after observation `obs_seq`.
+/// A chunk ready to send: the (blended) actions for ticks `obs_seq ..`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Chunk {
     pub obs_seq: u64,
@@ -98,6 +100,12 @@ impl Rollout {
         self.plan = None;
     }
 
+    /// Forget the vision tokens kept for the history (the weights that made them changed); the
+    /// history and the plan stay, so the robot misses no tick.
+    pub fn forget_tokens(&mut self) {
+        self.tokens.clear();
+    }
+
     /// Record observation `seq` of `episode`; true when a new chunk is due now.
     pub fn observe(&mut self, episode: u64, seq: u64, task: u32, step: Step) -> bool {
         if self.episode != Some(episode) || self.history.back().is_some_and(|(s, _)| *s >= seq) {
@@ -155,7 +163,7 @@ impl Rollout {
     /// old plan still holds for the same ticks. `newest_seq` is the newest observation seen by
     /// now (a deadline was missed if the old plan had run out by then).
     pub fn adopt(&mut self, obs_seq: u64, actions: Vec<f32>, newest_seq: u64) -> Chunk {
-        let start = obs_seq.saturating_add(1);
+        let start = obs_seq;
         let (actions, missed_deadline) = match &self.plan {
             Some(p) => (
                 blend(p.start, &p.actions, start, &actions, self.dim, self.schedule.blend),
