@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, collect, export, fleet, launcher, schema, serve, topic, train};
+use cmd::{bench, ckpt, collect, export, fleet, launcher, schema, serve, shadow, topic, train};
 
 #[derive(Parser)]
 #[command(
@@ -64,14 +64,28 @@ enum Cmd {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
+    /// Record the scripted expert's demonstrations in the simulator, as LeRobot datasets.
+    Demos(shadow::DemosArgs),
     /// Pretrain the policy's base from LeRobot datasets (AdamW, warmup, checkpoints).
     Train(train::TrainArgs),
+    /// Closed-loop success of a checkpoint in the simulator, beside the expert's, per condition.
+    Eval(shadow::EvalArgs),
     /// Export a checkpoint (adapter merged) to safetensors or GGUF (f32, f16, q8_0, mxfp4).
     Export(export::ExportArgs),
     /// Serve a policy over HTTP: POST /v1/act, GET /v1/model, /healthz, /metrics.
     Serve(serve::ServeArgs),
     /// The body layout of every message kind: fields, types, widths, enum values.
     Schema(schema::SchemaArgs),
+    /// The fleet's signing keys.
+    Keys {
+        #[command(subcommand)]
+        cmd: ckpt::KeysCmd,
+    },
+    /// A running fleet's candidates, decisions and rollout (its promoter's ledger).
+    Ckpt {
+        #[command(subcommand)]
+        cmd: ckpt::CkptCmd,
+    },
     /// Benchmarks, each printed beside a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -154,6 +168,14 @@ fn main() -> ExitCode {
             init_tracing("warn");
             train::train(args)
         }
+        Cmd::Demos(args) => {
+            init_tracing("warn");
+            shadow::demos(args)
+        }
+        Cmd::Eval(args) => {
+            init_tracing("warn");
+            shadow::eval(args)
+        }
         Cmd::Export(args) => {
             init_tracing("warn");
             export::export(args)
@@ -165,6 +187,14 @@ fn main() -> ExitCode {
         Cmd::Schema(args) => {
             init_tracing("warn");
             schema::schema_cmd(args)
+        }
+        Cmd::Keys { cmd } => {
+            init_tracing("warn");
+            ckpt::keys_cmd(cmd)
+        }
+        Cmd::Ckpt { cmd } => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(ckpt::ckpt_cmd(cmd)))
         }
         Cmd::Bench { cmd } => {
             init_tracing("warn,zenoh=error");

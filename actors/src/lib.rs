@@ -9,11 +9,14 @@ pub mod bus;
 pub mod launch;
 pub mod registry;
 pub mod runtime;
+pub mod shadow;
 
 pub mod expert;
 pub mod ingest;
+pub mod keys;
 pub mod logger;
 pub mod policy;
+pub mod promoter;
 pub mod replay;
 pub mod sim_robot;
 pub mod stats_echo;

@@ -19,7 +19,7 @@ pub const ACTION_DIM: usize = 2;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SimError {
-    #[error("unknown distribution shift {0:?} (known: none, actuator_gain, camera_offset, brightness, target_region)")]
+    #[error("unknown distribution shift {0:?} (known: none, actuator_gain, camera_offset, brightness, target_region, actuator_bias, actuator_rotation)")]
     UnknownShift(String),
     #[error("invalid sim config: {0}")]
     Config(String),
@@ -39,15 +39,23 @@ pub enum Shift {
     Brightness,
     /// Targets appear in the upper-left region instead of anywhere.
     TargetRegion,
+    /// A miscalibrated drive: every command gets (+0.6, +0.4) added, so a robot that stops
+    /// commanding near the target drifts off it.
+    ActuatorBias,
+    /// The drive is mounted turned by 70°: commands move the robot 70° counter-clockwise of
+    /// where they point.
+    ActuatorRotation,
 }
 
 impl Shift {
-    pub const ALL: [Shift; 5] = [
+    pub const ALL: [Shift; 7] = [
         Shift::None,
         Shift::ActuatorGain,
         Shift::CameraOffset,
         Shift::Brightness,
         Shift::TargetRegion,
+        Shift::ActuatorBias,
+        Shift::ActuatorRotation,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,7 +65,40 @@ impl Shift {
             Shift::CameraOffset => "camera_offset",
             Shift::Brightness => "brightness",
             Shift::TargetRegion => "target_region",
+            Shift::ActuatorBias => "actuator_bias",
+            Shift::ActuatorRotation => "actuator_rotation",
         }
+    }
+    /// What the drive adds to every command.
+    fn bias(self) -> [f32; 2] {
+        if self == Shift::ActuatorBias {
+            [0.6, 0.4]
+        } else {
+            [0.0, 0.0]
+        }
+    }
+    /// The drive's rotation, radians counter-clockwise.
+    fn rotation(self) -> f32 {
+        if self == Shift::ActuatorRotation {
+            70f32.to_radians()
+        } else {
+            0.0
+        }
+    }
+    /// The command the drive turns `a` (clamped to `[-1, 1]²`) into.
+    fn drive(self, a: [f32; 2]) -> [f32; 2] {
+        let a = a.map(|v| if v.is_finite() { v.clamp(-1.0, 1.0) } else { 0.0 });
+        let (sin, cos) = self.rotation().sin_cos();
+        let b = self.bias();
+        [cos * a[0] - sin * a[1] + b[0], sin * a[0] + cos * a[1] + b[1]]
+    }
+    /// The command that makes the drive deliver `want` (as near as `[-1, 1]²` allows): what an
+    /// expert who knows the shift sends.
+    fn undrive(self, want: [f32; 2]) -> [f32; 2] {
+        let b = self.bias();
+        let w = [want[0] - b[0], want[1] - b[1]];
+        let (sin, cos) = self.rotation().sin_cos();
+        [cos * w[0] + sin * w[1], -sin * w[0] + cos * w[1]].map(|v| v.clamp(-1.0, 1.0))
     }
     fn gain(self) -> f32 {
         if self == Shift::ActuatorGain {
@@ -265,8 +306,8 @@ impl SimRobot {
     pub fn step(&mut self, action: [f32; 2]) -> Option<EpisodeEnd> {
         let dt = self.cfg.dt();
         let slow = 1.0 - 0.6 * self.roughness_at(self.pos);
-        for (i, &a) in action.iter().enumerate() {
-            let a = if a.is_finite() { a.clamp(-1.0, 1.0) } else { 0.0 };
+        let command = self.cfg.shift.drive(action);
+        for (i, &a) in command.iter().enumerate() {
             self.vel[i] = a * self.cfg.max_speed * self.cfg.shift.gain() * slow;
             self.pos[i] = (self.pos[i] + self.vel[i] * dt).clamp(0.0, 1.0);
         }
@@ -353,9 +394,13 @@ impl SimRobot {
         out
     }
 
-    /// The scripted expert's action now: head for the target, slowing down near it.
+    /// The scripted expert's action now: head for the target, slowing down near it. The expert
+    /// knows the world, so under a drive shift (bias, rotation) it sends the command that makes
+    /// the drive do what it wants: the teacher still knows the answer.
     pub fn expert_action(&self) -> [f32; 2] {
-        expert_action_from_state(&self.state(), self.cfg.max_speed)
+        self.cfg
+            .shift
+            .undrive(expert_action_from_state(&self.state(), self.cfg.max_speed))
     }
 
     /// The scripted expert's next `horizon` actions, rolled out on a copy of the world.

@@ -1,6 +1,7 @@
 //! The `nanobot` commands, one module each.
 
 pub mod bench;
+pub mod ckpt;
 pub mod collect;
 pub mod export;
 pub mod fleet;
@@ -8,5 +9,6 @@ pub mod launcher;
 pub mod run;
 pub mod schema;
 pub mod serve;
+pub mod shadow;
 pub mod topic;
 pub mod train;

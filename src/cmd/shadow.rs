@@ -1,0 +1,135 @@
+//! `nanobot demos` and `nanobot eval`: the simulator in-process (`nanobot_actors::shadow`), no
+//! fleet and no bus. `demos` records the scripted expert's demonstrations as LeRobot datasets
+//! (one per robot, `OUT/r{i}`, world seed `i`, as `launch/sim.toml` seeds its robots); `eval`
+//! measures a checkpoint's closed-loop success on seeds of its own, beside the expert's on the
+//! same worlds.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use nanobot_actors::shadow::{evaluate, record_demonstrations, Driver, ShadowConfig};
+use nanobot_dataset::{DatasetSpec, DatasetWriter, WriterConfig};
+use nanobot_policy::runner::Runner;
+use nanobot_sim::{Shift, SimConfig};
+
+#[derive(Args)]
+pub struct DemosArgs {
+    /// Where the datasets go: one per robot, `OUT/r0`, `OUT/r1`, ...
+    #[arg(long, default_value = "data/demos")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    robots: u32,
+    /// Episodes per robot.
+    #[arg(long, default_value_t = 150)]
+    episodes: u32,
+    /// The condition the demonstrations are recorded under.
+    #[arg(long, default_value = "none")]
+    shift: String,
+    /// World seeds are this plus the robot's index.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn demos(args: DemosArgs) -> anyhow::Result<u8> {
+    let shift: Shift = args.shift.parse()?;
+    let t0 = Instant::now();
+    let mut total = 0;
+    for i in 0..args.robots {
+        let dir = args.out.join(format!("r{i}"));
+        if dir.exists() {
+            anyhow::bail!(
+                "{} exists: demonstrations are written to a new directory",
+                dir.display()
+            );
+        }
+        let sim = SimConfig {
+            seed: args.seed + i as u64,
+            shift,
+            ..SimConfig::default()
+        };
+        let spec = DatasetSpec::sim(sim.rate_hz, sim.image_size, sim.surface_size);
+        let mut w =
+            DatasetWriter::open(&dir, spec, WriterConfig::default()).with_context(|| dir.display().to_string())?;
+        let rows = record_demonstrations(&mut w, sim, args.episodes, 85)?;
+        eprintln!("demos: {} {} episodes, {rows} rows", dir.display(), args.episodes);
+        total += rows;
+    }
+    println!(
+        "demos: {} robots × {} episodes under {}: {total} rows in {:.1} s → {}",
+        args.robots,
+        args.episodes,
+        shift.name(),
+        t0.elapsed().as_secs_f64(),
+        args.out.display()
+    );
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long, default_value = "policy.safetensors")]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// World seeds (comma-separated); keep them apart from the demonstrations' (0..robots).
+    #[arg(long, value_delimiter = ',', default_value = "100,101,102,103")]
+    seeds: Vec<u64>,
+    #[arg(long, default_value_t = 25)]
+    episodes: u32,
+    /// Conditions (comma-separated shift names, or `all`).
+    #[arg(long, value_delimiter = ',', default_value = "none")]
+    shift: Vec<String>,
+    /// Blend and lead of the receding horizon (the policy actor's).
+    #[arg(long, default_value_t = 4)]
+    blend: usize,
+    #[arg(long, default_value_t = 2)]
+    lead: usize,
+    #[arg(long)]
+    n_action_steps: Option<usize>,
+}
+
+pub fn eval(args: EvalArgs) -> anyhow::Result<u8> {
+    let runner = Runner::load(&args.checkpoint, args.adapter.as_deref())
+        .with_context(|| args.checkpoint.display().to_string())?;
+    let shifts: Vec<Shift> = if args.shift.iter().any(|s| s == "all") {
+        Shift::ALL.to_vec()
+    } else {
+        args.shift.iter().map(|s| s.parse()).collect::<Result<_, _>>()?
+    };
+    let cfg = ShadowConfig {
+        seeds: args.seeds.clone(),
+        episodes_per_seed: args.episodes,
+        blend: args.blend,
+        lead: args.lead,
+        n_action_steps: args.n_action_steps,
+        ..ShadowConfig::default()
+    };
+    println!(
+        "eval: {} (adapter {}), seeds {:?} × {} episodes",
+        args.checkpoint.display(),
+        if runner.adapter_version().is_empty() {
+            "none".into()
+        } else {
+            runner.adapter_version()
+        },
+        args.seeds,
+        args.episodes
+    );
+    println!("{:<16} {:>28} {:>28} {:>7}", "condition", "policy", "expert", "length");
+    for shift in shifts {
+        let t0 = Instant::now();
+        let p = evaluate(&Driver::Policy(&runner), shift, &cfg)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let e = evaluate(&Driver::Expert, shift, &cfg)?;
+        println!(
+            "{:<16} {:>28} {:>28} {:>6.2}×   ({secs:.1} s)",
+            shift.name(),
+            p.to_string(),
+            e.to_string(),
+            p.mean_steps / e.mean_steps.max(1e-9)
+        );
+    }
+    Ok(0)
+}
