@@ -13,25 +13,6 @@ use common::*;
 use nanobot_messages::Candidate;
 use nanobot_policy::checkpoint::{self, Role};
 
-/// A tiny base trained for one step on two demonstration episodes at `dir/demos`.
-fn tiny_base(dir: &Path) -> PathBuf {
-    let data = dir.join("demos/r0");
-    demo_dataset(&data);
-    let base = dir.join("base.safetensors");
-    let config = repo().join("configs/policy/tiny.toml");
-    let out = nanobot()
-        .args(["train", "--dataset"])
-        .arg(&data)
-        .arg("--config")
-        .arg(&config)
-        .args(["--steps", "1", "--version", "tiny-base", "--out"])
-        .arg(&base)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    base
-}
-
 /// The adapter the trainer keeps in `state` (one base: one file).
 fn adapter_in(state: &Path) -> Vec<u8> {
     let files: Vec<PathBuf> = std::fs::read_dir(state)

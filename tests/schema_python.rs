@@ -98,12 +98,48 @@ fn samples() -> Vec<AnyMessage> {
         }
         .into(),
         Promoted {
-            adapter_id: "c1".into(),
-            base_version: "base-1".into(),
+            generation: 3,
+            fleet: None,
+            canary: Some(AdapterManifest {
+                adapter_id: "c1".into(),
+                base_version: "base-1".into(),
+                sha256: "cd".repeat(32),
+                bytes: 33,
+                metrics: vec![Metric {
+                    name: "shadow_success".into(),
+                    value: 0.9,
+                }],
+                signature: "ab".repeat(64),
+            }),
+            canary_robots: vec!["r0".into(), "r3".into()],
+        }
+        .into(),
+        AdapterRequest {
             sha256: "cd".repeat(32),
-            signature: "sig".into(),
-            canary: vec!["r0".into(), "r3".into()],
-            adapter: Blob::new(vec![9u8; 33]),
+        }
+        .into(),
+        AdapterBytes {
+            adapter_id: "c1".into(),
+            sha256: "cd".repeat(32),
+            data: Blob::new(vec![9u8; 33]),
+        }
+        .into(),
+        PolicyStatus {
+            base_version: "base-1".into(),
+            adapter_id: "c1".into(),
+            generation: 3,
+            refused: 1,
+            last_error: "bad signature".into(),
+        }
+        .into(),
+        CkptCommand {
+            op: "show".into(),
+            id: "c1".into(),
+        }
+        .into(),
+        CkptReply {
+            ok: true,
+            json: "{}".into(),
         }
         .into(),
         Stats {

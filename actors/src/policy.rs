@@ -1,26 +1,39 @@
 //! `policy`: the trained policy driving a robot. It follows the robot's observations
 //! (`{fleet}/{robot}/obs`, latest-only), keeps the last `n_obs_steps` of them, and plans with a
-//! receding horizon: a chunk of `horizon` actions answers observation `s` and covers ticks
-//! `s+1 ..= s+horizon`; once the robot has executed `n_action_steps − lead` of them the next
-//! chunk is computed, so it is out before the current one runs out. Where the new chunk
+//! receding horizon: a chunk of `horizon` actions answers observation `s` and holds the actions
+//! for ticks `s ..< s+horizon` (the robot skips those already past when it arrives); once
+//! `n_action_steps − lead − 1` of its ticks have passed the next chunk is computed, so it is out before the current one runs out. Where the new chunk
 //! overlaps the old, the first `blend` actions are cross-faded from old to new (all of it is
 //! `nanobot_policy::rollout::Rollout`, which `nanobot serve` uses too). JPEG decoding and
 //! inference run on a blocking thread, so the bus is never held up; a chunk published after the
 //! previous one ran out counts as a missed deadline. Every chunk carries the policy and adapter
 //! versions.
+//!
+//! Adapters come from the promoter: the rollout on `{fleet}/ckpt/promoted` names the adapter
+//! this robot should run; its manifest's signature must verify against the fleet's public key
+//! (`trusted_key`), its bytes (fetched from `{fleet}/ckpt/adapter`) must have the manifest's
+//! length and sha256, and it must load on this base (its base version, config, every tensor's
+//! shape, all finite). It is built on a blocking thread while the current adapter keeps acting,
+//! and swapped in between two observations, so no tick is missed. Anything wrong keeps the
+//! current adapter and is counted (`adapters_refused`) and reported on `{fleet}/{robot}/policy`,
+//! where the robot also says what it runs.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use nanobot_messages::{topics, ActionChunk, ActionSource, Observation, TraceContext};
+use nanobot_messages::{
+    topics, ActionChunk, ActionSource, AdapterBytes, AdapterManifest, AdapterRequest, Observation, PolicyStatus,
+    Promoted, TraceContext,
+};
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::rollout::Rollout;
 use nanobot_policy::runner::Runner;
 use serde::Deserialize;
 
-use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::bus::{Bus, Feeder, Inbox, Keep, PubQos, Publisher, Received};
+use crate::keys::TrustedKey;
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -41,6 +54,13 @@ pub struct PolicyActorConfig {
     pub blend: usize,
     /// Threads for the model's arithmetic (1 is fastest for small models).
     pub threads: usize,
+    /// Follow the promoter's rollout (`{fleet}/ckpt/promoted`).
+    pub promotions: bool,
+    /// The fleet's public key (`nanobot keys init`'s `fleet.pub`); `{fleet}` expands. Read when
+    /// the first promotion comes; no adapter loads without it.
+    pub trusted_key: String,
+    /// How long fetching an adapter's bytes may take.
+    pub fetch_timeout_ms: u64,
 }
 
 impl Default for PolicyActorConfig {
@@ -53,6 +73,9 @@ impl Default for PolicyActorConfig {
             lead: 2,
             blend: 4,
             threads: 1,
+            promotions: true,
+            trusted_key: "state/{fleet}/keys/fleet.pub".into(),
+            fetch_timeout_ms: 3000,
         }
     }
 }
@@ -69,11 +92,45 @@ pub struct PolicyActor {
     chunks: u64,
     missed: u64,
     last_ms: f64,
+    promo: Promotions,
 }
 
-/// The policy actor's one event: an observation is waiting.
+/// What the policy actor knows of the promoter's rollout.
+struct Promotions {
+    rollouts: Option<Inbox<Received<Promoted>>>,
+    swaps: Inbox<Swap>,
+    swap_feeder: Feeder<Swap>,
+    status: Publisher<PolicyStatus>,
+    key_path: PathBuf,
+    key: Option<TrustedKey>,
+    /// The sha256 of the adapter acting (empty: the base alone, or the launch file's).
+    sha256: String,
+    /// The rollout generation acted on, and the adapter being fetched for it.
+    generation: u64,
+    fetching: Option<String>,
+    refused: u64,
+    swaps_done: u64,
+    last_error: String,
+}
+
+/// A fetched and built adapter, or why not.
+struct Swap {
+    generation: u64,
+    sha256: String,
+    adapter_id: String,
+    runner: Result<Runner, String>,
+}
+
+/// What wakes the policy actor.
 #[derive(Clone, Copy, Debug)]
-pub struct ObservationWaiting;
+pub enum PolicyEvent {
+    /// An observation is waiting.
+    Observation,
+    /// The promoter's rollout changed (or was announced again).
+    Rollout,
+    /// An adapter was fetched and built (or refused).
+    Swap,
+}
 
 /// What the blocking side made of one observation.
 enum Outcome {
@@ -87,7 +144,7 @@ enum Outcome {
 impl NodeActor for PolicyActor {
     const KIND: &'static str = "policy";
     type Config = PolicyActorConfig;
-    type Event = ObservationWaiting;
+    type Event = PolicyEvent;
 
     async fn start(ctx: &Ctx<Self>, cfg: PolicyActorConfig) -> Result<Self, ActorError> {
         if cfg.rate_hz.is_nan() || cfg.rate_hz <= 0.0 || cfg.threads == 0 {
@@ -113,9 +170,28 @@ impl NodeActor for PolicyActor {
                 "obs",
                 &topics::obs(fleet, &robot),
                 Keep::Latest,
-                Some(|| ObservationWaiting),
+                Some(|| PolicyEvent::Observation),
             )
             .await?;
+        let rollouts = if cfg.promotions {
+            Some(
+                ctx.subscribe(
+                    "rollouts",
+                    &topics::ckpt_promoted(fleet),
+                    Keep::Latest,
+                    Some(|| PolicyEvent::Rollout),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
+        let (swap_feeder, swaps) = ctx.input("swaps", Keep::Latest, Some(|| PolicyEvent::Swap));
+        let status = ctx
+            .publisher(&topics::policy_status(fleet, &robot), &robot, PubQos::Data)
+            .await?;
+        ctx.every(std::time::Duration::from_secs(2));
+        let key_path = PathBuf::from(cfg.trusted_key.replace("{fleet}", fleet));
         let act = ctx
             .bus
             .publisher(&topics::act(fleet, &robot), &robot, PubQos::Control)
@@ -132,10 +208,165 @@ impl NodeActor for PolicyActor {
             chunks: 0,
             missed: 0,
             last_ms: 0.0,
+            promo: Promotions {
+                rollouts,
+                swaps,
+                swap_feeder,
+                status,
+                key_path,
+                key: None,
+                sha256: String::new(),
+                generation: 0,
+                fetching: None,
+                refused: 0,
+                swaps_done: 0,
+                last_error: String::new(),
+            },
         })
     }
 
-    async fn handle(&mut self, ctx: &Ctx<Self>, _input: Input<ObservationWaiting>) -> Result<(), ActorError> {
+    async fn handle(&mut self, ctx: &Ctx<Self>, input: Input<PolicyEvent>) -> Result<(), ActorError> {
+        match input {
+            Input::Event(PolicyEvent::Observation) => self.act(ctx).await,
+            Input::Event(PolicyEvent::Rollout) => {
+                self.follow_rollout(ctx).await;
+                Ok(())
+            }
+            Input::Event(PolicyEvent::Swap) => {
+                self.swap(ctx).await;
+                Ok(())
+            }
+            Input::Tick => {
+                self.report().await;
+                Ok(())
+            }
+        }
+    }
+
+    fn metrics(&self, m: &mut Metrics) {
+        m.set("chunks", self.chunks as f64);
+        m.set("missed_deadlines", self.missed as f64);
+        m.set("inference_ms", self.last_ms);
+        m.set("adapter_generation", self.promo.generation as f64);
+        m.set("adapters_swapped", self.promo.swaps_done as f64);
+        m.set("adapters_refused", self.promo.refused as f64);
+    }
+}
+
+impl PolicyActor {
+    async fn report(&self) {
+        let s = PolicyStatus {
+            base_version: self.runner.meta.version.clone(),
+            adapter_id: self.runner.adapter_version(),
+            generation: self.promo.generation,
+            refused: self.promo.refused,
+            last_error: self.promo.last_error.clone(),
+        };
+        if let Err(e) = self.promo.status.put(&s).await {
+            tracing::debug!(robot = %self.robot, error = %e, "policy status not published");
+        }
+    }
+
+    fn refuse(&mut self, ctx: &Ctx<Self>, generation: u64, what: &str, why: String) {
+        self.promo.refused += 1;
+        self.promo.generation = generation;
+        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(robot = %self.robot, generation, "adapter {what} refused, keeping {:?}: {why}", self.runner.adapter_version());
+        self.promo.last_error = format!("{what}: {why}");
+    }
+
+    /// The rollout says which adapter this robot runs: start fetching it if it is not the one
+    /// acting (the signature is checked before anything is fetched).
+    async fn follow_rollout(&mut self, ctx: &Ctx<Self>) {
+        let Some(p) = self.promo.rollouts.as_ref().and_then(|r| r.take()).map(|r| r.msg) else {
+            return;
+        };
+        // Generation 0: nothing was ever promoted; the launch file's adapter stands.
+        if p.generation == 0 || p.generation < self.promo.generation {
+            return;
+        }
+        let want: Option<AdapterManifest> = p.for_robot(&self.robot).cloned();
+        let want_sha = want.as_ref().map(|m| m.sha256.clone()).unwrap_or_default();
+        if want_sha == self.promo.sha256 && (want.is_some() || self.runner.adapter.is_none()) {
+            if self.promo.generation != p.generation {
+                self.promo.generation = p.generation;
+                self.promo.last_error.clear();
+                self.report().await;
+            }
+            return;
+        }
+        if self.promo.fetching.as_deref() == Some(want_sha.as_str()) {
+            return;
+        }
+        let what = want
+            .as_ref()
+            .map(|m| m.adapter_id.clone())
+            .unwrap_or_else(|| "base".into());
+        if let Some(m) = &want {
+            if self.promo.key.is_none() {
+                self.promo.key = TrustedKey::load(&self.promo.key_path)
+                    .map_err(|e| tracing::warn!(robot = %self.robot, "{e}"))
+                    .ok();
+            }
+            let verified = match &self.promo.key {
+                None => Err(format!("no trusted fleet key at {}", self.promo.key_path.display())),
+                Some(k) => k.verify(&m.signed_text(), &m.signature).map_err(|e| e.to_string()),
+            };
+            if let Err(e) = verified {
+                self.refuse(ctx, p.generation, &what, e);
+                self.report().await;
+                return;
+            }
+            if m.base_version != self.runner.meta.version {
+                let why = format!(
+                    "made for base {:?}, this robot runs {:?}",
+                    m.base_version, self.runner.meta.version
+                );
+                self.refuse(ctx, p.generation, &what, why);
+                self.report().await;
+                return;
+            }
+        }
+        self.promo.fetching = Some(want_sha.clone());
+        let job = Fetch {
+            bus: ctx.bus.clone(),
+            key: topics::ckpt_adapter(ctx.fleet()),
+            robot: self.robot.clone(),
+            runner: self.runner.clone(),
+            want,
+            generation: p.generation,
+            timeout: std::time::Duration::from_millis(self.cfg.fetch_timeout_ms),
+            feeder: self.promo.swap_feeder.clone(),
+        };
+        tokio::spawn(job.run());
+    }
+
+    /// An adapter was fetched and built, or refused: swap it in between two observations.
+    async fn swap(&mut self, ctx: &Ctx<Self>) {
+        let Some(s) = self.promo.swaps.take() else { return };
+        if self.promo.fetching.as_deref() == Some(s.sha256.as_str()) {
+            self.promo.fetching = None;
+        }
+        match s.runner {
+            Err(e) => self.refuse(ctx, s.generation, &s.adapter_id, e),
+            Ok(runner) => {
+                tracing::info!(robot = %self.robot, generation = s.generation, from = %self.runner.adapter_version(), to = %s.adapter_id, "adapter swapped");
+                self.runner = Arc::new(runner);
+                if let Some(r) = self.rollout.as_mut() {
+                    r.forget_tokens();
+                }
+                self.promo.sha256 = s.sha256;
+                self.promo.generation = s.generation;
+                self.promo.swaps_done += 1;
+                self.promo.last_error.clear();
+            }
+        }
+        self.report().await;
+        // A newer rollout may have come while this one was fetched.
+        ctx.sender().send(PolicyEvent::Rollout);
+    }
+
+    async fn act(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
         let Some(r) = self.obs.take() else { return Ok(()) };
         let c = &ctx.counters;
         let seq = r.header.seq;
@@ -206,10 +437,75 @@ impl NodeActor for PolicyActor {
         }
         Ok(())
     }
+}
 
-    fn metrics(&self, m: &mut Metrics) {
-        m.set("chunks", self.chunks as f64);
-        m.set("missed_deadlines", self.missed as f64);
-        m.set("inference_ms", self.last_ms);
+/// Fetch an adapter's bytes, check them against the manifest, build the runner.
+struct Fetch {
+    bus: Bus,
+    key: String,
+    robot: String,
+    runner: Arc<Runner>,
+    want: Option<AdapterManifest>,
+    generation: u64,
+    timeout: std::time::Duration,
+    feeder: Feeder<Swap>,
+}
+
+impl Fetch {
+    async fn run(self) {
+        let (sha256, adapter_id) = self
+            .want
+            .as_ref()
+            .map(|m| (m.sha256.clone(), m.adapter_id.clone()))
+            .unwrap_or_else(|| (String::new(), "base".into()));
+        let runner = self.build().await;
+        self.feeder.push(Swap {
+            generation: self.generation,
+            sha256,
+            adapter_id,
+            runner,
+        });
+    }
+
+    async fn build(&self) -> Result<Runner, String> {
+        let base = self.runner.clone();
+        let Some(m) = self.want.clone() else {
+            return tokio::task::spawn_blocking(move || base.without_adapter().map_err(|e| e.to_string()))
+                .await
+                .map_err(|e| e.to_string())?;
+        };
+        let req = AdapterRequest {
+            sha256: m.sha256.clone(),
+        };
+        let replies = self
+            .bus
+            .get::<AdapterRequest, AdapterBytes>(&self.key, &self.robot, &req, self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut errors = Vec::new();
+        let mut bytes = None;
+        for r in replies {
+            match r {
+                Ok(r) => {
+                    bytes = Some(r.msg.data.to_bytes());
+                    break;
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let bytes = bytes.ok_or_else(|| format!("no bytes from {}: {}", self.key, errors.join("; ")))?;
+        if bytes.len() as u64 != m.bytes {
+            return Err(format!("{} bytes arrived, the manifest says {}", bytes.len(), m.bytes));
+        }
+        tokio::task::spawn_blocking(move || {
+            let sha = nanobot_dataset::sha256_hex(&bytes);
+            if sha != m.sha256 {
+                return Err(format!("sha256 of the bytes is {sha}, the manifest says {}", m.sha256));
+            }
+            base.with_adapter_bytes(&bytes, &m.adapter_id)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 }

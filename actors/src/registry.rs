@@ -10,6 +10,7 @@ pub const ACTORS: &[ActorKind] = &[
     ActorKind::of::<crate::ingest::Ingest>(),
     ActorKind::of::<crate::logger::Logger>(),
     ActorKind::of::<crate::policy::PolicyActor>(),
+    ActorKind::of::<crate::promoter::Promoter>(),
     ActorKind::of::<crate::replay::Replay>(),
     ActorKind::of::<crate::stats_echo::StatsEcho>(),
     ActorKind::of::<crate::trainer::TrainerActor>(),

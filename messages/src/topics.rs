@@ -91,6 +91,15 @@ pub fn ckpt_candidate(fleet: &str) -> String {
 pub fn ckpt_promoted(fleet: &str) -> String {
     format!("{fleet}/ckpt/promoted")
 }
+pub fn ckpt_adapter(fleet: &str) -> String {
+    format!("{fleet}/ckpt/adapter")
+}
+pub fn ckpt_control(fleet: &str) -> String {
+    format!("{fleet}/ckpt/control")
+}
+pub fn policy_status(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/{robot}/policy")
+}
 /// Liveliness token and stats of one actor.
 pub fn node_actor(fleet: &str, node: &str, actor: &str) -> String {
     format!("{fleet}/node/{node}/{actor}")

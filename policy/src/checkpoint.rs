@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -192,16 +192,22 @@ fn canonical_header(bytes: &mut [u8]) -> Result<(), String> {
 /// Read a checkpoint's metadata and tensors.
 pub fn read(path: &Path) -> Result<(Meta, HashMap<String, Tensor>), CheckpointError> {
     let file = path.display().to_string();
-    let refuse = |reason: String| CheckpointError::Refused {
-        file: file.clone(),
-        reason,
-    };
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         file: file.clone(),
         source,
     })?;
+    read_bytes(&bytes, &file)
+}
+
+/// Read a checkpoint's metadata and tensors from its bytes; `file` names them in errors (a
+/// path, or the adapter id a promotion shipped).
+pub fn read_bytes(bytes: &[u8], file: &str) -> Result<(Meta, HashMap<String, Tensor>), CheckpointError> {
+    let refuse = |reason: String| CheckpointError::Refused {
+        file: file.to_string(),
+        reason,
+    };
     let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| refuse(format!("not a safetensors file: {e}")))?;
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| refuse(format!("not a safetensors file: {e}")))?;
     let md = header.metadata().clone().unwrap_or_default();
     let get = |k: &str| {
         md.get(k)
@@ -218,7 +224,7 @@ pub fn read(path: &Path) -> Result<(Meta, HashMap<String, Tensor>), CheckpointEr
     let config: PolicyConfig = serde_json::from_str(get(K_CONFIG)?).map_err(|e| refuse(format!("{K_CONFIG}: {e}")))?;
     let norm: NormStats = serde_json::from_str(get(K_NORM)?).map_err(|e| refuse(format!("{K_NORM}: {e}")))?;
     let version = get(K_VERSION)?.clone();
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| refuse(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| refuse(e.to_string()))?;
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let t = candle_core::safetensors::Load::load(&view, &Device::Cpu)
@@ -240,11 +246,27 @@ pub fn read(path: &Path) -> Result<(Meta, HashMap<String, Tensor>), CheckpointEr
 /// for the same config and kind. Returns its metadata.
 pub fn load_into(path: &Path, vars: &VarMap, config: &PolicyConfig, kind: Role) -> Result<Meta, CheckpointError> {
     let file = path.display().to_string();
-    let refuse = |reason: String| CheckpointError::Refused {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         file: file.clone(),
+        source,
+    })?;
+    load_bytes_into(&bytes, &file, vars, config, kind)
+}
+
+/// [`load_into`] from a checkpoint's bytes; `file` names them in errors. Every tensor must be
+/// finite: a NaN or an infinity is refused, naming the tensor.
+pub fn load_bytes_into(
+    bytes: &[u8],
+    file: &str,
+    vars: &VarMap,
+    config: &PolicyConfig,
+    kind: Role,
+) -> Result<Meta, CheckpointError> {
+    let refuse = |reason: String| CheckpointError::Refused {
+        file: file.to_string(),
         reason,
     };
-    let (meta, tensors) = read(path)?;
+    let (meta, tensors) = read_bytes(bytes, file)?;
     if meta.kind != kind {
         return Err(refuse(format!("holds a {:?}, expected a {kind:?}", meta.kind)));
     }
@@ -265,6 +287,16 @@ pub fn load_into(path: &Path, vars: &VarMap, config: &PolicyConfig, kind: Role) 
                 t.dims(),
                 var.dims()
             )));
+        }
+        let finite = t
+            .to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| refuse(format!("tensor {name}: {e}")))?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(refuse(format!("tensor {name} holds a NaN or an infinity")));
         }
     }
     if let Some(extra) = tensors.keys().find(|k| !data.contains_key(*k)) {

@@ -125,6 +125,83 @@ impl Runner {
         })
     }
 
+    /// This base with another adapter: `bytes` is an adapter checkpoint (what a trainer ships
+    /// and a promotion serves), named `name` in errors. The base's weights are shared, not
+    /// copied; the adapter must be made for this base's config, hold every adapter tensor with
+    /// its shape and nothing else, and be finite. `self` is untouched whatever happens, so a
+    /// robot keeps acting with it when the new adapter is refused.
+    pub fn with_adapter_bytes(&self, bytes: &[u8], name: &str) -> Result<Runner, RunnerError> {
+        self.check_swappable(name)?;
+        let adapter = VarMap::new();
+        let policy = Policy::new(
+            &self.meta.config,
+            VarBuilder::from_varmap(&self.base, DType::F32, &Device::Cpu),
+            Some(VarBuilder::from_varmap(&adapter, DType::F32, &Device::Cpu)),
+        )?;
+        let meta = checkpoint::load_bytes_into(bytes, name, &adapter, &self.meta.config, Role::Adapter)?;
+        Ok(Runner {
+            policy,
+            base: self.base.clone(),
+            adapter: Some(adapter),
+            meta: self.meta.clone(),
+            adapter_meta: Some(meta),
+            source: self.source.clone(),
+            format: self.format.clone(),
+        })
+    }
+
+    /// This base without an adapter (a rollback to the base itself).
+    pub fn without_adapter(&self) -> Result<Runner, RunnerError> {
+        self.check_swappable("the base")?;
+        let policy = Policy::new(
+            &self.meta.config,
+            VarBuilder::from_varmap(&self.base, DType::F32, &Device::Cpu),
+            None,
+        )?;
+        Ok(Runner {
+            policy,
+            base: self.base.clone(),
+            adapter: None,
+            meta: self.meta.clone(),
+            adapter_meta: None,
+            source: self.source.clone(),
+            format: self.format.clone(),
+        })
+    }
+
+    /// A fresh adapter for this base (LoRA's initialization: `B = 0`, so it acts as the base
+    /// does) as a checkpoint's bytes named `version`: what a trainer starts from, and what a
+    /// promotion ships before any training.
+    pub fn fresh_adapter(&self, version: &str) -> Result<(VarMap, Vec<u8>), RunnerError> {
+        let adapter = VarMap::new();
+        Policy::new(
+            &self.meta.config,
+            VarBuilder::from_varmap(&self.base, DType::F32, &Device::Cpu),
+            Some(VarBuilder::from_varmap(&adapter, DType::F32, &Device::Cpu)),
+        )?;
+        let meta = Meta {
+            kind: Role::Adapter,
+            version: version.to_string(),
+            config: self.meta.config.clone(),
+            norm: self.meta.norm.clone(),
+        };
+        let bytes = checkpoint::to_bytes(&adapter, &meta).map_err(|e| file_err(&self.source, e))?;
+        Ok((adapter, bytes))
+    }
+
+    fn check_swappable(&self, name: &str) -> Result<(), RunnerError> {
+        if self.format != "safetensors" {
+            return Err(file_err(
+                &self.source,
+                format!(
+                    "{name}: a {} export has its adapter merged; adapters swap on a safetensors base",
+                    self.format
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn config(&self) -> &PolicyConfig {
         &self.meta.config
     }

@@ -277,3 +277,23 @@ pub fn demo_dataset(root: &Path) {
     }
     w.finish_file().unwrap();
 }
+
+/// A tiny base (`version` "tiny-base") trained for one step on two demonstration episodes at
+/// `dir/demos`.
+pub fn tiny_base(dir: &Path) -> PathBuf {
+    let data = dir.join("demos/r0");
+    demo_dataset(&data);
+    let base = dir.join("base.safetensors");
+    let config = repo().join("configs/policy/tiny.toml");
+    let out = nanobot()
+        .args(["train", "--dataset"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&config)
+        .args(["--steps", "1", "--version", "tiny-base", "--out"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    base
+}

@@ -31,7 +31,7 @@ pub use self::rejects::RejectLog;
 pub use self::sources::{open_serial, DatagramCounts, DeviceResult, SerialReader};
 
 use crate::bus::{Inbox, Keep, PubQos, Publisher, RawSample, Received};
-use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
+use crate::runtime::{AbortOnDrop, ActorError, Ctx, Input, Metrics, NodeActor};
 
 /// Something is waiting in one of ingest's inboxes.
 #[derive(Clone, Copy, Debug)]
@@ -47,15 +47,6 @@ pub struct Ingest {
     datagrams: Arc<DatagramCounts>,
     _udp: Option<AbortOnDrop>,
     _serial: Option<SerialReader>,
-}
-
-/// A task aborted when its owner is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Ingest {

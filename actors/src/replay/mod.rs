@@ -26,7 +26,7 @@ use nanobot_messages::{codec::now_ns, topics, Reject, ReplayRequest, SegmentFina
 use serde::Deserialize;
 
 use crate::bus::{Inbox, Keep, PubQos, Publisher, Received, Request};
-use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor, Worker};
+use crate::runtime::{AbortOnDrop, ActorError, Ctx, Input, Metrics, NodeActor, Worker};
 pub use store::{Added, Store, StoreConfig, StoreStats};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -62,15 +62,6 @@ pub struct Replay {
     requests: Inbox<Request<ReplayRequest>>,
     quarantine: Publisher<Reject>,
     _server: AbortOnDrop,
-}
-
-/// The task that hands the queryable's requests to the actor; stopped with it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Replay {

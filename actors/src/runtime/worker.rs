@@ -67,6 +67,16 @@ impl<S> Drop for Worker<S> {
     }
 }
 
+/// A task an actor started (a socket reader, a queryable's server): stopped when the actor
+/// drops it.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,834 @@
+//! `promoter`: decides which adapter the fleet runs. Every candidate on `{fleet}/ckpt/candidate`
+//! goes through the gates (`gates.rs`: hash and base, loads and is finite, held-out loss,
+//! closed-loop success in shadow simulation under the condition the fleet reports, retention of
+//! earlier conditions); one that passes is stored, signed with the fleet key and rolled out on
+//! `{fleet}/ckpt/promoted`: first to a canary (`canary_robots` of the robots, by name), then to
+//! every robot once the canary has held up for `canary_hold_s` and `canary_min_episodes`
+//! episodes, or rolled back automatically when the canary's success falls more than
+//! `rollback_drop` below the other robots' (or a canary robot refuses the adapter). Robots fetch
+//! the bytes from the queryable `{fleet}/ckpt/adapter` by sha256 and report what they run on
+//! `{fleet}/{robot}/policy`; the time from the decision to the last robot's report is the
+//! promotion latency.
+//!
+//! Every candidate, decision and rollout change is appended to the ledger (`ledger.rs`,
+//! `{state_dir}/ledger.jsonl`, fsynced first) and the rollout is read back from it at start, so
+//! a restart or `kill -9` loses nothing. Engineers ask it on `{fleet}/ckpt/control`
+//! (`nanobot ckpt list | show ID | promote ID | rollback`).
+
+pub mod gates;
+pub mod ledger;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nanobot_messages::{
+    topics, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, CkptCommand, CkptReply, Event, EventKind,
+    Metric, PolicyStatus, Promoted,
+};
+use nanobot_sim::Shift;
+use serde::Deserialize;
+
+use crate::bus::{Inbox, Keep, PubQos, Publisher, Received, Request};
+use crate::keys::SigningKey;
+use crate::runtime::{AbortOnDrop, ActorError, Ctx, Input, Metrics, NodeActor, Worker};
+use gates::{GateConfig, Gates, Submission, Verdict};
+use ledger::{now_ms, Ledger, Record, ROLLBACK};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromoterConfig {
+    /// The base checkpoint the fleet runs (candidates must be trained on it).
+    pub base: PathBuf,
+    /// The ledger and the adapters' bytes; `{fleet}` expands.
+    pub state_dir: String,
+    /// The fleet key's directory (`nanobot keys init DIR`); `{fleet}` expands.
+    pub keys: String,
+    /// Make a key in `keys` if it has none (development fleets).
+    pub generate_key: bool,
+    /// The condition candidates are judged under: `fleet` (what the robots' episodes report,
+    /// by majority) or a shift name.
+    pub condition: String,
+    pub gates: GateConfig,
+    /// Robots (the first, by name) that take a promoted adapter first.
+    pub canary_robots: usize,
+    pub canary_hold_s: f64,
+    pub canary_min_episodes: u32,
+    /// Roll back when the canary's success is this far below the other robots'.
+    pub rollback_drop: f64,
+    /// The rollout is published again this often.
+    pub announce_s: f64,
+}
+
+impl Default for PromoterConfig {
+    fn default() -> Self {
+        PromoterConfig {
+            base: PathBuf::from("policy.safetensors"),
+            state_dir: "state/{fleet}/promoter".into(),
+            keys: "state/{fleet}/keys".into(),
+            generate_key: false,
+            condition: "fleet".into(),
+            gates: GateConfig::default(),
+            canary_robots: 1,
+            canary_hold_s: 20.0,
+            canary_min_episodes: 4,
+            rollback_drop: 0.25,
+            announce_s: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum PromoterEvent {
+    Candidate,
+    Status,
+    Episode,
+    Control,
+}
+
+/// A canary being watched.
+#[derive(Default)]
+struct Canary {
+    /// When every canary robot reported running it.
+    since: Option<Instant>,
+    wins: u32,
+    episodes: u32,
+    others_wins: u32,
+    others_episodes: u32,
+}
+
+/// What one robot reported.
+struct RobotView {
+    adapter_id: String,
+    generation: u64,
+    condition: Option<Shift>,
+}
+
+pub struct Promoter {
+    cfg: PromoterConfig,
+    state_dir: PathBuf,
+    key: SigningKey,
+    ledger: Worker<Ledger>,
+    gates: Option<Worker<Gates>>,
+    candidates: Inbox<Received<Candidate>>,
+    statuses: Inbox<Received<PolicyStatus>>,
+    events: Inbox<Received<Event>>,
+    control: Inbox<Request<CkptCommand>>,
+    announce: Publisher<Promoted>,
+    rollout: Promoted,
+    robots: BTreeMap<String, RobotView>,
+    /// Robots whose current episode the onboard expert took over (it is no policy success).
+    intervened: BTreeMap<String, bool>,
+    canary: Option<Canary>,
+    /// The generation not yet on every robot, and when it was decided.
+    reaching: Option<(u64, Instant)>,
+    last_latency_ms: f64,
+    accepted: u64,
+    refused: u64,
+    _servers: [AbortOnDrop; 2],
+}
+
+fn adapter_path(dir: &Path, sha256: &str) -> PathBuf {
+    dir.join("adapters").join(format!("{sha256}.safetensors"))
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+fn metrics_map(m: &[Metric]) -> BTreeMap<String, f64> {
+    m.iter().map(|m| (m.name.clone(), m.value)).collect()
+}
+
+impl NodeActor for Promoter {
+    const KIND: &'static str = "promoter";
+    type Config = PromoterConfig;
+    type Event = PromoterEvent;
+
+    async fn start(ctx: &Ctx<Self>, cfg: PromoterConfig) -> Result<Self, ActorError> {
+        if !(cfg.announce_s > 0.0 && cfg.canary_hold_s >= 0.0) {
+            return Err(ctx.config_error("announce_s must be positive and canary_hold_s at least 0"));
+        }
+        if cfg.condition != "fleet" {
+            cfg.condition
+                .parse::<Shift>()
+                .map_err(|e| ctx.config_error(format!("condition: {e} (or \"fleet\")")))?;
+        }
+        let fleet = ctx.fleet().to_string();
+        let state_dir = PathBuf::from(cfg.state_dir.replace("{fleet}", &fleet));
+        let keys = PathBuf::from(cfg.keys.replace("{fleet}", &fleet));
+        let key = if cfg.generate_key {
+            SigningKey::load_or_generate(&keys)
+        } else {
+            SigningKey::load(&crate::keys::key_paths(&keys).0)
+        }
+        .map_err(|e| {
+            ctx.config_error(format!(
+                "fleet key: {e} (make one with `nanobot keys init {}`)",
+                keys.display()
+            ))
+        })?;
+        let ledger_path = state_dir.join("ledger.jsonl");
+        let ledger = Worker::spawn("nb-ledger".into(), move || Ledger::open(&ledger_path))
+            .await
+            .map_err(|e| ctx.failed(e))?;
+        let rollout = ledger
+            .call(|l| l.rollout())
+            .await
+            .ok_or_else(|| ctx.failed("ledger thread ended"))?
+            .unwrap_or(Promoted {
+                generation: 0,
+                fleet: None,
+                canary: None,
+                canary_robots: Vec::new(),
+            });
+        tracing::info!(
+            generation = rollout.generation,
+            fleet = rollout.fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
+            canary = rollout.canary.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("none"),
+            key = %&key.public_hex()[..16],
+            "promoter: rollout read back from the ledger"
+        );
+        let candidates = ctx
+            .subscribe(
+                "candidates",
+                &topics::ckpt_candidate(&fleet),
+                Keep::All { queue: 8 },
+                Some(|| PromoterEvent::Candidate),
+            )
+            .await?;
+        let statuses = ctx
+            .subscribe(
+                "statuses",
+                &format!("{fleet}/*/policy"),
+                Keep::All { queue: 1024 },
+                Some(|| PromoterEvent::Status),
+            )
+            .await?;
+        let events = ctx
+            .subscribe(
+                "events",
+                &format!("{fleet}/*/event"),
+                Keep::All { queue: 4096 },
+                Some(|| PromoterEvent::Episode),
+            )
+            .await?;
+        // The adapters' bytes, served from disk by a task of their own.
+        let adapters = ctx
+            .bus
+            .queryable::<AdapterRequest>(&topics::ckpt_adapter(&fleet), 64)
+            .await
+            .map_err(ctx.bus_err())?;
+        let dir = state_dir.clone();
+        let bytes_server = tokio::spawn(async move {
+            while let Some(req) = adapters.recv().await {
+                let sha = req.msg.sha256.clone();
+                if !is_sha256(&sha) {
+                    let _ = req
+                        .reply_err(&format!("sha256 {sha:?} is not 64 lower-case hex digits"))
+                        .await;
+                    continue;
+                }
+                let path = adapter_path(&dir, &sha);
+                match tokio::task::spawn_blocking(move || std::fs::read(&path)).await {
+                    Ok(Ok(data)) => {
+                        let reply = AdapterBytes {
+                            adapter_id: String::new(),
+                            sha256: sha,
+                            data: Blob::new(data),
+                        };
+                        if let Err(e) = req.reply("", &reply).await {
+                            tracing::warn!(error = %e, "adapter bytes not sent");
+                        }
+                    }
+                    _ => {
+                        let _ = req.reply_err(&format!("no adapter with sha256 {sha}")).await;
+                    }
+                }
+            }
+        });
+        let (feeder, control) = ctx.input("control", Keep::All { queue: 16 }, Some(|| PromoterEvent::Control));
+        let queryable = ctx
+            .bus
+            .queryable::<CkptCommand>(&topics::ckpt_control(&fleet), 16)
+            .await
+            .map_err(ctx.bus_err())?;
+        let control_server = tokio::spawn(async move {
+            while let Some(req) = queryable.recv().await {
+                feeder.push(req);
+            }
+        });
+        let announce = ctx
+            .publisher(&topics::ckpt_promoted(&fleet), "", PubQos::Control)
+            .await?;
+        ctx.every(Duration::from_secs_f64(cfg.announce_s));
+        let me = Promoter {
+            canary: rollout.canary.as_ref().map(|_| Canary::default()),
+            cfg,
+            state_dir,
+            key,
+            ledger,
+            gates: None,
+            candidates,
+            statuses,
+            events,
+            control,
+            announce,
+            rollout,
+            robots: BTreeMap::new(),
+            intervened: BTreeMap::new(),
+            reaching: None,
+            last_latency_ms: 0.0,
+            accepted: 0,
+            refused: 0,
+            _servers: [AbortOnDrop(bytes_server), AbortOnDrop(control_server)],
+        };
+        me.publish().await;
+        Ok(me)
+    }
+
+    async fn handle(&mut self, ctx: &Ctx<Self>, input: Input<PromoterEvent>) -> Result<(), ActorError> {
+        self.take_statuses(ctx).await?;
+        self.take_events(ctx).await?;
+        while let Some(req) = self.control.take() {
+            let reply = match self.command(ctx, &req.msg).await {
+                Ok(json) => CkptReply { ok: true, json },
+                Err(e) => CkptReply {
+                    ok: false,
+                    json: serde_json::json!({ "error": e }).to_string(),
+                },
+            };
+            if let Err(e) = req.reply("", &reply).await {
+                tracing::warn!(error = %e, "ckpt reply not sent");
+            }
+        }
+        if let Some(r) = self.candidates.take() {
+            self.judge(ctx, r.msg).await?;
+            if self.candidates.peek(|_| ()).is_some() {
+                ctx.sender().send(PromoterEvent::Candidate);
+            }
+        }
+        if matches!(input, Input::Tick) {
+            self.watch_canary(ctx).await?;
+            self.publish().await;
+        }
+        Ok(())
+    }
+
+    fn metrics(&self, m: &mut Metrics) {
+        m.set("generation", self.rollout.generation as f64);
+        m.set("accepted", self.accepted as f64);
+        m.set("refused", self.refused as f64);
+        m.set("canary", self.rollout.canary.is_some() as u8 as f64);
+        m.set("robots", self.robots.len() as f64);
+        m.set("promotion_ms", self.last_latency_ms);
+    }
+}
+
+impl Promoter {
+    async fn publish(&self) {
+        if let Err(e) = self.announce.put(&self.rollout).await {
+            tracing::warn!(error = %e, "rollout not published");
+        }
+    }
+
+    async fn record(&self, ctx: &Ctx<Self>, r: Record) -> Result<(), ActorError> {
+        self.ledger
+            .call(move |l| l.append(r))
+            .await
+            .ok_or_else(|| ctx.failed("ledger thread ended"))?
+            .map_err(|e| ctx.failed(format!("ledger: {e}")))
+    }
+
+    /// The condition candidates are judged under.
+    fn condition(&self) -> Shift {
+        if self.cfg.condition != "fleet" {
+            return self.cfg.condition.parse().unwrap_or_default();
+        }
+        let mut votes: BTreeMap<&'static str, (usize, Shift)> = BTreeMap::new();
+        for c in self.robots.values().filter_map(|r| r.condition) {
+            votes.entry(c.name()).or_insert((0, c)).0 += 1;
+        }
+        votes
+            .into_values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, c)| c)
+            .unwrap_or_default()
+    }
+
+    async fn gates(&mut self, ctx: &Ctx<Self>) -> Result<&Worker<Gates>, String> {
+        if self.gates.is_none() {
+            let (base, cfg) = (self.cfg.base.clone(), self.cfg.gates.clone());
+            let gates = Worker::spawn("nb-gates".into(), move || Gates::open(&base, cfg))
+                .await
+                .map_err(|e| format!("base {}: {e}", self.cfg.base.display()))?;
+            self.gates = Some(gates);
+            // The gates compare with what the fleet runs now.
+            let current = self.rollout.fleet.clone();
+            self.set_current(ctx, current.as_ref()).await?;
+        }
+        Ok(self.gates.as_ref().expect("opened above"))
+    }
+
+    async fn set_current(&self, _ctx: &Ctx<Self>, m: Option<&AdapterManifest>) -> Result<(), String> {
+        let Some(gates) = &self.gates else { return Ok(()) };
+        let current = m.map(|m| {
+            let ratio = m
+                .metrics
+                .iter()
+                .find(|x| x.name == "held_out_ratio")
+                .map(|x| x.value)
+                .unwrap_or(1.0);
+            (m.adapter_id.clone(), adapter_path(&self.state_dir, &m.sha256), ratio)
+        });
+        gates
+            .call(move |g| match current {
+                None => g.set_current(None),
+                Some((id, path, ratio)) => {
+                    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    g.set_current(Some((&id, &bytes, ratio)))
+                }
+            })
+            .await
+            .ok_or("gates thread ended")?
+    }
+
+    async fn judge(&mut self, ctx: &Ctx<Self>, c: Candidate) -> Result<(), ActorError> {
+        let bytes = c.adapter.to_bytes();
+        let metrics = metrics_map(&c.metrics);
+        self.record(
+            ctx,
+            Record::Candidate {
+                t_ms: now_ms(),
+                id: c.adapter_id.clone(),
+                sha256: c.sha256.clone(),
+                base_version: c.base_version.clone(),
+                step: c.step,
+                bytes: bytes.len() as u64,
+                metrics: metrics.clone(),
+            },
+        )
+        .await?;
+        let condition = self.condition();
+        let t0 = Instant::now();
+        let dir = self.state_dir.clone();
+        let verdict = match self.gates(ctx).await {
+            Err(e) => Verdict {
+                accepted: false,
+                reason: e,
+                metrics: BTreeMap::new(),
+            },
+            Ok(gates) => {
+                let (id, base, sha) = (c.adapter_id.clone(), c.base_version.clone(), c.sha256.clone());
+                gates
+                    .call(move |g| {
+                        let s = Submission {
+                            id: &id,
+                            base_version: &base,
+                            sha256: &sha,
+                            bytes: &bytes,
+                            metrics: &metrics,
+                        };
+                        let v = g.judge(&s, condition);
+                        // Its bytes are kept whenever they are what it claims (an operator may
+                        // promote a refused candidate by hand).
+                        if is_sha256(&sha) && nanobot_dataset::sha256_hex(&bytes) == sha {
+                            if let Err(e) = nanobot_dataset::write_atomic(&adapter_path(&dir, &sha), &bytes) {
+                                return Verdict {
+                                    accepted: false,
+                                    reason: format!("could not store it: {e}"),
+                                    metrics: v.metrics,
+                                };
+                            }
+                        }
+                        v
+                    })
+                    .await
+                    .ok_or_else(|| ctx.failed("gates thread ended"))?
+            }
+        };
+        tracing::info!(
+            id = %c.adapter_id,
+            accepted = verdict.accepted,
+            condition = condition.name(),
+            ms = t0.elapsed().as_millis() as u64,
+            "candidate judged: {}",
+            verdict.reason
+        );
+        self.record(
+            ctx,
+            Record::Decision {
+                t_ms: now_ms(),
+                id: c.adapter_id.clone(),
+                accepted: verdict.accepted,
+                reason: verdict.reason.clone(),
+                metrics: verdict.metrics.clone(),
+            },
+        )
+        .await?;
+        if !verdict.accepted {
+            self.refused += 1;
+            ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.accepted += 1;
+        ctx.counters.handled.fetch_add(1, Ordering::Relaxed);
+        let manifest = self.manifest(
+            &c.adapter_id,
+            &c.base_version,
+            &c.sha256,
+            c.adapter.len() as u64,
+            &verdict.metrics,
+        );
+        let robots: Vec<String> = self.robots.keys().take(self.cfg.canary_robots).cloned().collect();
+        if robots.is_empty() || robots.len() >= self.robots.len() {
+            // No fleet to keep safe from it (or the canary would be everyone): straight out.
+            self.change(
+                ctx,
+                Some(manifest),
+                None,
+                Vec::new(),
+                "promoted: passed the gates (no canary: too few robots)",
+            )
+            .await
+        } else {
+            let fleet = self.rollout.fleet.clone();
+            self.change(ctx, fleet, Some(manifest), robots, "canary: passed the gates")
+                .await
+        }
+    }
+
+    fn manifest(
+        &self,
+        id: &str,
+        base: &str,
+        sha256: &str,
+        bytes: u64,
+        metrics: &BTreeMap<String, f64>,
+    ) -> AdapterManifest {
+        let mut m = AdapterManifest {
+            adapter_id: id.to_string(),
+            base_version: base.to_string(),
+            sha256: sha256.to_string(),
+            bytes,
+            metrics: metrics
+                .iter()
+                .map(|(k, v)| Metric {
+                    name: k.clone(),
+                    value: *v,
+                })
+                .collect(),
+            signature: String::new(),
+        };
+        m.signature = self.key.sign(&m.signed_text());
+        m
+    }
+
+    /// Change the rollout: ledger first, then the gates' reference, then the robots.
+    async fn change(
+        &mut self,
+        ctx: &Ctx<Self>,
+        fleet: Option<AdapterManifest>,
+        canary: Option<AdapterManifest>,
+        canary_robots: Vec<String>,
+        reason: &str,
+    ) -> Result<(), ActorError> {
+        let generation = self.rollout.generation + 1;
+        self.record(
+            ctx,
+            Record::Rollout {
+                t_ms: now_ms(),
+                generation,
+                fleet: fleet.clone(),
+                canary: canary.clone(),
+                canary_robots: canary_robots.clone(),
+                reason: reason.to_string(),
+            },
+        )
+        .await?;
+        let fleet_changed = fleet.as_ref().map(|m| &m.sha256) != self.rollout.fleet.as_ref().map(|m| &m.sha256);
+        tracing::info!(
+            generation,
+            fleet = fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
+            canary = canary.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("none"),
+            robots = ?canary_robots,
+            "rollout: {reason}"
+        );
+        self.canary = canary.as_ref().map(|_| Canary::default());
+        self.rollout = Promoted {
+            generation,
+            fleet,
+            canary,
+            canary_robots,
+        };
+        self.reaching = Some((generation, Instant::now()));
+        self.publish().await;
+        if fleet_changed {
+            let current = self.rollout.fleet.clone();
+            if let Err(e) = self.set_current(ctx, current.as_ref()).await {
+                tracing::error!("gates keep comparing with the previous adapter: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_statuses(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
+        let mut refused_by_canary = None;
+        while let Some(r) = self.statuses.take() {
+            let robot = r.header.robot.clone();
+            let s = r.msg;
+            let view = self.robots.entry(robot.clone()).or_insert(RobotView {
+                adapter_id: String::new(),
+                generation: 0,
+                condition: None,
+            });
+            view.adapter_id = s.adapter_id.clone();
+            view.generation = s.generation;
+            if s.generation == self.rollout.generation && !s.last_error.is_empty() {
+                if let Some(c) = &self.rollout.canary {
+                    if self.rollout.canary_robots.contains(&robot) && s.adapter_id != c.adapter_id {
+                        refused_by_canary = Some(format!("{robot} refused it: {}", s.last_error));
+                    }
+                }
+            }
+        }
+        if let Some(why) = refused_by_canary {
+            return self.roll_back_canary(ctx, &why).await;
+        }
+        // Everyone on the newest generation: the promotion latency.
+        if let Some((generation, t0)) = self.reaching {
+            let all = !self.robots.is_empty()
+                && self.robots.iter().all(|(name, v)| {
+                    let want = self
+                        .rollout
+                        .for_robot(name)
+                        .map(|m| m.adapter_id.as_str())
+                        .unwrap_or("");
+                    v.generation >= generation && v.adapter_id == want
+                });
+            if all {
+                self.reaching = None;
+                self.last_latency_ms = t0.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(
+                    generation,
+                    robots = self.robots.len(),
+                    ms = self.last_latency_ms,
+                    "rollout reached every robot"
+                );
+                self.record(
+                    ctx,
+                    Record::Reached {
+                        t_ms: now_ms(),
+                        generation,
+                        robots: self.robots.len(),
+                        latency_ms: self.last_latency_ms,
+                    },
+                )
+                .await?;
+            }
+        }
+        if let (Some(canary), Some(m)) = (&mut self.canary, &self.rollout.canary) {
+            if canary.since.is_none()
+                && self.rollout.canary_robots.iter().all(|r| {
+                    self.robots
+                        .get(r)
+                        .is_some_and(|v| v.adapter_id == m.adapter_id && v.generation >= self.rollout.generation)
+                })
+            {
+                canary.since = Some(Instant::now());
+            }
+        }
+        Ok(())
+    }
+
+    async fn take_events(&mut self, _ctx: &Ctx<Self>) -> Result<(), ActorError> {
+        while let Some(r) = self.events.take() {
+            let robot = r.header.robot.clone();
+            match r.msg.event {
+                EventKind::EpisodeStart { shift, .. } => {
+                    if let (Some(v), Ok(s)) = (self.robots.get_mut(&robot), shift.parse::<Shift>()) {
+                        v.condition = Some(s);
+                    }
+                }
+                EventKind::Intervention { active: true, .. } => {
+                    self.intervened.insert(robot, true);
+                }
+                EventKind::EpisodeEnd { success, .. } => {
+                    let success = success && !self.intervened.insert(robot.clone(), false).unwrap_or(false);
+                    if let Some(c) = self.canary.as_mut().filter(|c| c.since.is_some()) {
+                        if self.rollout.canary_robots.contains(&robot) {
+                            c.episodes += 1;
+                            c.wins += success as u32;
+                        } else if self.robots.contains_key(&robot) {
+                            c.others_episodes += 1;
+                            c.others_wins += success as u32;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn watch_canary(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
+        let (Some(c), Some(m)) = (&self.canary, &self.rollout.canary) else {
+            return Ok(());
+        };
+        let Some(since) = c.since else { return Ok(()) };
+        if since.elapsed().as_secs_f64() < self.cfg.canary_hold_s || c.episodes < self.cfg.canary_min_episodes {
+            return Ok(());
+        }
+        let others = (c.others_episodes > 0).then(|| c.others_wins as f64 / c.others_episodes as f64);
+        // Without episodes on one side there is no evidence against the canary.
+        let rate = if c.episodes > 0 {
+            c.wins as f64 / c.episodes as f64
+        } else {
+            others.unwrap_or(1.0)
+        };
+        let others = others.unwrap_or(rate);
+        if rate < others - self.cfg.rollback_drop {
+            let why = format!(
+                "canary success {:.0} % ({} episodes) fell below the fleet's {:.0} %",
+                100.0 * rate,
+                c.episodes,
+                100.0 * others
+            );
+            return self.roll_back_canary(ctx, &why).await;
+        }
+        let m = m.clone();
+        let reason = format!(
+            "promoted: the canary held up ({:.0} % of {} episodes, the fleet {:.0} %)",
+            100.0 * rate,
+            c.episodes,
+            100.0 * others
+        );
+        self.change(ctx, Some(m), None, Vec::new(), &reason).await
+    }
+
+    async fn roll_back_canary(&mut self, ctx: &Ctx<Self>, why: &str) -> Result<(), ActorError> {
+        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("canary rolled back: {why}");
+        let fleet = self.rollout.fleet.clone();
+        self.change(ctx, fleet, None, Vec::new(), &format!("{ROLLBACK}: {why}"))
+            .await
+    }
+
+    async fn command(&mut self, ctx: &Ctx<Self>, cmd: &CkptCommand) -> Result<String, String> {
+        let rollout = serde_json::json!({
+            "generation": self.rollout.generation,
+            "fleet": self.rollout.fleet.as_ref().map(|m| &m.adapter_id),
+            "canary": self.rollout.canary.as_ref().map(|m| &m.adapter_id),
+            "canary_robots": self.rollout.canary_robots,
+            "robots": self.robots.iter().map(|(k, v)| (k.clone(), serde_json::json!({
+                "adapter": v.adapter_id, "generation": v.generation,
+                "condition": v.condition.map(|c| c.name()),
+            }))).collect::<BTreeMap<_, _>>(),
+            "promotion_ms": self.last_latency_ms,
+        });
+        match cmd.op.as_str() {
+            "list" => {
+                let candidates = self.ledger.call(|l| l.summary()).await.ok_or("ledger thread ended")?;
+                Ok(serde_json::json!({ "rollout": rollout, "candidates": candidates }).to_string())
+            }
+            "show" => {
+                let id = cmd.id.clone();
+                let records = self
+                    .ledger
+                    .call(move |l| l.about(&id).into_iter().cloned().collect::<Vec<_>>())
+                    .await
+                    .ok_or("ledger thread ended")?;
+                if records.is_empty() {
+                    return Err(format!("no candidate {:?} in the ledger", cmd.id));
+                }
+                Ok(serde_json::json!({ "id": cmd.id, "records": records }).to_string())
+            }
+            "promote" => {
+                let id = cmd.id.clone();
+                let found = self
+                    .ledger
+                    .call(move |l| {
+                        l.records().iter().rev().find_map(|r| match r {
+                            Record::Candidate {
+                                id: i,
+                                sha256,
+                                base_version,
+                                bytes,
+                                metrics,
+                                ..
+                            } if *i == id => Some((sha256.clone(), base_version.clone(), *bytes, metrics.clone())),
+                            _ => None,
+                        })
+                    })
+                    .await
+                    .ok_or("ledger thread ended")?;
+                let Some((sha, base, len, metrics)) = found else {
+                    return Err(format!("no candidate {:?} in the ledger", cmd.id));
+                };
+                let path = adapter_path(&self.state_dir, &sha);
+                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let (id, b, s) = (cmd.id.clone(), base.clone(), sha.clone());
+                let m2 = metrics.clone();
+                self.gates(ctx)
+                    .await?
+                    .call(move |g| {
+                        g.load(&Submission {
+                            id: &id,
+                            base_version: &b,
+                            sha256: &s,
+                            bytes: &bytes,
+                            metrics: &m2,
+                        })
+                        .map(|_| ())
+                    })
+                    .await
+                    .ok_or("gates thread ended")??;
+                let mut gate_metrics = metrics;
+                if let (Some(l), Some(b)) = (
+                    gate_metrics.get("held_out_loss"),
+                    gate_metrics.get("held_out_loss_base"),
+                ) {
+                    let ratio = l / b;
+                    gate_metrics.insert("held_out_ratio".into(), ratio);
+                }
+                self.record(
+                    ctx,
+                    Record::Decision {
+                        t_ms: now_ms(),
+                        id: cmd.id.clone(),
+                        accepted: true,
+                        reason: "promoted by an operator".into(),
+                        metrics: BTreeMap::new(),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                let m = self.manifest(&cmd.id, &base, &sha, len, &gate_metrics);
+                self.change(ctx, Some(m), None, Vec::new(), "promoted by an operator")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "promoted": cmd.id, "generation": self.rollout.generation }).to_string())
+            }
+            "rollback" => {
+                let target = self
+                    .ledger
+                    .call(|l| l.previous_fleet())
+                    .await
+                    .ok_or("ledger thread ended")?;
+                let Some(target) = target else {
+                    return Err("nothing to roll back: the fleet runs the base and always has".into());
+                };
+                let to = target
+                    .as_ref()
+                    .map(|m| m.adapter_id.clone())
+                    .unwrap_or_else(|| "base".into());
+                self.change(ctx, target, None, Vec::new(), &format!("{ROLLBACK} by an operator"))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(serde_json::json!({ "rolled_back_to": to, "generation": self.rollout.generation }).to_string())
+            }
+            other => Err(format!("unknown op {other:?}: list, show, promote or rollback")),
+        }
+    }
+}
