@@ -86,7 +86,43 @@ struct FileDecl {
     #[serde(default)]
     robots: Option<Spanned<RobotsDecl>>,
     #[serde(default)]
+    base: Option<BaseSetup>,
+    #[serde(default)]
     node: Vec<Spanned<NodeDecl>>,
+}
+
+/// How the fleet's base policy is made when its checkpoint does not exist yet: `nanobot launch`
+/// records the scripted expert's demonstrations in the simulator and trains the base on them
+/// (progress shown) before it starts any node. Paths are relative to the working directory.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseSetup {
+    pub checkpoint: String,
+    /// Where the demonstrations go (one dataset per robot; kept if they exist).
+    pub demos: String,
+    #[serde(default = "BaseSetup::default_robots")]
+    pub robots: u32,
+    /// Episodes per robot.
+    #[serde(default = "BaseSetup::default_episodes")]
+    pub episodes: u32,
+    /// The policy config (`configs/policy/*.toml`).
+    pub config: String,
+    pub steps: usize,
+    /// Batch shards trained at once, one core each.
+    #[serde(default = "BaseSetup::default_shards")]
+    pub shards: usize,
+}
+
+impl BaseSetup {
+    fn default_robots() -> u32 {
+        4
+    }
+    fn default_episodes() -> u32 {
+        120
+    }
+    fn default_shards() -> usize {
+        1
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -151,6 +187,8 @@ pub struct LaunchFile {
     pub robots: Vec<String>,
     pub restart: RestartPolicy,
     pub nodes: Vec<NodePlan>,
+    /// How to make the base checkpoint if it is missing.
+    pub base: Option<BaseSetup>,
 }
 
 /// What one node process runs.
@@ -242,8 +280,11 @@ fn template(s: &str, vars: &BTreeMap<&str, String>) -> String {
 
 fn template_value(v: &Value, vars: &BTreeMap<&str, String>) -> Value {
     match v {
-        // A value that is just "{index}" becomes an integer, so `seed = "{index}"` is a number.
-        Value::String(s) if s == "{index}" => Value::Integer(vars["index"].parse().unwrap_or(0)),
+        // A value made of "{index}" and digits becomes an integer, so `seed = "{index}"` (or
+        // "1{index}": 10, 11, ...) is a number.
+        Value::String(s) if s.contains("{index}") && s.replace("{index}", "").bytes().all(|b| b.is_ascii_digit()) => {
+            Value::Integer(template(s, vars).parse().unwrap_or(0))
+        }
         Value::String(s) => Value::String(template(s, vars)),
         Value::Array(a) => Value::Array(a.iter().map(|x| template_value(x, vars)).collect()),
         Value::Table(t) => Value::Table(t.iter().map(|(k, x)| (k.clone(), template_value(x, vars))).collect()),
@@ -469,6 +510,7 @@ pub fn parse(
         robots,
         restart,
         nodes,
+        base: decl.base,
     })
 }
 

@@ -19,7 +19,7 @@ pub const ACTION_DIM: usize = 2;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SimError {
-    #[error("unknown distribution shift {0:?} (known: none, actuator_gain, camera_offset, brightness, target_region, actuator_bias, actuator_rotation)")]
+    #[error("unknown distribution shift {0:?} (known: none, actuator_gain, camera_offset, brightness, target_region, actuator_bias, actuator_rotation, edge_targets, icy_floor)")]
     UnknownShift(String),
     #[error("invalid sim config: {0}")]
     Config(String),
@@ -42,13 +42,20 @@ pub enum Shift {
     /// A miscalibrated drive: every command gets (+0.6, +0.4) added, so a robot that stops
     /// commanding near the target drifts off it.
     ActuatorBias,
+    /// An icy floor: the surface sensor reads ice everywhere (0.5 in every cell), the camera sees
+    /// a pale blue floor, and the wheels slip: commands move the robot 70° counter-clockwise of
+    /// where they point (as `actuator_rotation`, but the robot can sense the condition it is in).
+    IcyFloor,
+    /// Targets appear along the arena's edges, outside the region the nominal world (and so the
+    /// demonstrations) puts them in.
+    EdgeTargets,
     /// The drive is mounted turned by 70°: commands move the robot 70° counter-clockwise of
     /// where they point.
     ActuatorRotation,
 }
 
 impl Shift {
-    pub const ALL: [Shift; 7] = [
+    pub const ALL: [Shift; 9] = [
         Shift::None,
         Shift::ActuatorGain,
         Shift::CameraOffset,
@@ -56,6 +63,8 @@ impl Shift {
         Shift::TargetRegion,
         Shift::ActuatorBias,
         Shift::ActuatorRotation,
+        Shift::EdgeTargets,
+        Shift::IcyFloor,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +76,8 @@ impl Shift {
             Shift::TargetRegion => "target_region",
             Shift::ActuatorBias => "actuator_bias",
             Shift::ActuatorRotation => "actuator_rotation",
+            Shift::EdgeTargets => "edge_targets",
+            Shift::IcyFloor => "icy_floor",
         }
     }
     /// What the drive adds to every command.
@@ -79,7 +90,7 @@ impl Shift {
     }
     /// The drive's rotation, radians counter-clockwise.
     fn rotation(self) -> f32 {
-        if self == Shift::ActuatorRotation {
+        if matches!(self, Shift::ActuatorRotation | Shift::IcyFloor) {
             70f32.to_radians()
         } else {
             0.0
@@ -278,6 +289,17 @@ impl SimRobot {
             x0 + (x1 - x0) * self.rng.next_f32(),
             y0 + (y1 - y0) * self.rng.next_f32(),
         ];
+        if self.cfg.shift == Shift::EdgeTargets {
+            // Within 0.07 of one of the four edges, anywhere along it.
+            let along = 0.05 + 0.9 * self.rng.next_f32();
+            let across = 0.03 + 0.04 * self.rng.next_f32();
+            self.target = match (self.rng.next_f32() * 4.0) as u32 {
+                0 => [across, along],
+                1 => [1.0 - across, along],
+                2 => [along, across],
+                _ => [along, 1.0 - across],
+            };
+        }
         loop {
             self.pos = [0.1 + 0.8 * self.rng.next_f32(), 0.1 + 0.8 * self.rng.next_f32()];
             if dist(self.pos, self.target) > 4.0 * self.cfg.success_radius {
@@ -296,6 +318,9 @@ impl SimRobot {
     }
 
     fn roughness_at(&self, p: [f32; 2]) -> f32 {
+        if self.cfg.shift == Shift::IcyFloor {
+            return 0.0;
+        }
         let n = self.cfg.surface_size as usize;
         let cx = ((p[0] * n as f32) as usize).min(n - 1);
         let cy = ((p[1] * n as f32) as usize).min(n - 1);
@@ -338,7 +363,11 @@ impl SimRobot {
     /// The surface grid, row-major: roughness, with 1.0 in the cell the robot touches.
     pub fn surface(&self) -> Vec<f32> {
         let n = self.cfg.surface_size as usize;
-        let mut grid = self.roughness.clone();
+        let mut grid = if self.cfg.shift == Shift::IcyFloor {
+            vec![0.5; n * n]
+        } else {
+            self.roughness.clone()
+        };
         let cx = ((self.pos[0] * n as f32) as usize).min(n - 1);
         let cy = ((self.pos[1] * n as f32) as usize).min(n - 1);
         grid[cy * n + cx] = 1.0;
@@ -365,7 +394,11 @@ impl SimRobot {
                     let cell = ((wy * n / s) * n + wx * n / s) as usize;
                     let r = self.roughness[cell];
                     let base = 0.55 + 0.1 * (wy as f32 / s as f32);
-                    [base - 0.25 * r, base - 0.2 * r, base - 0.3 * r]
+                    if self.cfg.shift == Shift::IcyFloor {
+                        [base + 0.1, base + 0.2, base + 0.35]
+                    } else {
+                        [base - 0.25 * r, base - 0.2 * r, base - 0.3 * r]
+                    }
                 } else {
                     [0.05, 0.05, 0.05]
                 };

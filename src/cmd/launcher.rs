@@ -165,6 +165,9 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> 
             return Ok(2);
         }
     }
+    if let Some(base) = &lf.base {
+        make_base(base)?;
+    }
     install_signal_handlers();
     let mut procs: Vec<NodeProc> = lf
         .nodes
@@ -258,4 +261,50 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> 
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(0)
+}
+
+/// The launch file's base checkpoint, made if it does not exist: the expert's demonstrations
+/// recorded in the simulator (unless they are there), then `nanobot train` on them.
+fn make_base(b: &nanobot_actors::launch::BaseSetup) -> anyhow::Result<()> {
+    let checkpoint = Path::new(&b.checkpoint);
+    if checkpoint.exists() {
+        return Ok(());
+    }
+    say(&format!(
+        "no base policy at {}: making one from the scripted expert's demonstrations ({} robots × {} episodes, {}, {} steps)",
+        checkpoint.display(),
+        b.robots,
+        b.episodes,
+        b.config,
+        b.steps
+    ));
+    let demos = Path::new(&b.demos);
+    let datasets: Vec<std::path::PathBuf> = if demos.join("r0").exists() {
+        (0..b.robots).map(|i| demos.join(format!("r{i}"))).collect()
+    } else {
+        super::shadow::record_demos(demos, b.robots, b.episodes, nanobot_sim::Shift::None, 0)?
+    };
+    let mut args: Vec<String> = vec!["train".into()];
+    for d in &datasets {
+        args.push("--dataset".into());
+        args.push(d.display().to_string());
+    }
+    for (k, v) in [
+        ("--config", b.config.clone()),
+        ("--steps", b.steps.to_string()),
+        ("--shards", b.shards.to_string()),
+        ("--out", b.checkpoint.clone()),
+    ] {
+        args.push(k.into());
+        args.push(v);
+    }
+    #[derive(clap::Parser)]
+    struct Train {
+        #[command(flatten)]
+        args: super::train::TrainArgs,
+    }
+    let train = <Train as clap::Parser>::try_parse_from(&args)?;
+    super::train::train(train.args)?;
+    say(&format!("base policy ready: {}", checkpoint.display()));
+    Ok(())
 }

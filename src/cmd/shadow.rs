@@ -4,7 +4,7 @@
 //! measures a checkpoint's closed-loop success on seeds of its own, beside the expert's on the
 //! same worlds.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -34,10 +34,18 @@ pub struct DemosArgs {
 
 pub fn demos(args: DemosArgs) -> anyhow::Result<u8> {
     let shift: Shift = args.shift.parse()?;
+    record_demos(&args.out, args.robots, args.episodes, shift, args.seed)?;
+    Ok(0)
+}
+
+/// Record `episodes` expert episodes for each of `robots` robots under `out` (`out/r{i}`, world
+/// seed `seed + i`); the datasets' paths.
+pub fn record_demos(out: &Path, robots: u32, episodes: u32, shift: Shift, seed: u64) -> anyhow::Result<Vec<PathBuf>> {
     let t0 = Instant::now();
     let mut total = 0;
-    for i in 0..args.robots {
-        let dir = args.out.join(format!("r{i}"));
+    let mut dirs = Vec::new();
+    for i in 0..robots {
+        let dir = out.join(format!("r{i}"));
         if dir.exists() {
             anyhow::bail!(
                 "{} exists: demonstrations are written to a new directory",
@@ -45,26 +53,25 @@ pub fn demos(args: DemosArgs) -> anyhow::Result<u8> {
             );
         }
         let sim = SimConfig {
-            seed: args.seed + i as u64,
+            seed: seed + i as u64,
             shift,
             ..SimConfig::default()
         };
         let spec = DatasetSpec::sim(sim.rate_hz, sim.image_size, sim.surface_size);
         let mut w =
             DatasetWriter::open(&dir, spec, WriterConfig::default()).with_context(|| dir.display().to_string())?;
-        let rows = record_demonstrations(&mut w, sim, args.episodes, 85)?;
-        eprintln!("demos: {} {} episodes, {rows} rows", dir.display(), args.episodes);
+        let rows = record_demonstrations(&mut w, sim, episodes, 85)?;
+        eprintln!("demos: {} {episodes} episodes, {rows} rows", dir.display());
         total += rows;
+        dirs.push(dir);
     }
     println!(
-        "demos: {} robots × {} episodes under {}: {total} rows in {:.1} s → {}",
-        args.robots,
-        args.episodes,
+        "demos: {robots} robots × {episodes} episodes under {}: {total} rows in {:.1} s → {}",
         shift.name(),
         t0.elapsed().as_secs_f64(),
-        args.out.display()
+        out.display()
     );
-    Ok(0)
+    Ok(dirs)
 }
 
 #[derive(Args)]

@@ -1,0 +1,484 @@
+//! `nanobot bench loop`: the README's main job, measured. It runs `launch/sim.toml` (the
+//! fleet on the base policy; the shift to condition B after `--before-s`; replay, the LoRA
+//! trainer and the promoter learning from what the robots do) in a scratch directory, watches the
+//! robots' episodes and the rollout from a client session, and prints, beside the scripted
+//! expert's success under the same conditions (in shadow simulation):
+//!
+//! - success under A before the shift, under B before adaptation and at the end;
+//! - minutes from the shift until a minute of B episodes succeeds ≥ 80 %;
+//! - interventions per hour (robot-hours) before and after adaptation;
+//! - retention: the final adapter's shadow success under A beside the base's;
+//! - adapter bytes beside base bytes;
+//! - promotion latency (decision → every robot reports running it), with this fleet's robots and
+//!   with `--latency-robots` more robots in a second, short run.
+//!
+//! An episode the onboard expert had to finish counts as a failure of the policy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nanobot_actors::bus::{Bus, BusConfig, Mode, PubQos};
+use nanobot_actors::shadow::{evaluate, Driver, ShadowConfig};
+use nanobot_messages::{Blob, Candidate, Event, EventKind, Metric, PolicyStatus, Promoted};
+use nanobot_policy::runner::Runner;
+use nanobot_sim::Shift;
+
+pub struct LoopArgs {
+    pub checkpoint: PathBuf,
+    pub demos: PathBuf,
+    pub shift: String,
+    pub before_s: f64,
+    pub after_s: f64,
+    pub latency_robots: usize,
+    pub dir: Option<PathBuf>,
+}
+
+/// One finished episode, as the fleet reported it.
+#[derive(Clone, Copy)]
+struct Episode {
+    t: f64,
+    success: bool,
+    intervened: bool,
+}
+
+#[derive(Default)]
+struct Watch {
+    episodes: Vec<Episode>,
+    intervening: BTreeMap<String, bool>,
+    interventions: Vec<f64>,
+    adapters: BTreeMap<String, String>,
+    /// (t, generation, fleet adapter)
+    rollouts: Vec<(f64, u64, String)>,
+}
+
+fn child_kill(c: &mut Child) {
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(7471)
+}
+
+async fn client(port: u16) -> anyhow::Result<Bus> {
+    Ok(Bus::open(
+        &BusConfig {
+            mode: Mode::Client,
+            connect: vec![format!("tcp/127.0.0.1:{port}")],
+            ..BusConfig::default()
+        },
+        "nb",
+    )
+    .await?)
+}
+
+fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
+    let w: Vec<&Episode> = eps.iter().filter(|e| e.t >= from && e.t < to).collect();
+    let wins = w.iter().filter(|e| e.success && !e.intervened).count();
+    (
+        if w.is_empty() {
+            f64::NAN
+        } else {
+            wins as f64 / w.len() as f64
+        },
+        w.len(),
+    )
+}
+
+pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
+    let exe = std::env::current_exe()?;
+    let repo = std::env::current_dir()?;
+    let launch = repo.join("launch/sim.toml");
+    if !launch.exists() {
+        bail!("run from the repository root: {} is missing", launch.display());
+    }
+    let checkpoint = std::fs::canonicalize(&a.checkpoint).with_context(|| a.checkpoint.display().to_string())?;
+    let demos = std::fs::canonicalize(&a.demos).with_context(|| a.demos.display().to_string())?;
+    let shift: Shift = a.shift.parse()?;
+    let work = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("nb-bench-loop-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("data"))?;
+    std::os::unix::fs::symlink(&demos, work.join("data/demos"))?;
+    let port = free_port();
+    println!(
+        "bench loop: launch/sim.toml in {}, base {}, shift to {} after {} s, {} s after it",
+        work.display(),
+        checkpoint.display(),
+        shift.name(),
+        a.before_s,
+        a.after_s
+    );
+    let mut fleet = Command::new(&exe)
+        .current_dir(&work)
+        .args(["launch"])
+        .arg(&launch)
+        .env("NB_CHECKPOINT", &checkpoint)
+        .env("NB_PORT", port.to_string())
+        .env("NB_SHIFT", shift.name())
+        .env("NB_SHIFT_AFTER_S", format!("{:.1}", a.before_s))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(work.join("fleet.log"))?)
+        .spawn()?;
+    let result = rt.block_on(watch_loop(port, &a, &work));
+    child_kill(&mut fleet);
+    let (w, t_shift) = result?;
+    let eps = &w.episodes;
+    let end = a.before_s + a.after_s;
+    let (a_before, n_a) = rate(eps, 10.0, t_shift);
+    let first_adapter = w
+        .rollouts
+        .iter()
+        .find(|r| r.0 > t_shift && !r.2.is_empty())
+        .map(|r| r.0);
+    let b_until = first_adapter.unwrap_or(end).min(t_shift + 120.0);
+    let (b_before, n_bb) = rate(eps, t_shift, b_until);
+    let (b_after, n_ba) = rate(eps, end - 120.0, end);
+    let recovered = (0..)
+        .map(|k| t_shift + 10.0 * k as f64)
+        .take_while(|t| t + 60.0 <= end)
+        .find(|t| {
+            let (r, n) = rate(eps, *t, t + 60.0);
+            n >= 4 && r >= 0.8
+        })
+        .map(|t| (t + 60.0 - t_shift) / 60.0);
+    let robots = 4.0;
+    let per_hour = |from: f64, to: f64| {
+        let n = w.interventions.iter().filter(|t| **t >= from && **t < to).count();
+        n as f64 / (robots * (to - from).max(1e-9) / 3600.0)
+    };
+    // Retention, and what the expert does, in shadow simulation.
+    let final_fleet = w.rollouts.last().map(|r| r.2.clone()).unwrap_or_default();
+    let base = Runner::load(&checkpoint, None)?;
+    // Episodes as long as a live robot gets before its expert takes over (launch/sim.toml).
+    let cfg = ShadowConfig {
+        seeds: vec![100, 101, 102, 103],
+        episodes_per_seed: 10,
+        sim: nanobot_sim::SimConfig {
+            episode_steps: 60,
+            ..Default::default()
+        },
+        ..ShadowConfig::default()
+    };
+    let adapter_file = find_adapter(&work, &final_fleet);
+    let adapted = match &adapter_file {
+        Some(p) => Some(base.with_adapter_bytes(&std::fs::read(p)?, &final_fleet)?),
+        None => None,
+    };
+    let shadow = |r: &Runner, s: Shift| evaluate(&Driver::Policy(r), s, &cfg);
+    let base_a = shadow(&base, Shift::None)?;
+    let base_b = shadow(&base, shift)?;
+    let expert_b = evaluate(&Driver::Expert, shift, &cfg)?;
+    let (ad_a, ad_b) = match &adapted {
+        Some(r) => (Some(shadow(r, Shift::None)?), Some(shadow(r, shift)?)),
+        None => (None, None),
+    };
+    let pct = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{:.0} %", 100.0 * v)
+        }
+    };
+    println!();
+    println!("live fleet (4 robots; an episode the expert finished is a failure):");
+    println!(
+        "  success under A before the shift        {:>6} ({n_a} episodes)",
+        pct(a_before)
+    );
+    println!(
+        "  success under B before adaptation       {:>6} ({n_bb} episodes)",
+        pct(b_before)
+    );
+    println!(
+        "  success under B, last 2 minutes         {:>6} ({n_ba} episodes)",
+        pct(b_after)
+    );
+    println!(
+        "  minutes from the shift to ≥ 80 % (1-min window): {}",
+        recovered
+            .map(|m| format!("{m:.1}"))
+            .unwrap_or_else(|| format!("not within {:.0}", a.after_s / 60.0))
+    );
+    println!(
+        "  interventions per robot-hour: before adaptation {:.0}, last 2 minutes {:.0}",
+        per_hour(t_shift, b_until),
+        per_hour(end - 120.0, end)
+    );
+    println!("shadow simulation (seeds 100–103 × 10 episodes of at most 60 ticks):");
+    println!(
+        "  {:<28} {:>24} {:>24}",
+        "",
+        "A (none)",
+        format!("B ({})", shift.name())
+    );
+    println!("  {:<28} {:>24} {:>24}", "base", base_a.to_string(), base_b.to_string());
+    if let (Some(x), Some(y)) = (&ad_a, &ad_b) {
+        println!("  {:<28} {:>24} {:>24}", final_fleet, x.to_string(), y.to_string());
+    } else {
+        println!("  (no adapter was promoted)");
+    }
+    println!("  {:<28} {:>24} {:>24}", "scripted expert", "", expert_b.to_string());
+    let base_bytes = std::fs::metadata(&checkpoint)?.len();
+    if let Some(p) = &adapter_file {
+        let n = std::fs::metadata(p)?.len();
+        println!(
+            "adapter {} bytes, base {} bytes ({:.1} %)",
+            n,
+            base_bytes,
+            100.0 * n as f64 / base_bytes as f64
+        );
+    }
+    let latencies = ledger_latencies(&work.join("state/nb/promoter/ledger.jsonl"));
+    println!("promotion latency, 4 robots (decision → every robot on it): {latencies:?} ms");
+    if a.latency_robots > 0 {
+        let l = rt.block_on(latency_run(&exe, &checkpoint, &work.join("latency"), a.latency_robots))?;
+        println!("promotion latency, {} robots: {l:?} ms", a.latency_robots);
+    }
+    Ok(0)
+}
+
+fn find_adapter(work: &Path, id: &str) -> Option<PathBuf> {
+    if id.is_empty() {
+        return None;
+    }
+    let ledger = std::fs::read_to_string(work.join("state/nb/promoter/ledger.jsonl")).ok()?;
+    let sha = ledger.lines().rev().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v["kind"] == "candidate" && v["id"] == id).then(|| v["sha256"].as_str().map(String::from))?
+    })?;
+    Some(work.join(format!("state/nb/promoter/adapters/{sha}.safetensors")))
+}
+
+fn ledger_latencies(path: &Path) -> Vec<f64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "reached")
+        .filter_map(|v| v["latency_ms"].as_f64())
+        .map(|ms| (ms * 10.0).round() / 10.0)
+        .collect()
+}
+
+async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Watch, f64)> {
+    let t0 = Instant::now();
+    let bus = loop {
+        match client(port).await {
+            Ok(b) => break b,
+            Err(_) if t0.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(e) => return Err(e),
+        }
+    };
+    let w = Arc::new(Mutex::new(Watch::default()));
+    let start = Arc::new(Mutex::new(None::<Instant>));
+    let (w1, s1) = (w.clone(), start.clone());
+    let _events = bus
+        .subscribe_callback::<Event>("nb/*/event", move |r| {
+            let t = s1
+                .lock()
+                .unwrap()
+                .get_or_insert_with(Instant::now)
+                .elapsed()
+                .as_secs_f64();
+            let mut w = w1.lock().unwrap();
+            let robot = r.header.robot.clone();
+            match r.msg.event {
+                EventKind::Intervention { active: true, .. } => {
+                    w.intervening.insert(robot, true);
+                    w.interventions.push(t);
+                }
+                EventKind::EpisodeEnd { success, .. } => {
+                    let intervened = w.intervening.insert(robot, false).unwrap_or(false);
+                    w.episodes.push(Episode { t, success, intervened });
+                }
+                _ => {}
+            }
+        })
+        .await?;
+    let (w2, s2) = (w.clone(), start.clone());
+    let _rollouts = bus
+        .subscribe_callback::<Promoted>("nb/ckpt/promoted", move |r| {
+            let t = s2.lock().unwrap().map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0);
+            let mut w = w2.lock().unwrap();
+            if w.rollouts.last().map(|x| x.1) != Some(r.msg.generation) {
+                let fleet = r.msg.fleet.map(|m| m.adapter_id).unwrap_or_default();
+                w.rollouts.push((t, r.msg.generation, fleet));
+            }
+        })
+        .await?;
+    let w3 = w.clone();
+    let _status = bus
+        .subscribe_callback::<PolicyStatus>("nb/*/policy", move |r| {
+            w3.lock()
+                .unwrap()
+                .adapters
+                .insert(r.header.robot.clone(), r.msg.adapter_id);
+        })
+        .await?;
+    // The clock starts with the first episode event (the robots are up).
+    let wait0 = Instant::now();
+    while start.lock().unwrap().is_none() {
+        if wait0.elapsed() > Duration::from_secs(1200) {
+            bail!("no episode from the fleet (see {})", work.join("fleet.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s0 = start.lock().unwrap().expect("set above");
+    // The clock starts at the robots' first EpisodeStart, as they start: they shift `before_s`
+    // after that.
+    let t_shift = a.before_s;
+    let end = a.before_s + a.after_s;
+    let mut next = 60.0;
+    while s0.elapsed().as_secs_f64() < end {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = s0.elapsed().as_secs_f64();
+        if t >= next {
+            next += 60.0;
+            let w = w.lock().unwrap();
+            let (r, n) = rate(&w.episodes, t - 60.0, t);
+            let ints = w.interventions.iter().filter(|x| **x >= t - 60.0).count();
+            let fleet = w.rollouts.last().map(|r| r.2.as_str()).unwrap_or("");
+            println!(
+                "  t {:>4.0} s  {}  last minute: {:>4} success of {n:>3} episodes, {ints:>3} interventions; fleet on {}",
+                t,
+                if t < t_shift { "A" } else { "B" },
+                if r.is_nan() { "-".into() } else { format!("{:.0}%", 100.0 * r) },
+                if fleet.is_empty() { "the base" } else { fleet }
+            );
+        }
+    }
+    let w = std::mem::take(&mut *w.lock().unwrap());
+    Ok((w, t_shift))
+}
+
+/// A short run with `robots` robots (sim_robot, ingest, policy each) and a promoter whose gates
+/// let anything that loads through: the time from each decision to every robot running it.
+async fn latency_run(exe: &Path, base: &Path, dir: &Path, robots: usize) -> anyhow::Result<Vec<f64>> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let port = free_port();
+    let repo = std::env::current_dir()?;
+    let configs = repo.join("configs");
+    let text = format!(
+        r#"fleet = "nb"
+[robots]
+count = {robots}
+[[node]]
+name = "fleet"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "{c}/sim_robot.toml"
+set = {{ intervene_after_ms = 0, sim = {{ seed = "1{{index}}" }} }}
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "{c}/ingest.toml"
+[[node.actor]]
+type = "policy"
+for_each_robot = true
+config = "{c}/policy_actor.toml"
+set = {{ checkpoint = "{base}", trusted_key = "{d}/keys/fleet.pub" }}
+[[node.actor]]
+type = "promoter"
+config = "{c}/promoter.toml"
+set = {{ base = "{base}", state_dir = "{d}/promoter", keys = "{d}/keys", generate_key = true, canary_robots = 0, gates = {{ held_out_tolerance = 10.0, margin = -1.0, retention = [], shadow = {{ seeds = [1000], episodes_per_seed = 1, sim = {{ episode_steps = 10 }} }} }} }}
+"#,
+        c = configs.display(),
+        base = base.display(),
+        d = dir.display(),
+    );
+    let file = dir.join("latency.toml");
+    std::fs::write(&file, text)?;
+    let mut fleet = Command::new(exe)
+        .args(["launch"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("fleet.log"))?)
+        .spawn()?;
+    let result = async {
+        let t0 = Instant::now();
+        let bus = loop {
+            match client(port).await {
+                Ok(b) => break b,
+                Err(_) if t0.elapsed() < Duration::from_secs(60) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => return Err(anyhow::Error::from(e)),
+            }
+        };
+        let seen = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
+        let s = seen.clone();
+        let _status = bus
+            .subscribe_callback::<PolicyStatus>("nb/*/policy", move |r| {
+                s.lock().unwrap().insert(r.header.robot.clone(), r.msg.adapter_id);
+            })
+            .await?;
+        while seen.lock().unwrap().len() < robots {
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("only {} of {robots} robots reported", seen.lock().unwrap().len());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let runner = Runner::load(base, None)?;
+        let publisher = bus
+            .publisher::<Candidate>("nb/ckpt/candidate", "", PubQos::Data)
+            .await?;
+        for k in 1..=3 {
+            let id = format!("{}+lora.latency{k}", runner.meta.version);
+            let (_, bytes) = runner.fresh_adapter(&id)?;
+            let c = Candidate {
+                adapter_id: id.clone(),
+                base_version: runner.meta.version.clone(),
+                step: k,
+                sha256: nanobot_dataset::sha256_hex(&bytes),
+                metrics: vec![
+                    Metric {
+                        name: "held_out_loss".into(),
+                        value: 1.0,
+                    },
+                    Metric {
+                        name: "held_out_loss_base".into(),
+                        value: 1.0,
+                    },
+                ],
+                adapter: Blob::new(bytes),
+            };
+            publisher.put(&c).await?;
+            let t1 = Instant::now();
+            while !seen.lock().unwrap().values().all(|a| *a == id) {
+                if t1.elapsed() > Duration::from_secs(60) {
+                    bail!("adapter {id} did not reach every robot");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok(ledger_latencies(&dir.join("promoter/ledger.jsonl")))
+    }
+    .await;
+    child_kill(&mut fleet);
+    result
+}
