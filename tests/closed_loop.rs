@@ -15,12 +15,6 @@ use nanobot_messages::{ActionChunk, Blob, Encoding, Grid, Image, Observation};
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::runner::Runner;
 
-fn run_ok(args: &[&str]) -> String {
-    let out = nanobot().args(args).output().unwrap();
-    assert!(out.status.success(), "nanobot {args:?}:\n{}", text(&out.stderr));
-    text(&out.stdout)
-}
-
 fn post_json(port: u16, body: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -55,57 +49,12 @@ fn agreement(pairs: &[([f32; 2], [f32; 2])]) -> (f32, f32) {
 #[test]
 fn the_tiny_policy_trained_on_demonstrations_succeeds_in_closed_loop_and_agrees_with_the_expert() {
     let dir = temp_dir("closed-loop");
-    let demos = dir.join("demos");
-    run_ok(&[
-        "demos",
-        "--out",
-        demos.to_str().unwrap(),
-        "--robots",
-        "2",
-        "--episodes",
-        "40",
-    ]);
-    let ckpt = dir.join("tiny.safetensors");
-    let config = repo().join("configs/policy/tiny.toml");
-    run_ok(&[
-        "train",
-        "--dataset",
-        demos.join("r0").to_str().unwrap(),
-        "--dataset",
-        demos.join("r1").to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--steps",
-        "1200",
-        "--lr",
-        "3e-3",
-        "--warmup",
-        "50",
-        "--out",
-        ckpt.to_str().unwrap(),
-    ]);
-    // Closed loop on worlds the demonstrations (seeds 0, 1) never saw.
-    let out = run_ok(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--seeds",
-        "100,101",
-        "--episodes",
-        "10",
-    ]);
-    eprintln!("{out}");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("none"))
-        .expect("a row for condition none");
-    let pct: Vec<f64> = line.split_whitespace().filter_map(|w| w.parse::<f64>().ok()).collect();
-    // none  P % of N episodes, S steps  E % of N episodes, S steps  L×
-    let (policy, expert) = (pct[0], pct[3]);
-    assert_eq!(expert, 100.0, "{line}");
+    let (ckpt, demos) = tiny_policy(&dir);
+    // Closed loop on worlds the demonstrations (seeds 0, 1) never saw, beside the expert.
+    let policy = eval_success(&ckpt, None, "none", None);
     assert!(
         policy >= 70.0,
-        "the tiny policy succeeds in {policy} % of unseen episodes: {line}"
+        "the tiny policy succeeds in {policy} % of unseen episodes"
     );
 
     // Open loop: frames it trained on, the expert's action for each, the policy's first action

@@ -209,16 +209,18 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     ];
     let n_cases = cases.len() as u64;
     let mut generation = 0;
+    let mut last = None;
     for (i, (m, why)) in cases.into_iter().enumerate() {
         generation += 1;
         let before = chunks(&seen, "r0");
-        rt.block_on(announce.put(&Promoted {
+        let p = Promoted {
             generation,
             fleet: Some(m),
             canary: None,
             canary_robots: vec![],
-        }))
-        .unwrap();
+        };
+        rt.block_on(announce.put(&p)).unwrap();
+        last = Some(p);
         wait_until(&format!("refusal {} ({why})", i + 1), Duration::from_secs(20), || {
             status(&seen, "r0").is_some_and(|s| s.refused == i as u64 + 1)
         });
@@ -235,6 +237,14 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
         });
         assert_eq!(seen.lock().unwrap().chunks["r0"].1, "", "chunks still from the base");
     }
+    // The promoter announces its rollout again every second: a refused one is not retried.
+    rt.block_on(announce.put(last.as_ref().unwrap())).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        status(&seen, "r0").unwrap().refused,
+        n_cases,
+        "a re-announced refusal is not retried"
+    );
     // A good one is swapped in between two observations: chunks never stop.
     generation += 1;
     let before = chunks(&seen, "r0");

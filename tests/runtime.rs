@@ -177,17 +177,20 @@ fn every_shipped_launch_file_parses_and_the_main_one_runs() {
             assert!(!lf.nodes.is_empty(), "{}", path.display());
         }
     }
-    // The README's first command, in a scratch working directory (its data/ goes there).
+    // The README's first command, in a scratch working directory (its data/ and state/ go
+    // there), on a tiny base (the launch file makes a `small` one only when none exists).
     let work = temp_dir("main-job");
+    let base = tiny_base(&work);
     let port = free_port();
     let mut cmd = nanobot();
     cmd.current_dir(&work)
         .arg("launch")
         .arg(repo().join("launch/sim.toml"))
-        .env("NB_PORT", port.to_string());
+        .env("NB_PORT", port.to_string())
+        .env("NB_CHECKPOINT", &base);
     let mut fleet = Proc::spawn(cmd);
-    // Four robots × (sim_robot, expert, ingest, logger).
-    fleet.expect_actors(16, Duration::from_secs(60));
+    // Four robots × (sim_robot, ingest, logger, policy), replay, trainer, promoter.
+    fleet.expect_actors(19, Duration::from_secs(60));
     let acks = nanobot()
         .args([
             "topic",

@@ -108,6 +108,9 @@ struct Promotions {
     /// The rollout generation acted on, and the adapter being fetched for it.
     generation: u64,
     fetching: Option<String>,
+    /// The (generation, sha256) refused last: not tried again when the rollout is announced
+    /// again, only when it changes.
+    refused_for: Option<(u64, String)>,
     refused: u64,
     swaps_done: u64,
     last_error: String,
@@ -218,6 +221,7 @@ impl NodeActor for PolicyActor {
                 sha256: String::new(),
                 generation: 0,
                 fetching: None,
+                refused_for: None,
                 refused: 0,
                 swaps_done: 0,
                 last_error: String::new(),
@@ -267,8 +271,9 @@ impl PolicyActor {
         }
     }
 
-    fn refuse(&mut self, ctx: &Ctx<Self>, generation: u64, what: &str, why: String) {
+    fn refuse(&mut self, ctx: &Ctx<Self>, generation: u64, sha256: &str, what: &str, why: String) {
         self.promo.refused += 1;
+        self.promo.refused_for = Some((generation, sha256.to_string()));
         self.promo.generation = generation;
         ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(robot = %self.robot, generation, "adapter {what} refused, keeping {:?}: {why}", self.runner.adapter_version());
@@ -295,7 +300,9 @@ impl PolicyActor {
             }
             return;
         }
-        if self.promo.fetching.as_deref() == Some(want_sha.as_str()) {
+        if self.promo.fetching.as_deref() == Some(want_sha.as_str())
+            || self.promo.refused_for == Some((p.generation, want_sha.clone()))
+        {
             return;
         }
         let what = want
@@ -313,7 +320,7 @@ impl PolicyActor {
                 Some(k) => k.verify(&m.signed_text(), &m.signature).map_err(|e| e.to_string()),
             };
             if let Err(e) = verified {
-                self.refuse(ctx, p.generation, &what, e);
+                self.refuse(ctx, p.generation, &want_sha, &what, e);
                 self.report().await;
                 return;
             }
@@ -322,7 +329,7 @@ impl PolicyActor {
                     "made for base {:?}, this robot runs {:?}",
                     m.base_version, self.runner.meta.version
                 );
-                self.refuse(ctx, p.generation, &what, why);
+                self.refuse(ctx, p.generation, &want_sha, &what, why);
                 self.report().await;
                 return;
             }
@@ -348,7 +355,7 @@ impl PolicyActor {
             self.promo.fetching = None;
         }
         match s.runner {
-            Err(e) => self.refuse(ctx, s.generation, &s.adapter_id, e),
+            Err(e) => self.refuse(ctx, s.generation, &s.sha256, &s.adapter_id, e),
             Ok(runner) => {
                 tracing::info!(robot = %self.robot, generation = s.generation, from = %self.runner.adapter_version(), to = %s.adapter_id, "adapter swapped");
                 self.runner = Arc::new(runner);

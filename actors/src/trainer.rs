@@ -61,6 +61,9 @@ pub struct TrainerConfig {
     pub timeout_ms: u64,
     /// How long to wait before asking again when replay says wait (or the base is missing).
     pub retry_ms: u64,
+    /// How much lower than the robots' threads the training threads run (Linux nice, 0..19):
+    /// training takes the CPU the control loops leave.
+    pub nice: i32,
 }
 
 impl Default for TrainerConfig {
@@ -83,6 +86,7 @@ impl Default for TrainerConfig {
             max_steps: 0,
             timeout_ms: 10_000,
             retry_ms: 500,
+            nice: 10,
         }
     }
 }
@@ -323,9 +327,13 @@ impl TrainerActor {
             shards: self.cfg.shards.max(1),
         };
         let dir = self.state_dir.clone();
-        let worker = Worker::spawn("nb-train".into(), move || TrainCore::open(&base, &dir, tcfg))
-            .await
-            .map_err(|e| ctx.config_error(e))?;
+        let nice = self.cfg.nice;
+        let worker = Worker::spawn("nb-train".into(), move || {
+            crate::runtime::lower_priority(nice);
+            TrainCore::open(&base, &dir, tcfg)
+        })
+        .await
+        .map_err(|e| ctx.config_error(e))?;
         let info = worker
             .call(|c| {
                 (

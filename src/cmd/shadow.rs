@@ -95,6 +95,9 @@ pub struct EvalArgs {
     lead: usize,
     #[arg(long)]
     n_action_steps: Option<usize>,
+    /// Ticks before an episode counts as failed (a live robot's `intervene_after_steps`).
+    #[arg(long, default_value_t = 200)]
+    episode_steps: u32,
 }
 
 pub fn eval(args: EvalArgs) -> anyhow::Result<u8> {
@@ -111,6 +114,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<u8> {
         blend: args.blend,
         lead: args.lead,
         n_action_steps: args.n_action_steps,
+        sim: SimConfig {
+            episode_steps: args.episode_steps,
+            ..SimConfig::default()
+        },
         ..ShadowConfig::default()
     };
     println!(

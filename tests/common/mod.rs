@@ -297,3 +297,71 @@ pub fn tiny_base(dir: &Path) -> PathBuf {
     assert!(out.status.success(), "{}", text(&out.stderr));
     base
 }
+
+/// The README's path in small: `nanobot demos` (2 robots × 40 expert episodes, worlds 0 and 1)
+/// and the tiny policy trained on them for 1200 steps. Returns (checkpoint, demos directory).
+pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
+    let demos = dir.join("demos");
+    let ckpt = dir.join("tiny.safetensors");
+    let config = repo().join("configs/policy/tiny.toml");
+    let run = |args: &[&str]| {
+        let out = nanobot().args(args).output().unwrap();
+        assert!(out.status.success(), "nanobot {args:?}:\n{}", text(&out.stderr));
+    };
+    run(&[
+        "demos",
+        "--out",
+        demos.to_str().unwrap(),
+        "--robots",
+        "2",
+        "--episodes",
+        "40",
+    ]);
+    run(&[
+        "train",
+        "--dataset",
+        demos.join("r0").to_str().unwrap(),
+        "--dataset",
+        demos.join("r1").to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "1200",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "50",
+        "--version",
+        "tiny-demos",
+        "--out",
+        ckpt.to_str().unwrap(),
+    ]);
+    (ckpt, demos)
+}
+
+/// `nanobot eval` of a checkpoint (and adapter) under `shift`: success in percent.
+pub fn eval_success(ckpt: &Path, adapter: Option<&Path>, shift: &str, episode_steps: Option<u32>) -> f64 {
+    let mut cmd = nanobot();
+    cmd.arg("eval").arg("--checkpoint").arg(ckpt);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    if let Some(n) = episode_steps {
+        cmd.args(["--episode-steps", &n.to_string()]);
+    }
+    let out = cmd
+        .args(["--seeds", "100,101", "--episodes", "10", "--shift", shift])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(shift))
+        .unwrap_or_else(|| panic!("no row for {shift}: {stdout}"));
+    eprintln!(
+        "eval {}: {line}",
+        adapter.map(|a| a.display().to_string()).unwrap_or_default()
+    );
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}

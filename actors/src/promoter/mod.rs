@@ -360,9 +360,13 @@ impl Promoter {
     async fn gates(&mut self, ctx: &Ctx<Self>) -> Result<&Worker<Gates>, String> {
         if self.gates.is_none() {
             let (base, cfg) = (self.cfg.base.clone(), self.cfg.gates.clone());
-            let gates = Worker::spawn("nb-gates".into(), move || Gates::open(&base, cfg))
-                .await
-                .map_err(|e| format!("base {}: {e}", self.cfg.base.display()))?;
+            let gates = Worker::spawn("nb-gates".into(), move || {
+                // Shadow simulation is background work: the robots' control loops come first.
+                crate::runtime::lower_priority(10);
+                Gates::open(&base, cfg)
+            })
+            .await
+            .map_err(|e| format!("base {}: {e}", self.cfg.base.display()))?;
             self.gates = Some(gates);
             // The gates compare with what the fleet runs now.
             let current = self.rollout.fleet.clone();

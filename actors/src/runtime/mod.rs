@@ -13,4 +13,4 @@ mod worker;
 pub use actor::{ActorKind, Input, Metrics, NodeActor};
 pub use context::{ActorError, Counters, Ctx, EventSender, Placement};
 pub use supervisor::{run_node, NodeError};
-pub use worker::{AbortOnDrop, Worker};
+pub use worker::{lower_priority, AbortOnDrop, Worker};

@@ -67,6 +67,23 @@ impl<S> Drop for Worker<S> {
     }
 }
 
+/// Lower the calling thread's scheduling priority by `nice` (Linux: the nice value is per
+/// thread, and threads it starts inherit it): background work such as training and shadow
+/// simulation then takes only the CPU that the robots' control loops leave. Best effort.
+pub fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: gettid and setpriority only read and set this thread's scheduling attribute.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+            if libc::setpriority(libc::PRIO_PROCESS, tid, (now + nice).min(19)) != 0 {
+                tracing::debug!("could not lower the thread's priority");
+            }
+        }
+    }
+}
+
 /// A task an actor started (a socket reader, a queryable's server): stopped when the actor
 /// drops it.
 pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
