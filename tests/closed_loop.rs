@@ -2,7 +2,12 @@
 //! expert's demonstrations recorded in the simulator (`nanobot demos`), the tiny policy trained on
 //! them (`nanobot train`), then closed-loop success in the simulator on seeds the demonstrations
 //! never used (`nanobot eval`), and open-loop agreement with the expert on frames it trained on,
-//! through the runner and through `nanobot serve` (normalization in and out).
+//! through the runner and through `nanobot serve` (normalization in and out). Then the fleet
+//! gets better on its own: the same policy drives two robots whose floor is icy (condition B)
+//! from the start, the onboard expert finishes the episodes it cannot, and replay, the LoRA
+//! trainer and the promoter run beside them; the promoter promotes an adapter only when its
+//! shadow success under B beats the base's by 30 points and condition A keeps within 20, and
+//! the test measures both itself on worlds neither the robots nor the promoter used.
 
 mod common;
 
@@ -10,10 +15,19 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
 use common::*;
 use nanobot_messages::{ActionChunk, Blob, Encoding, Grid, Image, Observation};
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::runner::Runner;
+
+/// One tiny policy for the tests of this file (trained once, by whichever test comes first).
+fn shared_policy() -> (PathBuf, PathBuf) {
+    static POLICY: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    POLICY.get_or_init(|| tiny_policy(&temp_dir("tiny-policy"))).clone()
+}
 
 fn post_json(port: u16, body: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -48,8 +62,7 @@ fn agreement(pairs: &[([f32; 2], [f32; 2])]) -> (f32, f32) {
 
 #[test]
 fn the_tiny_policy_trained_on_demonstrations_succeeds_in_closed_loop_and_agrees_with_the_expert() {
-    let dir = temp_dir("closed-loop");
-    let (ckpt, demos) = tiny_policy(&dir);
+    let (ckpt, demos) = shared_policy();
     // Closed loop on worlds the demonstrations (seeds 0, 1) never saw, beside the expert.
     let policy = eval_success(&ckpt, None, "none", None);
     assert!(
@@ -109,4 +122,89 @@ fn the_tiny_policy_trained_on_demonstrations_succeeds_in_closed_loop_and_agrees_
     assert!(scos > 0.9 && sabs < 0.25, "serve: cos {scos}, mean |Δ| {sabs}");
     server.0.signal(libc::SIGTERM);
     server.0.wait(Duration::from_secs(10));
+}
+
+#[test]
+fn success_under_a_shift_climbs_after_online_adaptation_and_a_holds() {
+    let dir = temp_dir("adapt");
+    let (base, demos) = shared_policy();
+    let port = free_port();
+    let data = dir.join("data");
+    let state = dir.join("state");
+    let file = write_launch(
+        "adapt",
+        &format!(
+            r#"
+[robots]
+ids = ["r0", "r1"]
+[[node]]
+name = "fleet"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+set = {{ sim = {{ seed = "1{{index}}", rate_hz = 40.0, shift = "icy_floor" }}, intervene_after_steps = 60 }}
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+set = {{ rate_hz = 40.0 }}
+[[node.actor]]
+type = "logger"
+for_each_robot = true
+config = "@CONFIGS@/logger.toml"
+set = {{ root = "{data}/{{robot}}", fps = 40.0, file_max_age_s = 2.0 }}
+[[node.actor]]
+type = "policy"
+for_each_robot = true
+config = "@CONFIGS@/policy_actor.toml"
+set = {{ checkpoint = "{base}", rate_hz = 40.0, trusted_key = "{state}/keys/fleet.pub" }}
+[[node.actor]]
+type = "replay"
+config = "@CONFIGS@/replay.toml"
+set = {{ datasets = ["{demos}", "{data}"], min_rows = 100, weights = {{ pre_intervention_steps = 40 }} }}
+[[node.actor]]
+type = "trainer"
+config = "@CONFIGS@/trainer.toml"
+set = {{ base = "{base}", state_dir = "{state}/trainer", shards = 1, lr = 1e-3, candidate_every = 150, candidate_every_s = 20.0 }}
+[[node.actor]]
+type = "promoter"
+config = "@CONFIGS@/promoter.toml"
+set = {{ base = "{base}", state_dir = "{state}/promoter", keys = "{state}/keys", generate_key = true, canary_robots = 0, gates = {{ margin = 0.3, max_drop = 0.2, held_out_tolerance = 1.0, shadow = {{ seeds = [1000, 1001], episodes_per_seed = 5, sim = {{ episode_steps = 60 }} }} }} }}
+"#,
+            base = base.display(),
+            demos = demos.display(),
+            data = data.display(),
+            state = state.display(),
+        ),
+    );
+    let mut fleet = Proc::launch(&file, &[]);
+    let line = fleet.expect_line("rollout: promoted", Duration::from_secs(300));
+    eprintln!("{line}");
+    fleet.expect_line("rollout reached every robot", Duration::from_secs(30));
+    fleet.signal(libc::SIGTERM);
+    assert!(fleet.wait(Duration::from_secs(30)).success());
+
+    // The promoted adapter, from the promoter's ledger and store.
+    let ledger = std::fs::read_to_string(state.join("promoter/ledger.jsonl")).unwrap();
+    let manifest = ledger
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "rollout" && v["fleet"].is_object())
+        .last()
+        .expect("a rollout with an adapter")["fleet"]
+        .clone();
+    let adapter: PathBuf = state.join(format!(
+        "promoter/adapters/{}.safetensors",
+        manifest["sha256"].as_str().unwrap()
+    ));
+    // Measured here on worlds 100 and 101, episodes as long as the robots get before help.
+    let before_b = eval_success(&base, None, "icy_floor", Some(60));
+    let after_b = eval_success(&base, Some(&adapter), "icy_floor", Some(60));
+    let before_a = eval_success(&base, None, "none", Some(60));
+    let after_a = eval_success(&base, Some(&adapter), "none", Some(60));
+    eprintln!("icy_floor {before_b} % → {after_b} %; none {before_a} % → {after_a} %");
+    assert!(after_b >= before_b + 25.0, "B: {before_b} % → {after_b} %");
+    assert!(after_a >= before_a - 25.0, "A: {before_a} % → {after_a} %");
 }

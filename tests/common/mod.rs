@@ -299,7 +299,7 @@ pub fn tiny_base(dir: &Path) -> PathBuf {
 }
 
 /// The README's path in small: `nanobot demos` (2 robots × 40 expert episodes, worlds 0 and 1)
-/// and the tiny policy trained on them for 1200 steps. Returns (checkpoint, demos directory).
+/// and the tiny policy trained on them for 2000 steps. Returns (checkpoint, demos directory).
 pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
     let demos = dir.join("demos");
     let ckpt = dir.join("tiny.safetensors");
@@ -326,7 +326,7 @@ pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
         "--config",
         config.to_str().unwrap(),
         "--steps",
-        "1200",
+        "2000",
         "--lr",
         "3e-3",
         "--warmup",

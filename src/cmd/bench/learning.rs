@@ -77,16 +77,25 @@ fn free_port() -> u16 {
         .unwrap_or(7471)
 }
 
+/// A client session on the fleet's node at `port`, retried for a minute while it starts.
 async fn client(port: u16) -> anyhow::Result<Bus> {
-    Ok(Bus::open(
-        &BusConfig {
-            mode: Mode::Client,
-            connect: vec![format!("tcp/127.0.0.1:{port}")],
-            ..BusConfig::default()
-        },
-        "nb",
-    )
-    .await?)
+    let t0 = Instant::now();
+    loop {
+        let bus = Bus::open(
+            &BusConfig {
+                mode: Mode::Client,
+                connect: vec![format!("tcp/127.0.0.1:{port}")],
+                ..BusConfig::default()
+            },
+            "nb",
+        )
+        .await;
+        match bus {
+            Ok(b) => return Ok(b),
+            Err(_) if t0.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
@@ -281,14 +290,7 @@ fn ledger_latencies(path: &Path) -> Vec<f64> {
 }
 
 async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Watch, f64)> {
-    let t0 = Instant::now();
-    let bus = loop {
-        match client(port).await {
-            Ok(b) => break b,
-            Err(_) if t0.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(500)).await,
-            Err(e) => return Err(e),
-        }
-    };
+    let bus = client(port).await?;
     let w = Arc::new(Mutex::new(Watch::default()));
     let start = Arc::new(Mutex::new(None::<Instant>));
     let (w1, s1) = (w.clone(), start.clone());
