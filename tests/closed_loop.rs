@@ -163,7 +163,7 @@ set = {{ checkpoint = "{base}", rate_hz = 40.0, trusted_key = "{state}/keys/flee
 [[node.actor]]
 type = "replay"
 config = "@CONFIGS@/replay.toml"
-set = {{ datasets = ["{demos}", "{data}"], min_rows = 100, weights = {{ pre_intervention_steps = 40 }} }}
+set = {{ datasets = ["{demos}", "{data}"], min_rows = 100, weights = {{ pre_intervention_steps = 60 }} }}
 [[node.actor]]
 type = "trainer"
 config = "@CONFIGS@/trainer.toml"
@@ -191,8 +191,7 @@ set = {{ base = "{base}", state_dir = "{state}/promoter", keys = "{state}/keys",
     let manifest = ledger
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "rollout" && v["fleet"].is_object())
-        .last()
+        .rfind(|v| v["kind"] == "rollout" && v["fleet"].is_object())
         .expect("a rollout with an adapter")["fleet"]
         .clone();
     let adapter: PathBuf = state.join(format!(

@@ -421,15 +421,7 @@ set = {{ base = "{base}", state_dir = "{d}/promoter", keys = "{d}/keys", generat
         .spawn()?;
     let result = async {
         let t0 = Instant::now();
-        let bus = loop {
-            match client(port).await {
-                Ok(b) => break b,
-                Err(_) if t0.elapsed() < Duration::from_secs(60) => {
-                    tokio::time::sleep(Duration::from_millis(500)).await
-                }
-                Err(e) => return Err(anyhow::Error::from(e)),
-            }
-        };
+        let bus = client(port).await?;
         let seen = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
         let s = seen.clone();
         let _status = bus
