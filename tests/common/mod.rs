@@ -339,8 +339,21 @@ pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
     (ckpt, demos)
 }
 
-/// `nanobot eval` of a checkpoint (and adapter) under `shift`: success in percent.
+/// `nanobot eval` of a checkpoint (and adapter) under `shift` on worlds 100 and 101, 10 episodes
+/// each: success in percent.
 pub fn eval_success(ckpt: &Path, adapter: Option<&Path>, shift: &str, episode_steps: Option<u32>) -> f64 {
+    eval_success_on(ckpt, adapter, shift, episode_steps, "100,101", 10)
+}
+
+/// [`eval_success`] on other worlds (`seeds`, comma-separated) and episode counts.
+pub fn eval_success_on(
+    ckpt: &Path,
+    adapter: Option<&Path>,
+    shift: &str,
+    episode_steps: Option<u32>,
+    seeds: &str,
+    episodes: u32,
+) -> f64 {
     let mut cmd = nanobot();
     cmd.arg("eval").arg("--checkpoint").arg(ckpt);
     if let Some(a) = adapter {
@@ -350,7 +363,7 @@ pub fn eval_success(ckpt: &Path, adapter: Option<&Path>, shift: &str, episode_st
         cmd.args(["--episode-steps", &n.to_string()]);
     }
     let out = cmd
-        .args(["--seeds", "100,101", "--episodes", "10", "--shift", shift])
+        .args(["--seeds", seeds, "--episodes", &episodes.to_string(), "--shift", shift])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
