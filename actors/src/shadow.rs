@@ -9,8 +9,6 @@
 //! first action is already past and the robot starts from the second, as on the bus. Until the
 //! first chunk of an episode arrives the robot stands still, as a live one does.
 
-use std::collections::BTreeMap;
-
 use nanobot_dataset::{DatasetError, DatasetWriter, Frame};
 use nanobot_policy::preprocess::{decode_jpeg_rgb, Step};
 use nanobot_policy::rollout::Rollout;
@@ -136,18 +134,6 @@ pub fn evaluate(driver: &Driver, shift: Shift, cfg: &ShadowConfig) -> Result<Sha
         }
     }
     Ok(report)
-}
-
-/// Evaluate under several shifts: `(shift name, report)`, in the order given.
-pub fn evaluate_shifts(
-    driver: &Driver,
-    shifts: &[Shift],
-    cfg: &ShadowConfig,
-) -> Result<BTreeMap<String, ShadowReport>, ShadowError> {
-    shifts
-        .iter()
-        .map(|&s| Ok((s.name().to_string(), evaluate(driver, s, cfg)?)))
-        .collect()
 }
 
 fn policy_episode(

@@ -74,6 +74,18 @@ pub struct Submission<'a> {
     pub metrics: &'a BTreeMap<String, f64>,
 }
 
+/// A candidate's held-out loss relative to the base's on the same windows (the trainer's
+/// `held_out_loss` / `held_out_loss_base`).
+pub fn held_out_ratio(metrics: &BTreeMap<String, f64>) -> Result<f64, String> {
+    let (Some(loss), Some(base_loss)) = (metrics.get("held_out_loss"), metrics.get("held_out_loss_base")) else {
+        return Err("no held_out_loss / held_out_loss_base in its metrics".into());
+    };
+    if !(loss.is_finite() && base_loss.is_finite() && *base_loss > 0.0) {
+        return Err(format!("held-out losses {loss} / {base_loss} are not usable"));
+    }
+    Ok(loss / base_loss)
+}
+
 pub struct Gates {
     cfg: GateConfig,
     base: Runner,
@@ -160,14 +172,10 @@ impl Gates {
             Err(e) => return refuse(e, metrics),
         };
         // 3. Held-out loss, relative to the base's on the same windows.
-        let (Some(loss), Some(base_loss)) = (s.metrics.get("held_out_loss"), s.metrics.get("held_out_loss_base"))
-        else {
-            return refuse("no held_out_loss / held_out_loss_base in its metrics".into(), metrics);
+        let ratio = match held_out_ratio(s.metrics) {
+            Ok(r) => r,
+            Err(e) => return refuse(e, metrics),
         };
-        if !(loss.is_finite() && base_loss.is_finite() && *base_loss > 0.0) {
-            return refuse(format!("held-out losses {loss} / {base_loss} are not usable"), metrics);
-        }
-        let ratio = loss / base_loss;
         let current_ratio = self.current.as_ref().map(|(_, _, r)| *r).unwrap_or(1.0);
         metrics.insert("held_out_ratio".into(), ratio);
         metrics.insert("current_held_out_ratio".into(), current_ratio);

@@ -290,7 +290,7 @@ impl NodeActor for Promoter {
 
     async fn handle(&mut self, ctx: &Ctx<Self>, input: Input<PromoterEvent>) -> Result<(), ActorError> {
         self.take_statuses(ctx).await?;
-        self.take_events(ctx).await?;
+        self.take_events();
         while let Some(req) = self.control.take() {
             let reply = match self.command(ctx, &req.msg).await {
                 Ok(json) => CkptReply { ok: true, json },
@@ -357,7 +357,7 @@ impl Promoter {
             .unwrap_or_default()
     }
 
-    async fn gates(&mut self, ctx: &Ctx<Self>) -> Result<&Worker<Gates>, String> {
+    async fn gates(&mut self) -> Result<&Worker<Gates>, String> {
         if self.gates.is_none() {
             let (base, cfg) = (self.cfg.base.clone(), self.cfg.gates.clone());
             let gates = Worker::spawn("nb-gates".into(), move || {
@@ -370,12 +370,12 @@ impl Promoter {
             self.gates = Some(gates);
             // The gates compare with what the fleet runs now.
             let current = self.rollout.fleet.clone();
-            self.set_current(ctx, current.as_ref()).await?;
+            self.set_current(current.as_ref()).await?;
         }
         Ok(self.gates.as_ref().expect("opened above"))
     }
 
-    async fn set_current(&self, _ctx: &Ctx<Self>, m: Option<&AdapterManifest>) -> Result<(), String> {
+    async fn set_current(&self, m: Option<&AdapterManifest>) -> Result<(), String> {
         let Some(gates) = &self.gates else { return Ok(()) };
         let current = m.map(|m| {
             let ratio = m
@@ -417,7 +417,7 @@ impl Promoter {
         let condition = self.condition();
         let t0 = Instant::now();
         let dir = self.state_dir.clone();
-        let verdict = match self.gates(ctx).await {
+        let verdict = match self.gates().await {
             Err(e) => Verdict {
                 accepted: false,
                 reason: e,
@@ -570,7 +570,7 @@ impl Promoter {
         self.publish().await;
         if fleet_changed {
             let current = self.rollout.fleet.clone();
-            if let Err(e) = self.set_current(ctx, current.as_ref()).await {
+            if let Err(e) = self.set_current(current.as_ref()).await {
                 tracing::error!("gates keep comparing with the previous adapter: {e}");
             }
         }
@@ -646,7 +646,7 @@ impl Promoter {
         Ok(())
     }
 
-    async fn take_events(&mut self, _ctx: &Ctx<Self>) -> Result<(), ActorError> {
+    fn take_events(&mut self) {
         while let Some(r) = self.events.take() {
             let robot = r.header.robot.clone();
             match r.msg.event {
@@ -673,7 +673,6 @@ impl Promoter {
                 _ => {}
             }
         }
-        Ok(())
     }
 
     async fn watch_canary(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
@@ -774,7 +773,7 @@ impl Promoter {
                 let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 let (id, b, s) = (cmd.id.clone(), base.clone(), sha.clone());
                 let m2 = metrics.clone();
-                self.gates(ctx)
+                self.gates()
                     .await?
                     .call(move |g| {
                         g.load(&Submission {
@@ -789,11 +788,7 @@ impl Promoter {
                     .await
                     .ok_or("gates thread ended")??;
                 let mut gate_metrics = metrics;
-                if let (Some(l), Some(b)) = (
-                    gate_metrics.get("held_out_loss"),
-                    gate_metrics.get("held_out_loss_base"),
-                ) {
-                    let ratio = l / b;
+                if let Ok(ratio) = gates::held_out_ratio(&gate_metrics) {
                     gate_metrics.insert("held_out_ratio".into(), ratio);
                 }
                 self.record(

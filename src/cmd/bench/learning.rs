@@ -27,13 +27,27 @@ use nanobot_messages::{Blob, Candidate, Event, EventKind, Metric, PolicyStatus, 
 use nanobot_policy::runner::Runner;
 use nanobot_sim::Shift;
 
+#[derive(clap::Args)]
 pub struct LoopArgs {
+    /// The base checkpoint (`nanobot train` on `nanobot demos`).
+    #[arg(long, default_value = "policy.safetensors")]
     pub checkpoint: PathBuf,
+    /// The demonstrations the base was trained on (replay keeps training on them).
+    #[arg(long, default_value = "data/demos")]
     pub demos: PathBuf,
+    #[arg(long, default_value = "icy_floor")]
     pub shift: String,
+    /// Seconds under condition A before the shift.
+    #[arg(long, default_value_t = 60.0)]
     pub before_s: f64,
+    /// Seconds under condition B.
+    #[arg(long, default_value_t = 600.0)]
     pub after_s: f64,
+    /// Robots in the promotion-latency run (0: skip it).
+    #[arg(long, default_value_t = 16)]
     pub latency_robots: usize,
+    /// Scratch directory (default: a new one under the temp dir).
+    #[arg(long)]
     pub dir: Option<PathBuf>,
 }
 

@@ -82,28 +82,7 @@ pub enum BenchCmd {
     /// The main job measured: launch/sim.toml with a shift to condition B; success before and
     /// after adaptation, minutes to recover, interventions per hour, retention, adapter bytes,
     /// promotion latency.
-    Loop {
-        /// The base checkpoint (`nanobot train` on `nanobot demos`).
-        #[arg(long, default_value = "policy.safetensors")]
-        checkpoint: std::path::PathBuf,
-        /// The demonstrations the base was trained on (replay keeps training on them).
-        #[arg(long, default_value = "data/demos")]
-        demos: std::path::PathBuf,
-        #[arg(long, default_value = "icy_floor")]
-        shift: String,
-        /// Seconds under condition A before the shift.
-        #[arg(long, default_value_t = 60.0)]
-        before_s: f64,
-        /// Seconds under condition B.
-        #[arg(long, default_value_t = 600.0)]
-        after_s: f64,
-        /// Robots in the promotion-latency run (0: skip it).
-        #[arg(long, default_value_t = 16)]
-        latency_robots: usize,
-        /// Scratch directory (default: a new one under the temp dir).
-        #[arg(long)]
-        dir: Option<std::path::PathBuf>,
-    },
+    Loop(learning::LoopArgs),
     /// The far side of `bench bus` between two processes (started by it).
     #[command(hide = true)]
     BusPeer {
@@ -123,26 +102,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
             sizes,
             only,
         } => rt.block_on(bus::bench_bus(secs, round_trips, &sizes, only.as_deref())),
-        BenchCmd::Loop {
-            checkpoint,
-            demos,
-            shift,
-            before_s,
-            after_s,
-            latency_robots,
-            dir,
-        } => learning::run(
-            &rt,
-            learning::LoopArgs {
-                checkpoint,
-                demos,
-                shift,
-                before_s,
-                after_s,
-                latency_robots,
-                dir,
-            },
-        ),
+        BenchCmd::Loop(args) => learning::run(&rt, args),
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
         BenchCmd::Policy { config, runs } => policy::run(&config, runs),
         BenchCmd::Train { config, batch, steps } => train::run(&config, batch, steps),
