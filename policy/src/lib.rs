@@ -11,9 +11,11 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod export;
 pub mod fused;
 pub mod gguf;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod preprocess;

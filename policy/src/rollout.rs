@@ -13,10 +13,8 @@
 
 use std::collections::VecDeque;
 
-use candle_core::Tensor;
-
 use crate::preprocess::Step;
-use crate::runner::{Runner, RunnerError};
+use crate::runner::{Request, Runner, RunnerError};
 
 /// How a rollout schedules chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +52,7 @@ pub struct Rollout {
     /// `(observation seq, step)`, oldest first, at most `n_obs`.
     history: VecDeque<(u64, Step)>,
     /// Vision tokens of history frames, by observation seq.
-    tokens: VecDeque<(u64, Tensor)>,
+    tokens: VecDeque<(u64, Vec<f32>)>,
     task: u32,
     plan: Option<Plan>,
 }
@@ -137,28 +135,121 @@ impl Rollout {
     /// The chunk for the newest observation (the model's arithmetic: call it off the async
     /// runtime). Frames already seen reuse their vision tokens. `seed` draws the start noise.
     pub fn infer(&mut self, runner: &Runner, seed: u64) -> Result<Vec<f32>, RunnerError> {
-        if self.history.is_empty() {
-            return Err(RunnerError::Input("no observation".into()));
-        }
-        let mut tokens = Vec::with_capacity(self.n_obs);
-        // A short history repeats its first step, as `Runner::batch` does.
-        for k in 0..self.n_obs {
-            let i = (self.history.len() as isize - self.n_obs as isize + k as isize).max(0) as usize;
-            let (seq, step) = &self.history[i];
-            let tok = match self.tokens.iter().find(|(s, _)| s == seq) {
-                Some((_, t)) => t.clone(),
-                None => {
-                    let t = runner.frame_tokens(step)?;
-                    self.tokens.push_back((*seq, t.clone()));
-                    t
-                }
-            };
-            tokens.push(tok);
-        }
-        let steps: Vec<Step> = self.history.iter().map(|(_, s)| s.clone()).collect();
-        runner.act_with_tokens(&steps, &tokens, self.task, seed)
+        infer_batch(runner, &mut [(self, seed)])
+            .pop()
+            .unwrap_or_else(|| Err(RunnerError::Input("no chunk".into())))
     }
 
+    /// The observation seqs of the chunk's window, oldest first (a short history repeats its
+    /// first step, as `Runner::act` does).
+    fn window(&self) -> Vec<usize> {
+        (0..self.n_obs)
+            .map(|k| (self.history.len() as isize - self.n_obs as isize + k as isize).max(0) as usize)
+            .collect()
+    }
+}
+
+/// The chunks of several rollouts (robots) computed as one batch: the frames none of them has
+/// tokens for yet go through the vision encoder together, then every chunk through the trunk
+/// and the denoiser together. Each rollout keeps its own history, tokens and plan; one whose
+/// inputs are wrong gets its error without failing the others. The results are in `items`'
+/// order.
+pub fn infer_batch(runner: &Runner, items: &mut [(&mut Rollout, u64)]) -> Vec<Result<Vec<f32>, RunnerError>> {
+    let mut out: Vec<Option<Result<Vec<f32>, RunnerError>>> = (0..items.len()).map(|_| None).collect();
+    // Requests, and the frames still to encode.
+    let mut requests: Vec<Option<Request>> = Vec::with_capacity(items.len());
+    let mut missing: Vec<(usize, u64)> = Vec::new();
+    for (i, (r, seed)) in items.iter().enumerate() {
+        if r.history.is_empty() {
+            out[i] = Some(Err(RunnerError::Input("no observation".into())));
+            requests.push(None);
+            continue;
+        }
+        let steps: Vec<Step> = r.history.iter().map(|(_, s)| s.clone()).collect();
+        match runner.request(&steps, r.task, *seed) {
+            Ok(q) => requests.push(Some(q)),
+            Err(e) => {
+                out[i] = Some(Err(e));
+                requests.push(None);
+                continue;
+            }
+        }
+        for k in r.window() {
+            let seq = r.history[k].0;
+            if !r.tokens.iter().any(|(s, _)| *s == seq) && !missing.contains(&(i, seq)) {
+                missing.push((i, seq));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let steps: Vec<&Step> = missing
+            .iter()
+            .map(|&(i, seq)| {
+                let r = &items[i].0;
+                &r.history
+                    .iter()
+                    .find(|(s, _)| *s == seq)
+                    .expect("a window's seq is in the history")
+                    .1
+            })
+            .collect();
+        match runner.frame_tokens(&steps) {
+            Ok(tokens) => {
+                for (&(i, seq), t) in missing.iter().zip(tokens) {
+                    items[i].0.tokens.push_back((seq, t));
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                for &(i, _) in &missing {
+                    out[i].get_or_insert_with(|| Err(RunnerError::Input(why.clone())));
+                }
+            }
+        }
+    }
+    // One batch of every request still standing.
+    let live: Vec<usize> = (0..items.len()).filter(|&i| out[i].is_none()).collect();
+    let windows: Vec<Vec<&[f32]>> = live
+        .iter()
+        .map(|&i| {
+            let r = &items[i].0;
+            r.window()
+                .into_iter()
+                .map(|k| {
+                    let seq = r.history[k].0;
+                    r.tokens
+                        .iter()
+                        .find(|(s, _)| *s == seq)
+                        .map(|(_, t)| t.as_slice())
+                        .expect("every window frame was encoded above")
+                })
+                .collect()
+        })
+        .collect();
+    let inputs: Vec<_> = live
+        .iter()
+        .zip(&windows)
+        .map(|(&i, w)| requests[i].as_ref().expect("a live request").input(w))
+        .collect();
+    match runner.chunks(&inputs) {
+        Ok(chunks) => {
+            for (&i, c) in live.iter().zip(chunks) {
+                out[i] = Some(Ok(c));
+            }
+        }
+        Err(e) => {
+            let why = e.to_string();
+            for &i in &live {
+                out[i] = Some(Err(RunnerError::Input(why.clone())));
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(RunnerError::Input("no chunk".into()))))
+        .collect()
+}
+
+impl Rollout {
     /// Adopt `actions`, computed for observation `obs_seq`, as the plan: blended with what the
     /// old plan still holds for the same ticks. `newest_seq` is the newest observation seen by
     /// now (a deadline was missed if the old plan had run out by then).

@@ -10,6 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use thiserror::Error;
 
 use crate::checkpoint::{self, CheckpointError, Meta, NormStats, Role};
+use crate::engine::{ChunkInput, Engine, EngineError, Scratch};
 use crate::export::{gguf_config, load_gguf_into};
 use crate::gguf::{Gguf, Value};
 use crate::model::{seeded_randn, ObsBatch, Policy};
@@ -25,6 +26,8 @@ pub enum RunnerError {
     Input(String),
     #[error("model: {0}")]
     Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 pub use crate::preprocess::{rgb_to_chw, Step};
@@ -38,6 +41,10 @@ pub struct Runner {
     /// Where the weights came from, and in which format (`safetensors`, `gguf:mxfp4`, ...).
     pub source: PathBuf,
     pub format: String,
+    /// The same weights (adapter folded in) laid out for acting.
+    engine: Engine,
+    /// Buffers of finished calls, reused by the next (one per concurrent caller).
+    scratch: std::sync::Mutex<Vec<Scratch>>,
 }
 
 fn file_err(path: &Path, reason: impl ToString) -> RunnerError {
@@ -59,7 +66,76 @@ fn build(cfg: &PolicyConfig, with_adapter: bool) -> Result<(Policy, VarMap, Opti
     Ok((policy, base, adapter))
 }
 
+/// What a runner is made of before its engine is compiled.
+struct Parts {
+    policy: Policy,
+    base: VarMap,
+    adapter: Option<VarMap>,
+    meta: Meta,
+    adapter_meta: Option<Meta>,
+    source: PathBuf,
+    format: String,
+}
+
+/// The base weights with the adapter folded in (`W + (α/r)·B·A` for every adapted linear).
+pub(crate) fn merge(base: &VarMap, adapter: Option<&VarMap>, scale: f64) -> Result<VarMap, RunnerError> {
+    let out = VarMap::new();
+    let base = base.data().lock().unwrap_or_else(|e| e.into_inner());
+    let adapter = adapter.map(|a| a.data().lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let mut data = out.data().lock().unwrap_or_else(|e| e.into_inner());
+    for (name, var) in base.iter() {
+        let mut w = var.as_tensor().clone();
+        if let (Some(ad), Some(prefix)) = (&adapter, name.strip_suffix(".weight")) {
+            if let (Some(a), Some(b)) = (ad.get(&format!("{prefix}.lora_a")), ad.get(&format!("{prefix}.lora_b"))) {
+                w = (w + (b.as_tensor().matmul(a.as_tensor())? * scale)?)?;
+            }
+        }
+        data.insert(name.clone(), candle_core::Var::from_tensor(&w)?);
+    }
+    drop(data);
+    Ok(out)
+}
+
 impl Runner {
+    fn assemble(p: Parts) -> Result<Runner, RunnerError> {
+        let merged = merge(&p.base, p.adapter.as_ref(), p.meta.config.lora.scale())?;
+        let engine = Engine::new(&p.meta.config, &merged)?;
+        Ok(Runner {
+            policy: p.policy,
+            base: p.base,
+            adapter: p.adapter,
+            meta: p.meta,
+            adapter_meta: p.adapter_meta,
+            source: p.source,
+            format: p.format,
+            engine,
+            scratch: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Run `f` with a scratch buffer set (taken from the pool, returned after).
+    fn with_scratch<T>(&self, f: impl FnOnce(&mut Scratch) -> T) -> T {
+        let mut s = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default();
+        let out = f(&mut s);
+        self.scratch.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+        out
+    }
+
+    /// The candle model (training, and the reference the engine is checked against).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The engine that acts.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Load `path` (`.gguf`: an export; anything else: a safetensors base checkpoint) and, for
     /// a safetensors base, the LoRA `adapter` checkpoint made for it.
     pub fn load(path: &Path, adapter: Option<&Path>) -> Result<Runner, RunnerError> {
@@ -92,7 +168,7 @@ impl Runner {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            return Ok(Runner {
+            return Runner::assemble(Parts {
                 policy,
                 base,
                 adapter: None,
@@ -114,7 +190,7 @@ impl Runner {
             (Some(a), Some(vars)) => Some(checkpoint::load_into(a, vars, &meta.config, Role::Adapter)?),
             _ => None,
         };
-        Ok(Runner {
+        Runner::assemble(Parts {
             policy,
             base,
             adapter: adapter_vars,
@@ -139,7 +215,7 @@ impl Runner {
             Some(VarBuilder::from_varmap(&adapter, DType::F32, &Device::Cpu)),
         )?;
         let meta = checkpoint::load_bytes_into(bytes, name, &adapter, &self.meta.config, Role::Adapter)?;
-        Ok(Runner {
+        Runner::assemble(Parts {
             policy,
             base: self.base.clone(),
             adapter: Some(adapter),
@@ -158,7 +234,7 @@ impl Runner {
             VarBuilder::from_varmap(&self.base, DType::F32, &Device::Cpu),
             None,
         )?;
-        Ok(Runner {
+        Runner::assemble(Parts {
             policy,
             base: self.base.clone(),
             adapter: None,
@@ -287,21 +363,92 @@ impl Runner {
         })
     }
 
-    /// The vision tokens of one frame (what a rollout caches per observation).
-    pub fn frame_tokens(&self, step: &Step) -> Result<Tensor, RunnerError> {
-        self.check(step)?;
+    /// The vision tokens of frames (what a rollout caches per observation): one
+    /// `image_tokens × width` vector per step, the frames going through the encoder as one batch.
+    pub fn frame_tokens(&self, steps: &[&Step]) -> Result<Vec<Vec<f32>>, RunnerError> {
         let n = self.config().vision.image_size;
-        let mut px = Vec::with_capacity(3 * n * n);
-        rgb_to_chw(&step.rgb, &mut px);
-        Ok(self
-            .policy
-            .frame_tokens(&Tensor::from_vec(px, (1, 3, n, n), &Device::Cpu)?)?)
+        let mut px = Vec::with_capacity(steps.len() * 3 * n * n);
+        for s in steps {
+            self.check(s)?;
+            rgb_to_chw(&s.rgb, &mut px);
+        }
+        let all = self.with_scratch(|s| self.engine.frame_tokens(&px, steps.len(), s))?;
+        Ok(all
+            .chunks_exact(self.engine.frame_token_len())
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 
     /// An action chunk (`horizon × action_dim`, de-normalized) for `history`, with the DDIM
     /// start noise drawn from `seed`. Every frame goes through the vision encoder; a
     /// [`crate::rollout::Rollout`] keeps each frame's tokens for the chunks where it is history.
     pub fn act(&self, history: &[Step], task: u32, seed: u64) -> Result<Vec<f32>, RunnerError> {
+        let window = self.window(history)?;
+        let tokens = self.frame_tokens(&window)?;
+        let refs: Vec<&[f32]> = tokens.iter().map(Vec::as_slice).collect();
+        self.act_with_tokens(history, &refs, task, seed)
+    }
+
+    /// The last `n_obs_steps` of `history` (oldest first; a short history repeats its first
+    /// step).
+    fn window<'a>(&self, history: &'a [Step]) -> Result<Vec<&'a Step>, RunnerError> {
+        if history.is_empty() {
+            return Err(RunnerError::Input("no observation".into()));
+        }
+        let t = self.config().trunk.n_obs_steps;
+        Ok((0..t)
+            .map(|k| &history[(history.len() as isize - t as isize + k as isize).max(0) as usize])
+            .collect())
+    }
+
+    /// [`Runner::act`] with the vision tokens of the history's last `n_obs_steps` frames
+    /// given (oldest first, each `image_tokens × width`).
+    pub fn act_with_tokens(
+        &self,
+        history: &[Step],
+        tokens: &[&[f32]],
+        task: u32,
+        seed: u64,
+    ) -> Result<Vec<f32>, RunnerError> {
+        let req = self.request(history, task, seed)?;
+        let mut out = self.chunks(&[req.input(tokens)])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// What a chunk needs besides the vision tokens, checked: the window's normalized state and
+    /// surface, the task and the start noise drawn from `seed`.
+    pub fn request(&self, history: &[Step], task: u32, seed: u64) -> Result<Request, RunnerError> {
+        let c = self.config();
+        if task as usize >= c.inputs.n_tasks {
+            return Err(RunnerError::Input(format!(
+                "task {task}: the policy knows {} tasks",
+                c.inputs.n_tasks
+            )));
+        }
+        let window = self.window(history)?;
+        for s in &window {
+            self.check(s)?;
+        }
+        let mut rng = crate::rng::Normal::new(seed);
+        Ok(Request {
+            state: window
+                .iter()
+                .flat_map(|s| self.meta.norm.normalize_state(&s.state))
+                .collect(),
+            surface: window.iter().flat_map(|s| s.surface.iter().copied()).collect(),
+            task,
+            noise: (0..c.head.horizon * c.head.action_dim).map(|_| rng.next()).collect(),
+        })
+    }
+
+    /// De-normalized action chunks for a batch of requests, computed together.
+    pub fn chunks(&self, inputs: &[ChunkInput]) -> Result<Vec<Vec<f32>>, RunnerError> {
+        let out = self.with_scratch(|s| self.engine.chunks(inputs, s))?;
+        Ok(out.iter().map(|a| self.meta.norm.denormalize_action(a)).collect())
+    }
+
+    /// [`Runner::act`] through the candle model (what the engine is checked against).
+    pub fn act_reference(&self, history: &[Step], task: u32, seed: u64) -> Result<Vec<f32>, RunnerError> {
         let obs = self.batch(history, task)?;
         let c = self.config();
         let (t, n) = (c.trunk.n_obs_steps, c.vision.image_size);
@@ -309,33 +456,7 @@ impl Runner {
             .policy
             .frame_tokens(&obs.images.reshape((t, 3, n, n))?)?
             .unsqueeze(0)?; // (1, T, image_tokens, width)
-        self.act_encoded(&img, &obs, seed)
-    }
-
-    /// [`Runner::act`] with the vision tokens of the history's last `n_obs_steps` frames
-    /// given (oldest first, each `(1, image_tokens, width)`).
-    pub fn act_with_tokens(
-        &self,
-        history: &[Step],
-        tokens: &[Tensor],
-        task: u32,
-        seed: u64,
-    ) -> Result<Vec<f32>, RunnerError> {
-        let obs = self.batch(history, task)?;
-        if tokens.len() != self.config().trunk.n_obs_steps {
-            return Err(RunnerError::Input(format!(
-                "{} frames of vision tokens for {} observation steps",
-                tokens.len(),
-                self.config().trunk.n_obs_steps
-            )));
-        }
-        let img = Tensor::cat(tokens, 0)?.unsqueeze(0)?;
-        self.act_encoded(&img, &obs, seed)
-    }
-
-    fn act_encoded(&self, img: &Tensor, obs: &ObsBatch, seed: u64) -> Result<Vec<f32>, RunnerError> {
-        let c = self.config();
-        let cond = self.policy.encode_tokens(img, obs)?;
+        let cond = self.policy.encode_tokens(&img, &obs)?;
         let noise = seeded_randn(seed, &[1, c.head.horizon, c.head.action_dim], &Device::Cpu)?;
         let x = self
             .policy
@@ -346,28 +467,32 @@ impl Runner {
     }
 }
 
+/// One chunk's inputs besides the vision tokens ([`Runner::request`]).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub state: Vec<f32>,
+    pub surface: Vec<f32>,
+    pub task: u32,
+    pub noise: Vec<f32>,
+}
+
+impl Request {
+    /// The engine's view of this request with the window's vision tokens.
+    pub fn input<'a>(&'a self, tokens: &'a [&'a [f32]]) -> ChunkInput<'a> {
+        ChunkInput {
+            tokens,
+            state: &self.state,
+            surface: &self.surface,
+            task: self.task,
+            noise: &self.noise,
+        }
+    }
+}
+
 impl Runner {
     /// The base weights with the adapter folded in (`W + (α/r)·B·A` for every adapted linear):
     /// one plain model for export. Without an adapter, a copy of the base.
     pub fn merged_base(&self) -> Result<VarMap, RunnerError> {
-        let out = VarMap::new();
-        let base = self.base.data().lock().unwrap_or_else(|e| e.into_inner());
-        let adapter = self
-            .adapter
-            .as_ref()
-            .map(|a| a.data().lock().unwrap_or_else(|e| e.into_inner()).clone());
-        let scale = self.config().lora.scale();
-        let mut data = out.data().lock().unwrap_or_else(|e| e.into_inner());
-        for (name, var) in base.iter() {
-            let mut w = var.as_tensor().clone();
-            if let (Some(ad), Some(prefix)) = (&adapter, name.strip_suffix(".weight")) {
-                if let (Some(a), Some(b)) = (ad.get(&format!("{prefix}.lora_a")), ad.get(&format!("{prefix}.lora_b"))) {
-                    w = (w + (b.as_tensor().matmul(a.as_tensor())? * scale)?)?;
-                }
-            }
-            data.insert(name.clone(), candle_core::Var::from_tensor(&w)?);
-        }
-        drop(data);
-        Ok(out)
+        merge(&self.base, self.adapter.as_ref(), self.config().lora.scale())
     }
 }
