@@ -82,7 +82,13 @@ pub struct SimRobot {
     episodes: u64,
     successes: u64,
     policy_successes: u64,
+    /// Ticks without an action after the episode's first one (a chunk came late).
     missed: u64,
+    /// Ticks at an episode's start before its first chunk came (a robot cannot act on an
+    /// observation before it has made it).
+    first_waits: u64,
+    /// An action was applied in this episode.
+    acted: bool,
     interventions: u64,
     bad_chunks: u64,
 }
@@ -172,6 +178,7 @@ impl SimRobot {
                     })
                     .await;
                 }
+                self.acted = true;
                 a
             }
             None if cut_off => {
@@ -185,7 +192,11 @@ impl SimRobot {
                 self.world.expert_action()
             }
             None => {
-                self.missed += 1;
+                if self.acted {
+                    self.missed += 1;
+                } else {
+                    self.first_waits += 1;
+                }
                 [0.0, 0.0]
             }
         };
@@ -238,6 +249,7 @@ impl SimRobot {
             }
             self.world.reset();
             self.queue.clear();
+            self.acted = false;
             self.event(EventKind::EpisodeStart {
                 task: 0,
                 shift: self.cfg.sim.shift.name().to_string(),
@@ -286,6 +298,8 @@ impl NodeActor for SimRobot {
             successes: 0,
             policy_successes: 0,
             missed: 0,
+            first_waits: 0,
+            acted: false,
             interventions: 0,
             bad_chunks: 0,
             cfg,
@@ -324,6 +338,7 @@ impl NodeActor for SimRobot {
         m.set("successes", self.successes as f64);
         m.set("policy_successes", self.policy_successes as f64);
         m.set("missed_actions", self.missed as f64);
+        m.set("first_action_waits", self.first_waits as f64);
         m.set("interventions", self.interventions as f64);
         m.set("episode", self.world.episode() as f64);
         m.set("bad_chunks", self.bad_chunks as f64);

@@ -38,6 +38,8 @@ pub struct Placement {
     pub node: String,
     pub spec: ActorSpec,
     pub restarts: u32,
+    /// What the node's actors share.
+    pub services: super::NodeServices,
 }
 
 /// The counters every actor's Stats carry.
@@ -75,6 +77,8 @@ pub struct Ctx<A: NodeActor> {
     pub node: String,
     pub spec: ActorSpec,
     pub restarts: u32,
+    /// What the node's actors share.
+    pub services: super::NodeServices,
     pub counters: Counters,
     input_cfg: BTreeMap<String, Keep>,
     inputs: Mutex<Vec<(String, Arc<InboxStats>)>>,
@@ -91,6 +95,7 @@ impl<A: NodeActor> Ctx<A> {
             node: place.node,
             spec: place.spec,
             restarts: place.restarts,
+            services: place.services,
             counters: Counters::default(),
             input_cfg: BTreeMap::new(),
             inputs: Mutex::new(Vec::new()),

@@ -7,10 +7,12 @@
 
 mod actor;
 mod context;
+mod services;
 mod supervisor;
 mod worker;
 
 pub use actor::{ActorKind, Input, Metrics, NodeActor};
 pub use context::{ActorError, Counters, Ctx, EventSender, Placement};
+pub use services::NodeServices;
 pub use supervisor::{run_node, NodeError};
 pub use worker::{lower_priority, AbortOnDrop, Worker};

@@ -54,6 +54,8 @@ pub enum SupervisorMsg {
 
 pub struct SupervisorState {
     args: SupervisorArgs,
+    /// The node's shared services: live as long as the node.
+    services: super::NodeServices,
     children: Vec<Option<ActorCell>>,
     recent_failures: Vec<VecDeque<Instant>>,
     restarts: Vec<u32>,
@@ -73,6 +75,7 @@ impl SupervisorState {
             node: self.args.plan.name.clone(),
             spec: self.args.plan.actors[i].clone(),
             restarts: self.restarts[i],
+            services: self.services.clone(),
         }
     }
 
@@ -133,6 +136,7 @@ impl Actor for NodeSupervisor {
         let n = args.plan.actors.len();
         let mut state = SupervisorState {
             args,
+            services: super::NodeServices::default(),
             children: vec![None; n],
             recent_failures: vec![VecDeque::new(); n],
             restarts: vec![0; n],

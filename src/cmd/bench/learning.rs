@@ -69,7 +69,7 @@ struct Watch {
     rollouts: Vec<(f64, u64, String)>,
 }
 
-fn child_kill(c: &mut Child) {
+pub(super) fn child_kill(c: &mut Child) {
     unsafe {
         libc::kill(c.id() as i32, libc::SIGTERM);
     }
@@ -84,7 +84,7 @@ fn child_kill(c: &mut Child) {
     let _ = c.wait();
 }
 
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -92,7 +92,7 @@ fn free_port() -> u16 {
 }
 
 /// A client session on the fleet's node at `port`, retried for a minute while it starts.
-async fn client(port: u16) -> anyhow::Result<Bus> {
+pub(super) async fn client(port: u16) -> anyhow::Result<Bus> {
     let t0 = Instant::now();
     loop {
         let bus = Bus::open(

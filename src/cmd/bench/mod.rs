@@ -3,6 +3,7 @@
 //! bench; the helpers they share are here.
 
 mod bus;
+mod fleet;
 mod learning;
 mod log;
 mod policy;
@@ -83,6 +84,10 @@ pub enum BenchCmd {
     /// after adaptation, minutes to recover, interventions per hour, retention, adapter bytes,
     /// promotion latency.
     Loop(learning::LoopArgs),
+    /// Many simulated robots driven by the trained policy on one node, the node's policy worker
+    /// batching their chunks, beside one robot at a time: chunk latency, observation to action,
+    /// missed deadlines, CPU per fleet size.
+    Fleet(fleet::FleetArgs),
     /// The far side of `bench bus` between two processes (started by it).
     #[command(hide = true)]
     BusPeer {
@@ -103,6 +108,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
             only,
         } => rt.block_on(bus::bench_bus(secs, round_trips, &sizes, only.as_deref())),
         BenchCmd::Loop(args) => learning::run(&rt, args),
+        BenchCmd::Fleet(args) => fleet::run(&rt, args),
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
         BenchCmd::Policy { config, runs } => policy::run(&config, runs),
         BenchCmd::Train { config, batch, steps } => train::run(&config, batch, steps),

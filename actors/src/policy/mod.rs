@@ -4,10 +4,11 @@
 //! for ticks `s ..< s+horizon` (the robot skips those already past when it arrives); once
 //! `n_action_steps − lead − 1` of its ticks have passed the next chunk is computed, so it is out before the current one runs out. Where the new chunk
 //! overlaps the old, the first `blend` actions are cross-faded from old to new (all of it is
-//! `nanobot_policy::rollout::Rollout`, which `nanobot serve` uses too). JPEG decoding and
-//! inference run on a blocking thread, so the bus is never held up; a chunk published after the
-//! previous one ran out counts as a missed deadline. Every chunk carries the policy and adapter
-//! versions.
+//! `nanobot_policy::rollout::Rollout`, which `nanobot serve` uses too). JPEG decoding runs on a
+//! blocking thread and inference on the node's policy worker ([`batcher`]), which computes the
+//! chunks of every robot of the node that are due together as one batch; the bus is never held
+//! up. A chunk published after the previous one ran out counts as a missed deadline. Every chunk
+//! carries the policy and adapter versions.
 //!
 //! Adapters come from the promoter: the rollout on `{fleet}/ckpt/promoted` names the adapter
 //! this robot should run; its manifest's signature must verify against the fleet's public key
@@ -32,6 +33,10 @@ use nanobot_policy::rollout::Rollout;
 use nanobot_policy::runner::Runner;
 use serde::Deserialize;
 
+mod batcher;
+
+pub use batcher::{Answer, BatchStats, Batcher};
+
 use crate::bus::{Bus, Feeder, Inbox, Keep, PubQos, Publisher, Received};
 use crate::keys::TrustedKey;
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
@@ -52,8 +57,11 @@ pub struct PolicyActorConfig {
     pub lead: usize,
     /// Overlapping actions cross-faded from the old chunk to the new one.
     pub blend: usize,
-    /// Threads for the model's arithmetic (1 is fastest for small models).
+    /// Threads of the node's policy worker (shared by the policy actors of a node that give the
+    /// same value; each thread computes one batch at a time).
     pub threads: usize,
+    /// The most robots in one batch.
+    pub max_batch: usize,
     /// Follow the promoter's rollout (`{fleet}/ckpt/promoted`).
     pub promotions: bool,
     /// The fleet's public key (`nanobot keys init`'s `fleet.pub`); `{fleet}` expands. Read when
@@ -73,6 +81,7 @@ impl Default for PolicyActorConfig {
             lead: 2,
             blend: 4,
             threads: 1,
+            max_batch: 32,
             promotions: true,
             trusted_key: "state/{fleet}/keys/fleet.pub".into(),
             fetch_timeout_ms: 3000,
@@ -84,16 +93,24 @@ pub struct PolicyActor {
     cfg: PolicyActorConfig,
     robot: String,
     runner: Arc<Runner>,
-    pool: Arc<rayon::ThreadPool>,
-    /// Taken while a blocking task decodes and infers with it.
+    /// The node's policy worker.
+    batcher: Arc<Batcher>,
+    /// Taken while a blocking task decodes and while the worker infers with it.
     rollout: Option<Rollout>,
     obs: Inbox<Received<Observation>>,
     act: Publisher<ActionChunk>,
     chunks: u64,
     missed: u64,
     last_ms: f64,
+    /// Observation-to-chunk times (decode, queue, inference) of the last chunks, ms.
+    recent_ms: std::collections::VecDeque<f64>,
+    /// Robots in the batch of the last chunks.
+    recent_batch: std::collections::VecDeque<usize>,
     promo: Promotions,
 }
+
+/// Chunks the latency and batch figures in Stats are over.
+const RECENT: usize = 256;
 
 /// What the policy actor knows of the promoter's rollout.
 struct Promotions {
@@ -141,7 +158,8 @@ enum Outcome {
     Refused(String),
     /// In the history; no chunk due yet.
     Recorded,
-    Chunk(Result<Vec<f32>, String>),
+    /// In the history, and a chunk is due.
+    Due,
 }
 
 impl NodeActor for PolicyActor {
@@ -163,11 +181,13 @@ impl NodeActor for PolicyActor {
         let rollout = Rollout::new(&runner, cfg.n_action_steps, cfg.lead, cfg.blend)
             .map_err(|e| ctx.config_error(e.to_string()))?;
         tracing::info!(robot, version = %runner.meta.version, adapter = %runner.adapter_version(), format = %runner.format, "policy loaded");
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads)
-            .thread_name(|i| format!("nb-policy-{i}"))
-            .build()
-            .map_err(|e| ctx.config_error(e.to_string()))?;
+        let (threads, max_batch) = (cfg.threads, cfg.max_batch);
+        let batcher = ctx
+            .services
+            .get_or_start(&format!("policy-worker/{threads}"), || {
+                Batcher::start(threads, max_batch, 1024)
+            })
+            .map_err(|e| ctx.failed(e))?;
         let obs = ctx
             .subscribe(
                 "obs",
@@ -202,7 +222,7 @@ impl NodeActor for PolicyActor {
             .map_err(ctx.bus_err())?;
         Ok(PolicyActor {
             runner: Arc::new(runner),
-            pool: Arc::new(pool),
+            batcher,
             rollout: Some(rollout),
             cfg,
             robot,
@@ -211,6 +231,8 @@ impl NodeActor for PolicyActor {
             chunks: 0,
             missed: 0,
             last_ms: 0.0,
+            recent_ms: Default::default(),
+            recent_batch: Default::default(),
             promo: Promotions {
                 rollouts,
                 swaps,
@@ -251,6 +273,29 @@ impl NodeActor for PolicyActor {
         m.set("chunks", self.chunks as f64);
         m.set("missed_deadlines", self.missed as f64);
         m.set("inference_ms", self.last_ms);
+        let mut ms: Vec<f64> = self.recent_ms.iter().copied().collect();
+        ms.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            ms.get(((ms.len().max(1) - 1) as f64 * p).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        m.set("inference_p50_ms", q(0.5));
+        m.set("inference_p99_ms", q(0.99));
+        let n = self.recent_batch.len().max(1) as f64;
+        m.set("batch_mean", self.recent_batch.iter().sum::<usize>() as f64 / n);
+        m.set(
+            "worker_batches",
+            self.batcher.stats.batches.load(Ordering::Relaxed) as f64,
+        );
+        m.set(
+            "worker_largest_batch",
+            self.batcher.stats.largest.load(Ordering::Relaxed) as f64,
+        );
+        m.set(
+            "worker_refused",
+            self.batcher.stats.refused.load(Ordering::Relaxed) as f64,
+        );
         m.set("adapter_generation", self.promo.generation as f64);
         m.set("adapters_swapped", self.promo.swaps_done as f64);
         m.set("adapters_refused", self.promo.refused as f64);
@@ -378,44 +423,70 @@ impl PolicyActor {
         let c = &ctx.counters;
         let seq = r.header.seq;
         let o = r.msg;
-        let (runner, pool) = (self.runner.clone(), self.pool.clone());
+        let runner = self.runner.clone();
         let mut rollout = self.rollout.take().ok_or_else(|| ctx.failed("rollout lost"))?;
         let (episode, task) = (o.episode, o.task);
         let t0 = Instant::now();
-        // JPEG decoding and the model's arithmetic run on the policy's own pool, off the bus.
+        // JPEG decoding on a blocking thread, off the bus.
+        let check = runner.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let step = match step_of(&o).map_err(|e| e.to_string()).and_then(|st| {
-                runner.check(&st).map_err(|e| e.to_string())?;
+                check.check(&st).map_err(|e| e.to_string())?;
                 Ok(st)
             }) {
                 Ok(st) => st,
                 Err(e) => return (rollout, Outcome::Refused(e)),
             };
-            if !rollout.observe(episode, seq, task, step) {
-                return (rollout, Outcome::Recorded);
+            if rollout.observe(episode, seq, task, step) {
+                (rollout, Outcome::Due)
+            } else {
+                (rollout, Outcome::Recorded)
             }
-            let a = pool.install(|| rollout.infer(&runner, seq)).map_err(|e| e.to_string());
-            (rollout, Outcome::Chunk(a))
         })
         .await
-        .map_err(|e| ctx.failed(format!("inference thread: {e}")))?;
+        .map_err(|e| ctx.failed(format!("decoding thread: {e}")))?;
         let (rollout, outcome) = joined;
-        let rollout = self.rollout.insert(rollout);
-        let actions = match outcome {
+        match outcome {
             Outcome::Refused(e) => {
+                self.rollout = Some(rollout);
                 c.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(robot = %self.robot, seq, "observation not usable: {e}");
                 return Ok(());
             }
-            Outcome::Recorded => return Ok(()),
-            Outcome::Chunk(Err(e)) => {
+            Outcome::Recorded => {
+                self.rollout = Some(rollout);
+                return Ok(());
+            }
+            Outcome::Due => {}
+        }
+        // The model's arithmetic on the node's policy worker, batched with the other robots'.
+        let (rollout, chunk, batch) = match self.batcher.infer(runner.clone(), rollout, seq).await {
+            Ok(a) => (a.rollout, a.chunk, a.batch),
+            Err((rollout, e)) => {
+                let rollout = match rollout {
+                    Some(r) => r,
+                    None => Rollout::new(&runner, self.cfg.n_action_steps, self.cfg.lead, self.cfg.blend)
+                        .map_err(|e| ctx.failed(e.to_string()))?,
+                };
+                (rollout, Err(e), 0)
+            }
+        };
+        let rollout = self.rollout.insert(rollout);
+        let actions = match chunk {
+            Err(e) => {
                 c.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(robot = %self.robot, seq, "inference failed: {e}");
                 return Ok(());
             }
-            Outcome::Chunk(Ok(a)) => a,
+            Ok(a) => a,
         };
         self.last_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if self.recent_ms.len() == RECENT {
+            self.recent_ms.pop_front();
+            self.recent_batch.pop_front();
+        }
+        self.recent_ms.push_back(self.last_ms);
+        self.recent_batch.push_back(batch);
         // The robot has moved on while we computed: the old chunk ran out first?
         let newest = self.obs.peek(|r| r.header.seq).unwrap_or(seq);
         let planned = rollout.adopt(seq, actions, newest);
