@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, ckpt, collect, export, fleet, launcher, schema, serve, shadow, topic, train};
+use cmd::{bench, ckpt, collect, export, fleet, launcher, schema, serve, shadow, topic, train, tune};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +70,9 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Closed-loop success of a checkpoint in the simulator, beside the expert's, per condition.
     Eval(shadow::EvalArgs),
+    /// Measure this machine's best settings (policy worker threads and batch, DDIM steps,
+    /// weight precision, trainer batch and learning rate) and write them for launch files.
+    Tune(tune::TuneArgs),
     /// Export a checkpoint (adapter merged) to safetensors or GGUF (f32, f16, q8_0, mxfp4).
     Export(export::ExportArgs),
     /// Serve a policy over HTTP: POST /v1/act, GET /v1/model, /healthz, /metrics.
@@ -175,6 +178,10 @@ fn main() -> ExitCode {
         Cmd::Eval(args) => {
             init_tracing("warn");
             shadow::eval(args)
+        }
+        Cmd::Tune(args) => {
+            init_tracing("warn");
+            tune::tune(args)
         }
         Cmd::Export(args) => {
             init_tracing("warn");

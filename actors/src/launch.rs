@@ -87,6 +87,11 @@ struct FileDecl {
     robots: Option<Spanned<RobotsDecl>>,
     #[serde(default)]
     base: Option<BaseSetup>,
+    /// `nanobot tune`'s output for this machine (relative to the launch file): its tables, named
+    /// by actor type, overlay those actors' config files (before `set`). A missing file tunes
+    /// nothing.
+    #[serde(default)]
+    tuned: Option<Spanned<String>>,
     #[serde(default)]
     node: Vec<Spanned<NodeDecl>>,
 }
@@ -385,6 +390,23 @@ pub fn parse(
     if decl.node.is_empty() {
         return Err(err(0, "no [[node]]: a launch file needs at least one node".into()));
     }
+    let tuned: Table = match &decl.tuned {
+        None => Table::new(),
+        Some(t) => {
+            let tpath = base_dir.join(t.get_ref());
+            match std::fs::read_to_string(&tpath) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Table::new(),
+                Err(e) => return Err(err(at(t.span()), format!("tuned file {}: {e}", tpath.display()))),
+                Ok(ttext) => toml::from_str::<Table>(&ttext).map_err(|e| {
+                    let l = e.span().map(|s| line_of(&ttext, s.start)).unwrap_or(0);
+                    err(
+                        at(t.span()),
+                        format!("tuned file {}:{l}: {}", tpath.display(), e.message()),
+                    )
+                })?,
+            }
+        }
+    };
     let mut nodes = Vec::new();
     let mut node_names = HashSet::new();
     for node_sp in &decl.node {
@@ -416,7 +438,7 @@ pub fn parse(
                     format!("unknown actor type {kind:?} (known: {})", known_actors.join(", ")),
                 ));
             }
-            let config = match &a.config {
+            let mut config = match &a.config {
                 None => Table::new(),
                 Some(cp) => {
                     let cpath = base_dir.join(cp.get_ref());
@@ -429,6 +451,9 @@ pub fn parse(
                     })?
                 }
             };
+            if let Some(Value::Table(t)) = tuned.get(kind.as_str()) {
+                merge(&mut config, t);
+            }
             let instances: Vec<Option<(usize, String)>> = {
                 let listed = match &a.robots {
                     None => None,
@@ -552,6 +577,39 @@ type = "expert"
         assert_eq!(node.actors[2].config["seed"], Value::Integer(2));
         assert_eq!(node.actors[1].config["label"], Value::String("lab-r1".into()));
         assert_eq!(node.actors[0].origin, "test.toml:8");
+    }
+
+    #[test]
+    fn a_tuned_file_overlays_configs_by_actor_type_and_set_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("robot.toml"), "seed = 1\nrate = 5\n").unwrap();
+        let text = "tuned = \"tuned.toml\"\n[[node]]\nname = \"a\"\n[[node.actor]]\ntype = \"sim_robot\"\nconfig = \"robot.toml\"\nset = { seed = 3 }\n[[node.actor]]\ntype = \"expert\"\n";
+        let launch = dir.path().join("l.toml");
+        let parse_here = || parse(&launch, text, KNOWN, |_| None);
+        // No tuned file yet: nothing is tuned.
+        let lf = parse_here().unwrap();
+        assert_eq!(lf.nodes[0].actors[0].config["rate"], Value::Integer(5));
+        std::fs::write(
+            dir.path().join("tuned.toml"),
+            "[sim_robot]\nrate = 9\nseed = 7\n[expert]\ngain = 2\n",
+        )
+        .unwrap();
+        let lf = parse_here().unwrap();
+        let (robot, expert) = (&lf.nodes[0].actors[0].config, &lf.nodes[0].actors[1].config);
+        assert_eq!(
+            robot["rate"],
+            Value::Integer(9),
+            "the tuned value over the config file's"
+        );
+        assert_eq!(
+            robot["seed"],
+            Value::Integer(3),
+            "the launch file's set over the tuned value"
+        );
+        assert_eq!(expert["gain"], Value::Integer(2));
+        std::fs::write(dir.path().join("tuned.toml"), "[sim_robot\n").unwrap();
+        let e = parse_here().unwrap_err();
+        assert!(e.message.contains("tuned.toml") && e.line == 1, "{e}");
     }
 
     #[test]

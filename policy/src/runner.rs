@@ -41,6 +41,8 @@ pub struct Runner {
     /// Where the weights came from, and in which format (`safetensors`, `gguf:mxfp4`, ...).
     pub source: PathBuf,
     pub format: String,
+    /// DDIM steps when acting, where not the config's (`nanobot tune` measures the trade).
+    sampling_steps: Option<usize>,
     /// The same weights (adapter folded in) laid out for acting.
     engine: Engine,
     /// Buffers of finished calls, reused by the next (one per concurrent caller).
@@ -68,6 +70,7 @@ fn build(cfg: &PolicyConfig, with_adapter: bool) -> Result<(Policy, VarMap, Opti
 
 /// What a runner is made of before its engine is compiled.
 struct Parts {
+    sampling_steps: Option<usize>,
     policy: Policy,
     base: VarMap,
     adapter: Option<VarMap>,
@@ -99,8 +102,15 @@ pub(crate) fn merge(base: &VarMap, adapter: Option<&VarMap>, scale: f64) -> Resu
 impl Runner {
     fn assemble(p: Parts) -> Result<Runner, RunnerError> {
         let merged = merge(&p.base, p.adapter.as_ref(), p.meta.config.lora.scale())?;
-        let engine = Engine::new(&p.meta.config, &merged)?;
+        let mut cfg = p.meta.config.clone();
+        if let Some(steps) = p.sampling_steps {
+            cfg.head.ddim_steps = steps;
+            cfg.validate()
+                .map_err(|e| RunnerError::Input(format!("ddim_steps = {steps}: {e}")))?;
+        }
+        let engine = Engine::new(&cfg, &merged)?;
         Ok(Runner {
+            sampling_steps: p.sampling_steps,
             policy: p.policy,
             base: p.base,
             adapter: p.adapter,
@@ -136,6 +146,44 @@ impl Runner {
         &self.engine
     }
 
+    /// DDIM steps per chunk when acting.
+    pub fn sampling_steps(&self) -> usize {
+        self.sampling_steps.unwrap_or(self.meta.config.head.ddim_steps)
+    }
+
+    /// This policy acting with `steps` DDIM steps per chunk (kept through adapter swaps).
+    pub fn with_sampling_steps(&self, steps: usize) -> Result<Runner, RunnerError> {
+        Runner::assemble(Parts {
+            sampling_steps: Some(steps),
+            policy: self.policy.clone(),
+            base: self.base.clone(),
+            adapter: self.adapter.clone(),
+            meta: self.meta.clone(),
+            adapter_meta: self.adapter_meta.clone(),
+            source: self.source.clone(),
+            format: self.format.clone(),
+        })
+    }
+
+    /// This policy (adapter folded in) with its weights rounded through `dtype` as a GGUF export
+    /// stores them: what a robot loading that export acts with.
+    pub fn quantized(&self, dtype: crate::quant::DType) -> Result<Runner, RunnerError> {
+        let merged = self.merged_base()?;
+        let g = crate::export::to_gguf(&merged, &self.meta, dtype).map_err(|e| file_err(&self.source, e))?;
+        let (policy, base, _) = build(&self.meta.config, false)?;
+        load_gguf_into(&g, &base).map_err(|e| file_err(&self.source, e))?;
+        Runner::assemble(Parts {
+            sampling_steps: self.sampling_steps,
+            policy,
+            base,
+            adapter: None,
+            meta: self.meta.clone(),
+            adapter_meta: None,
+            source: self.source.clone(),
+            format: format!("gguf:{}", dtype.name()),
+        })
+    }
+
     /// Load `path` (`.gguf`: an export; anything else: a safetensors base checkpoint) and, for
     /// a safetensors base, the LoRA `adapter` checkpoint made for it.
     pub fn load(path: &Path, adapter: Option<&Path>) -> Result<Runner, RunnerError> {
@@ -169,6 +217,7 @@ impl Runner {
                 .unwrap_or("")
                 .to_string();
             return Runner::assemble(Parts {
+                sampling_steps: None,
                 policy,
                 base,
                 adapter: None,
@@ -191,6 +240,7 @@ impl Runner {
             _ => None,
         };
         Runner::assemble(Parts {
+            sampling_steps: None,
             policy,
             base,
             adapter: adapter_vars,
@@ -216,6 +266,7 @@ impl Runner {
         )?;
         let meta = checkpoint::load_bytes_into(bytes, name, &adapter, &self.meta.config, Role::Adapter)?;
         Runner::assemble(Parts {
+            sampling_steps: self.sampling_steps,
             policy,
             base: self.base.clone(),
             adapter: Some(adapter),
@@ -235,6 +286,7 @@ impl Runner {
             None,
         )?;
         Runner::assemble(Parts {
+            sampling_steps: self.sampling_steps,
             policy,
             base: self.base.clone(),
             adapter: None,

@@ -12,3 +12,4 @@ pub mod serve;
 pub mod shadow;
 pub mod topic;
 pub mod train;
+pub mod tune;

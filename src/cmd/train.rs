@@ -54,14 +54,17 @@ pub struct TrainArgs {
     version: Option<String>,
 }
 
+/// The rows of dataset number `d` at `dir`, decoded, in episode order.
+pub fn rows_of(d: usize, dir: &Path, cfg: &PolicyConfig) -> anyhow::Result<Vec<Row>> {
+    let (_, frames) = read_dataset(dir).with_context(|| format!("dataset {}", dir.display()))?;
+    frames.into_iter().map(|f| row(d, dir, f, cfg)).collect()
+}
+
 /// The rows of all datasets, decoded once, in episode order.
 fn load(datasets: &[PathBuf], cfg: &PolicyConfig) -> anyhow::Result<Windows> {
     let mut rows = Vec::new();
     for (d, dir) in datasets.iter().enumerate() {
-        let (_, frames) = read_dataset(dir).with_context(|| format!("dataset {}", dir.display()))?;
-        for f in frames {
-            rows.push(row(d, dir, f, cfg)?);
-        }
+        rows.extend(rows_of(d, dir, cfg)?);
     }
     if rows.is_empty() {
         bail!("no rows in {:?}", datasets);

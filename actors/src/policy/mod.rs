@@ -62,6 +62,9 @@ pub struct PolicyActorConfig {
     pub threads: usize,
     /// The most robots in one batch.
     pub max_batch: usize,
+    /// DDIM steps per chunk (default: the checkpoint config's; `nanobot tune` measures fewer
+    /// against the actions they change).
+    pub ddim_steps: Option<usize>,
     /// Follow the promoter's rollout (`{fleet}/ckpt/promoted`).
     pub promotions: bool,
     /// The fleet's public key (`nanobot keys init`'s `fleet.pub`); `{fleet}` expands. Read when
@@ -82,6 +85,7 @@ impl Default for PolicyActorConfig {
             blend: 4,
             threads: 1,
             max_batch: 32,
+            ddim_steps: None,
             promotions: true,
             trusted_key: "state/{fleet}/keys/fleet.pub".into(),
             fetch_timeout_ms: 3000,
@@ -174,10 +178,17 @@ impl NodeActor for PolicyActor {
         let robot = ctx.robot()?.to_string();
         let fleet = ctx.fleet();
         let (path, adapter) = (cfg.checkpoint.clone(), cfg.adapter.clone());
-        let runner = tokio::task::spawn_blocking(move || Runner::load(&path, adapter.as_deref()))
-            .await
-            .map_err(|e| ctx.failed(format!("loading the policy: {e}")))?
-            .map_err(|e| ctx.config_error(format!("policy {}: {e}", cfg.checkpoint.display())))?;
+        let steps = cfg.ddim_steps;
+        let runner = tokio::task::spawn_blocking(move || {
+            let r = Runner::load(&path, adapter.as_deref())?;
+            match steps {
+                Some(s) => r.with_sampling_steps(s),
+                None => Ok(r),
+            }
+        })
+        .await
+        .map_err(|e| ctx.failed(format!("loading the policy: {e}")))?
+        .map_err(|e| ctx.config_error(format!("policy {}: {e}", cfg.checkpoint.display())))?;
         let rollout = Rollout::new(&runner, cfg.n_action_steps, cfg.lead, cfg.blend)
             .map_err(|e| ctx.config_error(e.to_string()))?;
         tracing::info!(robot, version = %runner.meta.version, adapter = %runner.adapter_version(), format = %runner.format, "policy loaded");
@@ -273,6 +284,7 @@ impl NodeActor for PolicyActor {
         m.set("chunks", self.chunks as f64);
         m.set("missed_deadlines", self.missed as f64);
         m.set("inference_ms", self.last_ms);
+        m.set("ddim_steps", self.runner.sampling_steps() as f64);
         let mut ms: Vec<f64> = self.recent_ms.iter().copied().collect();
         ms.sort_by(f64::total_cmp);
         let q = |p: f64| {
