@@ -146,6 +146,19 @@ impl Runner {
         &self.engine
     }
 
+    /// What identifies these weights and this way of sampling: runners with equal keys act
+    /// alike, so their robots' chunks can be computed as one batch with either.
+    pub fn weights_key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}",
+            self.source.display(),
+            self.format,
+            self.meta.version,
+            self.adapter_version(),
+            self.sampling_steps()
+        )
+    }
+
     /// DDIM steps per chunk when acting.
     pub fn sampling_steps(&self) -> usize {
         self.sampling_steps.unwrap_or(self.meta.config.head.ddim_steps)

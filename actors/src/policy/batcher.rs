@@ -2,7 +2,8 @@
 //! by the policy actors of every robot the node serves. An actor hands it its robot's rollout
 //! (history, vision-token cache, plan) when a chunk is due and awaits it back with the chunk;
 //! the worker takes every request waiting when it is free, groups them by policy (robots on the
-//! same weights: canary robots run another adapter), and computes each group as one batch
+//! same weights, [`Runner::weights_key`]: canary robots run another adapter), and computes each
+//! group as one batch
 //! (`nanobot_policy::rollout::infer_batch`). A request never waits for others to arrive: under
 //! light load a batch is one robot; under load the batch grows to what queued while the last
 //! one computed, so the weights stream through the cache once for many robots.
@@ -121,8 +122,10 @@ fn serve(rx: flume::Receiver<Job>, stats: &BatchStats, max_batch: usize) {
         }
         while !jobs.is_empty() {
             let runner = jobs[0].runner.clone();
-            let (mut group, rest): (Vec<Job>, Vec<Job>) =
-                jobs.into_iter().partition(|j| Arc::ptr_eq(&j.runner, &runner));
+            let key = runner.weights_key();
+            let (mut group, rest): (Vec<Job>, Vec<Job>) = jobs
+                .into_iter()
+                .partition(|j| Arc::ptr_eq(&j.runner, &runner) || j.runner.weights_key() == key);
             jobs = rest;
             let n = group.len();
             let mut items: Vec<(&mut Rollout, u64)> = group.iter_mut().map(|j| (&mut j.rollout, j.seed)).collect();
@@ -153,20 +156,24 @@ mod tests {
     use nanobot_policy::{Policy, PolicyConfig};
 
     fn runner(dir: &std::path::Path) -> Runner {
+        runner_named(dir, "t")
+    }
+
+    fn runner_named(dir: &std::path::Path, version: &str) -> Runner {
         let cfg = PolicyConfig::load(std::path::Path::new("../configs/policy/tiny.toml")).unwrap();
         let vars = VarMap::new();
         Policy::new(&cfg, VarBuilder::from_varmap(&vars, DType::F32, &Device::Cpu), None).unwrap();
         seeded_init(&vars, 3).unwrap();
         let meta = Meta {
             kind: Role::Base,
-            version: "t".into(),
+            version: version.into(),
             norm: NormStats::fit(
                 &[vec![-1.0; cfg.inputs.state_dim], vec![1.0; cfg.inputs.state_dim]],
                 &[vec![-1.0; cfg.head.action_dim], vec![1.0; cfg.head.action_dim]],
             ),
             config: cfg,
         };
-        let path = dir.join("p.safetensors");
+        let path = dir.join(format!("{version}.safetensors"));
         nanobot_policy::checkpoint::save(&path, &vars, &meta).unwrap();
         Runner::load(&path, None).unwrap()
     }
@@ -185,6 +192,8 @@ mod tests {
     async fn robots_waiting_together_are_one_batch_and_get_their_own_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let r = Arc::new(runner(dir.path()));
+        // Half the robots load the same checkpoint on their own: the same weights all the same.
+        let r2 = Arc::new(runner(dir.path()));
         let robots = 6;
         // What each robot's chunk is when computed alone.
         let mut alone = Vec::new();
@@ -201,8 +210,10 @@ mod tests {
         let b = Arc::new(Batcher::start_held(1, 32, 64, Some(hold)).unwrap());
         let tasks: Vec<_> = rollouts
             .into_iter()
-            .map(|ro| {
-                let (b, r) = (b.clone(), r.clone());
+            .enumerate()
+            .map(|(k, ro)| {
+                let b = b.clone();
+                let r = if k % 2 == 0 { r.clone() } else { r2.clone() };
                 tokio::spawn(async move { b.infer(r, ro, 5).await })
             })
             .collect();
@@ -228,8 +239,8 @@ mod tests {
         assert_eq!(batches, vec![robots; robots], "the six waiting robots were one batch");
         assert_eq!(b.stats.chunks.load(Ordering::Relaxed), robots as u64);
         assert_eq!(b.stats.batches.load(Ordering::Relaxed), 1);
-        // A second policy (another adapter) is never batched with the first.
-        let other = Arc::new(runner(dir.path()));
+        // A second policy (other weights) is never batched with the first.
+        let other = Arc::new(runner_named(dir.path(), "other"));
         let mut ro = Rollout::new(&other, None, 0, 0).unwrap();
         ro.observe(1, 5, 0, step(&other, 0));
         let a = b.infer(other, ro, 5).await.map_err(|(_, e)| e).unwrap();

@@ -179,12 +179,18 @@ impl NodeActor for PolicyActor {
         let fleet = ctx.fleet();
         let (path, adapter) = (cfg.checkpoint.clone(), cfg.adapter.clone());
         let steps = cfg.ddim_steps;
+        // One copy of the weights per node: the robots of a node that run the same checkpoint
+        // share it (and their chunks batch together on the node's policy worker).
+        let services = ctx.services.clone();
+        let key = format!("policy-runner/{}/{:?}/{steps:?}", path.display(), adapter);
         let runner = tokio::task::spawn_blocking(move || {
-            let r = Runner::load(&path, adapter.as_deref())?;
-            match steps {
-                Some(s) => r.with_sampling_steps(s),
-                None => Ok(r),
-            }
+            services.get_or_start(&key, || {
+                let r = Runner::load(&path, adapter.as_deref()).map_err(|e| e.to_string())?;
+                match steps {
+                    Some(s) => r.with_sampling_steps(s).map_err(|e| e.to_string()),
+                    None => Ok(r),
+                }
+            })
         })
         .await
         .map_err(|e| ctx.failed(format!("loading the policy: {e}")))?
@@ -232,7 +238,7 @@ impl NodeActor for PolicyActor {
             .await
             .map_err(ctx.bus_err())?;
         Ok(PolicyActor {
-            runner: Arc::new(runner),
+            runner,
             batcher,
             rollout: Some(rollout),
             cfg,

@@ -105,7 +105,7 @@ pub fn run(rt: &tokio::runtime::Runtime, a: FleetArgs) -> anyhow::Result<u8> {
         }
     }
     println!(
-        "(chunk/s: chunks published; p50/p99: the policy worker's observation-to-chunk time; o→a: observation to action chunk as a subscriber sees them; missed: deadlines the robots' plans ran out before, summed; CPU: the fleet process, % of one core, {} cores here)",
+        "(chunk/s: chunks published; p50/p99: the policy worker's observation-to-chunk time; o→a: observation to action chunk as a subscriber sees them; missed: deadlines the robots' plans ran out before, summed; CPU: the fleet's processes, % of one core, {} cores here)",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     if a.dir.is_none() {
@@ -114,16 +114,39 @@ pub fn run(rt: &tokio::runtime::Runtime, a: FleetArgs) -> anyhow::Result<u8> {
     Ok(if all_met { 0 } else { 1 })
 }
 
+/// (parent pid, utime + stime in clock ticks) of a process, from /proc.
+fn stat(pid: u32) -> Option<(u32, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's closing parenthesis: ppid is the 2nd, utime and stime
+    // the 12th and 13th.
+    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?,
+    ))
+}
+
+/// CPU clock ticks used so far by `pid` and every process under it (the launcher and its nodes).
 fn cpu_ticks(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
-        })
-        .unwrap_or(0.0)
+    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| stat(p).map(|(pp, t)| (p, pp, t)))
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|(_, pp, _)| *pp == parent).map(|(p, _, _)| *p));
+        i += 1;
+    }
+    procs
+        .iter()
+        .filter(|(p, _, _)| tree.contains(p))
+        .map(|(_, _, t)| t)
+        .sum()
 }
 
 async fn measure(
