@@ -10,7 +10,7 @@
 //! names. Paths are relative to the working directory.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -181,29 +181,34 @@ pub fn collect(args: CollectArgs) -> anyhow::Result<u8> {
 }
 
 /// `nanobot verify DIR...`: each dataset (or each dataset under DIR) against its manifest.
+/// `dir` when it is a dataset, else the datasets directly under it (sorted; none: empty).
+pub fn dataset_roots(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if dir.join("meta/manifest.json").is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("meta/manifest.json").is_file())
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
 pub fn verify_cmd(dirs: &[PathBuf]) -> anyhow::Result<u8> {
     let mut bad = 0usize;
     let mut roots = Vec::new();
     for d in dirs {
-        if d.join("meta/manifest.json").is_file() {
-            roots.push(d.clone());
-        } else {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(d)
-                .with_context(|| format!("{}", d.display()))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.join("meta/manifest.json").is_file())
-                .collect();
-            found.sort();
-            if found.is_empty() {
-                eprintln!(
-                    "{}: no dataset here (no meta/manifest.json, nor in a subdirectory)",
-                    d.display()
-                );
-                bad += 1;
-            }
-            roots.extend(found);
+        let found = dataset_roots(d)?;
+        if found.is_empty() {
+            eprintln!(
+                "{}: no dataset here (no meta/manifest.json, nor in a subdirectory)",
+                d.display()
+            );
+            bad += 1;
         }
+        roots.extend(found);
     }
     for root in &roots {
         match verify(root) {

@@ -55,16 +55,8 @@ struct Obs {
 }
 
 fn datasets(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
-    if dir.join("meta/manifest.json").is_file() {
-        return Ok(vec![dir.to_path_buf()]);
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: no datasets (nanobot demos makes some)", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.join("meta/manifest.json").is_file())
-        .collect();
-    found.sort();
+    let found = super::collect::dataset_roots(dir)
+        .with_context(|| format!("{}: no datasets (nanobot demos makes some)", dir.display()))?;
     if found.is_empty() {
         bail!(
             "{}: no dataset here (no meta/manifest.json, nor in a subdirectory)",

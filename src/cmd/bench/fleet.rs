@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nanobot_messages::{ActionChunk, Observation, Stats};
 
-use super::learning::{child_kill, client, free_port};
+use super::learning::{child_kill, client, free_port, sim_fleet};
 use super::quantile;
 
 #[derive(clap::Args)]
@@ -159,34 +159,14 @@ async fn measure(
     secs: f64,
 ) -> anyhow::Result<Row> {
     let port = free_port();
-    let configs = std::env::current_dir()?.join("configs");
-    let text = format!(
-        r#"fleet = "nb"
-[zenoh]
-multicast_scouting = false
-[robots]
-count = {robots}
-[[node]]
-name = "fleet"
-listen = ["tcp/127.0.0.1:{port}"]
-[[node.actor]]
-type = "sim_robot"
-for_each_robot = true
-config = "{c}/sim_robot.toml"
-set = {{ intervene_after_ms = 0, sim = {{ seed = "1{{index}}" }} }}
-[[node.actor]]
-type = "ingest"
-for_each_robot = true
-config = "{c}/ingest.toml"
-[[node.actor]]
-type = "policy"
-for_each_robot = true
-config = "{c}/policy_actor.toml"
-set = {{ checkpoint = "{ckpt}", promotions = false, max_batch = {max_batch} }}
-"#,
-        c = configs.display(),
-        ckpt = checkpoint.display(),
-    );
+    let text = sim_fleet(
+        port,
+        robots,
+        &format!(
+            "checkpoint = \"{}\", promotions = false, max_batch = {max_batch}",
+            checkpoint.display()
+        ),
+    )?;
     let file = dir.join(format!("fleet{robots}-{max_batch}.toml"));
     std::fs::write(&file, text)?;
     let mut child = Command::new(exe)

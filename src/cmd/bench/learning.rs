@@ -387,16 +387,15 @@ async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Wat
     Ok((w, t_shift))
 }
 
-/// A short run with `robots` robots (sim_robot, ingest, policy each) and a promoter whose gates
-/// let anything that loads through: the time from each decision to every robot running it.
-async fn latency_run(exe: &Path, base: &Path, dir: &Path, robots: usize) -> anyhow::Result<Vec<f64>> {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    let port = free_port();
-    let repo = std::env::current_dir()?;
-    let configs = repo.join("configs");
-    let text = format!(
+/// A launch file's text for one node listening on `port` with `robots` simulated robots (worlds
+/// 10, 11, …; no onboard expert), each with ingest and a policy actor whose config gets
+/// `policy_set` (TOML key = value pairs).
+pub(super) fn sim_fleet(port: u16, robots: usize, policy_set: &str) -> anyhow::Result<String> {
+    let configs = std::env::current_dir()?.join("configs");
+    Ok(format!(
         r#"fleet = "nb"
+[zenoh]
+multicast_scouting = false
 [robots]
 count = {robots}
 [[node]]
@@ -415,12 +414,34 @@ config = "{c}/ingest.toml"
 type = "policy"
 for_each_robot = true
 config = "{c}/policy_actor.toml"
-set = {{ checkpoint = "{base}", trusted_key = "{d}/keys/fleet.pub" }}
-[[node.actor]]
+set = {{ {policy_set} }}
+"#,
+        c = configs.display(),
+    ))
+}
+
+/// A short run with `robots` robots (sim_robot, ingest, policy each) and a promoter whose gates
+/// let anything that loads through: the time from each decision to every robot running it.
+async fn latency_run(exe: &Path, base: &Path, dir: &Path, robots: usize) -> anyhow::Result<Vec<f64>> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let port = free_port();
+    let configs = std::env::current_dir()?.join("configs");
+    let text = format!(
+        r#"{fleet}[[node.actor]]
 type = "promoter"
 config = "{c}/promoter.toml"
 set = {{ base = "{base}", state_dir = "{d}/promoter", keys = "{d}/keys", generate_key = true, canary_robots = 0, gates = {{ held_out_tolerance = 10.0, margin = -1.0, retention = [], shadow = {{ seeds = [1000], episodes_per_seed = 1, sim = {{ episode_steps = 10 }} }} }} }}
 "#,
+        fleet = sim_fleet(
+            port,
+            robots,
+            &format!(
+                "checkpoint = \"{}\", trusted_key = \"{}/keys/fleet.pub\"",
+                base.display(),
+                dir.display()
+            )
+        )?,
         c = configs.display(),
         base = base.display(),
         d = dir.display(),
