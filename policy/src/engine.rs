@@ -265,10 +265,6 @@ impl Engine {
         })
     }
 
-    pub fn config(&self) -> &PolicyConfig {
-        &self.cfg
-    }
-
     /// Floats of one frame's vision tokens (`image_tokens × width`).
     pub fn frame_token_len(&self) -> usize {
         self.cfg.image_tokens() * self.cfg.trunk.width

@@ -82,14 +82,6 @@ impl Packed {
         }
         Packed { data, k, n }
     }
-
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
 }
 
 /// The column panels of `n`: `(first column, width)`.

@@ -165,8 +165,9 @@ pub fn infer_batch(runner: &Runner, items: &mut [(&mut Rollout, u64)]) -> Vec<Re
             requests.push(None);
             continue;
         }
-        let steps: Vec<Step> = r.history.iter().map(|(_, s)| s.clone()).collect();
-        match runner.request(&steps, r.task, *seed) {
+        // The window's steps by reference: no frame is copied to make a request.
+        let window: Vec<&Step> = r.window().into_iter().map(|k| &r.history[k].1).collect();
+        match runner.request_window(&window, r.task, *seed) {
             Ok(q) => requests.push(Some(q)),
             Err(e) => {
                 out[i] = Some(Err(e));

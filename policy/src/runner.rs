@@ -141,11 +141,6 @@ impl Runner {
         &self.policy
     }
 
-    /// The engine that acts.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// What identifies these weights and this way of sampling: runners with equal keys act
     /// alike, so their robots' chunks can be computed as one batch with either.
     pub fn weights_key(&self) -> String {
@@ -449,14 +444,16 @@ impl Runner {
     /// [`crate::rollout::Rollout`] keeps each frame's tokens for the chunks where it is history.
     pub fn act(&self, history: &[Step], task: u32, seed: u64) -> Result<Vec<f32>, RunnerError> {
         let window = self.window(history)?;
+        let req = self.request_window(&window, task, seed)?;
         let tokens = self.frame_tokens(&window)?;
         let refs: Vec<&[f32]> = tokens.iter().map(Vec::as_slice).collect();
-        self.act_with_tokens(history, &refs, task, seed)
+        let mut out = self.chunks(&[req.input(&refs)])?;
+        Ok(out.pop().unwrap_or_default())
     }
 
     /// The last `n_obs_steps` of `history` (oldest first; a short history repeats its first
     /// step).
-    fn window<'a>(&self, history: &'a [Step]) -> Result<Vec<&'a Step>, RunnerError> {
+    pub fn window<'a>(&self, history: &'a [Step]) -> Result<Vec<&'a Step>, RunnerError> {
         if history.is_empty() {
             return Err(RunnerError::Input("no observation".into()));
         }
@@ -466,23 +463,14 @@ impl Runner {
             .collect())
     }
 
-    /// [`Runner::act`] with the vision tokens of the history's last `n_obs_steps` frames
-    /// given (oldest first, each `image_tokens × width`).
-    pub fn act_with_tokens(
-        &self,
-        history: &[Step],
-        tokens: &[&[f32]],
-        task: u32,
-        seed: u64,
-    ) -> Result<Vec<f32>, RunnerError> {
-        let req = self.request(history, task, seed)?;
-        let mut out = self.chunks(&[req.input(tokens)])?;
-        Ok(out.pop().unwrap_or_default())
-    }
-
     /// What a chunk needs besides the vision tokens, checked: the window's normalized state and
     /// surface, the task and the start noise drawn from `seed`.
     pub fn request(&self, history: &[Step], task: u32, seed: u64) -> Result<Request, RunnerError> {
+        self.request_window(&self.window(history)?, task, seed)
+    }
+
+    /// [`Runner::request`] for the window itself (the last `n_obs_steps` steps, oldest first).
+    pub fn request_window(&self, window: &[&Step], task: u32, seed: u64) -> Result<Request, RunnerError> {
         let c = self.config();
         if task as usize >= c.inputs.n_tasks {
             return Err(RunnerError::Input(format!(
@@ -490,8 +478,14 @@ impl Runner {
                 c.inputs.n_tasks
             )));
         }
-        let window = self.window(history)?;
-        for s in &window {
+        if window.len() != c.trunk.n_obs_steps {
+            return Err(RunnerError::Input(format!(
+                "{} observation steps, the policy takes {}",
+                window.len(),
+                c.trunk.n_obs_steps
+            )));
+        }
+        for s in window {
             self.check(s)?;
         }
         let mut rng = crate::rng::Normal::new(seed);

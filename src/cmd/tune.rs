@@ -84,13 +84,12 @@ fn time_ms(mut f: impl FnMut() -> anyhow::Result<()>, reps: usize) -> anyhow::Re
 
 /// Chunks for `obs` (one batch), each robot's noise from its index.
 fn chunks(r: &Runner, obs: &[&Obs]) -> anyhow::Result<Vec<Vec<f32>>> {
-    let t = r.config().trunk.n_obs_steps;
     let mut tokens = Vec::new();
     let mut reqs: Vec<Request> = Vec::new();
     for (k, o) in obs.iter().enumerate() {
-        let frames: Vec<&Step> = o.history.iter().rev().take(t).rev().collect();
-        tokens.push(r.frame_tokens(&frames)?);
-        reqs.push(r.request(&o.history, o.task, 1000 + k as u64)?);
+        let window = r.window(&o.history)?;
+        tokens.push(r.frame_tokens(&window)?);
+        reqs.push(r.request_window(&window, o.task, 1000 + k as u64)?);
     }
     let windows: Vec<Vec<&[f32]>> = tokens.iter().map(|f| f.iter().map(Vec::as_slice).collect()).collect();
     let inputs: Vec<_> = reqs.iter().zip(&windows).map(|(q, w)| q.input(w)).collect();

@@ -44,7 +44,6 @@ pub struct BatchStats {
 pub struct Batcher {
     tx: flume::Sender<Job>,
     pub stats: Arc<BatchStats>,
-    pub max_batch: usize,
 }
 
 impl Batcher {
@@ -77,7 +76,7 @@ impl Batcher {
                 })
                 .map_err(|e| format!("policy worker thread: {e}"))?;
         }
-        Ok(Batcher { tx, stats, max_batch })
+        Ok(Batcher { tx, stats })
     }
 
     /// The chunk for `rollout`'s newest observation, computed with the other robots' waiting

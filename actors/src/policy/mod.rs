@@ -35,7 +35,7 @@ use serde::Deserialize;
 
 mod batcher;
 
-pub use batcher::{Answer, BatchStats, Batcher};
+use batcher::Batcher;
 
 use crate::bus::{Bus, Feeder, Inbox, Keep, PubQos, Publisher, Received};
 use crate::keys::TrustedKey;
@@ -58,7 +58,7 @@ pub struct PolicyActorConfig {
     /// Overlapping actions cross-faded from the old chunk to the new one.
     pub blend: usize,
     /// Threads of the node's policy worker (shared by the policy actors of a node that give the
-    /// same value; each thread computes one batch at a time).
+    /// same `threads` and `max_batch`; each thread computes one batch at a time).
     pub threads: usize,
     /// The most robots in one batch.
     pub max_batch: usize,
@@ -201,7 +201,7 @@ impl NodeActor for PolicyActor {
         let (threads, max_batch) = (cfg.threads, cfg.max_batch);
         let batcher = ctx
             .services
-            .get_or_start(&format!("policy-worker/{threads}"), || {
+            .get_or_start(&format!("policy-worker/{threads}/{max_batch}"), || {
                 Batcher::start(threads, max_batch, 1024)
             })
             .map_err(|e| ctx.failed(e))?;
