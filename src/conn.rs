@@ -70,6 +70,7 @@ impl ConnectArgs {
             config_file: self.zenoh_config.clone(),
             // A node that is still starting gets the whole timeout to answer.
             connect_timeout_ms: Some((self.connect_timeout * 1000.0) as i64),
+            ..BusConfig::default()
         };
         Ok((
             cfg,

@@ -116,11 +116,9 @@ impl Expert {
             policy_version: "scripted-expert".into(),
             adapter_version: String::new(),
         };
-        let trace = frame
-            .trace
-            .map(|t| t.child())
-            .unwrap_or_else(nanobot_messages::TraceContext::new_root);
-        match self.act.put_traced(&chunk, &trace).await {
+        // The chunk continues the observation's trace if it is sampled (none is started here).
+        let trace = frame.trace.map(|t| t.child());
+        match self.act.put_traced(&chunk, trace.as_ref()).await {
             Ok(_) => c.handled.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
                 tracing::warn!(robot = %self.robot, error = %e, "action not published");

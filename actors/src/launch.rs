@@ -130,7 +130,7 @@ impl BaseSetup {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ZenohDecl {
     #[serde(default)]
@@ -139,6 +139,24 @@ struct ZenohDecl {
     multicast_scouting: bool,
     #[serde(default)]
     config_file: Option<String>,
+    /// The share of new traces recorded (0 to 1).
+    #[serde(default = "default_trace_sample_ratio")]
+    trace_sample_ratio: f64,
+}
+
+fn default_trace_sample_ratio() -> f64 {
+    crate::bus::DEFAULT_TRACE_SAMPLE_RATIO
+}
+
+impl Default for ZenohDecl {
+    fn default() -> Self {
+        ZenohDecl {
+            mode: None,
+            multicast_scouting: false,
+            config_file: None,
+            trace_sample_ratio: default_trace_sample_ratio(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -390,6 +408,15 @@ pub fn parse(
     if decl.node.is_empty() {
         return Err(err(0, "no [[node]]: a launch file needs at least one node".into()));
     }
+    if !(0.0..=1.0).contains(&decl.zenoh.trace_sample_ratio) {
+        return Err(err(
+            0,
+            format!(
+                "[zenoh] trace_sample_ratio = {} is not between 0 and 1",
+                decl.zenoh.trace_sample_ratio
+            ),
+        ));
+    }
     let tuned: Table = match &decl.tuned {
         None => Table::new(),
         Some(t) => {
@@ -426,6 +453,7 @@ pub fn parse(
             connect: node.connect.clone(),
             multicast_scouting: decl.zenoh.multicast_scouting,
             config_file: decl.zenoh.config_file.as_ref().map(|p| base_dir.join(p)),
+            trace_sample_ratio: decl.zenoh.trace_sample_ratio,
         };
         let mut actors: Vec<ActorSpec> = Vec::new();
         for actor_sp in &node.actor {

@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nanobot_messages::{codec::now_ns, topics, ActionChunk, Encoding, Event, EventKind, RawFrame, TraceContext};
+use nanobot_messages::{codec::now_ns, topics, ActionChunk, Encoding, Event, EventKind, RawFrame};
 use nanobot_sim::{Shift, SimConfig, SimRobot as World};
 use serde::Deserialize;
 use tracing::Instrument;
@@ -202,7 +202,7 @@ impl SimRobot {
         };
         // One trace per tick: the frames of the world as the action meets it, and the action
         // applied, share it, and so does the chunk that answers them.
-        let trace = TraceContext::new_root();
+        let trace = ctx.bus.new_trace();
         let (seq, stamp) = (self.tick, now_ns());
         let size = self.cfg.sim.image_size;
         let camera = RawFrame {
@@ -218,10 +218,10 @@ impl SimRobot {
         let applied = RawFrame::f32_vector("action", &action);
         // The state frame goes last: ingest completes an observation when it arrives.
         let results = [
-            self.camera.put_with(&camera, seq, stamp, Some(&trace)).await,
-            self.surface.put_with(&surface, seq, stamp, Some(&trace)).await,
-            self.action_pub.put_with(&applied, seq, stamp, Some(&trace)).await,
-            self.state_pub.put_with(&state, seq, stamp, Some(&trace)).await,
+            self.camera.put_with(&camera, seq, stamp, trace.as_ref()).await,
+            self.surface.put_with(&surface, seq, stamp, trace.as_ref()).await,
+            self.action_pub.put_with(&applied, seq, stamp, trace.as_ref()).await,
+            self.state_pub.put_with(&state, seq, stamp, trace.as_ref()).await,
         ];
         for r in results {
             if let Err(e) = r {

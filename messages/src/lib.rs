@@ -28,7 +28,7 @@ pub mod trace;
 pub mod types;
 
 pub use codec::{decode, decode_any, encode, peek_header, CodecError, Encoded, Header};
-pub use trace::TraceContext;
+pub use trace::{TraceContext, TraceSampler};
 pub use types::*;
 
 pub use codec::{decode_any_pieces, decode_pieces, encode_any, now_ns, SCHEMA_VERSION};

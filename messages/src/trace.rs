@@ -35,6 +35,41 @@ fn random_u64() -> u64 {
     })
 }
 
+/// Which new traces are recorded: a trace is sampled at its root with probability `ratio`
+/// (OpenTelemetry's `TraceIdRatioBased`); everything downstream follows the root's decision, so
+/// a sampled trace is whole and an unsampled one costs nothing on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceSampler {
+    /// Sample when a random u64 falls below this (`u64::MAX` samples everything).
+    threshold: u64,
+    always: bool,
+}
+
+impl TraceSampler {
+    /// Sample `ratio` of the new traces (clamped into 0..=1).
+    pub fn ratio(ratio: f64) -> Self {
+        let r = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, 1.0) };
+        TraceSampler {
+            threshold: (r * u64::MAX as f64) as u64,
+            always: r >= 1.0,
+        }
+    }
+
+    /// Every trace.
+    pub fn always() -> Self {
+        Self::ratio(1.0)
+    }
+
+    /// A new root, if this trace is to be sampled; `None` otherwise (nothing is attached).
+    pub fn root(&self) -> Option<TraceContext> {
+        if self.always || random_u64() < self.threshold {
+            Some(TraceContext::new_root())
+        } else {
+            None
+        }
+    }
+}
+
 impl TraceContext {
     /// A new trace.
     pub fn new_root() -> Self {
@@ -155,5 +190,14 @@ mod tests {
         assert_eq!(TraceContext::parse_bytes(w3c.as_bytes()), Some(p));
         assert_eq!(TraceContext::parse_bytes(&w3c.as_bytes()[..54]), None);
         assert_eq!(TraceContext::parse_bytes(w3c.replace("-01", "-0x").as_bytes()), None);
+    }
+
+    #[test]
+    fn the_sampler_keeps_about_its_ratio_of_new_traces() {
+        assert!((0..1000).all(|_| TraceSampler::always().root().is_some()));
+        assert!((0..1000).all(|_| TraceSampler::ratio(0.0).root().is_none()));
+        let kept = (0..20_000).filter(|_| TraceSampler::ratio(0.1).root().is_some()).count();
+        assert!((1600..2400).contains(&kept), "{kept} of 20000 at 0.1");
+        assert!(TraceSampler::ratio(f64::NAN).root().is_none());
     }
 }

@@ -183,7 +183,7 @@ where
 }
 
 /// A type that travels in the envelope: one row of the message table below.
-pub trait Message: Serialize + DeserializeOwned + Send + Sync + Into<AnyMessage> + 'static {
+pub trait Message: Serialize + DeserializeOwned + Clone + Send + Sync + Into<AnyMessage> + 'static {
     const KIND: Kind;
     /// Visit the blobs of this message in field order (their bytes follow the body on the wire).
     fn visit_blobs(&self, _f: &mut dyn FnMut(&Blob)) {}

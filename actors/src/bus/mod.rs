@@ -1,27 +1,35 @@
 //! The Zenoh bus: a session from config, typed publishers, subscribers and queryables over the
 //! NanoBot envelope, liveliness tokens, and the W3C trace context in the attachment.
 //!
-//! Big payloads are not copied on the way through: the envelope's header and body go in one
-//! small buffer, each blob is handed to Zenoh as its own slice, and on receipt a contiguous
-//! payload is shared with the decoded message (`bytes::Bytes::from_owner`).
+//! Between the actors of one node a message is handed over typed, without encoding
+//! ([`local`]); Zenoh carries it to the subscribers of other nodes and tools, and only when one
+//! matches. Big payloads are not copied on the way through: the envelope's header and body go
+//! in one small buffer, each blob is handed to Zenoh as its own slice, and on receipt a
+//! contiguous payload is shared with the decoded message (`bytes::Bytes::from_owner`).
+//!
+//! The trace context travels only with sampled traces ([`BusConfig::trace_sample_ratio`]).
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nanobot_messages::{codec, CodecError, Header, Message, TraceContext};
+use nanobot_messages::{codec, CodecError, Header, Message, TraceContext, TraceSampler};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zenoh::bytes::ZBytes;
+use zenoh::key_expr::{KeyExpr, OwnedKeyExpr};
 use zenoh::qos::{CongestionControl, Priority};
-use zenoh::sample::Sample;
+use zenoh::sample::{Locality, Sample};
 use zenoh::Session;
 
 pub mod inbox;
+mod local;
+
+use local::{Delivery, LocalGuard, LocalRoute, LocalRouter};
 
 pub use inbox::{Feeder, Inbox, InboxStats, Keep};
 
@@ -57,8 +65,12 @@ impl Mode {
     }
 }
 
+/// The share of new traces sampled when a config does not say: a 20 Hz fleet still yields a
+/// trace every few seconds per robot, and an unsampled message carries no trace context.
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.01;
+
 /// How to open the session. Peer by default, multicast scouting off unless asked.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
     pub mode: Mode,
@@ -72,10 +84,33 @@ pub struct BusConfig {
     /// How long opening the session keeps trying its connect endpoints (Zenoh's
     /// `connect/timeout_ms`; -1 forever). Default: Zenoh's (peers forever, clients once).
     pub connect_timeout_ms: Option<i64>,
+    /// The share of new traces that are recorded and carry their W3C trace context on the wire
+    /// (0 to 1). The decision is made where a trace starts; every message downstream follows it.
+    pub trace_sample_ratio: f64,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            mode: Mode::default(),
+            listen: Vec::new(),
+            connect: Vec::new(),
+            multicast_scouting: false,
+            config_file: None,
+            connect_timeout_ms: None,
+            trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
+        }
+    }
 }
 
 impl BusConfig {
     pub fn to_zenoh(&self) -> Result<zenoh::Config, BusError> {
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(BusError::Config(format!(
+                "trace_sample_ratio = {} is not between 0 and 1",
+                self.trace_sample_ratio
+            )));
+        }
         let mut cfg = match &self.config_file {
             Some(path) => {
                 zenoh::Config::from_file(path).map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?
@@ -133,6 +168,8 @@ pub enum PubQos {
 pub struct Bus {
     session: Session,
     fleet: Arc<str>,
+    local: Arc<LocalRouter>,
+    sampler: TraceSampler,
 }
 
 /// A message received from the bus.
@@ -237,6 +274,17 @@ fn encoded_zbytes(e: codec::Encoded) -> ZBytes {
     w.finish()
 }
 
+/// A subscription on Zenoh (remote publishers) and on this session's local router; dropping it
+/// undeclares both.
+pub struct Subscription {
+    _zenoh: zenoh::pubsub::Subscriber<()>,
+    _local: LocalGuard,
+}
+
+fn owned_key(key: &str) -> Result<OwnedKeyExpr, BusError> {
+    OwnedKeyExpr::autocanonize(key.to_string()).map_err(|e| zerr(key, e))
+}
+
 fn zerr(key: &str, e: impl std::fmt::Display) -> BusError {
     BusError::Zenoh {
         key: key.to_string(),
@@ -254,7 +302,14 @@ impl Bus {
         Ok(Bus {
             session,
             fleet: fleet.into(),
+            local: Arc::default(),
+            sampler: TraceSampler::ratio(cfg.trace_sample_ratio),
         })
+    }
+
+    /// Start a trace here, if the sampler picks it (see [`BusConfig::trace_sample_ratio`]).
+    pub fn new_trace(&self) -> Option<TraceContext> {
+        self.sampler.root()
     }
 
     pub fn session(&self) -> &Session {
@@ -270,19 +325,39 @@ impl Bus {
             PubQos::Control => (CongestionControl::Drop, Priority::InteractiveHigh, true),
             PubQos::Data => (CongestionControl::Block, Priority::Data, false),
         };
+        let key_expr = KeyExpr::from(owned_key(key)?);
+        // Zenoh carries the message to other sessions only: this session's subscribers get it
+        // from the local router.
         let inner = self
             .session
-            .declare_publisher(key.to_string())
+            .declare_publisher(key_expr.clone())
             .congestion_control(cc)
             .priority(prio)
             .express(express)
+            .allowed_destination(Locality::Remote)
             .await
             .map_err(|e| zerr(key, e))?;
+        let remote = Arc::new(AtomicBool::new(false));
+        let r = remote.clone();
+        inner
+            .matching_listener()
+            .callback(move |m| r.store(m.matching(), Ordering::Release))
+            .background()
+            .await
+            .map_err(|e| zerr(key, e))?;
+        // The listener reports changes; a subscriber that matched before it was declared is
+        // read here (never cleared here: the listener may already have seen a newer state).
+        if inner.matching_status().await.is_ok_and(|m| m.matching()) {
+            remote.store(true, Ordering::Release);
+        }
         Ok(Publisher {
             inner,
+            remote,
+            local: LocalRoute::new(self.local.clone(), key_expr),
             key: key.to_string(),
             robot: robot.to_string(),
             seq: AtomicU64::new(0),
+            sampler: self.sampler,
             _t: PhantomData,
         })
     }
@@ -294,10 +369,46 @@ impl Bus {
         key: &str,
         stats: Arc<InboxStats>,
         on_msg: impl Fn(Received<T>) + Send + Sync + 'static,
-    ) -> Result<zenoh::pubsub::Subscriber<()>, BusError> {
-        let warn = DecodeWarn::default();
-        self.session
-            .declare_subscriber(key.to_string())
+    ) -> Result<Subscription, BusError> {
+        let owned = owned_key(key)?;
+        let warn = Arc::new(DecodeWarn::default());
+        let on_msg = Arc::new(on_msg);
+        // From this session's publishers: the typed message, cloned.
+        let (s, w, f) = (stats.clone(), warn.clone(), on_msg.clone());
+        let local = self.local.declare(
+            owned.clone(),
+            false,
+            Box::new(move |d: &Delivery| match d.msg.downcast_ref::<T>() {
+                Some(m) => f(Received {
+                    key: d.key.clone(),
+                    header: Header {
+                        version: codec::SCHEMA_VERSION,
+                        kind: T::KIND,
+                        robot: d.robot.to_string(),
+                        seq: d.seq,
+                        stamp_ns: d.stamp_ns,
+                    },
+                    msg: m.clone(),
+                    trace: d.trace,
+                }),
+                None => {
+                    s.received.fetch_add(1, Ordering::Relaxed);
+                    w.warn(
+                        &s,
+                        d.key.as_str(),
+                        &CodecError::WrongKind {
+                            expected: T::KIND,
+                            got: d.kind,
+                        },
+                    )
+                }
+            }),
+        );
+        // From other sessions: decoded off the wire.
+        let zenoh = self
+            .session
+            .declare_subscriber(owned)
+            .allowed_origin(Locality::Remote)
             .callback(move |sample| match decode_sample::<T>(&sample) {
                 Ok(r) => on_msg(r),
                 Err(e) => {
@@ -306,7 +417,11 @@ impl Bus {
                 }
             })
             .await
-            .map_err(|e| zerr(key, e))
+            .map_err(|e| zerr(key, e))?;
+        Ok(Subscription {
+            _zenoh: zenoh,
+            _local: local,
+        })
     }
 
     /// A typed subscription into an [`Inbox`] that keeps the latest message or a bounded queue
@@ -335,10 +450,27 @@ impl Bus {
         keep: Keep,
         wake: impl Fn() + Send + Sync + 'static,
     ) -> Result<Inbox<RawSample>, BusError> {
+        let owned = owned_key(key)?;
         let (feeder, inbox) = inbox::inbox(keep, wake);
-        let sub = self
+        let feeder = Arc::new(feeder);
+        let f = feeder.clone();
+        let local = self.local.declare(
+            owned.clone(),
+            true,
+            Box::new(move |d: &Delivery| {
+                if let Some(payload) = d.payload {
+                    f.push(RawSample {
+                        key: d.key.as_str().to_string(),
+                        payload: payload.clone(),
+                        trace: d.trace,
+                    });
+                }
+            }),
+        );
+        let zenoh = self
             .session
-            .declare_subscriber(key.to_string())
+            .declare_subscriber(owned)
+            .allowed_origin(Locality::Remote)
             .callback(move |sample| {
                 feeder.push(RawSample {
                     key: sample.key_expr().as_str().to_string(),
@@ -348,7 +480,10 @@ impl Bus {
             })
             .await
             .map_err(|e| zerr(key, e))?;
-        Ok(inbox.with_guard(sub))
+        Ok(inbox.with_guard(Subscription {
+            _zenoh: zenoh,
+            _local: local,
+        }))
     }
 
     /// Typed subscription that runs `f` on Zenoh's receive thread for each message: the
@@ -401,15 +536,15 @@ impl Bus {
             key: key.into(),
             source: e,
         })?;
-        let trace = TraceContext::new_root();
-        let replies = self
+        let mut get = self
             .session
             .get(key.to_string())
             .payload(encoded_zbytes(enc))
-            .attachment(trace.to_bytes().to_vec())
-            .timeout(timeout)
-            .await
-            .map_err(|e| zerr(key, e))?;
+            .timeout(timeout);
+        if let Some(trace) = self.new_trace() {
+            get = get.attachment(trace.to_bytes().to_vec());
+        }
+        let replies = get.await.map_err(|e| zerr(key, e))?;
         let mut out = Vec::new();
         while let Ok(reply) = replies.recv_async().await {
             out.push(match reply.result() {
@@ -472,12 +607,17 @@ impl Bus {
     }
 }
 
-/// A typed publisher.
+/// A typed publisher. Subscribers on the same [`Bus`] get the message typed, without
+/// encoding; Zenoh carries it to remote subscribers, encoded once, only while one matches.
 pub struct Publisher<T> {
     inner: zenoh::pubsub::Publisher<'static>,
+    /// A remote subscriber matches (kept by Zenoh's matching listener).
+    remote: Arc<AtomicBool>,
+    local: LocalRoute,
     key: String,
     robot: String,
     seq: AtomicU64,
+    sampler: TraceSampler,
     _t: PhantomData<fn(T)>,
 }
 
@@ -486,15 +626,22 @@ impl<T: Message> Publisher<T> {
         &self.key
     }
 
-    /// Publish `msg` as the start of a new trace. Returns its sequence number.
-    pub async fn put(&self, msg: &T) -> Result<u64, BusError> {
-        self.put_traced(msg, &TraceContext::new_root()).await
+    /// Start a trace here, if the bus's sampler picks it.
+    pub fn new_trace(&self) -> Option<TraceContext> {
+        self.sampler.root()
     }
 
-    /// Publish `msg` in the trace `trace` (pass `parent.child()` to continue a trace).
-    pub async fn put_traced(&self, msg: &T, trace: &TraceContext) -> Result<u64, BusError> {
+    /// Publish `msg` as the start of a new trace (sampled at the bus's ratio). Returns its
+    /// sequence number.
+    pub async fn put(&self, msg: &T) -> Result<u64, BusError> {
+        self.put_traced(msg, self.new_trace().as_ref()).await
+    }
+
+    /// Publish `msg` in the trace `trace` (pass `parent.child()` to continue a trace; `None`
+    /// for a message of an unsampled trace).
+    pub async fn put_traced(&self, msg: &T, trace: Option<&TraceContext>) -> Result<u64, BusError> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.put_with(msg, seq, codec::now_ns(), Some(trace)).await?;
+        self.put_with(msg, seq, codec::now_ns(), trace).await?;
         Ok(seq)
     }
 
@@ -506,24 +653,64 @@ impl<T: Message> Publisher<T> {
         stamp_ns: u64,
         trace: Option<&TraceContext>,
     ) -> Result<(), BusError> {
-        let enc = codec::encode(&self.robot, seq, stamp_ns, msg).map_err(|e| BusError::Codec {
-            key: self.key.clone(),
-            source: e,
-        })?;
-        let put = self.inner.put(encoded_zbytes(enc));
-        let put = match trace {
-            Some(t) => put.attachment(t.to_bytes().to_vec()),
-            None => put,
-        };
-        put.await.map_err(|e| zerr(&self.key, e))
+        self.publish(msg, seq, stamp_ns, trace)
     }
 
-    /// Wait until at least one subscriber matches this publisher (a readiness signal for tools
-    /// and tests, instead of sleeping); false after `timeout`.
+    /// [`Publisher::put_traced`] without an async runtime (tight loops, bridges, benchmarks).
+    pub fn put_wait(&self, msg: &T, trace: Option<&TraceContext>) -> Result<u64, BusError> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.publish(msg, seq, codec::now_ns(), trace)?;
+        Ok(seq)
+    }
+
+    /// Hand `msg` to the local subscribers, then to Zenoh if a remote one matches. A Zenoh put
+    /// resolves at once (it queues, or waits for room under blocking congestion control, as
+    /// Zenoh's async put does too).
+    fn publish(&self, msg: &T, seq: u64, stamp_ns: u64, trace: Option<&TraceContext>) -> Result<(), BusError> {
+        use zenoh::Wait;
+        let locals = self.local.current();
+        let remote = self.remote.load(Ordering::Acquire);
+        let encoded = if remote || locals.wants_payload() {
+            Some(codec::encode(&self.robot, seq, stamp_ns, msg).map_err(|e| BusError::Codec {
+                key: self.key.clone(),
+                source: e,
+            })?)
+        } else {
+            None
+        };
+        if !locals.is_empty() {
+            let payload = match &encoded {
+                Some(e) if locals.wants_payload() => Some(Bytes::from(e.to_vec())),
+                _ => None,
+            };
+            locals.deliver(&Delivery {
+                key: self.local.key(),
+                robot: &self.robot,
+                seq,
+                stamp_ns,
+                kind: T::KIND,
+                msg,
+                trace: trace.copied(),
+                payload: payload.as_ref(),
+            });
+        }
+        if let (true, Some(e)) = (remote, encoded) {
+            let put = self.inner.put(encoded_zbytes(e));
+            let put = match trace {
+                Some(t) => put.attachment(t.to_bytes().to_vec()),
+                None => put,
+            };
+            put.wait().map_err(|e| zerr(&self.key, e))?;
+        }
+        Ok(())
+    }
+
+    /// Wait until at least one subscriber, local or remote, matches this publisher (a
+    /// readiness signal for tools and tests, instead of sleeping); false after `timeout`.
     pub async fn wait_matched(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.inner.matching_status().await.is_ok_and(|m| m.matching()) {
+            if self.remote.load(Ordering::Acquire) || !self.local.current().is_empty() {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -532,27 +719,11 @@ impl<T: Message> Publisher<T> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-
-    /// [`Publisher::put_traced`] without an async runtime (tight loops, bridges, benchmarks).
-    pub fn put_wait(&self, msg: &T, trace: &TraceContext) -> Result<u64, BusError> {
-        use zenoh::Wait;
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let enc = codec::encode(&self.robot, seq, codec::now_ns(), msg).map_err(|e| BusError::Codec {
-            key: self.key.clone(),
-            source: e,
-        })?;
-        self.inner
-            .put(encoded_zbytes(enc))
-            .attachment(trace.to_bytes().to_vec())
-            .wait()
-            .map_err(|e| zerr(&self.key, e))?;
-        Ok(seq)
-    }
 }
 
 /// A callback subscription; dropping it undeclares.
 pub struct Callback {
-    _subscriber: zenoh::pubsub::Subscriber<()>,
+    _subscriber: Subscription,
     stats: Arc<InboxStats>,
 }
 

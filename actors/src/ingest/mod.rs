@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nanobot_messages::{topics, Event, Observation, TraceContext};
+use nanobot_messages::{topics, Event, Observation};
 
 pub use self::core::{
     sample_from_device, sample_from_payload, sample_from_raw, IngestConfig, IngestCore, Produced, Reading, Refused,
@@ -75,8 +75,9 @@ impl Ingest {
                         }
                     }
                 }
-                let trace = trace.map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
-                match self.obs[&robot].put_with(&obs, seq, stamp_ns, Some(&trace)).await {
+                // The observation continues its frames' trace when that one is sampled.
+                let trace = trace.map(|t| t.child());
+                match self.obs[&robot].put_with(&obs, seq, stamp_ns, trace.as_ref()).await {
                     Ok(_) => c.handled.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
                         tracing::warn!(robot, error = %e, "observation not published");
@@ -181,14 +182,15 @@ impl NodeActor for Ingest {
             if let Some(r) = self.raw.as_ref().and_then(|i| i.take()) {
                 any = true;
                 self.take_events(ctx.fleet());
+                let from_device = r.payload.starts_with(&nanobot_messages::device::MAGIC);
                 let out = self.on_raw(ctx.fleet(), r);
-                if let Some(out) = out {
+                if let Some(out) = out.map(|o| if from_device { start_trace(o, &ctx.bus) } else { o }) {
                     self.publish(ctx, out).await;
                 }
             }
             if let Some(r) = self.device.take() {
                 any = true;
-                if let Some(out) = self.core.on_device(r) {
+                if let Some(out) = self.core.on_device(r).map(|o| start_trace(o, &ctx.bus)) {
                     self.publish(ctx, out).await;
                 }
             }
@@ -223,6 +225,28 @@ impl NodeActor for Ingest {
         m.set("udp.datagrams", d.datagrams.load(Ordering::Relaxed) as f64);
         m.set("udp.empty", d.empty.load(Ordering::Relaxed) as f64);
         m.set("udp.with_errors", d.with_errors.load(Ordering::Relaxed) as f64);
+    }
+}
+
+/// Device frames (zenoh-pico boards, UDP and serial bridges) carry no trace context: their
+/// traces start at ingest, sampled at the bus's ratio. A NanoBot envelope without one belongs
+/// to an unsampled trace and stays untraced.
+fn start_trace(out: Produced, bus: &crate::bus::Bus) -> Produced {
+    match out {
+        Produced::Observation {
+            robot,
+            seq,
+            stamp_ns,
+            obs,
+            trace: None,
+        } => Produced::Observation {
+            robot,
+            seq,
+            stamp_ns,
+            obs,
+            trace: bus.new_trace(),
+        },
+        other => other,
     }
 }
 

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use nanobot_messages::{
     topics, ActionChunk, ActionSource, AdapterBytes, AdapterManifest, AdapterRequest, Observation, PolicyStatus,
-    Promoted, TraceContext,
+    Promoted,
 };
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::rollout::Rollout;
@@ -520,8 +520,9 @@ impl PolicyActor {
             policy_version: self.runner.meta.version.clone(),
             adapter_version: self.runner.adapter_version(),
         };
-        let trace = r.trace.map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
-        match self.act.put_traced(&chunk, &trace).await {
+        // The chunk continues the observation's trace if it is sampled (none is started here).
+        let trace = r.trace.map(|t| t.child());
+        match self.act.put_traced(&chunk, trace.as_ref()).await {
             Ok(_) => {
                 self.chunks += 1;
                 c.handled.fetch_add(1, Ordering::Relaxed);

@@ -22,7 +22,6 @@ use anyhow::{bail, Context};
 use super::percentile;
 use bytes::Bytes;
 use nanobot_actors::bus::{Bus, BusConfig, PubQos};
-use nanobot_messages::TraceContext;
 use nanobot_messages::{Blob, Encoding, RawFrame};
 use serde_json::json;
 use zenoh::qos::CongestionControl;
@@ -142,8 +141,8 @@ async fn serve(bus: &Bus, sizes: &[usize]) -> anyhow::Result<(Counters, Vec<Box<
             .await?;
         let sub = bus
             .subscribe_callback::<RawFrame>(&format!("bench/nb/ping/{size}"), move |r| {
-                let trace = r.trace.map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
-                let _ = pong.put_wait(&r.msg, &trace);
+                let trace = r.trace.map(|t| t.child());
+                let _ = pong.put_wait(&r.msg, trace.as_ref());
             })
             .await?;
         keep.push(Box::new(sub));
@@ -254,11 +253,10 @@ async fn blast(bus: &Bus, v: Variant, size: usize, secs: f64) -> anyhow::Result<
             let p = bus.publisher::<RawFrame>(&key, "bench", PubQos::Data).await?;
             tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
                 let msg = frame(&payload);
-                let trace = TraceContext::new_root();
                 let mut sent = 0;
                 while Instant::now() < deadline {
                     for _ in 0..64 {
-                        p.put_wait(&msg, &trace)?;
+                        p.put_wait(&msg, p.new_trace().as_ref())?;
                     }
                     sent += 64;
                 }
@@ -307,7 +305,7 @@ async fn ping_pong(bus: &Bus, v: Variant, size: usize, n: usize) -> anyhow::Resu
                 .await?;
             let msg = frame(&payload);
             Box::new(move || {
-                p.put_wait(&msg, &TraceContext::new_root())
+                p.put_wait(&msg, p.new_trace().as_ref())
                     .map(|_| ())
                     .map_err(anyhow::Error::from)
             })
@@ -438,11 +436,22 @@ fn codec_cost(sizes: &[usize]) {
     println!();
 }
 
-pub async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Option<&str>) -> anyhow::Result<u8> {
+pub async fn bench_bus(
+    secs: f64,
+    round_trips: usize,
+    sizes: &[usize],
+    only: Option<&str>,
+    trace_sample_ratio: f64,
+) -> anyhow::Result<u8> {
     println!(
         "nanobot bench bus: {secs}s of publishing per throughput figure, {round_trips} round trips per latency figure"
     );
     println!("throughput: tight put loop, blocking congestion control, batched; latency: express, one message in flight (round trip)");
+    println!(
+        "nanobot: typed RawFrame publishers and subscribers, trace context on {:.0} % of messages (trace_sample_ratio {trace_sample_ratio}); \
+         in one process the bus hands the message over typed, without encoding",
+        trace_sample_ratio * 100.0
+    );
     codec_cost(sizes);
     let size_list = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     if only != Some("one") {
@@ -450,6 +459,7 @@ pub async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Opt
         let endpoint = format!("tcp/127.0.0.1:{port}");
         let cfg = BusConfig {
             listen: vec![endpoint.clone()],
+            trace_sample_ratio,
             ..BusConfig::default()
         };
         let bus = Bus::open(&cfg, "bench").await?;
@@ -488,7 +498,11 @@ pub async fn bench_bus(secs: f64, round_trips: usize, sizes: &[usize], only: Opt
         bus.close().await;
     }
     if only != Some("two") {
-        let bus = Bus::open(&BusConfig::default(), "bench").await?;
+        let cfg = BusConfig {
+            trace_sample_ratio,
+            ..BusConfig::default()
+        };
+        let bus = Bus::open(&cfg, "bench").await?;
         let (counters, _keep) = serve(&bus, sizes).await?;
         measure(
             &bus,

@@ -28,6 +28,9 @@ pub enum BenchCmd {
         /// Only two processes (`two`) or only one (`one`); default both.
         #[arg(long)]
         only: Option<String>,
+        /// The share of messages that carry a trace context (the bus's default unless given).
+        #[arg(long, default_value_t = nanobot_actors::bus::DEFAULT_TRACE_SAMPLE_RATIO)]
+        trace_sample_ratio: f64,
     },
     /// Action-chunk latency of the policy (encoder once, DDIM steps), f32 beside MXFP4.
     Policy {
@@ -106,7 +109,14 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
             round_trips,
             sizes,
             only,
-        } => rt.block_on(bus::bench_bus(secs, round_trips, &sizes, only.as_deref())),
+            trace_sample_ratio,
+        } => rt.block_on(bus::bench_bus(
+            secs,
+            round_trips,
+            &sizes,
+            only.as_deref(),
+            trace_sample_ratio,
+        )),
         BenchCmd::Loop(args) => learning::run(&rt, args),
         BenchCmd::Fleet(args) => fleet::run(&rt, args),
         BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
