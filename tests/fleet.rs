@@ -14,6 +14,9 @@ fn sim_fleet(tag: &str, robots: usize) -> (std::path::PathBuf, u16) {
         tag,
         &format!(
             r#"
+# Every trace recorded: the tools below check that each message carries its trace.
+[zenoh]
+trace_sample_ratio = 1.0
 [robots]
 count = {robots}
 [[node]]

@@ -23,7 +23,7 @@ fn python_decodes_the_envelope_with_struct_alone() {
     let file = write_launch(
         "python",
         &format!(
-            "[robots]\ncount = 1\n[[node]]\nname = \"sim\"\nlisten = [\"tcp/127.0.0.1:{port}\"]\n\
+            "[zenoh]\ntrace_sample_ratio = 1.0\n[robots]\ncount = 1\n[[node]]\nname = \"sim\"\nlisten = [\"tcp/127.0.0.1:{port}\"]\n\
              [[node.actor]]\ntype = \"sim_robot\"\nfor_each_robot = true\nset = {{ sim = {{ seed = 7 }} }}\n"
         ),
     );

@@ -164,11 +164,117 @@ async fn the_trace_context_travels_in_the_attachment() {
     let publisher = b.publisher::<Event>("t/r1/event", "r1", PubQos::Control).await.unwrap();
     assert!(publisher.wait_matched(Duration::from_secs(10)).await);
     let ctx = TraceContext::new_root();
-    publisher.put_traced(&reward(3.0), &ctx).await.unwrap();
+    publisher.put_traced(&reward(3.0), Some(&ctx)).await.unwrap();
     let r = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap();
     assert_eq!(r.trace, Some(ctx));
     assert_eq!(r.key.as_str(), "t/r1/event");
     assert_eq!(r.header.kind, Kind::Event);
+    // A message of an unsampled trace carries none.
+    publisher.put_traced(&reward(4.0), None).await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), sub.recv()).await.unwrap();
+    assert_eq!((r.msg, r.trace), (reward(4.0), None));
+}
+
+async fn open(ratio: f64) -> Bus {
+    Bus::open(
+        &BusConfig {
+            trace_sample_ratio: ratio,
+            ..BusConfig::default()
+        },
+        "t",
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_traces_are_sampled_at_the_configured_ratio() {
+    for (ratio, want) in [(1.0, 100), (0.0, 0)] {
+        let bus = open(ratio).await;
+        let sub = bus
+            .subscribe::<Event>("t/r0/event", Keep::All { queue: 128 }, || {})
+            .await
+            .unwrap();
+        let publisher = bus.publisher::<Event>("t/r0/event", "r0", PubQos::Data).await.unwrap();
+        for i in 0..100 {
+            publisher.put(&reward(i as f32)).await.unwrap();
+        }
+        let traced = std::iter::from_fn(|| sub.take()).filter(|r| r.trace.is_some()).count();
+        assert_eq!(traced, want, "ratio {ratio}");
+    }
+    let bad = Bus::open(
+        &BusConfig {
+            trace_sample_ratio: 1.5,
+            ..BusConfig::default()
+        },
+        "t",
+    )
+    .await;
+    let err = bad.err().expect("a ratio above 1 is refused").to_string();
+    assert!(err.contains("trace_sample_ratio"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_delivers_typed_without_zenoh_and_remote_subscribers_still_get_it() {
+    let (a, b) = pair().await;
+    // On `a`: a typed subscriber, a raw one and a subscriber expecting another type; on `b`, a
+    // remote tool.
+    let typed = a
+        .subscribe::<Event>("t/*/event", Keep::All { queue: 1024 }, || {})
+        .await
+        .unwrap();
+    let raw = a
+        .subscribe_raw("t/r0/**", Keep::All { queue: 1024 }, || {})
+        .await
+        .unwrap();
+    let wrong = a
+        .subscribe::<ReplayRequest>("t/r0/event", Keep::All { queue: 8 }, || {})
+        .await
+        .unwrap();
+    let publisher = a.publisher::<Event>("t/r0/event", "r0", PubQos::Data).await.unwrap();
+    assert!(
+        publisher.wait_matched(Duration::from_secs(1)).await,
+        "local subscribers match at once"
+    );
+    let ctx = TraceContext::new_root();
+    publisher.put_traced(&reward(1.0), Some(&ctx)).await.unwrap();
+    // Delivered in the put: nothing to wait for.
+    let r = typed.take().expect("the typed subscriber has it");
+    assert_eq!((r.msg, r.header.robot.as_str(), r.header.seq), (reward(1.0), "r0", 0));
+    assert_eq!((r.trace, r.key.as_str()), (Some(ctx), "t/r0/event"));
+    let r = raw.take().expect("the raw subscriber has it");
+    let (h, m) = nanobot_messages::codec::decode::<Event>(r.payload).unwrap();
+    assert_eq!((h.robot.as_str(), m, r.trace), ("r0", reward(1.0), Some(ctx)));
+    assert!(wrong.take().is_none());
+    assert_eq!(
+        wrong.stats().decode_errors.load(Ordering::Relaxed),
+        1,
+        "a kind mismatch is counted"
+    );
+    // A remote subscriber appears: the publisher starts putting on Zenoh; the local ones still
+    // get each message once.
+    let remote = b
+        .subscribe::<Event>("t/r0/event", Keep::All { queue: 8 }, || {})
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut i = 2.0;
+    while remote.take().is_none() {
+        assert!(Instant::now() < deadline, "nothing reached the remote subscriber");
+        publisher.put(&reward(i)).await.unwrap();
+        i += 1.0;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let local: Vec<Event> = std::iter::from_fn(|| typed.take()).map(|r| r.msg).collect();
+    assert_eq!(
+        local,
+        (2..i as i32).map(|v| reward(v as f32)).collect::<Vec<_>>(),
+        "once each, in order"
+    );
+    // Dropping a subscriber undeclares it locally too.
+    drop(typed);
+    publisher.put(&reward(99.0)).await.unwrap();
+    assert!(raw.stats().received.load(Ordering::Relaxed) >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ pub const INLINE_BLOB_BYTES: usize = 2048;
 /// Bytes of the header before the robot id.
 pub const FIXED_HEADER_LEN: usize = 26;
 
-fn config() -> Configuration<LittleEndian, Fixint> {
+pub(crate) fn config() -> Configuration<LittleEndian, Fixint> {
     bincode::config::standard()
         .with_fixed_int_encoding()
         .with_little_endian()
@@ -122,6 +122,19 @@ pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Resu
 
 /// Read the header; returns it with the byte range of the body.
 pub fn peek_header(bytes: &[u8]) -> Result<(Header, std::ops::Range<usize>), CodecError> {
+    let (h, body) = peek_header_ref(bytes)?;
+    let header = Header {
+        version: SCHEMA_VERSION,
+        kind: h.kind,
+        robot: h.robot.to_string(),
+        seq: h.seq,
+        stamp_ns: h.stamp_ns,
+    };
+    Ok((header, body))
+}
+
+/// Read the header, borrowing the robot id; returns it with the byte range of the body.
+pub fn peek_header_ref(bytes: &[u8]) -> Result<(crate::view::HeaderRef<'_>, std::ops::Range<usize>), CodecError> {
     let need = |n: usize, what: &'static str| {
         if bytes.len() < n {
             Err(CodecError::Truncated {
@@ -150,12 +163,9 @@ pub fn peek_header(bytes: &[u8]) -> Result<(Header, std::ops::Range<usize>), Cod
     let robot_len = u16::from_le_bytes([bytes[24], bytes[25]]) as usize;
     let body_start = FIXED_HEADER_LEN + robot_len;
     need(body_start, "robot id")?;
-    let robot = std::str::from_utf8(&bytes[FIXED_HEADER_LEN..body_start])
-        .map_err(|_| CodecError::BadRobotId)?
-        .to_string();
+    let robot = std::str::from_utf8(&bytes[FIXED_HEADER_LEN..body_start]).map_err(|_| CodecError::BadRobotId)?;
     need(body_start + body_len, "body")?;
-    let header = Header {
-        version: SCHEMA_VERSION,
+    let header = crate::view::HeaderRef {
         kind,
         robot,
         seq,

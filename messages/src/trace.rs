@@ -196,7 +196,9 @@ mod tests {
     fn the_sampler_keeps_about_its_ratio_of_new_traces() {
         assert!((0..1000).all(|_| TraceSampler::always().root().is_some()));
         assert!((0..1000).all(|_| TraceSampler::ratio(0.0).root().is_none()));
-        let kept = (0..20_000).filter(|_| TraceSampler::ratio(0.1).root().is_some()).count();
+        let kept = (0..20_000)
+            .filter(|_| TraceSampler::ratio(0.1).root().is_some())
+            .count();
         assert!((1600..2400).contains(&kept), "{kept} of 20000 at 0.1");
         assert!(TraceSampler::ratio(f64::NAN).root().is_none());
     }

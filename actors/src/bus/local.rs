@@ -7,7 +7,7 @@
 //! made once per publication and only when such a subscriber matches.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use bytes::Bytes;
@@ -103,6 +103,10 @@ pub(crate) struct LocalRoute {
     router: Arc<LocalRouter>,
     key: KeyExpr<'static>,
     cached: Mutex<(u64, Matched)>,
+    /// The generation `cached` was made at, and whether it matched nothing: a publisher with
+    /// no local subscriber (the common case on a robot) checks two atomics and takes no lock.
+    seen: AtomicU64,
+    none: AtomicBool,
 }
 
 impl LocalRoute {
@@ -111,6 +115,8 @@ impl LocalRoute {
             router,
             key,
             cached: Mutex::new((u64::MAX, Matched::default())),
+            seen: AtomicU64::new(u64::MAX),
+            none: AtomicBool::new(false),
         }
     }
 
@@ -118,8 +124,12 @@ impl LocalRoute {
         &self.key
     }
 
-    pub fn current(&self) -> Matched {
+    /// The matching local subscribers; `None` when there are none.
+    pub fn current(&self) -> Option<Matched> {
         let generation = self.router.generation.load(Ordering::Acquire);
+        if self.seen.load(Ordering::Acquire) == generation && self.none.load(Ordering::Acquire) {
+            return None;
+        }
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         if cached.0 != generation {
             let subs = self.router.subs.read().unwrap_or_else(|e| e.into_inner());
@@ -132,7 +142,9 @@ impl LocalRoute {
                     any_raw,
                 },
             );
+            self.none.store(cached.1.is_empty(), Ordering::Release);
+            self.seen.store(generation, Ordering::Release);
         }
-        cached.1.clone()
+        (!cached.1.is_empty()).then(|| cached.1.clone())
     }
 }

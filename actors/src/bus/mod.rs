@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nanobot_messages::{codec, CodecError, Header, Message, TraceContext, TraceSampler};
+use nanobot_messages::{codec, CodecError, Header, HeaderRef, Message, TraceContext, TraceSampler, Viewable};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zenoh::bytes::ZBytes;
@@ -196,6 +196,16 @@ impl DecodeWarn {
             tracing::warn!(key, error = %err, total = n, "undecodable message dropped");
         }
     }
+}
+
+/// A message received as a borrowed view ([`Bus::subscribe_view`]): valid for the duration of
+/// the handler's call.
+#[derive(Debug)]
+pub struct Viewed<'a, V> {
+    pub key: &'a str,
+    pub header: HeaderRef<'a>,
+    pub msg: V,
+    pub trace: Option<TraceContext>,
 }
 
 /// A sample as it came off the wire, not yet decoded (sources that take more than one
@@ -507,6 +517,87 @@ impl Bus {
         })
     }
 
+    /// Like [`Bus::subscribe_callback`], but `f` gets a borrowed view of each message (no
+    /// allocation per message): for handlers that read a message and do not keep it.
+    pub async fn subscribe_view<T: Viewable>(
+        &self,
+        key: &str,
+        f: impl for<'a, 'b> Fn(Viewed<'a, T::View<'b>>) + Send + Sync + 'static,
+    ) -> Result<Callback, BusError> {
+        let owned = owned_key(key)?;
+        let stats = Arc::new(InboxStats::default());
+        let warn = Arc::new(DecodeWarn::default());
+        let f = Arc::new(f);
+        let (s, w, g) = (stats.clone(), warn.clone(), f.clone());
+        let local = self.local.declare(
+            owned.clone(),
+            false,
+            Box::new(move |d: &Delivery| {
+                s.received.fetch_add(1, Ordering::Relaxed);
+                match d.msg.downcast_ref::<T>() {
+                    Some(m) => m.with_view(|v| {
+                        g(Viewed {
+                            key: d.key.as_str(),
+                            header: HeaderRef {
+                                kind: T::KIND,
+                                robot: d.robot,
+                                seq: d.seq,
+                                stamp_ns: d.stamp_ns,
+                            },
+                            msg: v,
+                            trace: d.trace,
+                        })
+                    }),
+                    None => w.warn(
+                        &s,
+                        d.key.as_str(),
+                        &CodecError::WrongKind {
+                            expected: T::KIND,
+                            got: d.kind,
+                        },
+                    ),
+                }
+            }),
+        );
+        let s = stats.clone();
+        let zenoh = self
+            .session
+            .declare_subscriber(owned)
+            .allowed_origin(Locality::Remote)
+            .callback(move |sample| {
+                s.received.fetch_add(1, Ordering::Relaxed);
+                let z = sample.payload();
+                let gathered;
+                let mut slices = z.slices();
+                let bytes: &[u8] = match (slices.next(), slices.next()) {
+                    (Some(one), None) => one,
+                    (None, _) => &[],
+                    _ => {
+                        gathered = z.to_bytes();
+                        &gathered
+                    }
+                };
+                match nanobot_messages::decode_view::<T::View<'_>>(bytes) {
+                    Ok((header, msg)) => f(Viewed {
+                        key: sample.key_expr().as_str(),
+                        header,
+                        msg,
+                        trace: sample_trace(&sample),
+                    }),
+                    Err(e) => warn.warn(&s, sample.key_expr().as_str(), &e),
+                };
+            })
+            .await
+            .map_err(|e| zerr(key, e))?;
+        Ok(Callback {
+            _subscriber: Subscription {
+                _zenoh: zenoh,
+                _local: local,
+            },
+            stats,
+        })
+    }
+
     /// A typed queryable: requests of type `Q` arrive on a bounded queue.
     pub async fn queryable<Q: Message>(&self, key: &str, capacity: usize) -> Result<Queryable<Q>, BusError> {
         let inner = self
@@ -670,17 +761,20 @@ impl<T: Message> Publisher<T> {
         use zenoh::Wait;
         let locals = self.local.current();
         let remote = self.remote.load(Ordering::Acquire);
-        let encoded = if remote || locals.wants_payload() {
-            Some(codec::encode(&self.robot, seq, stamp_ns, msg).map_err(|e| BusError::Codec {
-                key: self.key.clone(),
-                source: e,
-            })?)
+        let wants_payload = locals.as_ref().is_some_and(|l| l.wants_payload());
+        let encoded = if remote || wants_payload {
+            Some(
+                codec::encode(&self.robot, seq, stamp_ns, msg).map_err(|e| BusError::Codec {
+                    key: self.key.clone(),
+                    source: e,
+                })?,
+            )
         } else {
             None
         };
-        if !locals.is_empty() {
+        if let Some(locals) = locals {
             let payload = match &encoded {
-                Some(e) if locals.wants_payload() => Some(Bytes::from(e.to_vec())),
+                Some(e) if wants_payload => Some(Bytes::from(e.to_vec())),
                 _ => None,
             };
             locals.deliver(&Delivery {
@@ -710,7 +804,7 @@ impl<T: Message> Publisher<T> {
     pub async fn wait_matched(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.remote.load(Ordering::Acquire) || !self.local.current().is_empty() {
+            if self.remote.load(Ordering::Acquire) || self.local.current().is_some() {
                 return true;
             }
             if Instant::now() >= deadline {

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use bytes::Bytes;
 use nanobot_messages::device::{self, DeviceFrame, Sensor};
 use nanobot_messages::{
-    codec, topics, Encoding, Event, EventKind, Grid, Image, Observation, RawFrame, Reject, TraceContext,
+    topics, Encoding, Event, EventKind, Grid, Image, Observation, RawFrame, RawFrameView, Reject, TraceContext,
+    Viewable,
 };
 use serde::Deserialize;
 
@@ -182,31 +183,53 @@ pub fn sample_from_raw(
     f: RawFrame,
     trace: Option<TraceContext>,
 ) -> Result<SensorSample, Refused> {
+    let camera = f.data.to_bytes();
+    f.with_view(|v| sample_from_view(robot, seq, stamp_ns, v, |_| camera, trace))
+}
+
+/// A RawFrame, read through its borrowed view, as a sample. `keep` turns the camera bytes into
+/// a buffer the sample keeps (shared with the payload, not copied, where it can be).
+pub fn sample_from_view(
+    robot: &str,
+    seq: u64,
+    stamp_ns: u64,
+    f: RawFrameView<'_>,
+    keep: impl FnOnce(&[u8]) -> Bytes,
+    trace: Option<TraceContext>,
+) -> Result<SensorSample, Refused> {
     let refuse = |reason: &'static str, detail: String| Refused {
         robot: robot.into(),
-        sensor: f.sensor.clone(),
+        sensor: f.sensor.to_string(),
         seq,
         reason,
         detail,
     };
     let sensor =
-        Sensor::from_name(&f.sensor).ok_or_else(|| refuse("sensor", format!("unknown sensor {:?}", f.sensor)))?;
+        Sensor::from_name(f.sensor).ok_or_else(|| refuse("sensor", format!("unknown sensor {:?}", f.sensor)))?;
     let value = match (sensor, f.encoding) {
-        (Sensor::Camera, Encoding::Jpeg) => Reading::Camera(f.data.to_bytes()),
+        (Sensor::Camera, Encoding::Jpeg) => Reading::Camera(keep(f.data)),
         (Sensor::State | Sensor::Action | Sensor::Surface, Encoding::F32Le) => {
-            let v = f
-                .as_f32()
-                .ok_or_else(|| refuse("size", format!("{} bytes is not a whole number of f32", f.data.len())))?;
+            if !f.data.len().is_multiple_of(4) {
+                return Err(refuse(
+                    "size",
+                    format!("{} bytes is not a whole number of f32", f.data.len()),
+                ));
+            }
+            let v: Vec<f32> = f
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             match sensor {
                 Sensor::State => Reading::State(v),
                 Sensor::Action => Reading::Action(v),
                 _ => {
-                    let (rows, cols) = match f.shape[..] {
+                    let (rows, cols) = match *f.shape.as_slice() {
                         [r, c] => (r, c),
                         _ => {
                             return Err(refuse(
                                 "size",
-                                format!("surface shape {:?} is not [rows, cols]", f.shape),
+                                format!("surface shape {:?} is not [rows, cols]", f.shape.as_slice()),
                             ))
                         }
                     };
@@ -259,8 +282,16 @@ pub fn sample_from_payload(
         }
         return sample_from_device(f);
     }
-    let (header, frame) = codec::decode::<RawFrame>(payload).map_err(|e| refuse("decode", e.to_string()))?;
-    sample_from_raw(key_robot, header.seq, header.stamp_ns, frame, trace)
+    let (header, frame) =
+        nanobot_messages::decode_view::<RawFrameView>(&payload).map_err(|e| refuse("decode", e.to_string()))?;
+    sample_from_view(
+        key_robot,
+        header.seq,
+        header.stamp_ns,
+        frame,
+        |camera| payload.slice_ref(camera),
+        trace,
+    )
 }
 
 /// What the core produces.

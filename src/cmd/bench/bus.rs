@@ -5,8 +5,9 @@
 //! Both sides are built alike, as Zenoh's own z_pub_thr / z_sub_thr / z_ping / z_pong are, so
 //! the ratio isolates what NanoBot adds: publishers put in a tight synchronous loop (the same
 //! payload bytes, shared into each publication), subscribers count in a callback on Zenoh's
-//! receive thread — raw Zenoh counts samples, NanoBot decodes each envelope into a typed
-//! `RawFrame` first; echoes answer from the callback. Blocking congestion control and batching
+//! receive thread — raw Zenoh counts samples, NanoBot decodes each envelope into a typed,
+//! borrowed `RawFrameView` first (the owned `RawFrame` where the echo publishes it again);
+//! echoes answer from the callback. Blocking congestion control and batching
 //! for throughput, express publications for latency.
 
 use std::any::Any;
@@ -115,7 +116,7 @@ async fn serve(bus: &Bus, sizes: &[usize]) -> anyhow::Result<(Counters, Vec<Box<
         let c = Arc::new(Counter::default());
         counters.insert(format!("nb/{size}"), c.clone());
         let sub = bus
-            .subscribe_callback::<RawFrame>(&format!("bench/nb/thr/{size}"), move |r| {
+            .subscribe_view::<RawFrame>(&format!("bench/nb/thr/{size}"), move |r| {
                 std::hint::black_box(r.msg.data.len());
                 c.hit();
             })
@@ -295,7 +296,7 @@ async fn ping_pong(bus: &Bus, v: Variant, size: usize, n: usize) -> anyhow::Resu
         }
         Variant::NanoBot => {
             keep.push(Box::new(
-                bus.subscribe_callback::<RawFrame>(&format!("bench/nb/pong/{size}"), move |_| {
+                bus.subscribe_view::<RawFrame>(&format!("bench/nb/pong/{size}"), move |_| {
                     let _ = tx.try_send(());
                 })
                 .await?,
@@ -416,7 +417,7 @@ async fn measure(
 /// What the envelope itself costs, without the bus: encode and decode of one `RawFrame`.
 fn codec_cost(sizes: &[usize]) {
     use nanobot_messages::codec;
-    print!("codec per message (encode / decode):");
+    print!("codec per message (encode / decode owned / decode view):");
     for &size in sizes {
         let f = frame(&Bytes::from(vec![1u8; size]));
         let n = (200_000_000 / (size + 256)).clamp(20_000, 1_000_000) as u64;
@@ -431,7 +432,14 @@ fn codec_cost(sizes: &[usize]) {
             std::hint::black_box(codec::decode::<RawFrame>(wire.clone()).expect("decodes"));
         }
         let dec = t.elapsed().as_nanos() as f64 / n as f64;
-        print!("  {}: {enc:.0} / {dec:.0} ns", size_label(size));
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(
+                nanobot_messages::decode_view::<nanobot_messages::RawFrameView>(&wire).expect("decodes"),
+            );
+        }
+        let view = t.elapsed().as_nanos() as f64 / n as f64;
+        print!("  {}: {enc:.0} / {dec:.0} / {view:.0} ns", size_label(size));
     }
     println!();
 }
