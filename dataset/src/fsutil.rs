@@ -66,51 +66,103 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// A writer that passes bytes on to `inner` and hashes them on another thread, so that hashing
-/// (SHA-256 without SHA-NI runs at a few hundred MB/s) overlaps the Parquet encoding feeding it.
-pub struct ThreadedHashingWriter<W> {
-    inner: W,
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
-    hasher: std::thread::JoinHandle<(String, u64)>,
+/// A buffered writer whose full buffers go to their own thread, which writes them to `inner`
+/// and hashes them (SHA-256), so that neither the write system call nor the hash runs on the
+/// thread that encodes. A buffer changes hands whole (no copy); buffers come back for reuse.
+pub struct ThreadedFileWriter<W: Write + Send + 'static> {
+    buf: Vec<u8>,
+    cap: usize,
+    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<io::Result<(W, String, u64)>>>,
 }
 
-impl<W: Write> ThreadedHashingWriter<W> {
-    pub fn new(inner: W) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(64);
-        let hasher = std::thread::Builder::new()
-            .name("nb-sha256".into())
+impl<W: Write + Send + 'static> ThreadedFileWriter<W> {
+    /// Buffers of `cap` bytes; at most a few are in flight.
+    pub fn new(mut inner: W, cap: usize) -> Self {
+        let (full, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let (back, empty) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        let thread = std::thread::Builder::new()
+            .name("nb-file".into())
             .spawn(move || {
                 let mut h = Context::new(&SHA256);
                 let mut n = 0u64;
-                for chunk in rx {
-                    h.update(&chunk);
-                    n += chunk.len() as u64;
+                let mut failed = None;
+                for mut chunk in rx {
+                    // After a failed write, the rest is drained (the sender sees the error at
+                    // its next flush or at finish).
+                    if failed.is_none() {
+                        match inner.write_all(&chunk) {
+                            Ok(()) => {
+                                h.update(&chunk);
+                                n += chunk.len() as u64;
+                            }
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    chunk.clear();
+                    let _ = back.try_send(chunk);
                 }
-                (hex(h.finish().as_ref()), n)
+                match failed {
+                    Some(e) => Err(e),
+                    None => inner.flush().map(|_| (inner, hex(h.finish().as_ref()), n)),
+                }
             })
-            .expect("spawn the hashing thread");
-        ThreadedHashingWriter { inner, tx, hasher }
+            .expect("spawn the file writer thread");
+        ThreadedFileWriter {
+            buf: Vec::with_capacity(cap),
+            cap,
+            full: Some(full),
+            empty,
+            thread: Some(thread),
+        }
     }
 
-    /// The inner writer, the sha256 (lower-case hex) and the byte count.
-    pub fn finish(self) -> (W, String, u64) {
-        let ThreadedHashingWriter { inner, tx, hasher } = self;
-        drop(tx);
-        let (hash, n) = hasher.join().expect("hashing thread does not panic");
-        (inner, hash, n)
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let next = self.empty.try_recv().unwrap_or_else(|_| Vec::with_capacity(self.cap));
+        let full = std::mem::replace(&mut self.buf, next);
+        self.full
+            .as_ref()
+            .and_then(|tx| tx.send(full).ok())
+            .ok_or_else(|| io::Error::other("the file writer thread ended"))
+    }
+
+    /// Write out everything, stop the thread: the inner writer, the sha256 (lower-case hex) of
+    /// all bytes written and their count.
+    pub fn finish(mut self) -> io::Result<(W, String, u64)> {
+        self.hand_over()?;
+        drop(self.full.take());
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .map_err(|_| io::Error::other("the file writer thread panicked"))?
     }
 }
 
-impl<W: Write> Write for ThreadedHashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.tx
-            .send(buf[..n].to_vec())
-            .map_err(|_| io::Error::other("hashing thread ended"))?;
-        Ok(n)
+impl<W: Write + Send + 'static> Write for ThreadedFileWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + data.len() > self.cap {
+            self.hand_over()?;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
     }
+    /// Hands the buffer over; the bytes reach `inner` on the writer thread.
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.hand_over()
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for ThreadedFileWriter<W> {
+    fn drop(&mut self) {
+        drop(self.full.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -135,4 +187,43 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_threaded_writer_writes_every_byte_in_order_and_hashes_them() {
+        let mut w = ThreadedFileWriter::new(Vec::new(), 64);
+        let mut want = Vec::new();
+        for i in 0..1000u32 {
+            let piece: Vec<u8> = (0..(i % 150)).map(|j| (i + j) as u8).collect();
+            w.write_all(&piece).unwrap();
+            want.extend_from_slice(&piece);
+            if i % 97 == 0 {
+                w.flush().unwrap();
+            }
+        }
+        let (inner, hash, n) = w.finish().unwrap();
+        assert_eq!(inner, want);
+        assert_eq!((hash, n), (sha256_hex(&want), want.len() as u64));
+    }
+
+    #[test]
+    fn a_failed_write_on_the_thread_reaches_the_caller() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = ThreadedFileWriter::new(Full, 16);
+        let _ = w.write_all(&[1u8; 100]);
+        let err = w.finish().err().expect("the write error is reported");
+        assert!(err.to_string().contains("disk full"), "{err}");
+    }
 }
