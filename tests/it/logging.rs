@@ -1,7 +1,7 @@
 //! End-to-end: telemetry ingest and crash-safe logging with real processes, real Zenoh
 //! sessions, real UDP and a real pseudo-terminal, and pyarrow reading the files.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::UdpSocket;

@@ -1,7 +1,7 @@
 //! The wire format as documented in the README: a Python client with eclipse-zenoh and
 //! `struct` decodes a live fleet's messages.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! test measures B itself on worlds neither the robots nor the promoter used, and A on the
 //! promoter's retention worlds.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

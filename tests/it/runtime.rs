@@ -3,7 +3,7 @@
 //! hand-back, the shipped launch files, `topic list/hz/bw` on live data, per-input queueing as
 //! configuration, and the smallest actor.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

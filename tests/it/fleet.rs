@@ -1,7 +1,7 @@
 //! End-to-end: launch files, node processes, supervision, and the engineer tools, all over
 //! real Zenoh sessions on loopback.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! robot), rolls back on an operator's word, and its ledger survives `kill -9`. Real nodes, real
 //! Zenoh on loopback, a tiny base.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! `nanobot export` (checked with the `safetensors` and `gguf` Python packages) →
 //! `nanobot serve`, asked over real HTTP.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

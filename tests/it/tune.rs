@@ -3,7 +3,7 @@
 //! fleet launched with `tuned = …` runs its policy with them (the policy actor reports the DDIM
 //! steps it acts with).
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! started before any data existed trains on segments logged after it started and offers a
 //! candidate adapter.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

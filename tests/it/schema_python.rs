@@ -2,7 +2,7 @@
 //! Python script with `struct` alone and the printed schema decodes one message of every kind
 //! (every Event variant too) into exactly NanoBot's own JSON view.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
