@@ -31,7 +31,7 @@ pub mod view;
 pub use codec::{decode, decode_any, encode, peek_header, CodecError, Encoded, Header};
 pub use trace::{TraceContext, TraceSampler};
 pub use types::*;
-pub use view::{decode_view, Dims, HeaderRef, MessageView, RawFrameView, Viewable};
+pub use view::{decode_view, BlobRef, Dims, HeaderRef, MessageView, RawFrameView, Viewable};
 
 pub use codec::{decode_any_pieces, decode_pieces, encode_any, now_ns, SCHEMA_VERSION};
 pub use json::{from_json, to_json, JsonMessage};

@@ -114,8 +114,58 @@ pub trait MessageView<'a>: Sized {
 /// A message type that has a borrowed view.
 pub trait Viewable: Message {
     type View<'a>: MessageView<'a, Owned = Self>;
-    /// Run `f` with a view of this message (gathering a blob that lies in several pieces).
+    /// Run `f` with a view of this message.
     fn with_view<R>(&self, f: impl FnOnce(Self::View<'_>) -> R) -> R;
+}
+
+/// The bytes of a blob, borrowed: one slice of a contiguous payload, or the pieces of a blob
+/// that Zenoh reassembled from fragments (never gathered unless asked).
+#[derive(Clone, Copy, Debug)]
+pub enum BlobRef<'a> {
+    Slice(&'a [u8]),
+    Pieces(&'a Blob),
+}
+
+impl<'a> BlobRef<'a> {
+    pub fn len(&self) -> usize {
+        match self {
+            BlobRef::Slice(s) => s.len(),
+            BlobRef::Pieces(b) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes, when they lie in one piece.
+    pub fn as_slice(&self) -> Option<&'a [u8]> {
+        match *self {
+            BlobRef::Slice(s) => Some(s),
+            BlobRef::Pieces(b) => match b.pieces() {
+                [one] => Some(one),
+                [] => Some(&[]),
+                _ => None,
+            },
+        }
+    }
+    /// The bytes in one buffer (copied only when they lie in several pieces).
+    pub fn contiguous(&self) -> std::borrow::Cow<'a, [u8]> {
+        match self.as_slice() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(self.to_vec()),
+        }
+    }
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            BlobRef::Slice(s) => s.to_vec(),
+            BlobRef::Pieces(b) => b.pieces().iter().flat_map(|p| p.iter().copied()).collect(),
+        }
+    }
+}
+
+impl PartialEq for BlobRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.contiguous() == other.contiguous()
+    }
 }
 
 /// A borrowed view of a [`RawFrame`].
@@ -124,7 +174,7 @@ pub struct RawFrameView<'a> {
     pub sensor: &'a str,
     pub encoding: Encoding,
     pub shape: Dims,
-    pub data: &'a [u8],
+    pub data: BlobRef<'a>,
 }
 
 #[derive(Deserialize)]
@@ -179,7 +229,7 @@ impl<'a> MessageView<'a> for RawFrameView<'a> {
                 sensor: b.sensor,
                 encoding: b.encoding,
                 shape: b.shape,
-                data,
+                data: BlobRef::Slice(data),
             },
             data.len(),
         ))
@@ -189,14 +239,10 @@ impl<'a> MessageView<'a> for RawFrameView<'a> {
 impl Viewable for RawFrame {
     type View<'a> = RawFrameView<'a>;
     fn with_view<R>(&self, f: impl FnOnce(RawFrameView<'_>) -> R) -> R {
-        let gathered;
-        let data: &[u8] = match self.data.pieces() {
-            [one] => one,
-            [] => &[],
-            _ => {
-                gathered = self.data.to_bytes();
-                &gathered
-            }
+        let data = match self.data.pieces() {
+            [one] => BlobRef::Slice(one),
+            [] => BlobRef::Slice(&[]),
+            _ => BlobRef::Pieces(&self.data),
         };
         // A shape longer than a view holds cannot come from the wire (a view refuses it there);
         // an owned frame that has one is shown with its first dimensions.
@@ -220,7 +266,10 @@ impl RawFrameView<'_> {
             sensor: self.sensor.to_string(),
             encoding: self.encoding,
             shape: self.shape.as_slice().to_vec(),
-            data: Blob::new(self.data.to_vec()),
+            data: match self.data {
+                BlobRef::Pieces(b) => b.clone(),
+                BlobRef::Slice(s) => Blob::new(s.to_vec()),
+            },
         }
     }
 }
@@ -282,7 +331,8 @@ mod tests {
             assert_eq!(v.to_owned(), owned);
             assert_eq!(v.shape.as_slice(), &owned.shape[..]);
             let range = wire.as_ptr_range();
-            assert!(range.contains(&v.sensor.as_ptr()) && (n == 0 || range.contains(&v.data.as_ptr())));
+            let data = v.data.as_slice().unwrap();
+            assert!(range.contains(&v.sensor.as_ptr()) && (n == 0 || range.contains(&data.as_ptr())));
             f.with_view(|own| assert_eq!(own, v));
         }
     }
@@ -312,6 +362,19 @@ mod tests {
             decode_view::<RawFrameView>(&deep),
             Err(CodecError::Body { .. })
         ));
+        // A blob in pieces is viewed in pieces, not gathered.
+        let pieces = RawFrame {
+            data: Blob::from_pieces(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]),
+            ..frame(vec![5], 0)
+        };
+        pieces.with_view(|v| {
+            assert!(matches!(v.data, BlobRef::Pieces(_)));
+            assert_eq!(
+                (v.data.len(), v.data.as_slice(), &v.data.contiguous()[..]),
+                (5, None, &b"abcde"[..])
+            );
+            assert_eq!(v.to_owned(), pieces);
+        });
         // Garbage never panics.
         for cut in 0..wire.len() {
             let _ = decode_view::<RawFrameView>(&wire[..cut]);

@@ -567,24 +567,36 @@ impl Bus {
             .callback(move |sample| {
                 s.received.fetch_add(1, Ordering::Relaxed);
                 let z = sample.payload();
-                let gathered;
                 let mut slices = z.slices();
-                let bytes: &[u8] = match (slices.next(), slices.next()) {
-                    (Some(one), None) => one,
-                    (None, _) => &[],
-                    _ => {
-                        gathered = z.to_bytes();
-                        &gathered
-                    }
-                };
-                match nanobot_messages::decode_view::<T::View<'_>>(bytes) {
-                    Ok((header, msg)) => f(Viewed {
-                        key: sample.key_expr().as_str(),
-                        header,
-                        msg,
-                        trace: sample_trace(&sample),
-                    }),
-                    Err(e) => warn.warn(&s, sample.key_expr().as_str(), &e),
+                let key = sample.key_expr().as_str();
+                match (slices.next(), slices.next()) {
+                    (one, None) => match nanobot_messages::decode_view::<T::View<'_>>(one.unwrap_or(&[])) {
+                        Ok((header, msg)) => f(Viewed {
+                            key,
+                            header,
+                            msg,
+                            trace: sample_trace(&sample),
+                        }),
+                        Err(e) => warn.warn(&s, key, &e),
+                    },
+                    // Reassembled from fragments (a big message): the blob stays in its pieces,
+                    // shared with Zenoh; only the envelope's few fields are owned.
+                    _ => match codec::decode_pieces::<T>(&payload_pieces(z)) {
+                        Ok((h, m)) => m.with_view(|msg| {
+                            f(Viewed {
+                                key,
+                                header: HeaderRef {
+                                    kind: h.kind,
+                                    robot: &h.robot,
+                                    seq: h.seq,
+                                    stamp_ns: h.stamp_ns,
+                                },
+                                msg,
+                                trace: sample_trace(&sample),
+                            })
+                        }),
+                        Err(e) => warn.warn(&s, key, &e),
+                    },
                 };
             })
             .await

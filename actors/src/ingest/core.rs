@@ -207,7 +207,7 @@ pub fn sample_from_view(
     let sensor =
         Sensor::from_name(f.sensor).ok_or_else(|| refuse("sensor", format!("unknown sensor {:?}", f.sensor)))?;
     let value = match (sensor, f.encoding) {
-        (Sensor::Camera, Encoding::Jpeg) => Reading::Camera(keep(f.data)),
+        (Sensor::Camera, Encoding::Jpeg) => Reading::Camera(keep(&f.data.contiguous())),
         (Sensor::State | Sensor::Action | Sensor::Surface, Encoding::F32Le) => {
             if !f.data.len().is_multiple_of(4) {
                 return Err(refuse(
@@ -217,6 +217,7 @@ pub fn sample_from_view(
             }
             let v: Vec<f32> = f
                 .data
+                .contiguous()
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
@@ -289,7 +290,14 @@ pub fn sample_from_payload(
         header.seq,
         header.stamp_ns,
         frame,
-        |camera| payload.slice_ref(camera),
+        // A view of a contiguous payload borrows it: the camera bytes are shared, not copied.
+        |camera| {
+            if payload.as_ptr_range().contains(&camera.as_ptr()) {
+                payload.slice_ref(camera)
+            } else {
+                Bytes::copy_from_slice(camera)
+            }
+        },
         trace,
     )
 }
