@@ -271,18 +271,24 @@ fn decode_bounded<T: Message>(body: &[u8]) -> Result<(T, usize), bincode::error:
     bincode::serde::decode_from_slice(body, config())
 }
 
-fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &PieceReader) -> Result<T, CodecError> {
-    let (mut msg, used): (T, usize) = decode_bounded::<T>(&head[body.clone()]).map_err(|e| match e {
+/// A bincode error on a body of `len` bytes, as the codec names it.
+pub(crate) fn body_error(kind: Kind, e: bincode::error::DecodeError, len: usize) -> CodecError {
+    match e {
         bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
             what: "body",
-            need: body.len() + additional,
-            have: body.len(),
+            need: len + additional,
+            have: len,
         },
         other => CodecError::Body {
-            kind: T::KIND,
+            kind,
             reason: other.to_string(),
         },
-    })?;
+    }
+}
+
+fn decode_body<T: Message>(head: &[u8], body: std::ops::Range<usize>, pieces: &PieceReader) -> Result<T, CodecError> {
+    let (mut msg, used): (T, usize) =
+        decode_bounded::<T>(&head[body.clone()]).map_err(|e| body_error(T::KIND, e, body.len()))?;
     if used != body.len() {
         return Err(CodecError::Body {
             kind: T::KIND,

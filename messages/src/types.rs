@@ -129,23 +129,28 @@ impl<'de> Deserialize<'de> for Blob {
                 .map_err(|e| serde::de::Error::custom(format!("blob is not base64: {e}")))?;
             Ok(Blob::new(bytes))
         } else {
-            struct Len;
-            impl<'de> serde::de::Visitor<'de> for Len {
-                type Value = u64;
-                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                    f.write_str("a blob length")
-                }
-                fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
-                    u64::deserialize(d)
-                }
-            }
-            let len = d.deserialize_newtype_struct("Blob", Len)?;
+            let len = blob_len(d)?;
             Ok(Blob {
                 pieces: BlobPieces::default(),
                 pending: Some(len),
             })
         }
     }
+}
+
+/// A blob's length as a binary body carries it (its bytes follow the body).
+pub(crate) fn blob_len<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Len;
+    impl<'de> serde::de::Visitor<'de> for Len {
+        type Value = u64;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a blob length")
+        }
+        fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+            u64::deserialize(d)
+        }
+    }
+    d.deserialize_newtype_struct("Blob", Len)
 }
 
 impl fmt::Display for Kind {

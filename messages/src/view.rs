@@ -88,17 +88,7 @@ struct BlobLen(u64);
 
 impl<'de> Deserialize<'de> for BlobLen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Len;
-        impl<'de> serde::de::Visitor<'de> for Len {
-            type Value = u64;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a blob length")
-            }
-            fn visit_newtype_struct<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
-                u64::deserialize(d)
-            }
-        }
-        d.deserialize_newtype_struct("Blob", Len).map(BlobLen)
+        crate::types::blob_len(d).map(BlobLen)
     }
 }
 
@@ -186,20 +176,6 @@ struct RawFrameBody<'a> {
     data: BlobLen,
 }
 
-fn body_error(kind: Kind, e: bincode::error::DecodeError, body: &[u8]) -> CodecError {
-    match e {
-        bincode::error::DecodeError::UnexpectedEnd { additional } => CodecError::Truncated {
-            what: "body",
-            need: body.len() + additional,
-            have: body.len(),
-        },
-        other => CodecError::Body {
-            kind,
-            reason: other.to_string(),
-        },
-    }
-}
-
 /// `len` bytes from the start of `tail`, or the truncation error.
 fn take_blob(tail: &[u8], len: u64, body_end: usize) -> Result<&[u8], CodecError> {
     match usize::try_from(len).ok().filter(|&l| l <= tail.len()) {
@@ -216,7 +192,7 @@ impl<'a> MessageView<'a> for RawFrameView<'a> {
     type Owned = RawFrame;
     fn decode(body: &'a [u8], tail: &'a [u8]) -> Result<(Self, usize), CodecError> {
         let (b, used): (RawFrameBody<'a>, usize) = bincode::serde::borrow_decode_from_slice(body, codec::config())
-            .map_err(|e| body_error(Kind::RawFrame, e, body))?;
+            .map_err(|e| codec::body_error(Kind::RawFrame, e, body.len()))?;
         if used != body.len() {
             return Err(CodecError::Body {
                 kind: Kind::RawFrame,
