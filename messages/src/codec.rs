@@ -123,14 +123,7 @@ pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Resu
 /// Read the header; returns it with the byte range of the body.
 pub fn peek_header(bytes: &[u8]) -> Result<(Header, std::ops::Range<usize>), CodecError> {
     let (h, body) = peek_header_ref(bytes)?;
-    let header = Header {
-        version: SCHEMA_VERSION,
-        kind: h.kind,
-        robot: h.robot.to_string(),
-        seq: h.seq,
-        stamp_ns: h.stamp_ns,
-    };
-    Ok((header, body))
+    Ok((h.to_header(), body))
 }
 
 /// Read the header, borrowing the robot id; returns it with the byte range of the body.

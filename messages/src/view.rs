@@ -21,6 +21,31 @@ pub struct HeaderRef<'a> {
     pub stamp_ns: u64,
 }
 
+impl HeaderRef<'_> {
+    /// The owned header (copies the robot id).
+    pub fn to_header(&self) -> crate::codec::Header {
+        crate::codec::Header {
+            version: crate::codec::SCHEMA_VERSION,
+            kind: self.kind,
+            robot: self.robot.to_string(),
+            seq: self.seq,
+            stamp_ns: self.stamp_ns,
+        }
+    }
+}
+
+impl crate::codec::Header {
+    /// The header, borrowing the robot id.
+    pub fn as_ref(&self) -> HeaderRef<'_> {
+        HeaderRef {
+            kind: self.kind,
+            robot: &self.robot,
+            seq: self.seq,
+            stamp_ns: self.stamp_ns,
+        }
+    }
+}
+
 /// At most [`Dims::MAX`] u32 values held inline: a frame's shape. On the wire it is a
 /// `Vec<u32>` (a u64 count, then the values).
 #[derive(Clone, Copy, PartialEq, Eq)]

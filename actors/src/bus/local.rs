@@ -28,6 +28,18 @@ pub(crate) struct Delivery<'a> {
     pub payload: Option<&'a Bytes>,
 }
 
+impl<'a> Delivery<'a> {
+    /// The envelope header this publication would carry on the wire.
+    pub fn header(&self) -> nanobot_messages::HeaderRef<'a> {
+        nanobot_messages::HeaderRef {
+            kind: self.kind,
+            robot: self.robot,
+            seq: self.seq,
+            stamp_ns: self.stamp_ns,
+        }
+    }
+}
+
 type Deliver = Box<dyn Fn(&Delivery) + Send + Sync>;
 
 pub(crate) struct LocalSub {

@@ -196,6 +196,15 @@ impl DecodeWarn {
             tracing::warn!(key, error = %err, total = n, "undecodable message dropped");
         }
     }
+
+    /// A publication of this session whose type is not the subscriber's `T`.
+    fn wrong_kind<T: Message>(&self, stats: &InboxStats, d: &Delivery) {
+        let err = CodecError::WrongKind {
+            expected: T::KIND,
+            got: d.kind,
+        };
+        self.warn(stats, d.key.as_str(), &err)
+    }
 }
 
 /// A message received as a borrowed view ([`Bus::subscribe_view`]): valid for the duration of
@@ -391,26 +400,13 @@ impl Bus {
             Box::new(move |d: &Delivery| match d.msg.downcast_ref::<T>() {
                 Some(m) => f(Received {
                     key: d.key.clone(),
-                    header: Header {
-                        version: codec::SCHEMA_VERSION,
-                        kind: T::KIND,
-                        robot: d.robot.to_string(),
-                        seq: d.seq,
-                        stamp_ns: d.stamp_ns,
-                    },
+                    header: d.header().to_header(),
                     msg: m.clone(),
                     trace: d.trace,
                 }),
                 None => {
                     s.received.fetch_add(1, Ordering::Relaxed);
-                    w.warn(
-                        &s,
-                        d.key.as_str(),
-                        &CodecError::WrongKind {
-                            expected: T::KIND,
-                            got: d.kind,
-                        },
-                    )
+                    w.wrong_kind::<T>(&s, d)
                 }
             }),
         );
@@ -538,24 +534,12 @@ impl Bus {
                     Some(m) => m.with_view(|v| {
                         g(Viewed {
                             key: d.key.as_str(),
-                            header: HeaderRef {
-                                kind: T::KIND,
-                                robot: d.robot,
-                                seq: d.seq,
-                                stamp_ns: d.stamp_ns,
-                            },
+                            header: d.header(),
                             msg: v,
                             trace: d.trace,
                         })
                     }),
-                    None => w.warn(
-                        &s,
-                        d.key.as_str(),
-                        &CodecError::WrongKind {
-                            expected: T::KIND,
-                            got: d.kind,
-                        },
-                    ),
+                    None => w.wrong_kind::<T>(&s, d),
                 }
             }),
         );
@@ -585,12 +569,7 @@ impl Bus {
                         Ok((h, m)) => m.with_view(|msg| {
                             f(Viewed {
                                 key,
-                                header: HeaderRef {
-                                    kind: h.kind,
-                                    robot: &h.robot,
-                                    seq: h.seq,
-                                    stamp_ns: h.stamp_ns,
-                                },
+                                header: h.as_ref(),
                                 msg,
                                 trace: sample_trace(&sample),
                             })
@@ -743,9 +722,7 @@ impl<T: Message> Publisher<T> {
     /// Publish `msg` in the trace `trace` (pass `parent.child()` to continue a trace; `None`
     /// for a message of an unsampled trace).
     pub async fn put_traced(&self, msg: &T, trace: Option<&TraceContext>) -> Result<u64, BusError> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.put_with(msg, seq, codec::now_ns(), trace).await?;
-        Ok(seq)
+        self.put_wait(msg, trace)
     }
 
     /// Publish with an explicit sequence number and stamp (bridges that forward a device's own).

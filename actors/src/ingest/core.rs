@@ -183,8 +183,7 @@ pub fn sample_from_raw(
     f: RawFrame,
     trace: Option<TraceContext>,
 ) -> Result<SensorSample, Refused> {
-    let camera = f.data.to_bytes();
-    f.with_view(|v| sample_from_view(robot, seq, stamp_ns, v, |_| camera, trace))
+    f.with_view(|v| sample_from_view(robot, seq, stamp_ns, v, |_| f.data.to_bytes(), trace))
 }
 
 /// A RawFrame, read through its borrowed view, as a sample. `keep` turns the camera bytes into

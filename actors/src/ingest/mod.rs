@@ -231,23 +231,11 @@ impl NodeActor for Ingest {
 /// Device frames (zenoh-pico boards, UDP and serial bridges) carry no trace context: their
 /// traces start at ingest, sampled at the bus's ratio. A NanoBot envelope without one belongs
 /// to an unsampled trace and stays untraced.
-fn start_trace(out: Produced, bus: &crate::bus::Bus) -> Produced {
-    match out {
-        Produced::Observation {
-            robot,
-            seq,
-            stamp_ns,
-            obs,
-            trace: None,
-        } => Produced::Observation {
-            robot,
-            seq,
-            stamp_ns,
-            obs,
-            trace: bus.new_trace(),
-        },
-        other => other,
+fn start_trace(mut out: Produced, bus: &crate::bus::Bus) -> Produced {
+    if let Produced::Observation { trace: t @ None, .. } = &mut out {
+        *t = bus.new_trace();
     }
+    out
 }
 
 impl Ingest {
