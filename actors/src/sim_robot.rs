@@ -282,7 +282,7 @@ impl NodeActor for SimRobot {
             // Express like the telemetry, so an episode's start reaches ingest before its
             // first frames.
             events: ctx
-                .publisher(&topics::event(fleet, &robot_id), &robot_id, PubQos::Control)
+                .publisher(&topics::event(fleet, &robot_id), &robot_id, PubQos::Sensor)
                 .await?,
             act,
             world,

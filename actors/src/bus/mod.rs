@@ -157,8 +157,13 @@ impl BusConfig {
 /// Publication QoS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PubQos {
-    /// Control paths (actions, observations): never block, send at once; a congested link drops.
+    /// Control paths (actions, raw sensor streams): never block, send at once; a congested link
+    /// drops (Zenoh waits `wait_before_drop`, 1 ms by default, for a free transmit batch).
     Control,
+    /// Observations: sent at once with control priority like `Control`, but never dropped. The
+    /// policy wants them promptly and the logger wants every one: it acknowledges rows, and a
+    /// row dropped on a starved link between two acknowledged ones would be lost silently.
+    Sensor,
     /// Data that must arrive (logging, checkpoints): block on congestion.
     Data,
 }
@@ -342,6 +347,7 @@ impl Bus {
     pub async fn publisher<T: Message>(&self, key: &str, robot: &str, qos: PubQos) -> Result<Publisher<T>, BusError> {
         let (cc, prio, express) = match qos {
             PubQos::Control => (CongestionControl::Drop, Priority::InteractiveHigh, true),
+            PubQos::Sensor => (CongestionControl::Block, Priority::InteractiveHigh, true),
             PubQos::Data => (CongestionControl::Block, Priority::Data, false),
         };
         let key_expr = KeyExpr::from(owned_key(key)?);

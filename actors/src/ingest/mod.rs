@@ -63,7 +63,7 @@ impl Ingest {
                 if !self.obs.contains_key(&robot) {
                     match ctx
                         .bus
-                        .publisher(&topics::obs(ctx.fleet(), &robot), &robot, PubQos::Control)
+                        .publisher(&topics::obs(ctx.fleet(), &robot), &robot, PubQos::Sensor)
                         .await
                     {
                         Ok(p) => {

@@ -260,7 +260,7 @@ impl NodeActor for Promoter {
             }
         });
         let announce = ctx
-            .publisher(&topics::ckpt_promoted(&fleet), "", PubQos::Control)
+            .publisher(&topics::ckpt_promoted(&fleet), "", PubQos::Sensor)
             .await?;
         ctx.every(Duration::from_secs_f64(cfg.announce_s));
         let me = Promoter {
