@@ -109,6 +109,13 @@ impl ConnectArgs {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Open a peer session without waiting for anyone: for a tool that others connect to
+    /// (`nanobot record --peer` with listen endpoints in its Zenoh config).
+    pub async fn open_peer(&self) -> anyhow::Result<Bus> {
+        let (cfg, fleet) = self.resolve()?;
+        Bus::open(&cfg, &fleet).await.context("opening the Zenoh session")
+    }
 }
 
 /// Peers plus routers this session is connected to.

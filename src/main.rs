@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, ckpt, collect, export, fleet, launcher, schema, serve, shadow, topic, train, tune};
+use cmd::{bench, ckpt, collect, export, fleet, launcher, record, schema, serve, shadow, topic, train, tune};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +46,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: topic::TopicCmd,
     },
+    /// Record topics of a running fleet into an MCAP file (Foxglove opens it), like rosbag.
+    Record(record::RecordArgs),
+    /// Play an MCAP recording back onto the bus: same messages, order and pace.
+    Play(record::PlayArgs),
     /// Nodes and actors of a running fleet.
     Node {
         #[command(subcommand)]
@@ -150,6 +154,14 @@ fn main() -> ExitCode {
         Cmd::Topic { cmd } => {
             init_tracing("warn,zenoh=error");
             runtime().and_then(|rt| rt.block_on(topic::run(cmd)))
+        }
+        Cmd::Record(args) => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(record::record(args)))
+        }
+        Cmd::Play(args) => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(record::play(args)))
         }
         Cmd::Node { cmd } => {
             init_tracing("warn,zenoh=error");

@@ -34,6 +34,9 @@ pub struct SimRobotConfig {
     /// Seconds after the start at which the world switches to `shift_to`.
     pub shift_after_s: Option<f64>,
     pub shift_to: Shift,
+    /// Run this many episodes, then publish nothing more (0: run until stopped). A fixed
+    /// amount of data, for recordings, evaluations and tests.
+    pub episodes: u64,
     pub fault: FaultConfig,
 }
 
@@ -56,6 +59,7 @@ impl Default for SimRobotConfig {
             intervene_after_steps: 0,
             shift_after_s: None,
             shift_to: Shift::None,
+            episodes: 0,
             fault: FaultConfig::default(),
         }
     }
@@ -144,7 +148,15 @@ impl SimRobot {
         }
     }
 
+    /// The robot ran the episodes it was asked for.
+    fn finished(&self) -> bool {
+        self.cfg.episodes > 0 && self.episodes >= self.cfg.episodes
+    }
+
     async fn tick(&mut self, ctx: &Ctx<Self>) {
+        if self.finished() {
+            return;
+        }
         if let Some(after) = self.cfg.shift_after_s {
             if !self.shifted && self.started.elapsed().as_secs_f64() >= after {
                 self.shifted = true;
@@ -246,6 +258,11 @@ impl SimRobot {
                     reason: "episode over".into(),
                 })
                 .await;
+            }
+            if self.finished() {
+                tracing::info!(robot = %self.robot_id, episodes = self.episodes, "ran its episodes: publishes nothing more");
+                self.tick += 1;
+                return;
             }
             self.world.reset();
             self.queue.clear();

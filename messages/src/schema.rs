@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde_reflection::{ContainerFormat, Format, Named, Registry, Tracer, TracerConfig, VariantFormat};
+pub use serde_reflection::Registry;
+use serde_reflection::{ContainerFormat, Format, Named, Tracer, TracerConfig, VariantFormat};
 
 use crate::types::{ActionSource, DType, Encoding, EventKind, Kind, KindVisitor, Message};
 
@@ -187,6 +188,99 @@ pub fn describe(kind: Kind, registry: &Registry) -> String {
     out
 }
 
+/// The JSON Schema of one kind's JSON view (what [`crate::json::to_json`] writes: the envelope
+/// fields and the body under `msg`), for readers that decode by schema: MCAP channels with
+/// `jsonschema` schemas, Foxglove. Nested types are written inline (none is recursive); blobs are
+/// base64 strings, enums serde's external tagging (a unit variant is its name, another variant
+/// an object with its name as the only key).
+pub fn json_schema(kind: Kind, registry: &Registry) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": kind.name(),
+        "type": "object",
+        "properties": {
+            "schema": {"type": "integer", "description": "envelope schema version"},
+            "kind": {"const": kind.name()},
+            "robot": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "stamp_ns": {"type": "integer", "minimum": 0, "description": "ns since the Unix epoch"},
+            "msg": container_schema(kind.name(), registry),
+        },
+        "required": ["kind", "msg"],
+    })
+}
+
+fn container_schema(name: &str, registry: &Registry) -> serde_json::Value {
+    use serde_json::json;
+    match registry.get(name) {
+        Some(ContainerFormat::Struct(fs)) => struct_schema(name, fs, registry),
+        Some(ContainerFormat::NewTypeStruct(f)) => format_schema(f, registry),
+        Some(ContainerFormat::Enum(variants)) => {
+            let alternatives: Vec<serde_json::Value> = variants
+                .values()
+                .map(|v| match &v.value {
+                    VariantFormat::Unit => json!({"const": v.name}),
+                    VariantFormat::Struct(fs) => variant(&v.name, struct_schema(&v.name, fs, registry)),
+                    VariantFormat::NewType(f) => variant(&v.name, format_schema(f, registry)),
+                    VariantFormat::Tuple(fs) => variant(
+                        &v.name,
+                        json!({"type": "array", "prefixItems": fs.iter().map(|f| format_schema(f, registry)).collect::<Vec<_>>()}),
+                    ),
+                    VariantFormat::Variable(_) => json!({}),
+                })
+                .collect();
+            json!({"title": name, "oneOf": alternatives})
+        }
+        _ => json!({"title": name}),
+    }
+}
+
+fn variant(name: &str, value: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "properties": {name: value},
+        "required": [name],
+        "additionalProperties": false,
+    })
+}
+
+fn struct_schema(name: &str, fs: &[Named<Format>], registry: &Registry) -> serde_json::Value {
+    let properties: serde_json::Map<String, serde_json::Value> = fs
+        .iter()
+        .map(|f| (f.name.clone(), format_schema(&f.value, registry)))
+        .collect();
+    let required: Vec<&str> = fs.iter().map(|f| f.name.as_str()).collect();
+    serde_json::json!({"title": name, "type": "object", "properties": properties, "required": required})
+}
+
+fn format_schema(f: &Format, registry: &Registry) -> serde_json::Value {
+    use serde_json::json;
+    match f {
+        Format::TypeName(n) if n == "Blob" => json!({"type": "string", "contentEncoding": "base64"}),
+        Format::TypeName(n) => container_schema(n, registry),
+        Format::Unit => json!({"type": "null"}),
+        Format::Bool => json!({"type": "boolean"}),
+        Format::I8 | Format::I16 | Format::I32 | Format::I64 | Format::I128 => json!({"type": "integer"}),
+        Format::U8 | Format::U16 | Format::U32 | Format::U64 | Format::U128 => {
+            json!({"type": "integer", "minimum": 0})
+        }
+        Format::F32 | Format::F64 => json!({"type": "number"}),
+        Format::Char | Format::Str => json!({"type": "string"}),
+        Format::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
+        Format::Option(inner) => json!({"anyOf": [format_schema(inner, registry), {"type": "null"}]}),
+        Format::Seq(inner) => json!({"type": "array", "items": format_schema(inner, registry)}),
+        Format::Map { value, .. } => json!({"type": "object", "additionalProperties": format_schema(value, registry)}),
+        Format::Tuple(fs) => {
+            json!({"type": "array", "prefixItems": fs.iter().map(|f| format_schema(f, registry)).collect::<Vec<_>>()})
+        }
+        Format::TupleArray { content, size } => {
+            json!({"type": "array", "items": format_schema(content, registry), "minItems": size, "maxItems": size})
+        }
+        Format::Variable(_) => json!({}),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +305,32 @@ mod tests {
             assert!(ev.contains(v), "every variant traced: {ev}");
         }
         assert!(describe(Kind::ActionChunk, &r).contains("2 Operator"));
+    }
+
+    #[test]
+    fn the_json_schema_describes_the_json_view() {
+        let r = registry().unwrap();
+        let obs = json_schema(Kind::Observation, &r);
+        assert_eq!(obs["properties"]["kind"]["const"], "Observation");
+        let msg = &obs["properties"]["msg"];
+        assert_eq!(msg["properties"]["state"]["items"]["type"], "number");
+        assert_eq!(
+            msg["properties"]["image"]["properties"]["data"]["contentEncoding"],
+            "base64"
+        );
+        let encodings = msg["properties"]["image"]["properties"]["encoding"]["oneOf"]
+            .as_array()
+            .unwrap();
+        assert!(
+            encodings.contains(&serde_json::json!({"const": "Jpeg"})),
+            "{encodings:?}"
+        );
+        // A struct variant is an object keyed by its name, as serde_json writes it.
+        let ev = json_schema(Kind::Event, &r);
+        let text = ev.to_string();
+        assert!(text.contains("\"required\":[\"EpisodeEnd\"]"), "{text}");
+        for k in Kind::ALL {
+            assert_eq!(json_schema(*k, &r)["title"], k.name());
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod collect;
 pub mod export;
 pub mod fleet;
 pub mod launcher;
+pub mod record;
 pub mod run;
 pub mod schema;
 pub mod serve;

@@ -12,6 +12,7 @@ mod logging;
 mod policy_cli;
 mod promotion;
 mod python_interop;
+mod record;
 mod runtime;
 mod schema_python;
 mod tune;
