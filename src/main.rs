@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, ckpt, collect, export, fleet, launcher, record, schema, serve, shadow, topic, train, tune};
+use cmd::{bench, ckpt, collect, export, fleet, foxglove, launcher, record, schema, serve, shadow, topic, train, tune};
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +50,8 @@ enum Cmd {
     Record(record::RecordArgs),
     /// Play an MCAP recording back onto the bus: same messages, order and pace.
     Play(record::PlayArgs),
+    /// Serve the fleet's live topics to Foxglove (its WebSocket protocol), camera frames as images.
+    Foxglove(foxglove::FoxgloveArgs),
     /// Nodes and actors of a running fleet.
     Node {
         #[command(subcommand)]
@@ -162,6 +164,10 @@ fn main() -> ExitCode {
         Cmd::Play(args) => {
             init_tracing("warn,zenoh=error");
             runtime().and_then(|rt| rt.block_on(record::play(args)))
+        }
+        Cmd::Foxglove(args) => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(foxglove::foxglove(args)))
         }
         Cmd::Node { cmd } => {
             init_tracing("warn,zenoh=error");

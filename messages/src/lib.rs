@@ -21,6 +21,7 @@
 
 pub mod codec;
 pub mod device;
+pub mod foxglove;
 pub mod json;
 pub mod schema;
 pub mod topics;

@@ -15,7 +15,6 @@
 //! bytes on the bus are the bytes that were recorded, in the recorded order, at the recorded
 //! pace (scaled by `rate`).
 
-pub mod foxglove;
 pub mod player;
 pub mod recorder;
 

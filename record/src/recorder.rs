@@ -14,8 +14,8 @@ use mcap::records::{MessageHeader, Metadata};
 use nanobot_messages::schema;
 use nanobot_messages::{codec::now_ns, decode_any, from_json, to_json, Kind};
 
-use crate::foxglove::{camera_image, image_schema};
 use crate::{RecordError, DERIVED_FROM, JSON_ENCODING, KIND, RAW_ENCODING};
+use nanobot_messages::foxglove::{camera_image, image_schema};
 
 /// What a recording holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -5,6 +5,7 @@ pub mod ckpt;
 pub mod collect;
 pub mod export;
 pub mod fleet;
+pub mod foxglove;
 pub mod launcher;
 pub mod record;
 pub mod run;

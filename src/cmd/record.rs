@@ -47,7 +47,7 @@ pub struct PlayArgs {
 }
 
 /// Completes at SIGINT or SIGTERM, or after `duration` seconds.
-async fn interrupted(duration: Option<f64>) {
+pub async fn interrupted(duration: Option<f64>) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let term = async {
         match term.as_mut() {

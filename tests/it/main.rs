@@ -7,6 +7,7 @@ mod common;
 
 mod closed_loop;
 mod fleet;
+mod foxglove;
 mod learning;
 mod logging;
 mod policy_cli;

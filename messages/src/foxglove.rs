@@ -1,8 +1,10 @@
 //! Camera frames as Foxglove's well-known image schemas, in their JSON encoding: what a
-//! recording adds beside each camera message so that Foxglove shows the picture.
+//! recording adds beside each camera message, and what the Foxglove bridge sends, so that
+//! Foxglove shows the picture.
 
+use crate::codec::Header;
+use crate::types::{AnyMessage, Encoding};
 use base64::Engine as _;
-use nanobot_messages::{AnyMessage, Encoding, Header};
 use serde_json::{json, Value};
 
 pub const COMPRESSED_IMAGE: &str = "foxglove.CompressedImage";
@@ -78,7 +80,7 @@ pub fn camera_image(header: &Header, msg: &AnyMessage) -> Option<(&'static str, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nanobot_messages::{Kind, RawFrame};
+    use crate::types::{Kind, RawFrame};
 
     fn header(kind: Kind) -> Header {
         Header {
