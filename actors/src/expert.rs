@@ -4,12 +4,12 @@
 
 use std::sync::atomic::Ordering;
 
-use nanobot_messages::{topics, ActionChunk, ActionSource, RawFrame};
+use nanobot_messages::{codec::now_ns, topics, ActionChunk, ActionSource, RawFrame};
 use nanobot_sim::{expert_action_from_state, ACTION_DIM, STATE_DIM};
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::bus::{HopKind, Inbox, Keep, PubQos, Publisher, Received};
 use crate::runtime::{ActorError, Ctx, Input, NodeActor};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -98,6 +98,7 @@ impl NodeActor for Expert {
 impl Expert {
     async fn answer(&self, ctx: &Ctx<Self>, frame: Received<RawFrame>) {
         let c = &ctx.counters;
+        let start = now_ns();
         let values = match frame.msg.as_f32() {
             Some(v) if v.len() >= STATE_DIM => v,
             _ => {
@@ -119,7 +120,19 @@ impl Expert {
         // The chunk continues the observation's trace if it is sampled (none is started here).
         let trace = frame.trace.map(|t| t.child());
         match self.act.put_traced(&chunk, trace.as_ref()).await {
-            Ok(_) => c.handled.fetch_add(1, Ordering::Relaxed),
+            Ok(_) => {
+                let (parent, seq) = (frame.trace.as_ref(), frame.header.seq);
+                ctx.bus.hop(
+                    "expert.chunk",
+                    trace.as_ref(),
+                    parent,
+                    start,
+                    &self.robot,
+                    seq,
+                    HopKind::Producer,
+                );
+                c.handled.fetch_add(1, Ordering::Relaxed)
+            }
             Err(e) => {
                 tracing::warn!(robot = %self.robot, error = %e, "action not published");
                 c.errors.fetch_add(1, Ordering::Relaxed)

@@ -17,10 +17,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, EventLog, FileEntry, Frame, StoredEvent, WriterConfig};
-use nanobot_messages::{codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized};
+use nanobot_messages::{codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized, TraceContext};
 use serde::Deserialize;
 
-use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::bus::{HopKind, Inbox, Keep, PubQos, Publisher, Received};
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor, Worker};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -150,7 +150,14 @@ pub struct Logger {
     over_budget: u64,
     failing_since: Option<Instant>,
     last_error_log: Option<Instant>,
+    /// Sampled observations not durable yet: (their trace, seq, when they arrived). Each
+    /// becomes a `logger.write` span when the flush that holds it is acknowledged.
+    traced: std::collections::VecDeque<(TraceContext, u64, u64)>,
 }
+
+/// Sampled observations the logger follows until they are durable, at most (older ones are
+/// forgotten: a trace then lacks its logger span, nothing else).
+const TRACED_MAX: usize = 1024;
 
 impl Logger {
     fn disk_error(&mut self, ctx: &Ctx<Self>, e: &nanobot_dataset::DatasetError) {
@@ -177,6 +184,12 @@ impl Logger {
             if self.pending + frames.len() >= self.cfg.max_pending_rows {
                 self.over_budget += 1;
                 continue;
+            }
+            if let Some(t) = r.trace {
+                if self.traced.len() == TRACED_MAX {
+                    self.traced.pop_front();
+                }
+                self.traced.push_back((t, r.header.seq, now_ns()));
             }
             frames.push(frame_of(r.header.seq, r.header.stamp_ns, r.msg));
         }
@@ -284,6 +297,7 @@ impl NodeActor for Logger {
             over_budget: 0,
             failing_since: None,
             last_error_log: None,
+            traced: std::collections::VecDeque::new(),
             cfg,
         };
         ctx.every(Duration::from_millis(state.cfg.flush_ms));
@@ -348,6 +362,13 @@ impl NodeActor for Logger {
                         .await
                     {
                         tracing::warn!(robot = %self.robot, error = %e, "ack not published");
+                    }
+                    // The sampled rows this acknowledgement covers end their traces here.
+                    while self.traced.front().is_some_and(|(_, seq, _)| *seq <= last_seq) {
+                        let (t, seq, at) = self.traced.pop_front().expect("a front entry");
+                        let kind = HopKind::Consumer;
+                        ctx.bus
+                            .hop("logger.write", Some(&t.child()), Some(&t), at, &self.robot, seq, kind);
                     }
                 }
             }

@@ -19,7 +19,7 @@ use nanobot_sim::{Shift, SimConfig, SimRobot as World};
 use serde::Deserialize;
 use tracing::Instrument;
 
-use crate::bus::{Inbox, Keep, PubQos, Publisher, Received};
+use crate::bus::{HopKind, Inbox, Keep, PubQos, Publisher, Received};
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -132,6 +132,18 @@ impl SimRobot {
     /// Take the newest chunk, dropping the actions whose ticks already passed.
     fn take_chunk(&mut self, ctx: &Ctx<Self>) {
         if let Some(r) = self.act.take() {
+            // The action closes the trace the tick started: robot → (ingest) → controller → robot.
+            let seq = r.msg.obs_seq;
+            let applied = r.trace.map(|t| t.child());
+            ctx.bus.hop(
+                "robot.act",
+                applied.as_ref(),
+                r.trace.as_ref(),
+                now_ns(),
+                &self.robot_id,
+                seq,
+                HopKind::Consumer,
+            );
             match chunk_actions(&r.msg, self.tick, 2) {
                 Some(actions) => {
                     self.queue = actions.into();
@@ -241,6 +253,15 @@ impl SimRobot {
                 tracing::warn!(robot = %self.robot_id, error = %e, "telemetry not published");
             }
         }
+        ctx.bus.hop(
+            "robot.tick",
+            trace.as_ref(),
+            None,
+            stamp,
+            &self.robot_id,
+            seq,
+            HopKind::Producer,
+        );
         if let Some(end) = self.world.step(action) {
             self.episodes += 1;
             self.successes += end.success as u64;

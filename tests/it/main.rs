@@ -16,4 +16,5 @@ mod python_interop;
 mod record;
 mod runtime;
 mod schema_python;
+mod telemetry;
 mod tune;

@@ -26,6 +26,8 @@ use zenoh::qos::{CongestionControl, Priority};
 use zenoh::sample::{Locality, Sample};
 use zenoh::Session;
 
+pub use nanobot_telemetry::{Hop, HopKind, SpanSink};
+
 pub mod inbox;
 mod local;
 
@@ -175,6 +177,8 @@ pub struct Bus {
     fleet: Arc<str>,
     local: Arc<LocalRouter>,
     sampler: TraceSampler,
+    /// Where sampled hops are reported as OpenTelemetry spans (off unless the node exports).
+    spans: SpanSink,
 }
 
 /// A message received from the bus.
@@ -328,7 +332,42 @@ impl Bus {
             fleet: fleet.into(),
             local: Arc::default(),
             sampler: TraceSampler::ratio(cfg.trace_sample_ratio),
+            spans: SpanSink::off(),
         })
+    }
+
+    /// This bus, reporting the hops of sampled traces to `spans`.
+    pub fn with_spans(mut self, spans: SpanSink) -> Bus {
+        self.spans = spans;
+        self
+    }
+
+    /// Report one hop of a sampled trace: `trace` is the context this hop published with (or
+    /// made), `parent` the one it received; `end` is now. Nothing happens for an unsampled
+    /// message or when the node exports no spans.
+    #[allow(clippy::too_many_arguments)]
+    pub fn hop(
+        &self,
+        name: &'static str,
+        trace: Option<&TraceContext>,
+        parent: Option<&TraceContext>,
+        start_ns: u64,
+        robot: &str,
+        seq: u64,
+        kind: HopKind,
+    ) {
+        if let (true, Some(trace)) = (self.spans.is_on(), trace) {
+            self.spans.record(Hop {
+                name,
+                trace: *trace,
+                parent: parent.map(|p| p.span_id),
+                start_ns,
+                end_ns: codec::now_ns(),
+                robot: robot.to_string(),
+                seq,
+                kind,
+            });
+        }
     }
 
     /// Start a trace here, if the sampler picks it (see [`BusConfig::trace_sample_ratio`]).

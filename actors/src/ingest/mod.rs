@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nanobot_messages::{topics, Event, Observation};
+use nanobot_messages::{codec::now_ns, topics, Event, Observation};
 
 pub use self::core::{
     sample_from_device, sample_from_payload, sample_from_raw, IngestConfig, IngestCore, Produced, Reading, Refused,
@@ -30,7 +30,7 @@ pub use self::core::{
 pub use self::rejects::RejectLog;
 pub use self::sources::{open_serial, DatagramCounts, DeviceResult, SerialReader};
 
-use crate::bus::{Inbox, Keep, PubQos, Publisher, RawSample, Received};
+use crate::bus::{HopKind, Inbox, Keep, PubQos, Publisher, RawSample, Received};
 use crate::runtime::{AbortOnDrop, ActorError, Ctx, Input, Metrics, NodeActor};
 
 /// Something is waiting in one of ingest's inboxes.
@@ -76,9 +76,22 @@ impl Ingest {
                     }
                 }
                 // The observation continues its frames' trace when that one is sampled.
+                let (parent, start) = (trace, now_ns());
                 let trace = trace.map(|t| t.child());
                 match self.obs[&robot].put_with(&obs, seq, stamp_ns, trace.as_ref()).await {
-                    Ok(_) => c.handled.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => {
+                        let kind = HopKind::Producer;
+                        ctx.bus.hop(
+                            "ingest.observation",
+                            trace.as_ref(),
+                            parent.as_ref(),
+                            start,
+                            &robot,
+                            seq,
+                            kind,
+                        );
+                        c.handled.fetch_add(1, Ordering::Relaxed)
+                    }
                     Err(e) => {
                         tracing::warn!(robot, error = %e, "observation not published");
                         c.errors.fetch_add(1, Ordering::Relaxed)

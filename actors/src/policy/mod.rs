@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nanobot_messages::{
-    topics, ActionChunk, ActionSource, AdapterBytes, AdapterManifest, AdapterRequest, Observation, PolicyStatus,
-    Promoted,
+    codec::now_ns, topics, ActionChunk, ActionSource, AdapterBytes, AdapterManifest, AdapterRequest, Observation,
+    PolicyStatus, Promoted,
 };
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::rollout::Rollout;
@@ -37,7 +37,7 @@ mod batcher;
 
 use batcher::Batcher;
 
-use crate::bus::{Bus, Feeder, Inbox, Keep, PubQos, Publisher, Received};
+use crate::bus::{Bus, Feeder, HopKind, Inbox, Keep, PubQos, Publisher, Received};
 use crate::keys::TrustedKey;
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 
@@ -444,7 +444,7 @@ impl PolicyActor {
         let runner = self.runner.clone();
         let mut rollout = self.rollout.take().ok_or_else(|| ctx.failed("rollout lost"))?;
         let (episode, task) = (o.episode, o.task);
-        let t0 = Instant::now();
+        let (t0, start_ns) = (Instant::now(), now_ns());
         // JPEG decoding on a blocking thread, off the bus.
         let check = runner.clone();
         let joined = tokio::task::spawn_blocking(move || {
@@ -524,6 +524,16 @@ impl PolicyActor {
         let trace = r.trace.map(|t| t.child());
         match self.act.put_traced(&chunk, trace.as_ref()).await {
             Ok(_) => {
+                let parent = r.trace.as_ref();
+                ctx.bus.hop(
+                    "policy.chunk",
+                    trace.as_ref(),
+                    parent,
+                    start_ns,
+                    &self.robot,
+                    seq,
+                    HopKind::Producer,
+                );
                 self.chunks += 1;
                 c.handled.fetch_add(1, Ordering::Relaxed);
             }

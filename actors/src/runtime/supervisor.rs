@@ -229,6 +229,17 @@ pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(),
         }
         Err(e) => return Err(e.into()),
     };
+    // With OTEL_EXPORTER_OTLP_ENDPOINT set, the hops of sampled traces are exported as spans.
+    let (bus, exporter) = match nanobot_telemetry::from_env(&plan.fleet, &plan.name) {
+        Ok(Some((spans, exporter))) => (bus.with_spans(spans), Some(exporter)),
+        Ok(None) => (bus, None),
+        Err(e) => {
+            return Err(NodeError::Start {
+                node: plan.name.clone(),
+                reason: e.to_string(),
+            })
+        }
+    };
     tracing::info!(node = %plan.name, fleet = %plan.fleet, zenoh = %plan.bus.describe(), actors = plan.actors.len(), "node starting");
     let failure = Arc::new(Mutex::new(None));
     let node = plan.name.clone();
@@ -260,6 +271,10 @@ pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(),
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut handle).await;
     }
     bus.close().await;
+    if let Some(exporter) = exporter {
+        // What is queued is exported before the node exits (the exporter times out on its own).
+        let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+    }
     let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
     match failed {
         Some(reason) => Err(NodeError::GaveUp { node, reason }),

@@ -1,0 +1,359 @@
+//! OpenTelemetry export for a NanoBot node.
+//!
+//! A sampled message carries a W3C trace context in its Zenoh attachment (see
+//! `nanobot_messages::trace`); each actor that handles it and publishes what follows continues
+//! the trace with a child span id. With `OTEL_EXPORTER_OTLP_ENDPOINT` set, every node also
+//! reports those hops as OpenTelemetry spans (OTLP over HTTP, protobuf): span id the one it
+//! published with, parent the one it received, so one trace follows an observation from the
+//! robot's tick through ingest and the policy to the action and the logger, across processes.
+//!
+//! Spans go through a bounded queue (what a full queue refuses is counted) to a thread of their
+//! own that batches them (up to [`BATCH`] or every [`INTERVAL`]) and exports them with the
+//! `opentelemetry-otlp` exporter. Nothing is recorded for unsampled messages.
+
+mod http_client;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nanobot_messages::TraceContext;
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use opentelemetry_sdk::Resource;
+
+pub use http_client::BlockingHttp;
+
+/// Spans per export, at most.
+pub const BATCH: usize = 512;
+/// How often the queue is exported when it does not fill a batch.
+pub const INTERVAL: Duration = Duration::from_millis(500);
+/// Spans that may wait for the exporter.
+pub const QUEUE: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("OTLP exporter for {endpoint}: {reason}")]
+    Exporter { endpoint: String, reason: String },
+}
+
+/// One hop of a message, as a span.
+#[derive(Clone, Debug)]
+pub struct Hop {
+    /// What happened: `robot.tick`, `ingest.observation`, `policy.chunk`, ...
+    pub name: &'static str,
+    /// This hop's trace and span id (what it published with).
+    pub trace: TraceContext,
+    /// The span id of the message it handled, if any (none for a root).
+    pub parent: Option<u64>,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub robot: String,
+    /// The message sequence number the hop handled or made.
+    pub seq: u64,
+    /// A producer sends what it made; a consumer handles what it got.
+    pub kind: HopKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HopKind {
+    Producer,
+    Consumer,
+    Internal,
+}
+
+/// Where a node's actors report hops; cheap to clone. A sink that is not connected to an
+/// exporter drops everything at no cost.
+#[derive(Clone, Debug, Default)]
+pub struct SpanSink {
+    tx: Option<flume::Sender<Hop>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl SpanSink {
+    /// A sink that records nothing.
+    pub fn off() -> Self {
+        SpanSink::default()
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Report a hop (never blocks: a full queue drops it and counts it).
+    pub fn record(&self, hop: Hop) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(hop).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Hops the full queue refused.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The export thread; dropping it (or [`Exporter::shutdown`]) exports what is queued and stops.
+pub struct Exporter {
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: flume::Sender<()>,
+}
+
+impl Exporter {
+    /// Export what is queued, then stop.
+    pub fn shutdown(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The endpoint OpenTelemetry's environment names, if any (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+/// or `OTEL_EXPORTER_OTLP_ENDPOINT`; `OTEL_SDK_DISABLED=true` turns export off).
+pub fn endpoint_from_env() -> Option<String> {
+    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+}
+
+/// Start exporting if the environment names an OTLP endpoint: the node's sink and its export
+/// thread. `node` becomes `service.instance.id`; `OTEL_SERVICE_NAME` names the service
+/// (default `nanobot`), and `OTEL_RESOURCE_ATTRIBUTES` adds to it.
+pub fn from_env(fleet: &str, node: &str) -> Result<Option<(SpanSink, Exporter)>, TelemetryError> {
+    let Some(endpoint) = endpoint_from_env() else {
+        return Ok(None);
+    };
+    start(&endpoint, fleet, node).map(Some)
+}
+
+/// Export to `endpoint` (an OTLP/HTTP base like `http://127.0.0.1:4318`, or a full
+/// `…/v1/traces` URL).
+pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<(SpanSink, Exporter), TelemetryError> {
+    let url = if endpoint.trim_end_matches('/').ends_with("/v1/traces") {
+        endpoint.to_string()
+    } else {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    };
+    let err = |reason: String| TelemetryError::Exporter {
+        endpoint: url.clone(),
+        reason,
+    };
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(BlockingHttp)
+        .with_endpoint(url.clone())
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "nanobot".into());
+    let resource = Resource::builder()
+        .with_service_name(service)
+        .with_attributes([
+            KeyValue::new("service.instance.id", node.to_string()),
+            KeyValue::new("nanobot.fleet", fleet.to_string()),
+            KeyValue::new("nanobot.node", node.to_string()),
+        ])
+        .build();
+    exporter.set_resource(&resource);
+    let (tx, rx) = flume::bounded::<Hop>(QUEUE);
+    let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+    let scope = InstrumentationScope::builder("nanobot")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build();
+    let thread = std::thread::Builder::new()
+        .name("nb-otlp".into())
+        .spawn(move || export_loop(exporter, scope, rx, stop_rx))
+        .map_err(|e| err(format!("no export thread: {e}")))?;
+    tracing::info!(endpoint = %url, "exporting spans over OTLP");
+    Ok((
+        SpanSink {
+            tx: Some(tx),
+            dropped: Arc::default(),
+        },
+        Exporter {
+            thread: Some(thread),
+            stop: stop_tx,
+        },
+    ))
+}
+
+fn export_loop(
+    exporter: opentelemetry_otlp::SpanExporter,
+    scope: InstrumentationScope,
+    rx: flume::Receiver<Hop>,
+    stop: flume::Receiver<()>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut failures = 0u64;
+    let mut export = |batch: &mut Vec<SpanData>| {
+        if batch.is_empty() {
+            return;
+        }
+        let spans = std::mem::take(batch);
+        let n = spans.len();
+        if let Err(e) = futures_executor::block_on(exporter.export(spans)) {
+            failures += 1;
+            // Once, then every hundredth: a collector that is down must not flood the log.
+            if failures % 100 == 1 {
+                tracing::warn!(spans = n, error = %e, failures, "OTLP export failed");
+            }
+        }
+    };
+    let mut deadline = std::time::Instant::now() + INTERVAL;
+    loop {
+        let stopping = stop.try_recv().is_ok() || stop.is_disconnected();
+        match rx.recv_deadline(deadline) {
+            Ok(hop) => batch.push(span_data(hop, &scope)),
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Disconnected) => {
+                export(&mut batch);
+                return;
+            }
+        }
+        if stopping {
+            batch.extend(rx.drain().map(|h| span_data(h, &scope)));
+            export(&mut batch);
+            return;
+        }
+        if batch.len() >= BATCH || std::time::Instant::now() >= deadline {
+            export(&mut batch);
+            deadline = std::time::Instant::now() + INTERVAL;
+        }
+    }
+}
+
+fn time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// A hop as the SDK's span record.
+pub fn span_data(hop: Hop, scope: &InstrumentationScope) -> SpanData {
+    let flags = if hop.trace.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from_bytes(hop.trace.trace_id.to_be_bytes()),
+            SpanId::from_bytes(hop.trace.span_id.to_be_bytes()),
+            flags,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: hop
+            .parent
+            .map(|p| SpanId::from_bytes(p.to_be_bytes()))
+            .unwrap_or(SpanId::INVALID),
+        // The parent of a hop is another actor's, often in another process.
+        parent_span_is_remote: hop.parent.is_some(),
+        span_kind: match hop.kind {
+            HopKind::Producer => SpanKind::Producer,
+            HopKind::Consumer => SpanKind::Consumer,
+            HopKind::Internal => SpanKind::Internal,
+        },
+        name: hop.name.into(),
+        start_time: time(hop.start_ns),
+        end_time: time(hop.end_ns.max(hop.start_ns)),
+        attributes: vec![
+            KeyValue::new("nanobot.robot", hop.robot),
+            KeyValue::new("nanobot.seq", hop.seq as i64),
+        ],
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hop_becomes_a_span_with_its_own_ids_and_its_parents() {
+        let root = TraceContext::new_root();
+        let child = root.child();
+        let hop = Hop {
+            name: "ingest.observation",
+            trace: child,
+            parent: Some(root.span_id),
+            start_ns: 2_000,
+            end_ns: 1_000,
+            robot: "r0".into(),
+            seq: 7,
+            kind: HopKind::Producer,
+        };
+        let s = span_data(hop, &InstrumentationScope::builder("t").build());
+        assert_eq!(
+            s.span_context.trace_id(),
+            TraceId::from_bytes(root.trace_id.to_be_bytes())
+        );
+        assert_eq!(
+            s.span_context.span_id(),
+            SpanId::from_bytes(child.span_id.to_be_bytes())
+        );
+        assert_eq!(s.parent_span_id, SpanId::from_bytes(root.span_id.to_be_bytes()));
+        assert!(s.parent_span_is_remote && s.span_context.is_sampled());
+        assert_eq!(s.span_kind, SpanKind::Producer);
+        // An end before the start (clocks of two hops) is clamped, never negative.
+        assert_eq!(s.end_time, s.start_time);
+        assert!(s.attributes.contains(&KeyValue::new("nanobot.seq", 7i64)));
+        let tick = Hop {
+            name: "robot.tick",
+            trace: root,
+            parent: None,
+            start_ns: 0,
+            end_ns: 5,
+            robot: "r0".into(),
+            seq: 7,
+            kind: HopKind::Producer,
+        };
+        let root_span = span_data(tick, &InstrumentationScope::builder("t").build());
+        assert_eq!(root_span.parent_span_id, SpanId::INVALID);
+        assert!(!root_span.parent_span_is_remote);
+    }
+
+    #[test]
+    fn a_sink_without_an_exporter_records_nothing_and_a_full_queue_counts_its_drops() {
+        let off = SpanSink::off();
+        assert!(!off.is_on());
+        let (tx, rx) = flume::bounded(1);
+        let sink = SpanSink {
+            tx: Some(tx),
+            dropped: Arc::default(),
+        };
+        let hop = Hop {
+            name: "robot.tick",
+            trace: TraceContext::new_root(),
+            parent: None,
+            start_ns: 0,
+            end_ns: 0,
+            robot: "r0".into(),
+            seq: 0,
+            kind: HopKind::Internal,
+        };
+        sink.record(hop.clone());
+        sink.record(hop);
+        assert_eq!((rx.len(), sink.dropped()), (1, 1));
+    }
+}
