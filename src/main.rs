@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{bench, ckpt, collect, export, fleet, foxglove, launcher, record, schema, serve, shadow, topic, train, tune};
+use cmd::{
+    bench, ckpt, collect, dashboard, export, fleet, foxglove, launcher, record, schema, serve, shadow, topic, train,
+    tune,
+};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +36,9 @@ enum Cmd {
         /// Seconds a node gets to stop after SIGTERM before SIGKILL.
         #[arg(long, default_value_t = 10.0)]
         grace: f64,
+        /// Serve the web dashboard too, on this address (e.g. 127.0.0.1:8080).
+        #[arg(long)]
+        dashboard: Option<String>,
     },
     /// Run one node of a launch file in this process (the multi-machine case).
     Run {
@@ -50,6 +56,8 @@ enum Cmd {
     Record(record::RecordArgs),
     /// Play an MCAP recording back onto the bus: same messages, order and pace.
     Play(record::PlayArgs),
+    /// The fleet in a browser: nodes, topics, cameras, actions, training, promotions, success.
+    Dashboard(dashboard::DashboardArgs),
     /// Serve the fleet's live topics to Foxglove (its WebSocket protocol), camera frames as images.
     Foxglove(foxglove::FoxgloveArgs),
     /// Nodes and actors of a running fleet.
@@ -142,9 +150,14 @@ fn main() -> ExitCode {
     tune_process();
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Launch { file, nodes, grace } => {
+        Cmd::Launch {
+            file,
+            nodes,
+            grace,
+            dashboard,
+        } => {
             init_tracing("info");
-            launcher::launch(&file, &nodes, grace)
+            launcher::launch(&file, &nodes, grace, dashboard.as_deref())
         }
         Cmd::Run {
             launch: file,
@@ -164,6 +177,10 @@ fn main() -> ExitCode {
         Cmd::Play(args) => {
             init_tracing("warn,zenoh=error");
             runtime().and_then(|rt| rt.block_on(record::play(args)))
+        }
+        Cmd::Dashboard(args) => {
+            init_tracing("warn,zenoh=error");
+            runtime().and_then(|rt| rt.block_on(dashboard::dashboard(args)))
         }
         Cmd::Foxglove(args) => {
             init_tracing("warn,zenoh=error");

@@ -40,6 +40,8 @@ struct NodeProc {
     restart_at: Option<Instant>,
     gave_up: bool,
     done: bool,
+    /// The dashboard (`--dashboard`): restarted like a node, but the fleet's end is its end.
+    dashboard: Option<String>,
 }
 
 fn say(msg: &str) {
@@ -55,11 +57,15 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-fn spawn_node(file: &Path, name: &str) -> anyhow::Result<Child> {
+fn spawn_node(file: &Path, p: &NodeProc) -> anyhow::Result<Child> {
+    let name = &p.name;
     let exe = std::env::current_exe().context("locating the nanobot executable")?;
     let parent = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(exe);
-    cmd.args(["run", "--launch"]).arg(file).args(["--node", name]);
+    match &p.dashboard {
+        Some(listen) => cmd.args(["dashboard", "--listen", listen, "--launch"]).arg(file),
+        None => cmd.args(["run", "--launch"]).arg(file).args(["--node", name]),
+    };
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -151,7 +157,7 @@ fn on_exit(p: &mut NodeProc, status: ExitStatus, policy: &RestartPolicy) {
     p.restart_at = Some(now + backoff);
 }
 
-pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> {
+pub fn launch(file: &Path, only: &[String], grace_s: f64, dashboard: Option<&str>) -> anyhow::Result<u8> {
     let lf = match launch::load(file, &registry::names()) {
         Ok(lf) => lf,
         Err(e) => {
@@ -180,8 +186,21 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> 
             restart_at: Some(Instant::now()),
             gave_up: false,
             done: false,
+            dashboard: None,
         })
         .collect();
+    if let Some(listen) = dashboard {
+        procs.push(NodeProc {
+            name: "dashboard".into(),
+            child: None,
+            failures: VecDeque::new(),
+            // After the nodes, which it connects to.
+            restart_at: Some(Instant::now() + Duration::from_millis(500)),
+            gave_up: false,
+            done: false,
+            dashboard: Some(listen.to_string()),
+        });
+    }
     say(&format!(
         "fleet {:?} from {}: {} node(s), {} robot(s)",
         lf.fleet,
@@ -204,7 +223,7 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> 
             }
             if p.child.is_none() && p.restart_at.is_some_and(|t| Instant::now() >= t) {
                 p.restart_at = None;
-                match spawn_node(file, &p.name) {
+                match spawn_node(file, p) {
                     Ok(c) => p.child = Some(c),
                     Err(e) => {
                         say(&format!("{e:#}"));
@@ -213,8 +232,18 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64) -> anyhow::Result<u8> 
                 }
             }
         }
-        if procs.iter().all(|p| p.done || p.gave_up) {
-            let failed = procs.iter().filter(|p| p.gave_up).count();
+        if procs
+            .iter()
+            .filter(|p| p.dashboard.is_none())
+            .all(|p| p.done || p.gave_up)
+        {
+            for p in procs.iter_mut().filter(|p| p.dashboard.is_some()) {
+                if let Some(mut c) = p.child.take() {
+                    signal_child(&c, libc::SIGTERM);
+                    let _ = c.wait();
+                }
+            }
+            let failed = procs.iter().filter(|p| p.gave_up && p.dashboard.is_none()).count();
             say(&format!("all nodes ended ({failed} gave up)"));
             return Ok(if failed > 0 { 1 } else { 0 });
         }

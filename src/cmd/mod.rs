@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod ckpt;
 pub mod collect;
+pub mod dashboard;
 pub mod export;
 pub mod fleet;
 pub mod foxglove;

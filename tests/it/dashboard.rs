@@ -1,0 +1,156 @@
+//! End-to-end: `nanobot launch --dashboard` serves the web dashboard of a running simulated
+//! fleet: its JSON and event-stream endpoints answer (with the bearer token only), the camera
+//! is a JPEG, and headless Chromium shows the robot with a value that changes live.
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const TOKEN: &str = "s3cret";
+
+fn state(port: u16) -> Value {
+    let (status, ctype, body) = http_with(port, "GET", "/api/state", &[("Authorization", "Bearer s3cret")], b"");
+    assert_eq!((status, ctype.as_str()), (200, "application/json"));
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The first `n` snapshots of the event stream (HTTP/1.0: the body is not chunked).
+fn stream(port: u16, n: usize) -> Vec<Value> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET /api/stream?token={TOKEN} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let mut buf = [0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<Value> = text
+            .split("\n\n")
+            .filter(|e| e.contains("event: state") && text.contains(&format!("{e}\n\n")))
+            .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        if events.len() >= n {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "{n} events did not come: {text}");
+        let got = s.read(&mut buf).unwrap();
+        assert!(got > 0, "the stream closed: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..got]));
+    }
+}
+
+#[test]
+fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
+    let (port, web) = (free_port(), free_port());
+    let file = write_launch(
+        "dashboard",
+        &format!(
+            r#"
+[robots]
+ids = ["r0"]
+[[node]]
+name = "sim"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+[[node.actor]]
+type = "expert"
+for_each_robot = true
+config = "@CONFIGS@/expert.toml"
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+"#
+        ),
+    );
+    let mut cmd = nanobot();
+    cmd.arg("launch")
+        .arg(&file)
+        .args(["--grace", "5", "--dashboard", &format!("127.0.0.1:{web}")])
+        .env("NANOBOT_DASHBOARD_TOKEN", TOKEN);
+    let mut fleet = Proc::spawn(cmd);
+    fleet.expect_line("dashboard of fleet nb on http://127.0.0.1", Duration::from_secs(60));
+
+    // Without the token: refused. The page itself is self-contained (no CDN).
+    let (status, _, _) = http_with(web, "GET", "/api/state", &[], b"");
+    assert_eq!(status, 401);
+    let (status, ctype, page) = http_with(web, "GET", &format!("/?token={TOKEN}"), &[], b"");
+    let page = text(&page);
+    assert_eq!((status, ctype.as_str()), (200, "text/html; charset=utf-8"));
+    assert!(page.contains("NanoBot fleet") && !page.contains("src=\"http") && !page.contains("href=\"http"));
+
+    let mut s = Value::Null;
+    wait_until("the robot and its node in /api/state", Duration::from_secs(30), || {
+        s = state(web);
+        s["robots"]["r0"]["observations"].as_u64().unwrap_or(0) > 0
+            && s["nodes"]["sim"]["ingest_r0"]["alive"] == true
+            && s["topics"]["nb/r0/obs"]["rate_hz"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    assert_eq!(s["fleet"], "nb");
+    assert_eq!(s["robots"]["r0"]["source"], "Expert", "{s}");
+    assert_eq!(s["robots"]["r0"]["state"].as_array().map(Vec::len), Some(6), "{s}");
+    assert_eq!(s["topics"]["nb/r0/act"]["kind"], "ActionChunk", "{s}");
+
+    // The stream: snapshots half a second apart, the observation count moving on.
+    let events = stream(web, 2);
+    let count = |e: &Value| e["topics"]["nb/r0/obs"]["count"].as_u64().unwrap();
+    assert!(
+        count(&events[1]) > count(&events[0]),
+        "{:?}",
+        events.iter().map(count).collect::<Vec<_>>()
+    );
+
+    let (status, ctype, jpeg) = http_with(web, "GET", "/api/camera/r0", &[("Authorization", "Bearer s3cret")], b"");
+    assert_eq!((status, ctype.as_str()), (200, "image/jpeg"));
+    assert_eq!(&jpeg[..2], &[0xff, 0xd8]);
+    let (status, _, _) = http_with(web, "GET", "/api/camera/r9", &[("Authorization", "Bearer s3cret")], b"");
+    assert_eq!(status, 404);
+
+    // A real browser: the page loads, shows the robot and its camera, and a value changes live.
+    let shot = temp_dir("dashboard-shot").join("dashboard.png");
+    let browser = std::process::Command::new("python3")
+        .arg(repo().join("dashboard/tests/browser_check.py"))
+        .arg(format!("http://127.0.0.1:{web}/?token={TOKEN}"))
+        .arg(&shot)
+        .arg("r0")
+        .output()
+        .unwrap();
+    assert!(
+        browser.status.success(),
+        "browser_check.py (needs chromium and chromium-driver; .ci/run installs them):\n{}{}",
+        text(&browser.stdout),
+        text(&browser.stderr)
+    );
+    let b: Value = serde_json::from_slice(&browser.stdout).unwrap();
+    assert_eq!(b["robots"], serde_json::json!(["r0"]), "{b}");
+    assert!(b["obs_after"].as_u64() > b["obs_before"].as_u64(), "{b}");
+    assert_eq!(b["camera_width"], 64, "{b}");
+    assert_eq!(b["live"], true, "{b}");
+    assert_eq!(b["errors"], serde_json::json!([]), "no script error on the page: {b}");
+    assert!(
+        b["topic_rows"].as_u64().unwrap() >= 5 && b["node_rows"].as_u64().unwrap() >= 3,
+        "{b}"
+    );
+    assert_eq!(&std::fs::read(&shot).unwrap()[..4], b"\x89PNG");
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+#[test]
+fn the_dashboard_refuses_to_listen_beyond_loopback_without_a_token() {
+    let out = nanobot()
+        .args(["dashboard", "--listen", "0.0.0.0:0"])
+        .env_remove("NANOBOT_DASHBOARD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("0.0.0.0:0") && err.contains("token"), "{err}");
+}
