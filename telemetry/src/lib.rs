@@ -7,11 +7,14 @@
 //! published with, parent the one it received, so one trace follows an observation from the
 //! robot's tick through ingest and the policy to the action and the logger, across processes.
 //!
+//! The actors' counters (their `Stats`) go out as OTLP metrics too ([`metrics`]).
+//!
 //! Spans go through a bounded queue (what a full queue refuses is counted) to a thread of their
 //! own that batches them (up to [`BATCH`] or every [`INTERVAL`]) and exports them with the
 //! `opentelemetry-otlp` exporter. Nothing is recorded for unsampled messages.
 
 mod http_client;
+pub mod metrics;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLink
 use opentelemetry_sdk::Resource;
 
 pub use http_client::BlockingHttp;
+pub use metrics::{MetricsExporter, StatsBoard};
 
 /// Spans per export, at most.
 pub const BATCH: usize = 512;
@@ -134,24 +138,48 @@ pub fn endpoint_from_env() -> Option<String> {
         .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
 }
 
-/// Start exporting if the environment names an OTLP endpoint: the node's sink and its export
-/// thread. `node` becomes `service.instance.id`; `OTEL_SERVICE_NAME` names the service
-/// (default `nanobot`), and `OTEL_RESOURCE_ATTRIBUTES` adds to it.
-pub fn from_env(fleet: &str, node: &str) -> Result<Option<(SpanSink, Exporter)>, TelemetryError> {
+/// What a node exports: spans of its hops and its actors' counters.
+pub struct Telemetry {
+    /// Where the node's actors report hops.
+    pub spans: SpanSink,
+    /// Where the node's actors' latest Stats go, for the metrics.
+    pub stats: StatsBoard,
+    traces: Exporter,
+    metrics: MetricsExporter,
+}
+
+impl Telemetry {
+    /// Export what is queued, then stop.
+    pub fn shutdown(self) {
+        self.traces.shutdown();
+        self.metrics.shutdown();
+    }
+}
+
+/// Start exporting if the environment names an OTLP endpoint: traces and metrics of node
+/// `node`, which becomes `service.instance.id`; `OTEL_SERVICE_NAME` names the service
+/// (default `nanobot`).
+pub fn from_env(fleet: &str, node: &str) -> Result<Option<Telemetry>, TelemetryError> {
     let Some(endpoint) = endpoint_from_env() else {
         return Ok(None);
     };
     start(&endpoint, fleet, node).map(Some)
 }
 
-/// Export to `endpoint` (an OTLP/HTTP base like `http://127.0.0.1:4318`, or a full
-/// `…/v1/traces` URL).
-pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<(SpanSink, Exporter), TelemetryError> {
-    let url = if endpoint.trim_end_matches('/').ends_with("/v1/traces") {
-        endpoint.to_string()
-    } else {
-        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
-    };
+/// An OTLP/HTTP URL for `signal` (`traces`, `metrics`) from a base like
+/// `http://127.0.0.1:4318` (a URL already ending in `/v1/{signal}` is kept).
+pub fn signal_url(endpoint: &str, signal: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    let tail = format!("/v1/{signal}");
+    match ["/v1/traces", "/v1/metrics"].iter().find(|t| base.ends_with(*t)) {
+        Some(t) => format!("{}{tail}", &base[..base.len() - t.len()]),
+        None => format!("{base}{tail}"),
+    }
+}
+
+/// Export to `endpoint` (an OTLP/HTTP base like `http://127.0.0.1:4318`).
+pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<Telemetry, TelemetryError> {
+    let url = signal_url(endpoint, "traces");
     let err = |reason: String| TelemetryError::Exporter {
         endpoint: url.clone(),
         reason,
@@ -173,6 +201,7 @@ pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<(SpanSink, Expor
         ])
         .build();
     exporter.set_resource(&resource);
+    let (stats, metrics) = metrics::start(&signal_url(endpoint, "metrics"), resource)?;
     let (tx, rx) = flume::bounded::<Hop>(QUEUE);
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
     let scope = InstrumentationScope::builder("nanobot")
@@ -182,17 +211,19 @@ pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<(SpanSink, Expor
         .name("nb-otlp".into())
         .spawn(move || export_loop(exporter, scope, rx, stop_rx))
         .map_err(|e| err(format!("no export thread: {e}")))?;
-    tracing::info!(endpoint = %url, "exporting spans over OTLP");
-    Ok((
-        SpanSink {
+    tracing::info!(endpoint = %url, "exporting spans and metrics over OTLP");
+    Ok(Telemetry {
+        spans: SpanSink {
             tx: Some(tx),
             dropped: Arc::default(),
         },
-        Exporter {
+        stats,
+        traces: Exporter {
             thread: Some(thread),
             stop: stop_tx,
         },
-    ))
+        metrics,
+    })
 }
 
 fn export_loop(
@@ -331,6 +362,16 @@ mod tests {
         let root_span = span_data(tick, &InstrumentationScope::builder("t").build());
         assert_eq!(root_span.parent_span_id, SpanId::INVALID);
         assert!(!root_span.parent_span_is_remote);
+    }
+
+    #[test]
+    fn signal_urls_come_from_the_base_or_a_full_url() {
+        assert_eq!(signal_url("http://h:4318", "traces"), "http://h:4318/v1/traces");
+        assert_eq!(signal_url("http://h:4318/", "metrics"), "http://h:4318/v1/metrics");
+        assert_eq!(
+            signal_url("http://h:4318/v1/traces", "metrics"),
+            "http://h:4318/v1/metrics"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! End-to-end: two node processes export their spans over OTLP to a real receiver (Python,
-//! `opentelemetry-proto`), and one trace follows a tick from the robot through ingest, the
-//! controller on the other node, the applied action and the logger, its parent links intact.
+//! End-to-end: two node processes export their spans and metrics over OTLP to a real receiver
+//! (Python, `opentelemetry-proto`): one trace follows a tick from the robot through ingest, the
+//! controller on the other node, the applied action and the logger, its parent links intact,
+//! and the actors' counters arrive as metrics.
 
 use crate::common;
 
@@ -12,13 +13,29 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// Spans the receiver wrote so far, one JSON object each.
-fn spans(path: &std::path::Path) -> Vec<Value> {
+/// What the receiver wrote so far of one type (`span`, `metric`), one JSON object each.
+fn received(path: &std::path::Path, kind: &str) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == kind)
         .collect()
+}
+
+fn spans(path: &std::path::Path) -> Vec<Value> {
+    received(path, "span")
+}
+
+/// The latest value of a counter for one actor of one node.
+fn counter(metrics: &[Value], name: &str, node: &str, actor: &str) -> Option<f64> {
+    metrics
+        .iter()
+        .filter(|m| {
+            m["name"] == name && m["resource"]["nanobot.node"] == node && m["attributes"]["nanobot.actor"] == actor
+        })
+        .filter_map(|m| m["value"].as_f64())
+        .last()
 }
 
 const HOPS: [&str; 5] = [
@@ -104,13 +121,21 @@ set = {{ rate_hz = 50.0 }}
     );
     let mut fleet = Proc::launch(
         &file,
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}"))],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{otlp_port}")),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500".to_string()),
+        ],
     );
     fleet.expect_actors(4, Duration::from_secs(30));
     let mut trace = None;
     wait_until("a whole trace at the receiver", Duration::from_secs(60), || {
         trace = whole_trace(&spans(&out));
         trace.is_some()
+    });
+    wait_until("the actors' counters as metrics", Duration::from_secs(30), || {
+        let m = received(&out, "metric");
+        counter(&m, "nanobot.actor.handled", "robot", "ingest_r0").is_some_and(|v| v > 0.0)
+            && counter(&m, "nanobot.actor.handled", "brain", "expert_r0").is_some_and(|v| v > 0.0)
     });
     fleet.signal(libc::SIGTERM);
     assert!(fleet.wait(Duration::from_secs(30)).success());
@@ -137,6 +162,20 @@ set = {{ rate_hz = 50.0 }}
         assert_eq!(s["attributes"]["nanobot.robot"], "r0", "{name}");
         assert!(s["end"].as_u64() >= s["start"].as_u64(), "{name}: {s}");
     }
+    let metrics = received(&out, "metric");
+    let kinds: Vec<_> = metrics
+        .iter()
+        .filter(|m| m["name"] == "nanobot.actor.handled")
+        .map(|m| &m["kind"])
+        .collect();
+    assert!(kinds.iter().all(|k| *k == "sum"), "handled is a counter: {kinds:?}");
+    // An actor's own metrics come as gauges named by their attribute.
+    assert!(
+        metrics
+            .iter()
+            .any(|m| m["name"] == "nanobot.actor.metric" && m["attributes"]["nanobot.actor"] == "logger_r0"),
+        "the logger's metrics (rows, files, ...)"
+    );
     // The action answers the tick's frame: the same sequence number all along the chain.
     let seq = &t["robot.tick"]["attributes"]["nanobot.seq"];
     for h in ["ingest.observation", "expert.chunk", "robot.act", "logger.write"] {

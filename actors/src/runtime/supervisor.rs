@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nanobot_messages::{topics, Stats};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use thiserror::Error;
 
@@ -230,8 +231,8 @@ pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(),
         Err(e) => return Err(e.into()),
     };
     // With OTEL_EXPORTER_OTLP_ENDPOINT set, the hops of sampled traces are exported as spans.
-    let (bus, exporter) = match nanobot_telemetry::from_env(&plan.fleet, &plan.name) {
-        Ok(Some((spans, exporter))) => (bus.with_spans(spans), Some(exporter)),
+    let (bus, telemetry) = match nanobot_telemetry::from_env(&plan.fleet, &plan.name) {
+        Ok(Some(t)) => (bus.with_spans(t.spans.clone()), Some(t)),
         Ok(None) => (bus, None),
         Err(e) => {
             return Err(NodeError::Start {
@@ -239,6 +240,18 @@ pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(),
                 reason: e.to_string(),
             })
         }
+    };
+    // The actors' Stats (published once a second) feed the exported metrics.
+    let _stats_feed = match &telemetry {
+        Some(t) => {
+            let board = t.stats.clone();
+            let key = topics::node_actor(&plan.fleet, &plan.name, "*");
+            Some(
+                bus.subscribe_callback::<Stats>(&key, move |r| board.update(&r.msg))
+                    .await?,
+            )
+        }
+        None => None,
     };
     tracing::info!(node = %plan.name, fleet = %plan.fleet, zenoh = %plan.bus.describe(), actors = plan.actors.len(), "node starting");
     let failure = Arc::new(Mutex::new(None));
@@ -271,9 +284,9 @@ pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(),
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut handle).await;
     }
     bus.close().await;
-    if let Some(exporter) = exporter {
-        // What is queued is exported before the node exits (the exporter times out on its own).
-        let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+    if let Some(t) = telemetry {
+        // What is queued is exported before the node exits (the exporters time out on their own).
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
     }
     let failed = failure.lock().unwrap_or_else(|e| e.into_inner()).take();
     match failed {
