@@ -35,7 +35,7 @@ fn counter(metrics: &[Value], name: &str, node: &str, actor: &str) -> Option<f64
             m["name"] == name && m["resource"]["nanobot.node"] == node && m["attributes"]["nanobot.actor"] == actor
         })
         .filter_map(|m| m["value"].as_f64())
-        .last()
+        .next_back()
 }
 
 const HOPS: [&str; 5] = [
