@@ -174,13 +174,14 @@ pub async fn start(
     let v = view.clone();
     let fold = tokio::spawn(async move {
         while let Ok(a) = rx.recv_async().await {
-            let mut view = v.lock().unwrap_or_else(|e| e.into_inner());
             match a {
                 Arrival::Message(key, bytes) => {
                     let len = bytes.len();
-                    view.message(&key, len, decode_any(bytes).ok());
+                    // Decoded before the view is locked: the page's readers wait only for the fold.
+                    let decoded = decode_any(bytes).ok();
+                    v.lock().unwrap_or_else(|e| e.into_inner()).message(&key, len, decoded);
                 }
-                Arrival::Alive(key, alive) => view.liveliness(&key, alive),
+                Arrival::Alive(key, alive) => v.lock().unwrap_or_else(|e| e.into_inner()).liveliness(&key, alive),
             }
         }
     });

@@ -47,30 +47,7 @@ fn stream(port: u16, n: usize) -> Vec<Value> {
 #[test]
 fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     let (port, web) = (free_port(), free_port());
-    let file = write_launch(
-        "dashboard",
-        &format!(
-            r#"
-[robots]
-ids = ["r0"]
-[[node]]
-name = "sim"
-listen = ["tcp/127.0.0.1:{port}"]
-[[node.actor]]
-type = "sim_robot"
-for_each_robot = true
-config = "@CONFIGS@/sim_robot.toml"
-[[node.actor]]
-type = "expert"
-for_each_robot = true
-config = "@CONFIGS@/expert.toml"
-[[node.actor]]
-type = "ingest"
-for_each_robot = true
-config = "@CONFIGS@/ingest.toml"
-"#
-        ),
-    );
+    let file = one_robot_fleet("dashboard", port);
     let mut cmd = nanobot();
     cmd.arg("launch")
         .arg(&file)

@@ -10,30 +10,7 @@ use common::*;
 #[test]
 fn a_foxglove_client_sees_the_fleets_channels_and_decodes_a_camera_image() {
     let (port, ws_port) = (free_port(), free_port());
-    let file = write_launch(
-        "foxglove",
-        &format!(
-            r#"
-[robots]
-ids = ["r0"]
-[[node]]
-name = "sim"
-listen = ["tcp/127.0.0.1:{port}"]
-[[node.actor]]
-type = "sim_robot"
-for_each_robot = true
-config = "@CONFIGS@/sim_robot.toml"
-[[node.actor]]
-type = "expert"
-for_each_robot = true
-config = "@CONFIGS@/expert.toml"
-[[node.actor]]
-type = "ingest"
-for_each_robot = true
-config = "@CONFIGS@/ingest.toml"
-"#
-        ),
-    );
+    let file = one_robot_fleet("foxglove", port);
     let mut fleet = Proc::launch(&file, &[]);
     fleet.expect_actors(3, Duration::from_secs(30));
     let mut bridge = {

@@ -56,6 +56,35 @@ pub fn write_launch(tag: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A launch file for one node listening on `port` with one simulated robot `r0` driven by the
+/// scripted expert at 20 Hz, its telemetry through ingest: a small live fleet for the tools.
+pub fn one_robot_fleet(tag: &str, port: u16) -> PathBuf {
+    write_launch(
+        tag,
+        &format!(
+            r#"
+[robots]
+ids = ["r0"]
+[[node]]
+name = "sim"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+[[node.actor]]
+type = "expert"
+for_each_robot = true
+config = "@CONFIGS@/expert.toml"
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+"#
+        ),
+    )
+}
+
 /// A running `nanobot launch` (or `nanobot run`); stderr lines arrive on `lines`.
 pub struct Proc {
     pub child: Child,
