@@ -199,3 +199,54 @@ fn play_keeps_the_order_remaps_keys_and_never_runs_ahead_of_the_recorded_pace() 
         assert!(matches!(err, Err(nanobot_record::RecordError::BadRate(_))));
     });
 }
+
+#[test]
+fn a_looped_recording_starts_over_until_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loop.mcap");
+    let mut rec = McapRecorder::create(&path).unwrap();
+    for i in 0..3u64 {
+        let payload = encode("r0", i, i, &RawFrame::f32_vector("state", &[i as f32]))
+            .unwrap()
+            .to_vec();
+        rec.record("nb/r0/raw/state", Bytes::from(payload), 1_000 + i * 1_000_000)
+            .unwrap();
+    }
+    rec.finish(&[]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let session = lone_session().await;
+        let seqs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seqs.clone();
+        let _sub = session
+            .declare_subscriber("nb/**")
+            .callback(move |sample| {
+                let (h, _) = nanobot_messages::peek_header(&sample.payload().to_bytes()).unwrap();
+                s.lock().unwrap().push(h.seq);
+            })
+            .await
+            .unwrap();
+        let opts = nanobot_record::PlayOptions {
+            rate: 10.0,
+            looped: true,
+            ..Default::default()
+        };
+        // Stopped once more than two passes went out.
+        let watched = seqs.clone();
+        let stop = async move {
+            while watched.lock().unwrap().len() < 7 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        let stats = nanobot_record::play(&session, Recording::open(&path).unwrap(), &opts, stop)
+            .await
+            .unwrap();
+        assert!(stats.loops >= 2, "{stats:?}");
+        let got = seqs.lock().unwrap().clone();
+        assert_eq!(&got[..7], &[0, 1, 2, 0, 1, 2, 0], "each pass in the recorded order");
+    });
+}
