@@ -150,8 +150,9 @@ pub struct Logger {
     over_budget: u64,
     failing_since: Option<Instant>,
     last_error_log: Option<Instant>,
-    /// Sampled observations not durable yet: (their trace, seq, when they arrived). Each
-    /// becomes a `logger.write` span when the flush that holds it is acknowledged.
+    /// Sampled observations not durable yet, followed while the node exports spans: (their
+    /// trace, seq, when they arrived). Each becomes a `logger.write` span when the flush that
+    /// holds it is acknowledged.
     traced: std::collections::VecDeque<(TraceContext, u64, u64)>,
 }
 
@@ -178,14 +179,14 @@ impl Logger {
     /// fails, the rows already waiting are kept (they are older, and the dataset stays a
     /// contiguous run of sequence numbers) and new arrivals beyond `max_pending_rows` are
     /// dropped and counted.
-    fn take_arrivals(&mut self) -> Vec<Frame> {
+    fn take_arrivals(&mut self, follow_traces: bool) -> Vec<Frame> {
         let mut frames = Vec::new();
         while let Some(r) = self.obs.take() {
             if self.pending + frames.len() >= self.cfg.max_pending_rows {
                 self.over_budget += 1;
                 continue;
             }
-            if let Some(t) = r.trace {
+            if let Some(t) = r.trace.filter(|_| follow_traces) {
                 if self.traced.len() == TRACED_MAX {
                     self.traced.pop_front();
                 }
@@ -305,7 +306,7 @@ impl NodeActor for Logger {
     }
 
     async fn handle(&mut self, ctx: &Ctx<Self>, _tick: Input<()>) -> Result<(), ActorError> {
-        let frames = self.take_arrivals();
+        let frames = self.take_arrivals(ctx.bus.exports_spans());
         let events = self.take_events();
         let check_rotation = self.failing_since.is_none();
         let done = self
@@ -393,7 +394,8 @@ impl NodeActor for Logger {
 
     async fn stop(&mut self, _ctx: &Ctx<Self>) {
         // A clean stop finalizes the open file; a crash leaves the journal for the next start.
-        let frames = self.take_arrivals();
+        // (No acknowledgement follows, so no trace is followed further.)
+        let frames = self.take_arrivals(false);
         let events = self.take_events();
         let done = self
             .writer

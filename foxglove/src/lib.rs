@@ -5,9 +5,9 @@
 //! named by its key, with its kind's JSON Schema (so every field is plottable: `msg.state[0]`,
 //! `msg.actions[1]`), and camera frames and observations also as `foxglove.CompressedImage`
 //! (or `RawImage`) on `{key}/image`. A channel is advertised when its first message arrives; a
-//! message is encoded only while some client subscribes to its channel. Arrivals go through a
-//! bounded queue to a thread of their own (JSON and base64 are CPU work): what a full queue
-//! refuses is counted, and so are payloads that are not NanoBot messages.
+//! message is decoded and encoded only while some client subscribes to its channel. Arrivals go
+//! through a bounded queue to a thread of their own (JSON and base64 are CPU work): what a full
+//! queue refuses is counted, and so are payloads that are not NanoBot messages.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use foxglove::{ChannelBuilder, Context, PartialMetadata, RawChannel, Schema, WebSocketServer, WebSocketServerHandle};
 use nanobot_messages::foxglove::{camera_image, image_schema};
-use nanobot_messages::{decode_any, schema, to_json, Kind};
+use nanobot_messages::{codec, decode_any, schema, to_json, Kind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -103,6 +103,9 @@ struct Forwarder {
     ctx: Arc<Context>,
     kind_schemas: HashMap<Kind, String>,
     channels: HashMap<(Arc<str>, Lane), Arc<RawChannel>>,
+    /// Per key, the image channel beside it (`None`: its messages carry no picture), known
+    /// once its first message was decoded.
+    images: HashMap<Arc<str>, Option<Arc<RawChannel>>>,
     counters: Arc<Counters>,
 }
 
@@ -140,26 +143,46 @@ impl Forwarder {
     }
 
     fn forward(&mut self, key: Arc<str>, payload: Bytes) {
-        let Ok((header, msg)) = decode_any(payload) else {
-            if self.counters.not_nanobot.fetch_add(1, Ordering::Relaxed) == 0 {
-                tracing::warn!(key = &*key, "not a NanoBot message: not bridged (counted)");
-            }
-            return;
+        // The header names the channel; the body is decoded only for a subscribed client (or
+        // to learn, once per key, whether its messages carry a picture).
+        let Ok((header, _)) = codec::peek_header_ref(&payload) else {
+            return self.not_nanobot(&key);
         };
-        let meta = PartialMetadata::with_log_time(header.stamp_ns);
-        if let Some(c) = self.channel(&key, Lane::Message(header.kind)) {
-            if c.has_sinks() {
-                let json = serde_json::to_vec(&to_json(&header, &msg)).expect("a JSON value serializes");
-                c.log_with_meta(&json, meta);
-                self.counters.sent.fetch_add(1, Ordering::Relaxed);
-            }
+        let (kind, stamp_ns) = (header.kind, header.stamp_ns);
+        let channel = self.channel(&key, Lane::Message(kind));
+        let image = self.images.get(&key).cloned();
+        let wanted = |c: &Option<Arc<RawChannel>>| c.as_ref().is_some_and(|c| c.has_sinks());
+        if !wanted(&channel) && image.as_ref().is_some_and(|i| !wanted(i)) {
+            return;
         }
-        if let Some((name, image)) = camera_image(&header, &msg) {
-            if let Some(c) = self.channel(&key, Lane::Image(name)) {
-                if c.has_sinks() {
-                    c.log_with_meta(&serde_json::to_vec(&image).expect("a JSON value serializes"), meta);
-                }
+        let Ok((header, msg)) = decode_any(payload) else {
+            return self.not_nanobot(&key);
+        };
+        let meta = PartialMetadata::with_log_time(stamp_ns);
+        if let Some(c) = channel.filter(|c| c.has_sinks()) {
+            let json = serde_json::to_vec(&to_json(&header, &msg)).expect("a JSON value serializes");
+            c.log_with_meta(&json, meta);
+            self.counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let picture = camera_image(&header, &msg);
+        let image = match image {
+            Some(known) => known,
+            None => {
+                let c = picture
+                    .as_ref()
+                    .and_then(|(name, _)| self.channel(&key, Lane::Image(name)));
+                self.images.insert(key.clone(), c.clone());
+                c
             }
+        };
+        if let (Some(c), Some((_, picture))) = (image.filter(|c| c.has_sinks()), picture) {
+            c.log_with_meta(&serde_json::to_vec(&picture).expect("a JSON value serializes"), meta);
+        }
+    }
+
+    fn not_nanobot(&self, key: &str) {
+        if self.counters.not_nanobot.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(key, "not a NanoBot message: not bridged (counted)");
         }
     }
 }
@@ -187,11 +210,7 @@ impl Default for BridgeOptions {
 
 /// Start the WebSocket server and bridge every message on `keys` to it.
 pub async fn start(session: &zenoh::Session, keys: &[String], opts: &BridgeOptions) -> Result<Bridge, BridgeError> {
-    let registry = schema::registry().map_err(BridgeError::Schema)?;
-    let kind_schemas = Kind::ALL
-        .iter()
-        .map(|k| (*k, schema::json_schema(*k, &registry).to_string()))
-        .collect();
+    let kind_schemas = schema::json_schemas().map_err(BridgeError::Schema)?;
     let ctx = Context::new();
     let server = WebSocketServer::new()
         .name("nanobot")
@@ -228,6 +247,7 @@ pub async fn start(session: &zenoh::Session, keys: &[String], opts: &BridgeOptio
         ctx,
         kind_schemas,
         channels: HashMap::new(),
+        images: HashMap::new(),
         counters: counters.clone(),
     };
     let forwarder = std::thread::Builder::new()

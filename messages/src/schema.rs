@@ -211,6 +211,16 @@ pub fn json_schema(kind: Kind, registry: &Registry) -> serde_json::Value {
     })
 }
 
+/// Every kind's JSON Schema as text, for writers that declare one schema per kind (MCAP
+/// recordings, the Foxglove bridge).
+pub fn json_schemas() -> Result<std::collections::HashMap<Kind, String>, String> {
+    let registry = registry()?;
+    Ok(Kind::ALL
+        .iter()
+        .map(|k| (*k, json_schema(*k, &registry).to_string()))
+        .collect())
+}
+
 fn container_schema(name: &str, registry: &Registry) -> serde_json::Value {
     use serde_json::json;
     match registry.get(name) {

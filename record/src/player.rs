@@ -95,6 +95,9 @@ pub struct Played {
 pub struct Recording {
     path: PathBuf,
     map: memmap2::Mmap,
+    /// The topics playback publishes (derived channels left out), sorted: from the summary,
+    /// read once at open.
+    topics: Vec<String>,
 }
 
 impl Recording {
@@ -107,25 +110,17 @@ impl Recording {
         // Safety: the recording is read-only here; a writer truncating it under us is the
         // same hazard as with any memory-mapped reader (a SIGBUS), as with safetensors.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        mcap::Summary::read(&map).map_err(|source| RecordError::Mcap {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Ok(Recording {
-            path: path.to_path_buf(),
-            map,
-        })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The topics that playback publishes (derived channels left out), sorted.
-    pub fn topics(&self) -> Result<Vec<String>, RecordError> {
-        let summary = mcap::Summary::read(&self.map)
-            .map_err(|source| self.mcap_err(source))?
-            .ok_or_else(|| self.bad("", 0, "the file has no summary (was the recording finished?)".into()))?;
+        let summary = mcap::Summary::read(&map)
+            .map_err(|source| RecordError::Mcap {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .ok_or_else(|| RecordError::BadMessage {
+                path: path.to_path_buf(),
+                topic: String::new(),
+                index: 0,
+                reason: "the file has no summary (was the recording finished?)".into(),
+            })?;
         let mut topics: Vec<String> = summary
             .channels
             .values()
@@ -134,7 +129,21 @@ impl Recording {
             .collect();
         topics.sort();
         topics.dedup();
-        Ok(topics)
+        drop(summary);
+        Ok(Recording {
+            path: path.to_path_buf(),
+            map,
+            topics,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The topics that playback publishes (derived channels left out), sorted.
+    pub fn topics(&self) -> &[String] {
+        &self.topics
     }
 
     fn mcap_err(&self, source: mcap::McapError) -> RecordError {
@@ -212,8 +221,8 @@ pub async fn play(
     }
     let mut stats = PlayStats::default();
     let mut publishers = BTreeMap::new();
-    for topic in recording.topics()? {
-        let key = Remap::apply(&opts.remaps, &topic).into_owned();
+    for topic in recording.topics() {
+        let key = Remap::apply(&opts.remaps, topic).into_owned();
         let publisher = session
             .declare_publisher(key.clone())
             .congestion_control(CongestionControl::Block)
@@ -223,7 +232,7 @@ pub async fn play(
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
-        publishers.insert(topic, (key, publisher));
+        publishers.insert(topic.clone(), (key, publisher));
     }
     // Like `rosbag play --wait-for-subscribers`: the first messages are not lost to
     // subscriptions still being declared.

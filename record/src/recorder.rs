@@ -77,11 +77,7 @@ impl<W: Write + Seek> McapRecorder<W> {
             .library(concat!("nanobot ", env!("CARGO_PKG_VERSION")))
             .create(w)
             .map_err(mcap_err)?;
-        let registry = schema::registry().map_err(RecordError::Schema)?;
-        let kind_schemas = Kind::ALL
-            .iter()
-            .map(|k| (*k, schema::json_schema(*k, &registry).to_string()))
-            .collect();
+        let kind_schemas = schema::json_schemas().map_err(RecordError::Schema)?;
         Ok(McapRecorder {
             writer,
             path: path.to_path_buf(),

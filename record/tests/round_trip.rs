@@ -1,6 +1,9 @@
 //! A recording reads back as the bytes that were recorded: JSON channels re-encode exactly,
 //! raw ones are kept as they were, and the camera images beside them are not played.
 
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use bytes::Bytes;
 use nanobot_messages::{encode, ActionChunk, ActionSource, Encoding, Event, EventKind, RawFrame};
 use nanobot_record::{McapRecorder, Recording, DERIVED_FROM, JSON_ENCODING, RAW_ENCODING};
@@ -65,7 +68,7 @@ fn recorded_messages_play_back_byte_for_byte_in_order() {
 
     let recording = Recording::open(&path).unwrap();
     assert_eq!(
-        recording.topics().unwrap(),
+        recording.topics(),
         ["nb/r0/act", "nb/r0/event", "nb/r0/raw/camera", "nb/r0/raw/device"],
         "the derived image channel is not played"
     );
@@ -126,6 +129,36 @@ async fn lone_session() -> zenoh::Session {
     zenoh::open(cfg).await.unwrap()
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// What arrived on a subscription: (key, payload, when).
+type Arrivals = Arc<Mutex<Vec<(String, Vec<u8>, Instant)>>>;
+
+/// Keep every sample on `key` as it arrives (the subscription lives as long as the subscriber).
+async fn arrivals(session: &zenoh::Session, key: &str) -> (zenoh::pubsub::Subscriber<()>, Arrivals) {
+    let got = Arrivals::default();
+    let g = got.clone();
+    let sub = session
+        .declare_subscriber(key.to_string())
+        .callback(move |s| {
+            let arrival = (
+                s.key_expr().as_str().to_string(),
+                s.payload().to_bytes().into_owned(),
+                Instant::now(),
+            );
+            g.lock().unwrap().push(arrival);
+        })
+        .await
+        .unwrap();
+    (sub, got)
+}
+
 #[test]
 fn play_keeps_the_order_remaps_keys_and_never_runs_ahead_of_the_recorded_pace() {
     let dir = tempfile::tempdir().unwrap();
@@ -144,32 +177,15 @@ fn play_keeps_the_order_remaps_keys_and_never_runs_ahead_of_the_recorded_pace() 
     }
     rec.finish(&[]).unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let session = lone_session().await;
-        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let g = got.clone();
-        let _sub = session
-            .declare_subscriber("lab/**")
-            .callback(move |s| {
-                g.lock().unwrap().push((
-                    s.key_expr().as_str().to_string(),
-                    s.payload().to_bytes().into_owned(),
-                    std::time::Instant::now(),
-                ))
-            })
-            .await
-            .unwrap();
+        let (_sub, got) = arrivals(&session, "lab/**").await;
         let opts = nanobot_record::PlayOptions {
             rate: 2.0,
             remaps: vec!["nb=lab".parse().unwrap()],
             ..Default::default()
         };
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let stats = nanobot_record::play(&session, Recording::open(&path).unwrap(), &opts, std::future::pending())
             .await
             .unwrap();
@@ -213,30 +229,16 @@ fn a_looped_recording_starts_over_until_stopped() {
             .unwrap();
     }
     rec.finish(&[]).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let session = lone_session().await;
-        let seqs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let s = seqs.clone();
-        let _sub = session
-            .declare_subscriber("nb/**")
-            .callback(move |sample| {
-                let (h, _) = nanobot_messages::peek_header(&sample.payload().to_bytes()).unwrap();
-                s.lock().unwrap().push(h.seq);
-            })
-            .await
-            .unwrap();
+        let (_sub, got) = arrivals(&session, "nb/**").await;
         let opts = nanobot_record::PlayOptions {
             rate: 10.0,
             looped: true,
             ..Default::default()
         };
         // Stopped once more than two passes went out.
-        let watched = seqs.clone();
+        let watched = got.clone();
         let stop = async move {
             while watched.lock().unwrap().len() < 7 {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -246,7 +248,12 @@ fn a_looped_recording_starts_over_until_stopped() {
             .await
             .unwrap();
         assert!(stats.loops >= 2, "{stats:?}");
-        let got = seqs.lock().unwrap().clone();
-        assert_eq!(&got[..7], &[0, 1, 2, 0, 1, 2, 0], "each pass in the recorded order");
+        let seqs: Vec<u64> = got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b, _)| nanobot_messages::peek_header(b).unwrap().0.seq)
+            .collect();
+        assert_eq!(&seqs[..7], &[0, 1, 2, 0, 1, 2, 0], "each pass in the recorded order");
     });
 }

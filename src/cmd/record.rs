@@ -115,7 +115,7 @@ pub async fn record(args: RecordArgs) -> anyhow::Result<u8> {
 
 pub async fn play(args: PlayArgs) -> anyhow::Result<u8> {
     let recording = Recording::open(&args.file)?;
-    let topics = recording.topics()?;
+    let topics = recording.topics();
     anyhow::ensure!(
         !topics.is_empty(),
         "{}: the recording has no messages to play",

@@ -101,18 +101,13 @@ impl SpanSink {
     }
 }
 
-/// The export thread; dropping it (or [`Exporter::shutdown`]) exports what is queued and stops.
-pub struct Exporter {
+/// The span export thread; dropping it exports what is queued and stops it.
+struct Exporter {
     thread: Option<std::thread::JoinHandle<()>>,
     stop: flume::Sender<()>,
 }
 
 impl Exporter {
-    /// Export what is queued, then stop.
-    pub fn shutdown(mut self) {
-        self.finish();
-    }
-
     fn finish(&mut self) {
         let _ = self.stop.send(());
         if let Some(t) = self.thread.take() {
@@ -127,32 +122,61 @@ impl Drop for Exporter {
     }
 }
 
-/// The endpoint OpenTelemetry's environment names, if any (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
-/// or `OTEL_EXPORTER_OTLP_ENDPOINT`; `OTEL_SDK_DISABLED=true` turns export off).
-pub fn endpoint_from_env() -> Option<String> {
-    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
-        return None;
-    }
-    ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+/// Where each signal goes, as OpenTelemetry's environment says: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+/// and `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` are full URLs for their own signal, and
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is a base that gets `/v1/traces` and `/v1/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub traces: Option<String>,
+    pub metrics: Option<String>,
 }
 
-/// What a node exports: spans of its hops and its actors' counters.
+impl Endpoints {
+    /// From a base and the signal-specific URLs (empty strings count as unset).
+    pub fn new(base: Option<&str>, traces: Option<&str>, metrics: Option<&str>) -> Endpoints {
+        let set = |v: Option<&str>| v.map(str::trim).filter(|v| !v.is_empty()).map(str::to_string);
+        let from_base = |signal| set(base).map(|b| format!("{}/v1/{signal}", b.trim_end_matches('/')));
+        Endpoints {
+            traces: set(traces).or_else(|| from_base("traces")),
+            metrics: set(metrics).or_else(|| from_base("metrics")),
+        }
+    }
+
+    /// The environment's endpoints (none with `OTEL_SDK_DISABLED=true`).
+    pub fn from_env() -> Endpoints {
+        if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Endpoints::default();
+        }
+        let var = |k: &str| std::env::var(k).ok();
+        Endpoints::new(
+            var("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+            var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").as_deref(),
+            var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").as_deref(),
+        )
+    }
+}
+
+/// What a node exports: spans of its hops and its actors' counters (each where its endpoint is
+/// set).
 pub struct Telemetry {
-    /// Where the node's actors report hops.
+    /// Where the node's actors report hops (off without a traces endpoint).
     pub spans: SpanSink,
     /// Where the node's actors' latest Stats go, for the metrics.
     pub stats: StatsBoard,
-    traces: Exporter,
-    metrics: MetricsExporter,
+    traces: Option<Exporter>,
+    metrics: Option<MetricsExporter>,
 }
 
 impl Telemetry {
-    /// Export what is queued, then stop.
+    /// Export what is queued, then stop; spans the full queue refused are reported here.
     pub fn shutdown(self) {
-        self.traces.shutdown();
-        self.metrics.shutdown();
+        if self.spans.dropped() > 0 {
+            tracing::warn!(dropped = self.spans.dropped(), "spans refused by the full export queue");
+        }
+        drop(self.traces);
+        if let Some(m) = self.metrics {
+            m.shutdown();
+        }
     }
 }
 
@@ -160,37 +184,15 @@ impl Telemetry {
 /// `node`, which becomes `service.instance.id`; `OTEL_SERVICE_NAME` names the service
 /// (default `nanobot`).
 pub fn from_env(fleet: &str, node: &str) -> Result<Option<Telemetry>, TelemetryError> {
-    let Some(endpoint) = endpoint_from_env() else {
+    let endpoints = Endpoints::from_env();
+    if endpoints == Endpoints::default() {
         return Ok(None);
-    };
-    start(&endpoint, fleet, node).map(Some)
-}
-
-/// An OTLP/HTTP URL for `signal` (`traces`, `metrics`) from a base like
-/// `http://127.0.0.1:4318` (a URL already ending in `/v1/{signal}` is kept).
-pub fn signal_url(endpoint: &str, signal: &str) -> String {
-    let base = endpoint.trim_end_matches('/');
-    let tail = format!("/v1/{signal}");
-    match ["/v1/traces", "/v1/metrics"].iter().find(|t| base.ends_with(*t)) {
-        Some(t) => format!("{}{tail}", &base[..base.len() - t.len()]),
-        None => format!("{base}{tail}"),
     }
+    start(&endpoints, fleet, node).map(Some)
 }
 
-/// Export to `endpoint` (an OTLP/HTTP base like `http://127.0.0.1:4318`).
-pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<Telemetry, TelemetryError> {
-    let url = signal_url(endpoint, "traces");
-    let err = |reason: String| TelemetryError::Exporter {
-        endpoint: url.clone(),
-        reason,
-    };
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(BlockingHttp)
-        .with_endpoint(url.clone())
-        .with_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+/// Export to `endpoints` (OTLP/HTTP URLs like `http://127.0.0.1:4318/v1/traces`).
+pub fn start(endpoints: &Endpoints, fleet: &str, node: &str) -> Result<Telemetry, TelemetryError> {
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "nanobot".into());
     let resource = Resource::builder()
         .with_service_name(service)
@@ -200,8 +202,42 @@ pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<Telemetry, Telem
             KeyValue::new("nanobot.node", node.to_string()),
         ])
         .build();
-    exporter.set_resource(&resource);
-    let (stats, metrics) = metrics::start(&signal_url(endpoint, "metrics"), resource)?;
+    let (stats, metrics) = match &endpoints.metrics {
+        Some(url) => {
+            let (board, exporter) = metrics::start(url, resource.clone())?;
+            (board, Some(exporter))
+        }
+        None => (StatsBoard::default(), None),
+    };
+    let (spans, traces) = match &endpoints.traces {
+        Some(url) => {
+            let (sink, exporter) = start_traces(url, &resource)?;
+            (sink, Some(exporter))
+        }
+        None => (SpanSink::off(), None),
+    };
+    tracing::info!(traces = ?endpoints.traces, metrics = ?endpoints.metrics, "exporting over OTLP");
+    Ok(Telemetry {
+        spans,
+        stats,
+        traces,
+        metrics,
+    })
+}
+
+fn start_traces(url: &str, resource: &Resource) -> Result<(SpanSink, Exporter), TelemetryError> {
+    let err = |reason: String| TelemetryError::Exporter {
+        endpoint: url.to_string(),
+        reason,
+    };
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(BlockingHttp)
+        .with_endpoint(url.to_string())
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    exporter.set_resource(resource);
     let (tx, rx) = flume::bounded::<Hop>(QUEUE);
     let (stop_tx, stop_rx) = flume::bounded::<()>(1);
     let scope = InstrumentationScope::builder("nanobot")
@@ -211,19 +247,17 @@ pub fn start(endpoint: &str, fleet: &str, node: &str) -> Result<Telemetry, Telem
         .name("nb-otlp".into())
         .spawn(move || export_loop(exporter, scope, rx, stop_rx))
         .map_err(|e| err(format!("no export thread: {e}")))?;
-    tracing::info!(endpoint = %url, "exporting spans and metrics over OTLP");
-    Ok(Telemetry {
-        spans: SpanSink {
-            tx: Some(tx),
-            dropped: Arc::default(),
-        },
-        stats,
-        traces: Exporter {
+    let sink = SpanSink {
+        tx: Some(tx),
+        dropped: Arc::default(),
+    };
+    Ok((
+        sink,
+        Exporter {
             thread: Some(thread),
             stop: stop_tx,
         },
-        metrics,
-    })
+    ))
 }
 
 fn export_loop(
@@ -365,13 +399,18 @@ mod tests {
     }
 
     #[test]
-    fn signal_urls_come_from_the_base_or_a_full_url() {
-        assert_eq!(signal_url("http://h:4318", "traces"), "http://h:4318/v1/traces");
-        assert_eq!(signal_url("http://h:4318/", "metrics"), "http://h:4318/v1/metrics");
-        assert_eq!(
-            signal_url("http://h:4318/v1/traces", "metrics"),
-            "http://h:4318/v1/metrics"
-        );
+    fn each_signal_goes_to_its_own_url_or_under_the_base() {
+        let both = Endpoints::new(Some("http://h:4318/"), None, None);
+        assert_eq!(both.traces.as_deref(), Some("http://h:4318/v1/traces"));
+        assert_eq!(both.metrics.as_deref(), Some("http://h:4318/v1/metrics"));
+        // A signal's own URL is used as it is, and only for that signal.
+        let traces_only = Endpoints::new(None, Some("http://t:1/v1/traces"), Some(" "));
+        assert_eq!(traces_only.traces.as_deref(), Some("http://t:1/v1/traces"));
+        assert_eq!(traces_only.metrics, None);
+        let mixed = Endpoints::new(Some("http://h:4318"), None, Some("http://m:2/x"));
+        assert_eq!(mixed.traces.as_deref(), Some("http://h:4318/v1/traces"));
+        assert_eq!(mixed.metrics.as_deref(), Some("http://m:2/x"));
+        assert_eq!(Endpoints::new(Some(""), None, None), Endpoints::default());
     }
 
     #[test]

@@ -342,6 +342,11 @@ impl Bus {
         self
     }
 
+    /// Whether this node exports spans (hops reported to [`Bus::hop`] go somewhere).
+    pub fn exports_spans(&self) -> bool {
+        self.spans.is_on()
+    }
+
     /// Report one hop of a sampled trace: `trace` is the context this hop published with (or
     /// made), `parent` the one it received; `end` is now. Nothing happens for an unsampled
     /// message or when the node exports no spans.
