@@ -1,9 +1,10 @@
 //! `logger`: a robot's observations → a LeRobot v3.0 dataset, crash-safe.
 //!
 //! Every `flush_ms` the logger takes what arrived on `{fleet}/{robot}/obs` (a lossless,
-//! bounded subscription), appends it to the dataset's journal as one fsynced batch, and only
-//! then acknowledges on `{fleet}/log/{robot}/ack` with the last durable sequence number: an
-//! acknowledged row survives `kill -9`. Data files rotate by size and by age; each finalized file
+//! bounded subscription) and submits it to the dataset's journal thread as one batch. When
+//! that batch's fsync returns, the journal thread wakes the logger, which acknowledges on
+//! `{fleet}/log/{robot}/ack` with the last durable sequence number: an acknowledged row survives
+//! `kill -9`, and the next batch is built while the disk syncs the last one. Data files rotate by size and by age; each finalized file
 //! is announced with SegmentFinalized on `{fleet}/log/{robot}/segment`. When the disk fails
 //! (full, unwritable), the error is logged with the file, acknowledgements stop, and the frames
 //! wait in memory (up to `max_pending_rows`; newer arrivals beyond it are dropped and counted
@@ -16,7 +17,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, EventLog, FileEntry, Frame, StoredEvent, WriterConfig};
+use nanobot_dataset::{
+    CameraSpec, DatasetSpec, DatasetWriter, Durability, EventLog, FileEntry, Frame, StoredEvent, WriterConfig,
+};
 use nanobot_messages::{codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized, TraceContext};
 use serde::Deserialize;
 
@@ -125,8 +128,7 @@ struct Disk {
 struct Flushed {
     events: Result<(), nanobot_dataset::DatasetError>,
     refused: Vec<String>,
-    flush: Result<Option<u64>, nanobot_dataset::DatasetError>,
-    durable: (Option<u64>, u64),
+    submit: Result<(), nanobot_dataset::DatasetError>,
     rotated: Result<Vec<FileEntry>, nanobot_dataset::DatasetError>,
     pending: usize,
     files: usize,
@@ -137,6 +139,8 @@ pub struct Logger {
     robot: String,
     root: PathBuf,
     writer: Worker<Disk>,
+    /// What the writer's journal thread has made durable (it wakes this actor as it grows).
+    durability: Durability,
     events: Inbox<Received<Event>>,
     events_logged: u64,
     obs: Inbox<Received<Observation>>,
@@ -172,6 +176,88 @@ impl Logger {
         {
             self.last_error_log = Some(Instant::now());
             tracing::error!(robot = %self.robot, pending = self.pending, "dataset write failed, acknowledgements stopped: {e}");
+        }
+    }
+
+    /// Hand what arrived to the writer thread: the rows go to the journal as one batch, the
+    /// events to `meta/events.jsonl`; finalize the data file if it is due.
+    async fn submit(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
+        let frames = self.take_arrivals(ctx.bus.exports_spans());
+        let events = self.take_events();
+        let check_rotation = self.failing_since.is_none();
+        let done = self
+            .writer
+            .call(move |d| {
+                let events = d.events.append(&events);
+                let w = &mut d.data;
+                let refused = frames
+                    .into_iter()
+                    .filter_map(|f| w.push(f).err().map(|e| e.to_string()))
+                    .collect();
+                let submit = w.submit();
+                let rotated = if check_rotation && submit.is_ok() {
+                    w.rotate_if_due()
+                } else {
+                    Ok(Vec::new())
+                };
+                Flushed {
+                    events,
+                    refused,
+                    submit,
+                    rotated,
+                    pending: w.pending_rows(),
+                    files: w.manifest().files.len(),
+                }
+            })
+            .await
+            .ok_or_else(|| ctx.failed("writer thread ended"))?;
+        if let Err(e) = &done.events {
+            self.disk_error(ctx, e);
+        }
+        for e in &done.refused {
+            self.refused += 1;
+            ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(robot = %self.robot, "observation not logged: {e}");
+        }
+        self.pending = done.pending;
+        self.files = done.files;
+        if let Err(e) = &done.submit {
+            self.disk_error(ctx, e);
+        }
+        match done.rotated {
+            Ok(files) => publish_segments(&self.segments, &self.root, &self.robot, files).await,
+            Err(e) => self.disk_error(ctx, &e),
+        }
+        Ok(())
+    }
+
+    /// Acknowledge every row that became durable since the last acknowledgement.
+    async fn acknowledge(&mut self, ctx: &Ctx<Self>) {
+        let (Some(last_seq), rows) = self.durability.get() else {
+            return;
+        };
+        if rows <= self.rows {
+            return;
+        }
+        if let Some(since) = self.failing_since.take() {
+            tracing::info!(robot = %self.robot, after_s = since.elapsed().as_secs_f32(), "dataset writable again");
+        }
+        ctx.counters.handled.fetch_add(rows - self.rows, Ordering::Relaxed);
+        self.pending = self.pending.saturating_sub((rows - self.rows) as usize);
+        self.rows = rows;
+        if let Err(e) = self
+            .ack
+            .put_with(&LogAck { last_seq, rows }, last_seq, now_ns(), None)
+            .await
+        {
+            tracing::warn!(robot = %self.robot, error = %e, "ack not published");
+        }
+        // The sampled rows this acknowledgement covers end their traces here.
+        while self.traced.front().is_some_and(|(_, seq, _)| *seq <= last_seq) {
+            let (t, seq, at) = self.traced.pop_front().expect("a front entry");
+            let kind = HopKind::Consumer;
+            ctx.bus
+                .hop("logger.write", Some(&t.child()), Some(&t), at, &self.robot, seq, kind);
         }
     }
 
@@ -260,14 +346,15 @@ impl NodeActor for Logger {
         })
         .await
         .map_err(|e| ctx.config_error(format!("dataset {}: {e}", root.display())))?;
-        let (last, rows, files) = writer
-            .call(|d| {
-                let w = &mut d.data;
-                let (last, rows) = w.durable();
-                (last, rows, w.manifest().files.len())
-            })
+        let (durability, files) = writer
+            .call(|d| (d.data.durability(), d.data.manifest().files.len()))
             .await
             .ok_or_else(|| ctx.failed("writer thread ended"))?;
+        let (last, rows) = durability.get();
+        let wake = ctx.sender();
+        durability.on_durable(move || {
+            wake.send(());
+        });
         tracing::info!(robot, root = %root.display(), rows, last_seq = ?last, "logging");
         let state = Logger {
             obs: ctx
@@ -291,6 +378,7 @@ impl NodeActor for Logger {
             rows,
             files,
             writer,
+            durability,
             robot,
             root,
             pending: 0,
@@ -305,81 +393,12 @@ impl NodeActor for Logger {
         Ok(state)
     }
 
-    async fn handle(&mut self, ctx: &Ctx<Self>, _tick: Input<()>) -> Result<(), ActorError> {
-        let frames = self.take_arrivals(ctx.bus.exports_spans());
-        let events = self.take_events();
-        let check_rotation = self.failing_since.is_none();
-        let done = self
-            .writer
-            .call(move |d| {
-                let events = d.events.append(&events);
-                let w = &mut d.data;
-                let refused = frames
-                    .into_iter()
-                    .filter_map(|f| w.push(f).err().map(|e| e.to_string()))
-                    .collect();
-                let flush = w.flush();
-                let rotated = if check_rotation && flush.is_ok() {
-                    w.rotate_if_due()
-                } else {
-                    Ok(Vec::new())
-                };
-                Flushed {
-                    events,
-                    refused,
-                    flush,
-                    durable: w.durable(),
-                    rotated,
-                    pending: w.pending_rows(),
-                    files: w.manifest().files.len(),
-                }
-            })
-            .await
-            .ok_or_else(|| ctx.failed("writer thread ended"))?;
-        if let Err(e) = &done.events {
-            self.disk_error(ctx, e);
+    async fn handle(&mut self, ctx: &Ctx<Self>, input: Input<()>) -> Result<(), ActorError> {
+        if let Input::Tick = input {
+            self.submit(ctx).await?;
         }
-        let c = &ctx.counters;
-        for e in &done.refused {
-            self.refused += 1;
-            c.errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(robot = %self.robot, "observation not logged: {e}");
-        }
-        self.pending = done.pending;
-        self.files = done.files;
-        let before = self.rows;
-        match done.flush {
-            Ok(Some(last_seq)) => {
-                let rows = done.durable.1;
-                if rows > before || self.failing_since.is_some() {
-                    if let Some(since) = self.failing_since.take() {
-                        tracing::info!(robot = %self.robot, after_s = since.elapsed().as_secs_f32(), "dataset writable again");
-                    }
-                    c.handled.fetch_add(rows - before, Ordering::Relaxed);
-                    self.rows = rows;
-                    if let Err(e) = self
-                        .ack
-                        .put_with(&LogAck { last_seq, rows }, last_seq, now_ns(), None)
-                        .await
-                    {
-                        tracing::warn!(robot = %self.robot, error = %e, "ack not published");
-                    }
-                    // The sampled rows this acknowledgement covers end their traces here.
-                    while self.traced.front().is_some_and(|(_, seq, _)| *seq <= last_seq) {
-                        let (t, seq, at) = self.traced.pop_front().expect("a front entry");
-                        let kind = HopKind::Consumer;
-                        ctx.bus
-                            .hop("logger.write", Some(&t.child()), Some(&t), at, &self.robot, seq, kind);
-                    }
-                }
-            }
-            Ok(None) => {}
-            Err(e) => self.disk_error(ctx, &e),
-        }
-        match done.rotated {
-            Ok(files) => publish_segments(&self.segments, &self.root, &self.robot, files).await,
-            Err(e) => self.disk_error(ctx, &e),
-        }
+        // A tick, or the journal thread saying that a batch is durable.
+        self.acknowledge(ctx).await;
         Ok(())
     }
 

@@ -30,4 +30,4 @@ pub use manifest::{EpisodeSpan, FileEntry, Manifest};
 pub use read::{read_dataset, StoredFrame};
 pub use spec::{CameraSpec, DatasetSpec};
 pub use verify::{verify, Problem, VerifyReport};
-pub use writer::{DatasetWriter, Frame, WriterConfig};
+pub use writer::{DatasetWriter, Durability, Frame, WriterConfig};

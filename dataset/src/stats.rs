@@ -66,18 +66,25 @@ impl Moments {
     }
 }
 
-/// Add row `row` of column `name` (a float32 fixed-size list, a float32 or an int64 column).
-pub fn add_row(m: &mut Moments, batch: &RecordBatch, name: &str, row: usize) {
+/// Add rows `rows` of column `name` (a float32 fixed-size list, a float32 or an int64 column),
+/// read straight from the column's values.
+pub fn add_rows(m: &mut Moments, batch: &RecordBatch, name: &str, rows: std::ops::Range<usize>) {
     let Some(col) = batch.column_by_name(name) else {
         return;
     };
     if let Some(list) = col.as_fixed_size_list_opt() {
-        let values = list.value(row);
-        let v = values.as_primitive::<Float32Type>();
-        m.add(v.values().iter().map(|x| *x as f64));
+        let w = list.value_length() as usize;
+        let Some(v) = list.values().as_primitive_opt::<Float32Type>() else {
+            return;
+        };
+        let values = v.values();
+        for r in rows {
+            let at = list.value_offset(r) as usize;
+            m.add(values[at..at + w].iter().map(|x| *x as f64));
+        }
     } else if let Some(v) = col.as_primitive_opt::<Float32Type>() {
-        m.add(std::iter::once(v.value(row) as f64));
+        rows.for_each(|r| m.add(std::iter::once(v.value(r) as f64)));
     } else if let Some(v) = col.as_primitive_opt::<Int64Type>() {
-        m.add(std::iter::once(v.value(row) as f64));
+        rows.for_each(|r| m.add(std::iter::once(v.value(r) as f64)));
     }
 }

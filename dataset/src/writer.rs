@@ -21,7 +21,7 @@ use crate::fsutil::{sync_dir, tmp_path, ThreadedFileWriter};
 use crate::journal::{journal_name, parse_journal_name, read_journal, Journal};
 use crate::manifest::{EpisodeSpan, FileEntry, Manifest};
 use crate::spec::{self, DatasetSpec};
-use crate::stats::{add_row, Moments};
+use crate::stats::{add_rows, Moments};
 use crate::DatasetError;
 
 pub const JOURNAL_DIR: &str = "journal";
@@ -90,11 +90,15 @@ pub struct DatasetWriter {
     /// Files closed (full, old, or broken by an I/O error) and not yet finalized.
     sealed: Vec<Sealed>,
     pending: Vec<Row>,
+    /// Batches a failed journal write gave back, in order: they go first into the next journal.
+    retry: Vec<Batch>,
     next_file_no: u64,
     next_index: u64,
     cursor: Option<EpisodeCursor>,
-    durable_seq: Option<u64>,
-    durable_rows: u64,
+    /// What the journal thread has made durable.
+    durable: Durability,
+    /// Rows handed to a journal thread, in all (durable once `durable` counts as many).
+    submitted_rows: u64,
 }
 
 impl DatasetWriter {
@@ -132,10 +136,11 @@ impl DatasetWriter {
             open: None,
             sealed: Vec::new(),
             pending: Vec::new(),
+            retry: Vec::new(),
             next_index: 0,
             cursor: None,
-            durable_seq: None,
-            durable_rows: 0,
+            durable: Durability::default(),
+            submitted_rows: 0,
         };
         w.recover()?;
         w.next_index = w.manifest.files.last().map(|f| f.end_index).unwrap_or(0);
@@ -144,8 +149,9 @@ impl DatasetWriter {
             episode_index: e.episode_index,
             next_frame: e.to_index - e.from_index,
         });
-        w.durable_seq = w.manifest.files.last().map(|f| f.last_seq);
-        w.durable_rows = w.manifest.total_rows();
+        let rows = w.manifest.total_rows();
+        w.durable.reset(w.manifest.files.last().map(|f| f.last_seq), rows);
+        w.submitted_rows = rows;
         w.write_meta()?;
         Ok(w)
     }
@@ -160,11 +166,20 @@ impl DatasetWriter {
 
     /// The last sequence number that is durable, and how many rows are.
     pub fn durable(&self) -> (Option<u64>, u64) {
-        (self.durable_seq, self.durable_rows)
+        self.durable.get()
     }
 
+    /// A handle that reads what is durable from any thread, and can be told whom to wake when
+    /// more becomes durable: acknowledgements can go out the moment a batch is fsynced, while
+    /// the writer's thread is already building the next one.
+    pub fn durability(&self) -> Durability {
+        self.durable.clone()
+    }
+
+    /// Rows queued or submitted that are not durable yet.
     pub fn pending_rows(&self) -> usize {
-        self.pending.len()
+        let in_flight = self.submitted_rows.saturating_sub(self.durable.get().1);
+        self.pending.len() + self.retry.iter().map(|b| b.rows.num_rows()).sum::<usize>() + in_flight as usize
     }
 
     /// Turn every journal in `journal/` into its data file (or drop it when the manifest already
@@ -258,15 +273,30 @@ impl DatasetWriter {
         Ok(())
     }
 
-    /// Make every queued frame durable (one journal batch, fsynced). Returns the last durable
-    /// sequence number. On an I/O error the frames stay queued and the journal is sealed, so
-    /// that a later flush writes them to a fresh journal. Once durable, the batch also goes into
-    /// the open Parquet file (hashed on another thread as it is written).
+    /// Make every queued frame durable: [`submit`](Self::submit), then wait until the journal
+    /// thread has fsynced everything submitted. Returns the last durable sequence number. On an
+    /// I/O error the frames stay queued and the journal is sealed, so that a later flush writes
+    /// them to a fresh journal.
     pub fn flush(&mut self) -> Result<Option<u64>, DatasetError> {
-        if self.pending.is_empty() {
-            return Ok(self.durable_seq);
+        self.submit()?;
+        if !self.durable.wait_for(self.submitted_rows) {
+            return Err(self.take_failure());
         }
-        let batch = self.build_batch(&self.pending)?;
+        Ok(self.durable.get().0)
+    }
+
+    /// Hand every queued frame to the journal thread as one batch and return without waiting:
+    /// the thread appends it to the journal, fsyncs it, counts it in [`durable`](Self::durable)
+    /// (and wakes whoever [`Durability::on_durable`] names), then passes it to the Parquet
+    /// encoder. Only durable rows may be acknowledged. An error from an earlier batch is
+    /// returned here, with its rows queued again.
+    pub fn submit(&mut self) -> Result<(), DatasetError> {
+        if self.durable.failed() {
+            return Err(self.take_failure());
+        }
+        if self.pending.is_empty() && self.retry.is_empty() {
+            return Ok(());
+        }
         if self.open.is_none() {
             let no = self.next_file_no;
             let path = self.root.join(JOURNAL_DIR).join(journal_name(no));
@@ -276,37 +306,45 @@ impl DatasetWriter {
                 .map_err(|e| tracing::warn!("Parquet file not started, it will be built from its journal: {e}"))
                 .ok()
                 .map(ParquetWorker::start);
-            self.open = Some(OpenFile { journal, parquet });
+            self.open = Some(OpenFile::start(journal, parquet, self.durable.clone()));
+        }
+        let mut batches = std::mem::take(&mut self.retry);
+        if !self.pending.is_empty() {
+            let rows = self.build_batch(&self.pending)?;
+            let last_seq = self.pending.last().map(|r| r.frame.seq).expect("rows are pending");
+            self.pending.clear();
+            batches.push(Batch { rows, last_seq });
         }
         let open = self.open.as_mut().expect("file opened above");
-        if let Err(e) = open.journal.append(&batch) {
-            self.seal();
-            return Err(e);
+        for b in batches {
+            open.rows += b.rows.num_rows() as u64;
+            open.bytes += b.rows.get_array_memory_size() as u64;
+            self.submitted_rows += b.rows.num_rows() as u64;
+            open.send(b);
         }
-        if let Some(p) = open.parquet.take() {
-            match p.write(batch) {
-                Ok(()) => open.parquet = Some(p),
-                Err(()) => {
-                    let e = p.close().err().map(|e| e.to_string()).unwrap_or_default();
-                    tracing::warn!("Parquet write failed, the file will be built from its journal: {e}");
-                }
-            }
-        }
-        self.durable_seq = self.pending.last().map(|r| r.frame.seq);
-        self.durable_rows += self.pending.len() as u64;
-        self.pending.clear();
-        Ok(self.durable_seq)
+        Ok(())
+    }
+
+    /// The journal thread failed: seal its file (what it made durable becomes a data file) and
+    /// queue the batches it could not store again, ahead of anything newer.
+    fn take_failure(&mut self) -> DatasetError {
+        let err = self.seal();
+        err.unwrap_or_else(|| DatasetError::Invalid {
+            path: self.root.join(JOURNAL_DIR),
+            reason: "the journal thread stopped without saying why".into(),
+        })
     }
 
     /// Finalize the open file when it is full or old enough, and any sealed journal.
     /// Returns the files finalized.
     pub fn rotate_if_due(&mut self) -> Result<Vec<FileEntry>, DatasetError> {
         let due = self.open.as_ref().is_some_and(|o| {
-            let j = &o.journal;
-            j.rows > 0 && (j.bytes >= self.cfg.file_max_bytes || j.opened.elapsed() >= self.cfg.file_max_age)
+            o.rows > 0 && (o.bytes >= self.cfg.file_max_bytes || o.opened.elapsed() >= self.cfg.file_max_age)
         });
         if due {
-            self.seal();
+            if let Some(e) = self.seal() {
+                return Err(e);
+            }
         }
         self.finalize_sealed()
     }
@@ -314,18 +352,30 @@ impl DatasetWriter {
     /// Flush, then finalize the open file whatever its size (shutdown, episode end, tests).
     pub fn finish_file(&mut self) -> Result<Vec<FileEntry>, DatasetError> {
         self.flush()?;
-        self.seal();
+        if let Some(e) = self.seal() {
+            return Err(e);
+        }
         self.finalize_sealed()
     }
 
-    fn seal(&mut self) {
-        if let Some(o) = self.open.take() {
-            self.sealed.push(Sealed {
-                no: o.journal.file_no,
-                journal: o.journal.path,
-                parquet: o.parquet,
-            });
-        }
+    /// Close the open file's journal: wait for its thread to store what it was handed, and put
+    /// the file among those to finalize. A journal write that failed is returned, and the
+    /// batches it did not store are queued again (the rows it stored stay in this file).
+    fn seal(&mut self) -> Option<DatasetError> {
+        let o = self.open.take()?;
+        let end = o.finish();
+        self.sealed.push(Sealed {
+            no: end.no,
+            journal: end.path,
+            parquet: end.parquet,
+        });
+        self.durable.clear_failure();
+        let (err, mut unstored) = end.failed?;
+        // Not durable: they count as submitted again when they are resubmitted.
+        self.submitted_rows -= unstored.iter().map(|b| b.rows.num_rows() as u64).sum::<u64>();
+        unstored.append(&mut self.retry);
+        self.retry = unstored;
+        Some(err)
     }
 
     fn finalize_sealed(&mut self) -> Result<Vec<FileEntry>, DatasetError> {
@@ -433,11 +483,183 @@ impl DatasetWriter {
     }
 }
 
-/// The file being written: its journal (what is durable) and its Parquet encoder (absent when
-/// writing it failed: the journal rebuilds it).
+/// One submitted batch: its rows, and the sequence number of the last.
+struct Batch {
+    rows: RecordBatch,
+    last_seq: u64,
+}
+
+/// Batches handed to a journal thread that it has not taken yet, at most: `submit` waits
+/// beyond that (the disk sets the pace, and memory stays bounded).
+const JOURNAL_QUEUE: usize = 4;
+
+/// The file being written: a thread that appends each batch to its journal, fsyncs it, counts
+/// it as durable, and then hands it to the file's Parquet encoder (absent when writing it
+/// failed: the journal rebuilds it).
 struct OpenFile {
-    journal: Journal,
+    tx: std::sync::mpsc::SyncSender<Batch>,
+    handle: std::thread::JoinHandle<JournalEnd>,
+    rows: u64,
+    /// Arrow bytes submitted (the rotation size).
+    bytes: u64,
+    opened: std::time::Instant,
+}
+
+/// What a journal thread leaves when it ends.
+struct JournalEnd {
+    no: u64,
+    path: PathBuf,
     parquet: Option<ParquetWorker>,
+    /// The write that failed, and every batch from it on (none of them durable).
+    failed: Option<(DatasetError, Vec<Batch>)>,
+}
+
+impl OpenFile {
+    fn start(mut journal: Journal, mut parquet: Option<ParquetWorker>, durable: Durability) -> OpenFile {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(JOURNAL_QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("nb-journal".into())
+            .spawn(move || {
+                let mut failed: Option<(DatasetError, Vec<Batch>)> = None;
+                for b in rx {
+                    if let Some((_, unstored)) = &mut failed {
+                        unstored.push(b);
+                        continue;
+                    }
+                    if let Err(e) = journal.append(&b.rows) {
+                        durable.fail();
+                        failed = Some((e, vec![b]));
+                        continue;
+                    }
+                    durable.advance(b.last_seq, b.rows.num_rows() as u64);
+                    if let Some(p) = parquet.take() {
+                        match p.write(b.rows) {
+                            Ok(()) => parquet = Some(p),
+                            Err(()) => {
+                                let e = p.close().err().map(|e| e.to_string()).unwrap_or_default();
+                                tracing::warn!("Parquet write failed, the file will be built from its journal: {e}");
+                            }
+                        }
+                    }
+                }
+                JournalEnd {
+                    no: journal.file_no,
+                    path: journal.path,
+                    parquet,
+                    failed,
+                }
+            })
+            .expect("spawn the journal thread");
+        OpenFile {
+            tx,
+            handle,
+            rows: 0,
+            bytes: 0,
+            opened: std::time::Instant::now(),
+        }
+    }
+
+    /// Queue a batch (waits while the thread is [`JOURNAL_QUEUE`] batches behind).
+    fn send(&self, b: Batch) {
+        // The thread ends only when `tx` is dropped: a send cannot fail while `self` lives.
+        let _ = self.tx.send(b);
+    }
+
+    /// Let the thread store what it holds, and take what it leaves.
+    fn finish(self) -> JournalEnd {
+        drop(self.tx);
+        self.handle.join().expect("the journal thread does not panic")
+    }
+}
+
+/// What is durable (the last sequence number and the row count), shared between a
+/// [`DatasetWriter`] and the thread that fsyncs its journal.
+#[derive(Clone, Default)]
+pub struct Durability(Arc<DurableShared>);
+
+#[derive(Default)]
+struct DurableShared {
+    state: std::sync::Mutex<DurableState>,
+    changed: std::sync::Condvar,
+    wake: std::sync::Mutex<Option<Box<dyn Fn() + Send>>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct DurableState {
+    seq: Option<u64>,
+    rows: u64,
+    failed: bool,
+}
+
+impl Durability {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DurableState> {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last durable sequence number, and how many rows are durable.
+    pub fn get(&self) -> (Option<u64>, u64) {
+        let s = self.lock();
+        (s.seq, s.rows)
+    }
+
+    /// Call `wake` (from the journal thread) each time more rows become durable, and when a
+    /// journal write fails.
+    pub fn on_durable(&self, wake: impl Fn() + Send + 'static) {
+        *self.0.wake.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(wake));
+    }
+
+    fn reset(&self, seq: Option<u64>, rows: u64) {
+        *self.lock() = DurableState {
+            seq,
+            rows,
+            failed: false,
+        };
+    }
+
+    fn advance(&self, seq: u64, rows: u64) {
+        {
+            let mut s = self.lock();
+            s.seq = Some(seq);
+            s.rows += rows;
+        }
+        self.notify();
+    }
+
+    fn fail(&self) {
+        self.lock().failed = true;
+        self.notify();
+    }
+
+    /// Wake the listener, then the writer's waiters (so a listener has been told of every
+    /// batch a returned `flush` covers).
+    fn notify(&self) {
+        if let Some(wake) = &*self.0.wake.lock().unwrap_or_else(|e| e.into_inner()) {
+            wake();
+        }
+        self.0.changed.notify_all();
+    }
+
+    fn failed(&self) -> bool {
+        self.lock().failed
+    }
+
+    fn clear_failure(&self) {
+        self.lock().failed = false;
+    }
+
+    /// Wait until `rows` rows are durable (true) or a journal write failed (false).
+    fn wait_for(&self, rows: u64) -> bool {
+        let mut s = self.lock();
+        loop {
+            if s.failed {
+                return false;
+            }
+            if s.rows >= rows {
+                return true;
+            }
+            s = self.0.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 struct Sealed {
@@ -499,8 +721,9 @@ impl ParquetWorker {
 
 impl Drop for DatasetWriter {
     fn drop(&mut self) {
-        // Without finish_file the open file stays a journal, recovered at the next open.
-        let workers = self.open.take().and_then(|o| o.parquet).into_iter();
+        // Without finish_file the open file stays a journal, recovered at the next open (what
+        // was submitted is stored in it first).
+        let workers = self.open.take().and_then(|o| o.finish().parquet).into_iter();
         for w in workers.chain(self.sealed.drain(..).filter_map(|s| s.parquet)) {
             w.abandon();
         }
@@ -635,14 +858,21 @@ impl FileSummary {
             col(spec::TASK_INDEX),
         );
         let src = col(spec::SOURCE_EPISODE);
-        for r in 0..b.num_rows() {
-            self.first_seq = self.first_seq.min(seq.value(r) as u64);
-            self.last_seq = self.last_seq.max(seq.value(r) as u64);
-            let index = idx.value(r) as u64;
-            self.first_index = self.first_index.min(index);
-            self.end_index = self.end_index.max(index + 1);
+        let n = b.num_rows();
+        let mut r = 0;
+        // Run by run of one episode: its span, then its statistics over the run's rows.
+        while r < n {
             let e = ep.value(r) as u64;
+            let end = (r..n).find(|&i| ep.value(i) as u64 != e).unwrap_or(n);
+            for i in r..end {
+                self.first_seq = self.first_seq.min(seq.value(i) as u64);
+                self.last_seq = self.last_seq.max(seq.value(i) as u64);
+                let index = idx.value(i) as u64;
+                self.first_index = self.first_index.min(index);
+                self.end_index = self.end_index.max(index + 1);
+            }
             if self.episodes.last().is_none_or(|s| s.episode_index != e) {
+                let index = idx.value(r) as u64;
                 self.episodes.push(EpisodeSpan {
                     episode_index: e,
                     source_episode: src.value(r) as u64,
@@ -657,10 +887,11 @@ impl FileSummary {
                 });
             }
             let span = self.episodes.last_mut().expect("pushed above");
-            span.to_index = index + 1;
+            span.to_index = idx.value(end - 1) as u64 + 1;
             for (name, m) in span.stats.iter_mut() {
-                add_row(m, b, name, r);
+                add_rows(m, b, name, r..end);
             }
+            r = end;
         }
         self.rows += b.num_rows() as u64;
     }

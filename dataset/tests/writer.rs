@@ -92,6 +92,16 @@ fn rows_files_episodes_and_metadata() {
     assert_eq!(eps.len(), 4);
     assert_eq!((eps[3].1.from_index, eps[3].1.to_index), (24, 30));
     assert_eq!(eps[1].1.stats["action"].count, 8);
+    // Episode 1 is seq 8..=15, written in three batches across two files: its statistics
+    // cover each of its rows once (state[0] = seq, state[5] = seq + 2.5, action[1] = -seq).
+    let state = &eps[1].1.stats["observation.state"];
+    assert_eq!(
+        (state.count, state.min[0], state.max[0], state.mean()[0]),
+        (8, 8.0, 15.0, 11.5)
+    );
+    assert_eq!((state.min[5], state.max[5]), (10.5, 17.5));
+    let action = &eps[1].1.stats["action"];
+    assert_eq!((action.min[1], action.max[1]), (-15.0, -8.0));
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("meta/info.json")).unwrap()).unwrap();
     assert_eq!(info["codebase_version"], "v3.0");
@@ -133,6 +143,50 @@ fn a_crash_loses_no_durable_row_and_numbering_continues() {
     assert_eq!(rows[20].episode_index, 4);
     assert_eq!(rows[20].frame_index, 0);
     assert_eq!(rows[25].episode_index, 5);
+    assert!(verify(root).unwrap().ok());
+}
+
+#[test]
+fn submitted_batches_become_durable_in_order_and_wake_the_listener() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    {
+        let mut w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+        let durability = w.durability();
+        let wakes = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, n, s) = (durability.clone(), wakes.clone(), seen.clone());
+        durability.on_durable(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+            s.lock().unwrap().push(d.get());
+        });
+        // Three batches go to the journal thread without waiting for any of them.
+        for b in 0..3u64 {
+            push_all(&mut w, b * 4..b * 4 + 4, 100);
+            w.submit().unwrap();
+        }
+        assert_eq!(
+            w.pending_rows() as u64 + w.durable().1,
+            12,
+            "every row is pending or durable"
+        );
+        assert_eq!(w.flush().unwrap(), Some(11));
+        assert_eq!(w.durable(), (Some(11), 12));
+        assert_eq!(w.pending_rows(), 0);
+        assert_eq!(wakes.load(Ordering::SeqCst), 3, "one wake per durable batch");
+        // The listener saw durability grow batch by batch, never past what was fsynced.
+        assert_eq!(*seen.lock().unwrap(), vec![(Some(3), 4), (Some(7), 8), (Some(11), 12)]);
+        // Submitted, not waited for, then the writer disappears without finalizing: what was
+        // submitted is in the journal, and the next open recovers it.
+        push_all(&mut w, 12..15, 100);
+        w.submit().unwrap();
+    }
+    let w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+    assert_eq!(w.durable(), (Some(14), 15));
+    drop(w);
+    assert_eq!(stored_seqs(root), (0..15).collect::<Vec<_>>());
     assert!(verify(root).unwrap().ok());
 }
 
