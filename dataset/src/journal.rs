@@ -5,7 +5,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use arrow_array::RecordBatch;
 use arrow_ipc::reader::StreamReader;
@@ -19,9 +18,6 @@ pub struct Journal {
     /// The sequential number of the data file this journal becomes.
     pub file_no: u64,
     writer: StreamWriter<BufWriter<File>>,
-    pub rows: u64,
-    pub bytes: u64,
-    pub opened: Instant,
 }
 
 impl Journal {
@@ -34,14 +30,7 @@ impl Journal {
             .open(&path)
             .map_err(DatasetError::io(&path))?;
         let writer = StreamWriter::try_new(BufWriter::new(file), schema).map_err(DatasetError::arrow(&path))?;
-        let mut j = Journal {
-            path,
-            file_no,
-            writer,
-            rows: 0,
-            bytes: 0,
-            opened: Instant::now(),
-        };
+        let mut j = Journal { path, file_no, writer };
         j.sync()?;
         if let Some(dir) = j.path.parent() {
             crate::fsutil::sync_dir(dir)?;
@@ -52,10 +41,7 @@ impl Journal {
     /// Append a batch and make it durable: when this returns Ok, the rows survive `kill -9`.
     pub fn append(&mut self, batch: &RecordBatch) -> Result<(), DatasetError> {
         self.writer.write(batch).map_err(DatasetError::arrow(&self.path))?;
-        self.sync()?;
-        self.rows += batch.num_rows() as u64;
-        self.bytes += batch.get_array_memory_size() as u64;
-        Ok(())
+        self.sync()
     }
 
     fn sync(&mut self) -> Result<(), DatasetError> {
