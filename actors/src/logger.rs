@@ -1,10 +1,12 @@
 //! `logger`: a robot's observations → a LeRobot v3.0 dataset, crash-safe.
 //!
 //! Every `flush_ms` the logger takes what arrived on `{fleet}/{robot}/obs` (a lossless,
-//! bounded subscription) and submits it to the dataset's journal thread as one batch. When
-//! that batch's fsync returns, the journal thread wakes the logger, which acknowledges on
-//! `{fleet}/log/{robot}/ack` with the last durable sequence number: an acknowledged row survives
-//! `kill -9`, and the next batch is built while the disk syncs the last one. Data files rotate by size and by age; each finalized file
+//! bounded subscription) and submits it to the dataset's journal thread as one batch (a batch
+//! of `direct_rows`, 1024, or more, as after a backlog, goes straight into the data file as a
+//! row group instead, fsynced with a footer snapshot). When that batch is durable, the writer
+//! wakes the logger, which acknowledges on `{fleet}/log/{robot}/ack` with the last durable
+//! sequence number: an acknowledged row survives `kill -9`, and the next batch is built while
+//! the disk syncs the last one. Data files rotate by size and by age; each finalized file
 //! is announced with SegmentFinalized on `{fleet}/log/{robot}/segment`. When the disk fails
 //! (full, unwritable), the error is logged with the file, acknowledgements stop, and the frames
 //! wait in memory (up to `max_pending_rows`; newer arrivals beyond it are dropped and counted

@@ -72,15 +72,22 @@ impl<W: Write> Write for HashingWriter<W> {
 pub struct ThreadedFileWriter<W: Write + Send + 'static> {
     buf: Vec<u8>,
     cap: usize,
-    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    full: Option<std::sync::mpsc::SyncSender<Chunk>>,
     empty: std::sync::mpsc::Receiver<Vec<u8>>,
     thread: Option<std::thread::JoinHandle<io::Result<(W, String, u64)>>>,
+}
+
+/// What the writer's thread is handed: bytes to write, or a mark to run once every byte before
+/// it is written.
+enum Chunk {
+    Bytes(Vec<u8>),
+    Mark(Box<dyn FnOnce(bool) + Send>),
 }
 
 impl<W: Write + Send + 'static> ThreadedFileWriter<W> {
     /// Buffers of `cap` bytes; at most a few are in flight.
     pub fn new(mut inner: W, cap: usize) -> Self {
-        let (full, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let (full, rx) = std::sync::mpsc::sync_channel::<Chunk>(4);
         let (back, empty) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
         let thread = std::thread::Builder::new()
             .name("nb-file".into())
@@ -88,7 +95,15 @@ impl<W: Write + Send + 'static> ThreadedFileWriter<W> {
                 let mut h = Context::new(&SHA256);
                 let mut n = 0u64;
                 let mut failed = None;
-                for mut chunk in rx {
+                for chunk in rx {
+                    let mut chunk = match chunk {
+                        Chunk::Bytes(b) => b,
+                        // A mark runs in order, told whether every write before it succeeded.
+                        Chunk::Mark(f) => {
+                            f(failed.is_none());
+                            continue;
+                        }
+                    };
                     // After a failed write, the rest is drained (the sender sees the error at
                     // its next flush or at finish).
                     if failed.is_none() {
@@ -124,10 +139,21 @@ impl<W: Write + Send + 'static> ThreadedFileWriter<W> {
         }
         let next = self.empty.try_recv().unwrap_or_else(|_| Vec::with_capacity(self.cap));
         let full = std::mem::replace(&mut self.buf, next);
+        self.send(Chunk::Bytes(full))
+    }
+
+    fn send(&self, c: Chunk) -> io::Result<()> {
         self.full
             .as_ref()
-            .and_then(|tx| tx.send(full).ok())
+            .and_then(|tx| tx.send(c).ok())
             .ok_or_else(|| io::Error::other("the file writer thread ended"))
+    }
+
+    /// Run `f` on the writer's thread once every byte written so far has been handed to
+    /// `inner` (not synced: `f` decides that), with whether all those writes succeeded.
+    pub fn mark(&mut self, f: impl FnOnce(bool) + Send + 'static) -> io::Result<()> {
+        self.hand_over()?;
+        self.send(Chunk::Mark(Box::new(f)))
     }
 
     /// Write out everything, stop the thread: the inner writer, the sha256 (lower-case hex) of

@@ -1,4 +1,5 @@
-//! [`DatasetWriter`]: frames → durable journal batches → Parquet data files.
+//! [`DatasetWriter`]: frames → durable batches (journaled, or straight into the data file with a
+//! footer snapshot) → Parquet data files.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -20,6 +21,7 @@ use parquet::schema::types::ColumnPath;
 use crate::fsutil::{sync_dir, tmp_path, ThreadedFileWriter};
 use crate::journal::{journal_name, parse_journal_name, read_journal, Journal};
 use crate::manifest::{EpisodeSpan, FileEntry, Manifest};
+use crate::snapshot::{self, parse_snapshot_name, snapshot_name, SnapshotLog};
 use crate::spec::{self, DatasetSpec};
 use crate::stats::{add_rows, Moments};
 use crate::DatasetError;
@@ -53,6 +55,10 @@ pub struct WriterConfig {
     pub chunks_size: u64,
     /// Parquet row group size.
     pub row_group_rows: usize,
+    /// A submitted batch of at least this many rows goes straight into the data file as a row
+    /// group, made durable there (the file fsynced, a footer snapshot appended beside it), so its
+    /// bytes are written once. Smaller batches (a fleet's 50 ms flushes) go through the journal.
+    pub direct_rows: usize,
 }
 
 impl Default for WriterConfig {
@@ -62,6 +68,7 @@ impl Default for WriterConfig {
             file_max_age: Duration::from_secs(10),
             chunks_size: 1000,
             row_group_rows: 4096,
+            direct_rows: 1024,
         }
     }
 }
@@ -192,7 +199,12 @@ impl DatasetWriter {
             let name = entry.file_name().to_string_lossy().to_string();
             match parse_journal_name(&name) {
                 Some(no) => found.push((no, entry.path())),
-                None => tracing::warn!(file = %entry.path().display(), "not a journal: left alone"),
+                // A footer snapshot goes with its journal; one whose file was finalized is done.
+                None => match parse_snapshot_name(&name) {
+                    Some(no) if self.manifest.contains(no) => remove_if_present(&entry.path())?,
+                    Some(_) => {}
+                    None => tracing::warn!(file = %entry.path().display(), "not a journal: left alone"),
+                },
             }
         }
         found.sort();
@@ -202,8 +214,8 @@ impl DatasetWriter {
                 fs::remove_file(&path).map_err(DatasetError::io(&path))?;
                 continue;
             }
-            tracing::info!(journal = %path.display(), "recovering journal into Parquet");
-            self.finalize(no, &path)?;
+            tracing::info!(journal = %path.display(), "recovering journal and footer snapshot into Parquet");
+            self.finalize(no, &path, None)?;
         }
         Ok(())
     }
@@ -305,8 +317,13 @@ impl DatasetWriter {
             let parquet = ParquetFile::create(&self.root, &self.manifest, &self.schema, &self.cfg, no)
                 .map_err(|e| tracing::warn!("Parquet file not started, it will be built from its journal: {e}"))
                 .ok()
-                .map(ParquetWorker::start);
-            self.open = Some(OpenFile::start(journal, parquet, self.durable.clone()));
+                .map(|f| ParquetWorker::start(f, self.durable.clone()));
+            self.open = Some(OpenFile::start(
+                journal,
+                parquet,
+                self.durable.clone(),
+                self.cfg.direct_rows,
+            ));
         }
         let mut batches = std::mem::take(&mut self.retry);
         if !self.pending.is_empty() {
@@ -325,10 +342,11 @@ impl DatasetWriter {
         Ok(())
     }
 
-    /// The journal thread failed: seal its file (what it made durable becomes a data file) and
-    /// queue the batches it could not store again, ahead of anything newer.
+    /// A write failed: seal its file (what was made durable becomes a data file) and queue the
+    /// batches that are not durable again, ahead of anything newer.
     fn take_failure(&mut self) -> DatasetError {
         let err = self.seal();
+        self.durable.clear_failure();
         err.unwrap_or_else(|| DatasetError::Invalid {
             path: self.root.join(JOURNAL_DIR),
             reason: "the journal thread stopped without saying why".into(),
@@ -358,43 +376,78 @@ impl DatasetWriter {
         self.finalize_sealed()
     }
 
-    /// Close the open file's journal: wait for its thread to store what it was handed, and put
-    /// the file among those to finalize. A journal write that failed is returned, and the
-    /// batches it did not store are queued again (the rows it stored stay in this file).
+    /// Close the open file's journal: wait for its thread to store what it was handed and for
+    /// every row written straight into the data file to be durable, and put the file among
+    /// those to finalize. A failed write is returned, and the batches that are not durable are
+    /// queued again; the file is then rebuilt from its journal and footer snapshot, holding only
+    /// rows that were durable.
     fn seal(&mut self) -> Option<DatasetError> {
         let o = self.open.take()?;
         let end = o.finish();
+        if self.durable.wait_for(end.total) && end.failed.is_none() {
+            self.sealed.push(Sealed {
+                no: end.no,
+                journal: end.path,
+                parquet: end.parquet,
+                drop_from: None,
+            });
+            return None;
+        }
+        // Stop the encoder (and its sync thread) before anything else is written.
+        let encoder_err = end.parquet.and_then(ParquetWorker::abandon);
+        let reason = self.durable.clear_failure();
+        let durable_rows = self.durable.get().1;
+        let (err, unstored) = end.failed.unwrap_or_else(|| {
+            let err = encoder_err.unwrap_or_else(|| DatasetError::Invalid {
+                path: self.root.join(self.manifest.data_path(end.no)),
+                reason: reason.unwrap_or_else(|| "writing the data file failed".into()),
+            });
+            (err, Vec::new())
+        });
+        let mut back: Vec<Batch> = end
+            .direct
+            .into_iter()
+            .filter(|(total, _)| *total > durable_rows)
+            .map(|(_, b)| b)
+            .collect();
+        back.extend(unstored);
+        // Not durable: they count as submitted again when they are resubmitted.
+        self.submitted_rows -= back.iter().map(|b| b.rows.num_rows() as u64).sum::<u64>();
+        let drop_from = back.first().map(|b| first_index(&b.rows));
         self.sealed.push(Sealed {
             no: end.no,
             journal: end.path,
-            parquet: end.parquet,
+            parquet: None,
+            drop_from,
         });
-        self.durable.clear_failure();
-        let (err, mut unstored) = end.failed?;
-        // Not durable: they count as submitted again when they are resubmitted.
-        self.submitted_rows -= unstored.iter().map(|b| b.rows.num_rows() as u64).sum::<u64>();
-        unstored.append(&mut self.retry);
-        self.retry = unstored;
+        back.append(&mut self.retry);
+        self.retry = back;
         Some(err)
     }
 
     fn finalize_sealed(&mut self) -> Result<Vec<FileEntry>, DatasetError> {
         let mut done = Vec::new();
         while !self.sealed.is_empty() {
-            let (no, journal) = (self.sealed[0].no, self.sealed[0].journal.clone());
+            let (no, journal, drop_from) = (
+                self.sealed[0].no,
+                self.sealed[0].journal.clone(),
+                self.sealed[0].drop_from,
+            );
             let closed = match self.sealed[0].parquet.take() {
-                Some(p) => match p.close() {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        tracing::warn!("closing the Parquet file failed, rebuilding it from its journal: {e}");
-                        None
+                Some(p) => {
+                    match p.close() {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            tracing::warn!("closing the Parquet file failed, rebuilding it from its journal and footer snapshot: {e}");
+                            None
+                        }
                     }
-                },
+                }
                 None => None,
             };
             let entry = match closed {
                 Some(c) => Some(self.commit(c, &journal)?),
-                None => self.finalize(no, &journal)?,
+                None => self.finalize(no, &journal, drop_from)?,
             };
             done.extend(entry);
             self.sealed.remove(0);
@@ -402,29 +455,51 @@ impl DatasetWriter {
         Ok(done)
     }
 
-    /// Recovery: journal `path` → its Parquet data file, then the manifest and the metadata.
-    fn finalize(&mut self, no: u64, path: &Path) -> Result<Option<FileEntry>, DatasetError> {
-        let batches = read_journal(path)?;
+    /// Recovery: the rows of data file `no` that were durable → its Parquet file, then the
+    /// manifest and the metadata. They are the row groups its footer snapshot describes (rows
+    /// written straight into the temporary data file), then the journal's rows after them;
+    /// rows from index `drop_from` on are left out (they were handed back to be written again).
+    fn finalize(&mut self, no: u64, journal: &Path, drop_from: Option<u64>) -> Result<Option<FileEntry>, DatasetError> {
+        let tmp = tmp_path(&self.root.join(self.manifest.data_path(no)));
+        let log = self.root.join(JOURNAL_DIR).join(snapshot_name(no));
+        let mut batches = snapshot::repair(&tmp, &log)?;
+        let after = batches.iter().filter(|b| b.num_rows() > 0).map(last_index).max();
+        for b in read_journal(journal)? {
+            batches.push(match after {
+                Some(after) => rows_where(&b, |index| index > after).map_err(DatasetError::arrow(journal))?,
+                None => b,
+            });
+        }
+        if let Some(cap) = drop_from {
+            for b in batches.iter_mut() {
+                *b = rows_where(b, |index| index < cap).map_err(DatasetError::arrow(journal))?;
+            }
+        }
         if batches.iter().all(|b| b.num_rows() == 0) {
-            fs::remove_file(path).map_err(DatasetError::io(path))?;
+            for f in [journal, &log, &tmp] {
+                remove_if_present(f)?;
+            }
             return Ok(None);
         }
         let mut p = ParquetFile::create(&self.root, &self.manifest, &self.schema, &self.cfg, no)?;
-        for b in &batches {
+        for b in batches.iter().filter(|b| b.num_rows() > 0) {
             p.write(b)?;
         }
         let closed = p.close()?;
-        Ok(Some(self.commit(closed, path)?))
+        Ok(Some(self.commit(closed, journal)?))
     }
 
-    /// A data file is in place: record it in the manifest and the metadata, drop its journal.
+    /// A data file is in place: record it in the manifest and the metadata, drop its journal
+    /// and its footer snapshot.
     fn commit(&mut self, c: ClosedFile, journal: &Path) -> Result<FileEntry, DatasetError> {
+        let no = c.no;
         let entry = c.summary.into_entry(c.no, c.rel, c.sha256, c.bytes);
         self.manifest.files.retain(|f| f.no != entry.no);
         self.manifest.files.push(entry.clone());
         self.manifest.files.sort_by_key(|f| f.no);
         self.manifest.save(&self.root)?;
         self.write_meta()?;
+        remove_if_present(&self.root.join(JOURNAL_DIR).join(snapshot_name(no)))?;
         fs::remove_file(journal).map_err(DatasetError::io(journal))?;
         tracing::debug!(file = %entry.path, rows = entry.rows, "data file finalized");
         Ok(entry)
@@ -484,6 +559,7 @@ impl DatasetWriter {
 }
 
 /// One submitted batch: its rows, and the sequence number of the last.
+#[derive(Clone)]
 struct Batch {
     rows: RecordBatch,
     last_seq: u64,
@@ -493,9 +569,11 @@ struct Batch {
 /// beyond that (the disk sets the pace, and memory stays bounded).
 const JOURNAL_QUEUE: usize = 4;
 
-/// The file being written: a thread that appends each batch to its journal, fsyncs it, counts
-/// it as durable, and then hands it to the file's Parquet encoder (absent when writing it
-/// failed: the journal rebuilds it).
+/// The file being written: a thread that takes each batch in order. A small batch is appended
+/// to the journal, fsynced, counted durable, and then handed to the file's Parquet encoder. A
+/// batch of `direct_rows` or more goes to the encoder only, which makes it durable in the data
+/// file itself (see [`ParquetFile::write_durable`]). Before the next small batch is journaled,
+/// the direct ones before it must be durable, so rows become durable in order.
 struct OpenFile {
     tx: std::sync::mpsc::SyncSender<Batch>,
     handle: std::thread::JoinHandle<JournalEnd>,
@@ -510,33 +588,75 @@ struct JournalEnd {
     no: u64,
     path: PathBuf,
     parquet: Option<ParquetWorker>,
+    /// The durable row count once everything it took is durable.
+    total: u64,
+    /// The batches it sent straight to the data file since the last journaled one, each with
+    /// the durable row count once it is durable.
+    direct: Vec<(u64, Batch)>,
     /// The write that failed, and every batch from it on (none of them durable).
     failed: Option<(DatasetError, Vec<Batch>)>,
 }
 
 impl OpenFile {
-    fn start(mut journal: Journal, mut parquet: Option<ParquetWorker>, durable: Durability) -> OpenFile {
+    fn start(
+        mut journal: Journal,
+        mut parquet: Option<ParquetWorker>,
+        durable: Durability,
+        direct_rows: usize,
+    ) -> OpenFile {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(JOURNAL_QUEUE);
         let handle = std::thread::Builder::new()
             .name("nb-journal".into())
             .spawn(move || {
                 let mut failed: Option<(DatasetError, Vec<Batch>)> = None;
+                let mut total = durable.get().1;
+                let mut direct: Vec<(u64, Batch)> = Vec::new();
                 for b in rx {
                     if let Some((_, unstored)) = &mut failed {
                         unstored.push(b);
                         continue;
                     }
+                    let n = b.rows.num_rows() as u64;
+                    if let Some(p) = parquet.as_ref().filter(|_| b.rows.num_rows() >= direct_rows) {
+                        direct.push((total + n, b.clone()));
+                        total += n;
+                        if p.send(ToParquet::Durable(b)).is_err() {
+                            durable.fail("the Parquet encoder of its data file stopped".into());
+                            failed = Some((
+                                DatasetError::Invalid {
+                                    path: journal.path.clone(),
+                                    reason: "the Parquet encoder of its data file stopped".into(),
+                                },
+                                Vec::new(),
+                            ));
+                        }
+                        continue;
+                    }
+                    if let Some((t, _)) = direct.last() {
+                        if !durable.wait_for(*t) {
+                            failed = Some((
+                                DatasetError::Invalid {
+                                    path: journal.path.clone(),
+                                    reason: "rows written straight into its data file did not become durable".into(),
+                                },
+                                vec![b],
+                            ));
+                            continue;
+                        }
+                        direct.clear();
+                    }
                     if let Err(e) = journal.append(&b.rows) {
-                        durable.fail();
+                        durable.fail(e.to_string());
                         failed = Some((e, vec![b]));
                         continue;
                     }
-                    durable.advance(b.last_seq, b.rows.num_rows() as u64);
+                    total += n;
+                    durable.advance(b.last_seq, n);
                     if let Some(p) = parquet.take() {
-                        match p.write(b.rows) {
+                        match p.send(ToParquet::Rows(b.rows)) {
                             Ok(()) => parquet = Some(p),
                             Err(()) => {
-                                let e = p.close().err().map(|e| e.to_string()).unwrap_or_default();
+                                let e = p.abandon().map(|e| e.to_string()).unwrap_or_default();
                                 tracing::warn!("Parquet write failed, the file will be built from its journal: {e}");
                             }
                         }
@@ -546,6 +666,8 @@ impl OpenFile {
                     no: journal.file_no,
                     path: journal.path,
                     parquet,
+                    total,
+                    direct,
                     failed,
                 }
             })
@@ -584,11 +706,12 @@ struct DurableShared {
     wake: std::sync::Mutex<Option<Box<dyn Fn() + Send>>>,
 }
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default)]
 struct DurableState {
     seq: Option<u64>,
     rows: u64,
-    failed: bool,
+    /// The first failure since the last was handled.
+    failed: Option<String>,
 }
 
 impl Durability {
@@ -612,7 +735,7 @@ impl Durability {
         *self.lock() = DurableState {
             seq,
             rows,
-            failed: false,
+            failed: None,
         };
     }
 
@@ -625,8 +748,8 @@ impl Durability {
         self.notify();
     }
 
-    fn fail(&self) {
-        self.lock().failed = true;
+    fn fail(&self, why: String) {
+        self.lock().failed.get_or_insert(why);
         self.notify();
     }
 
@@ -640,18 +763,19 @@ impl Durability {
     }
 
     fn failed(&self) -> bool {
-        self.lock().failed
+        self.lock().failed.is_some()
     }
 
-    fn clear_failure(&self) {
-        self.lock().failed = false;
+    /// Forget the failure (it is being handled), and say what it was.
+    fn clear_failure(&self) -> Option<String> {
+        self.lock().failed.take()
     }
 
     /// Wait until `rows` rows are durable (true) or a journal write failed (false).
     fn wait_for(&self, rows: u64) -> bool {
         let mut s = self.lock();
         loop {
-            if s.failed {
+            if s.failed.is_some() {
                 return false;
             }
             if s.rows >= rows {
@@ -666,30 +790,41 @@ struct Sealed {
     no: u64,
     journal: PathBuf,
     parquet: Option<ParquetWorker>,
+    /// Rebuild the file without the rows from this index on (handed back after a failure).
+    drop_from: Option<u64>,
+}
+
+/// What the Parquet encoder is handed: rows already durable (journaled), or a batch to make
+/// durable in the data file itself.
+enum ToParquet {
+    Rows(RecordBatch),
+    Durable(Batch),
 }
 
 /// A [`ParquetFile`] encoded on its own thread, so that encoding overlaps journaling. Only an
 /// explicit close finishes the file; a worker dropped without one abandons its temporary file
-/// (the journal rebuilds it).
+/// (the journal and the footer snapshot rebuild it).
 struct ParquetWorker {
-    tx: std::sync::mpsc::SyncSender<Option<RecordBatch>>,
+    tx: std::sync::mpsc::SyncSender<Option<ToParquet>>,
     handle: std::thread::JoinHandle<Option<Result<ClosedFile, DatasetError>>>,
 }
 
 impl ParquetWorker {
-    fn start(mut file: ParquetFile) -> ParquetWorker {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<RecordBatch>>(16);
+    fn start(mut file: ParquetFile, durable: Durability) -> ParquetWorker {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<ToParquet>>(16);
         let handle = std::thread::Builder::new()
             .name("nb-parquet".into())
             .spawn(move || {
                 for msg in rx {
-                    match msg {
-                        Some(b) => {
-                            if let Err(e) = file.write(&b) {
-                                return Some(Err(e));
-                            }
-                        }
+                    let done = match msg {
+                        Some(ToParquet::Rows(b)) => file.write(&b),
+                        Some(ToParquet::Durable(b)) => file.write_durable(b, &durable),
                         None => return Some(file.close()),
+                    };
+                    if let Err(e) = done {
+                        // Rows sent to be made durable here never will be: say so.
+                        durable.fail(e.to_string());
+                        return Some(Err(e));
                     }
                 }
                 None
@@ -698,9 +833,9 @@ impl ParquetWorker {
         ParquetWorker { tx, handle }
     }
 
-    /// Queue a batch; an error means the worker stopped on an error (see [`close`](Self::close)).
-    fn write(&self, b: RecordBatch) -> Result<(), ()> {
-        self.tx.send(Some(b)).map_err(|_| ())
+    /// Queue a message; an error means the worker stopped on an error.
+    fn send(&self, m: ToParquet) -> Result<(), ()> {
+        self.tx.send(Some(m)).map_err(|_| ())
     }
 
     fn close(self) -> Result<ClosedFile, DatasetError> {
@@ -712,10 +847,14 @@ impl ParquetWorker {
             .expect("a closed worker reports")
     }
 
-    /// Stop without finishing the file, and wait for the thread.
-    fn abandon(self) {
+    /// Stop without finishing the file, wait for the thread, and return the error it stopped
+    /// on, if it did.
+    fn abandon(self) -> Option<DatasetError> {
         drop(self.tx);
-        let _ = self.handle.join();
+        match self.handle.join() {
+            Ok(Some(Err(e))) => Some(e),
+            _ => None,
+        }
     }
 }
 
@@ -725,7 +864,7 @@ impl Drop for DatasetWriter {
         // was submitted is stored in it first).
         let workers = self.open.take().and_then(|o| o.finish().parquet).into_iter();
         for w in workers.chain(self.sealed.drain(..).filter_map(|s| s.parquet)) {
-            w.abandon();
+            let _ = w.abandon();
         }
     }
 }
@@ -736,8 +875,16 @@ struct ParquetFile {
     rel: String,
     tmp: PathBuf,
     target: PathBuf,
+    schema: arrow_schema::SchemaRef,
+    /// The temporary file again, for fsyncs while the writer's thread holds it.
+    data: File,
+    /// Its footer snapshot log (`journal/file-NNNNNN.footer`).
+    log: PathBuf,
     writer: ArrowWriter<ThreadedFileWriter<File>>,
     summary: FileSummary,
+    /// Started by the first batch written durable here. Declared after `writer`: dropped
+    /// after it, so the marks the writer's thread still runs reach it.
+    sync: Option<DirectSync>,
 }
 
 struct ClosedFile {
@@ -762,6 +909,7 @@ impl ParquetFile {
         fs::create_dir_all(dir).map_err(DatasetError::io(dir))?;
         let tmp = tmp_path(&target);
         let file = File::create(&tmp).map_err(DatasetError::io(&tmp))?;
+        let data = file.try_clone().map_err(DatasetError::io(&tmp))?;
         // No dictionaries: measured floats seldom repeat, the index, sequence numbers and stamps
         // never do, and the few small integer columns that repeat (episode, frame and task
         // indices) compress under snappy as well without one. Building a dictionary per column
@@ -789,8 +937,12 @@ impl ParquetFile {
             rel,
             tmp,
             target,
+            schema: schema.clone(),
+            data,
+            log: root.join(JOURNAL_DIR).join(snapshot_name(no)),
             writer,
             summary: FileSummary::new(&manifest.spec),
+            sync: None,
         })
     }
 
@@ -800,11 +952,49 @@ impl ParquetFile {
         Ok(())
     }
 
+    /// Write `b` and make it durable here: close the row group, and once the writer's thread
+    /// has written it, fsync the file and append a footer snapshot of every row group so far
+    /// (on the sync thread, which then counts the rows durable). The next batch is encoded
+    /// meanwhile.
+    fn write_durable(&mut self, b: Batch, durable: &Durability) -> Result<(), DatasetError> {
+        self.write(&b.rows)?;
+        self.writer.flush().map_err(DatasetError::parquet(&self.tmp))?;
+        self.writer.sync().map_err(DatasetError::io(&self.tmp))?;
+        let footer = snapshot::footer(&self.schema, self.writer.flushed_row_groups())
+            .map_err(DatasetError::parquet(&self.tmp))?;
+        let job = SyncJob {
+            len: self.writer.bytes_written() as u64,
+            footer,
+            last_seq: b.last_seq,
+            rows: b.rows.num_rows() as u64,
+        };
+        if self.sync.is_none() {
+            let data = self.data.try_clone().map_err(DatasetError::io(&self.tmp))?;
+            self.sync = Some(DirectSync::start(
+                data,
+                self.tmp.clone(),
+                self.log.clone(),
+                durable.clone(),
+            ));
+        }
+        let tx = self.sync.as_ref().and_then(|s| s.tx.clone()).expect("started above");
+        self.writer
+            .inner_mut()
+            .mark(move |written| {
+                let _ = tx.send((written, job));
+            })
+            .map_err(DatasetError::io(&self.tmp))
+    }
+
     /// Footer, fsync, rename into place, fsync the directory.
     fn close(self) -> Result<ClosedFile, DatasetError> {
         let tmp = self.tmp;
         let threaded = self.writer.into_inner().map_err(DatasetError::parquet(&tmp))?;
         let (file, sha256, bytes) = threaded.finish().map_err(DatasetError::io(&tmp))?;
+        // Every row written durable here is acknowledged before the file is finished.
+        if let Some(sync) = self.sync {
+            sync.finish()?;
+        }
         file.sync_all().map_err(DatasetError::io(&tmp))?;
         drop(file);
         fs::rename(&tmp, &self.target).map_err(DatasetError::io(&self.target))?;
@@ -816,6 +1006,81 @@ impl ParquetFile {
             bytes,
             summary: self.summary,
         })
+    }
+}
+
+/// What the sync thread makes durable: the data file's first `len` bytes, described by
+/// `footer`, and the `rows` rows up to `last_seq` in them.
+struct SyncJob {
+    len: u64,
+    footer: Vec<u8>,
+    last_seq: u64,
+    rows: u64,
+}
+
+/// The thread that fsyncs a data file's direct row groups and appends their footer snapshots,
+/// in order; after a failure it makes nothing more durable.
+struct DirectSync {
+    /// (whether the data file's writes before the job succeeded, the job).
+    tx: Option<std::sync::mpsc::Sender<(bool, SyncJob)>>,
+    handle: Option<std::thread::JoinHandle<Result<(), DatasetError>>>,
+}
+
+impl DirectSync {
+    fn start(data: File, data_path: PathBuf, log_path: PathBuf, durable: Durability) -> DirectSync {
+        let (tx, rx) = std::sync::mpsc::channel::<(bool, SyncJob)>();
+        let handle = std::thread::Builder::new()
+            .name("nb-sync".into())
+            .spawn(move || {
+                let mut log: Option<SnapshotLog> = None;
+                for (written, job) in rx {
+                    let synced = if written {
+                        data.sync_data().map_err(DatasetError::io(&data_path))
+                    } else {
+                        Err(DatasetError::Invalid {
+                            path: data_path.clone(),
+                            reason: "a write to the data file failed".into(),
+                        })
+                    };
+                    let logged = synced.and_then(|()| {
+                        let l = match &mut log {
+                            Some(l) => l,
+                            None => log.insert(SnapshotLog::create(log_path.clone())?),
+                        };
+                        l.append(job.len, &job.footer)
+                    });
+                    if let Err(e) = logged {
+                        durable.fail(e.to_string());
+                        return Err(e);
+                    }
+                    durable.advance(job.last_seq, job.rows);
+                }
+                Ok(())
+            })
+            .expect("spawn the sync thread");
+        DirectSync {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Make everything queued durable (or fail), and end the thread.
+    fn finish(mut self) -> Result<(), DatasetError> {
+        drop(self.tx.take());
+        self.handle
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("the sync thread does not panic")
+    }
+}
+
+impl Drop for DirectSync {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -909,5 +1174,33 @@ impl FileSummary {
             end_index: self.end_index,
             episodes: self.episodes,
         }
+    }
+}
+
+/// The `index` column of a batch.
+fn index_column(b: &RecordBatch) -> &Int64Array {
+    b.column_by_name(spec::INDEX)
+        .expect("batch has the schema")
+        .as_primitive::<Int64Type>()
+}
+
+fn first_index(b: &RecordBatch) -> u64 {
+    index_column(b).values().first().map_or(u64::MAX, |i| *i as u64)
+}
+
+fn last_index(b: &RecordBatch) -> u64 {
+    index_column(b).values().last().map_or(0, |i| *i as u64)
+}
+
+/// The rows of `b` whose index passes `keep`.
+fn rows_where(b: &RecordBatch, keep: impl Fn(u64) -> bool) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let mask: arrow_array::BooleanArray = index_column(b).values().iter().map(|i| Some(keep(*i as u64))).collect();
+    arrow_select::filter::filter_record_batch(b, &mask)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), DatasetError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DatasetError::io(path)(e)),
+        _ => Ok(()),
     }
 }

@@ -17,6 +17,9 @@ fn cfg() -> WriterConfig {
         file_max_age: Duration::from_secs(3600),
         chunks_size: 2,
         row_group_rows: 7,
+        // Batches of 4 rows or more go straight into the data file; smaller ones through the
+        // journal: the tests cover both paths and the turns between them.
+        direct_rows: 4,
     }
 }
 
@@ -194,8 +197,13 @@ fn submitted_batches_become_durable_in_order_and_wake_the_listener() {
 fn a_torn_journal_tail_is_dropped_and_whole_batches_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
+    // Every batch through the journal.
+    let journal_only = || WriterConfig {
+        direct_rows: usize::MAX,
+        ..cfg()
+    };
     {
-        let mut w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+        let mut w = DatasetWriter::open(root, spec(), journal_only()).unwrap();
         push_all(&mut w, 0..4, 100);
         w.flush().unwrap();
         push_all(&mut w, 4..9, 100);
@@ -210,8 +218,73 @@ fn a_torn_journal_tail_is_dropped_and_whole_batches_are_kept() {
     let mut bytes = std::fs::read(&journal).unwrap();
     bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x40, 0x01, 0, 0, 1, 2, 3]);
     std::fs::write(&journal, bytes).unwrap();
-    DatasetWriter::open(root, spec(), cfg()).unwrap();
+    DatasetWriter::open(root, spec(), journal_only()).unwrap();
     assert_eq!(stored_seqs(root), (0..9).collect::<Vec<_>>());
+}
+
+/// Large batches (direct_rows 4) go straight into the data file, small ones (2 rows) through
+/// the journal, in turns; then the writer disappears as after kill -9.
+fn crash_with_direct_and_journaled_batches(root: &Path) {
+    let mut w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+    for (from, to) in [(0, 4), (4, 6), (6, 10), (10, 11)] {
+        push_all(&mut w, from..to, 100);
+        assert_eq!(w.flush().unwrap(), Some(to - 1));
+    }
+    std::mem::forget(w);
+}
+
+#[test]
+fn rows_written_straight_into_the_data_file_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    crash_with_direct_and_journaled_batches(root);
+    let log = root.join("journal/file-000000.footer");
+    assert!(log.is_file(), "the direct batches left a footer snapshot");
+    assert!(root.join("data/chunk-000/.file-000.parquet.tmp").is_file());
+    // A torn record after the last whole one (a crash during an append that was never
+    // acknowledged) is ignored.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, b"NBFS\x01\x02").unwrap();
+    let w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+    assert_eq!(w.durable(), (Some(10), 11));
+    drop(w);
+    assert_eq!(stored_seqs(root), (0..11).collect::<Vec<_>>());
+    assert!(
+        !log.exists(),
+        "the snapshot goes with its journal once the file is finalized"
+    );
+    assert!(verify(root).unwrap().ok());
+}
+
+#[test]
+fn a_torn_last_snapshot_falls_back_to_the_one_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    {
+        // Direct 0..4, journaled 4..6, direct 6..10, and nothing after: rows 6..10 were the
+        // last to become durable, in the last snapshot record.
+        let mut w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+        for (from, to) in [(0, 4), (4, 6), (6, 10)] {
+            push_all(&mut w, from..to, 100);
+            w.flush().unwrap();
+        }
+        std::mem::forget(w);
+    }
+    // The crash came during that last record's append: it is cut short, so rows 6..10 were
+    // never acknowledged. What the record before it and the journal hold is kept, in order.
+    let log = root.join("journal/file-000000.footer");
+    let len = std::fs::metadata(&log).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .unwrap()
+        .set_len(len - 9)
+        .unwrap();
+    let w = DatasetWriter::open(root, spec(), cfg()).unwrap();
+    assert_eq!(w.durable(), (Some(5), 6));
+    drop(w);
+    assert_eq!(stored_seqs(root), (0..6).collect::<Vec<_>>());
+    assert!(verify(root).unwrap().ok());
 }
 
 #[test]
@@ -427,4 +500,88 @@ fn columns_hold_the_rows_that_were_written() {
         }
     }
     assert_eq!(seen, 25);
+}
+
+/// The child side of the kill -9 test: write batches of 8 rows (straight into the data file)
+/// and 2 rows (through the journal) in turns, printing each acknowledgement, until killed.
+fn direct_path_child(root: &Path) {
+    let mut w = DatasetWriter::open(root, spec(), small_files()).unwrap();
+    let mut seq = w.durable().0.map_or(0, |s| s + 1);
+    for n in [8u64, 2].into_iter().cycle() {
+        push_all(&mut w, seq..seq + n, 10);
+        seq += n;
+        let last = w.flush().unwrap().unwrap();
+        println!("acked {last}");
+        w.rotate_if_due().unwrap();
+    }
+}
+
+/// Data files of a few batches each, so crashes fall within and between files.
+fn small_files() -> WriterConfig {
+    WriterConfig {
+        file_max_bytes: 4000,
+        ..cfg()
+    }
+}
+
+#[test]
+fn every_acknowledged_row_survives_kill_9_on_the_direct_path() {
+    use std::io::BufRead;
+    const TEST: &str = "every_acknowledged_row_survives_kill_9_on_the_direct_path";
+    if let Some(root) = std::env::var_os("NB_DIRECT_PATH_CHILD") {
+        direct_path_child(Path::new(&root));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut acked = None;
+    for round in 0..4u64 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", TEST, "--nocapture", "--test-threads", "1"])
+            .env("NB_DIRECT_PATH_CHILD", root)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let stdout = child.stdout.take().unwrap();
+        let child = Kill(child);
+        let want = 20 + round * 7;
+        let mut got = 0;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if let Some(n) = line.unwrap().strip_prefix("acked ") {
+                acked = Some(n.parse::<u64>().unwrap());
+                got += 1;
+                if got >= want {
+                    break;
+                }
+            }
+        }
+        assert!(got >= want, "the child stopped after {got} acknowledgements");
+        // kill -9 (what Child::kill sends) right after an acknowledgement, with the next
+        // batches in flight.
+        drop(child);
+        let w = DatasetWriter::open(root, spec(), small_files()).unwrap();
+        let (last, rows) = w.durable();
+        let acked = acked.unwrap();
+        assert!(
+            last.unwrap() >= acked,
+            "round {round}: acknowledged {acked}, durable {last:?}"
+        );
+        drop(w);
+        let seqs = stored_seqs(root);
+        assert_eq!(
+            seqs,
+            (0..rows).collect::<Vec<_>>(),
+            "round {round}: every row once, in order"
+        );
+        assert!(verify(root).unwrap().ok(), "round {round}");
+    }
+    let (m, _) = read_dataset(root).unwrap();
+    assert!(m.files.len() > 4, "crashes within and between {} files", m.files.len());
 }
