@@ -285,8 +285,8 @@ impl DatasetWriter {
         Ok(())
     }
 
-    /// Make every queued frame durable: [`submit`](Self::submit), then wait until the journal
-    /// thread has fsynced everything submitted. Returns the last durable sequence number. On an
+    /// Make every queued frame durable: [`submit`](Self::submit), then wait until everything
+    /// submitted is fsynced. Returns the last durable sequence number. On an
     /// I/O error the frames stay queued and the journal is sealed, so that a later flush writes
     /// them to a fresh journal.
     pub fn flush(&mut self) -> Result<Option<u64>, DatasetError> {
@@ -297,11 +297,13 @@ impl DatasetWriter {
         Ok(self.durable.get().0)
     }
 
-    /// Hand every queued frame to the journal thread as one batch and return without waiting:
-    /// the thread appends it to the journal, fsyncs it, counts it in [`durable`](Self::durable)
-    /// (and wakes whoever [`Durability::on_durable`] names), then passes it to the Parquet
-    /// encoder. Only durable rows may be acknowledged. An error from an earlier batch is
-    /// returned here, with its rows queued again.
+    /// Hand every queued frame to the open file's threads as one batch and return without
+    /// waiting. A batch under `direct_rows` is appended to the journal and fsynced, then passed
+    /// to the Parquet encoder; a larger one is encoded straight into the data file as a row
+    /// group, which is fsynced with a footer snapshot. Either way it then counts in
+    /// [`durable`](Self::durable) (and wakes whoever [`Durability::on_durable`] names), in
+    /// submission order. Only durable rows may be acknowledged. An error from an earlier batch
+    /// is returned here, with the rows that are not durable queued again.
     pub fn submit(&mut self) -> Result<(), DatasetError> {
         if self.durable.failed() {
             return Err(self.take_failure());
