@@ -123,18 +123,59 @@ pub fn last_record(path: &Path) -> Result<Option<(u64, Vec<u8>)>, DatasetError> 
     Ok(last)
 }
 
-/// Make the temporary data file `data` readable as of the last record of snapshot log `log`
-/// (cut to its length, its footer appended), and read its rows. No record, or no data file:
-/// no rows.
-pub fn repair(data: &Path, log: &Path) -> Result<Vec<RecordBatch>, DatasetError> {
+/// The rows a crash left in temporary data file `data` with snapshot log `log`: the file is
+/// made readable as of the log's last whole record (cut to its length, its footer appended) and
+/// set aside as [`kept_path`], so that rebuilding the data file under its temporary name can
+/// itself be interrupted and recovered again. No record, or no data file: no rows.
+pub fn recover(data: &Path, log: &Path) -> Result<Vec<RecordBatch>, DatasetError> {
+    let kept = kept_path(data);
+    if !kept.exists() {
+        if !repair(data, log)? {
+            return Ok(Vec::new());
+        }
+        std::fs::rename(data, &kept).map_err(DatasetError::io(&kept))?;
+        if let Some(dir) = kept.parent() {
+            crate::fsutil::sync_dir(dir)?;
+        }
+    }
+    let file = File::open(&kept).map_err(DatasetError::io(&kept))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(DatasetError::parquet(&kept))?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(DatasetError::arrow(&kept))
+}
+
+/// Where [`recover`] keeps the repaired rows of temporary data file `data` until the data file
+/// is finalized (`.file-NNN.parquet.tmp` → `.file-NNN.parquet.snap`).
+pub fn kept_path(data: &Path) -> PathBuf {
+    data.with_extension("snap")
+}
+
+/// Remove snapshot log `log` and the rows [`recover`] kept for `data` (the data file is
+/// finalized).
+pub fn remove(data: &Path, log: &Path) -> Result<(), DatasetError> {
+    for f in [log.to_path_buf(), kept_path(data)] {
+        match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(DatasetError::io(&f)(e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Cut `data` to the length of the log's last whole record and append its footer; false when
+/// there is no record or no data file.
+fn repair(data: &Path, log: &Path) -> Result<bool, DatasetError> {
     let Some((len, footer)) = last_record(log)? else {
-        return Ok(Vec::new());
+        return Ok(false);
     };
     let mut f = match OpenOptions::new().read(true).write(true).open(data) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::warn!(file = %data.display(), "footer snapshot without its data file: ignored");
-            return Ok(Vec::new());
+            return Ok(false);
         }
         Err(e) => return Err(DatasetError::io(data)(e)),
     };
@@ -148,11 +189,7 @@ pub fn repair(data: &Path, log: &Path) -> Result<Vec<RecordBatch>, DatasetError>
     f.set_len(len)
         .and_then(|_| f.seek(SeekFrom::End(0)))
         .and_then(|_| f.write_all(&footer))
-        .and_then(|_| f.sync_data())
+        .and_then(|_| f.sync_all())
         .map_err(DatasetError::io(data))?;
-    let file = File::open(data).map_err(DatasetError::io(data))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .and_then(|b| b.build())
-        .map_err(DatasetError::parquet(data))?;
-    reader.collect::<Result<Vec<_>, _>>().map_err(DatasetError::arrow(data))
+    Ok(true)
 }

@@ -201,7 +201,7 @@ impl DatasetWriter {
                 Some(no) => found.push((no, entry.path())),
                 // A footer snapshot goes with its journal; one whose file was finalized is done.
                 None => match parse_snapshot_name(&name) {
-                    Some(no) if self.manifest.contains(no) => remove_if_present(&entry.path())?,
+                    Some(no) if self.manifest.contains(no) => self.remove_snapshot(no)?,
                     Some(_) => {}
                     None => tracing::warn!(file = %entry.path().display(), "not a journal: left alone"),
                 },
@@ -211,6 +211,7 @@ impl DatasetWriter {
         for (no, path) in found {
             self.next_file_no = self.next_file_no.max(no + 1);
             if self.manifest.contains(no) {
+                self.remove_snapshot(no)?;
                 fs::remove_file(&path).map_err(DatasetError::io(&path))?;
                 continue;
             }
@@ -464,7 +465,7 @@ impl DatasetWriter {
     fn finalize(&mut self, no: u64, journal: &Path, drop_from: Option<u64>) -> Result<Option<FileEntry>, DatasetError> {
         let tmp = tmp_path(&self.root.join(self.manifest.data_path(no)));
         let log = self.root.join(JOURNAL_DIR).join(snapshot_name(no));
-        let mut batches = snapshot::repair(&tmp, &log)?;
+        let mut batches = snapshot::recover(&tmp, &log)?;
         let after = batches.iter().filter(|b| b.num_rows() > 0).map(last_index).max();
         for b in read_journal(journal)? {
             batches.push(match after {
@@ -478,9 +479,9 @@ impl DatasetWriter {
             }
         }
         if batches.iter().all(|b| b.num_rows() == 0) {
-            for f in [journal, &log, &tmp] {
-                remove_if_present(f)?;
-            }
+            snapshot::remove(&tmp, &log)?;
+            remove_if_present(&tmp)?;
+            remove_if_present(journal)?;
             return Ok(None);
         }
         let mut p = ParquetFile::create(&self.root, &self.manifest, &self.schema, &self.cfg, no)?;
@@ -501,10 +502,16 @@ impl DatasetWriter {
         self.manifest.files.sort_by_key(|f| f.no);
         self.manifest.save(&self.root)?;
         self.write_meta()?;
-        remove_if_present(&self.root.join(JOURNAL_DIR).join(snapshot_name(no)))?;
+        self.remove_snapshot(no)?;
         fs::remove_file(journal).map_err(DatasetError::io(journal))?;
         tracing::debug!(file = %entry.path, rows = entry.rows, "data file finalized");
         Ok(entry)
+    }
+
+    /// Data file `no` is finalized: its footer snapshot and any rows recovery kept from it go.
+    fn remove_snapshot(&self, no: u64) -> Result<(), DatasetError> {
+        let tmp = tmp_path(&self.root.join(self.manifest.data_path(no)));
+        snapshot::remove(&tmp, &self.root.join(JOURNAL_DIR).join(snapshot_name(no)))
     }
 
     fn write_meta(&self) -> Result<(), DatasetError> {

@@ -259,6 +259,31 @@ fn rows_written_straight_into_the_data_file_survive_a_crash() {
 }
 
 #[test]
+fn a_crash_while_recovery_rebuilds_the_data_file_is_recovered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    crash_with_direct_and_journaled_batches(root);
+    // Recovery sets the repaired rows aside, then rebuilds the data file under its temporary
+    // name; a crash in the middle of that leaves a partial temporary file.
+    let tmp = root.join("data/chunk-000/.file-000.parquet.tmp");
+    let log = root.join("journal/file-000000.footer");
+    assert_eq!(
+        nanobot_dataset::snapshot::recover(&tmp, &log)
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+        10
+    );
+    std::fs::write(&tmp, b"PAR1 half a rebuilt file").unwrap();
+    reopened_holds_rows(root, 11);
+    assert!(
+        !nanobot_dataset::snapshot::kept_path(&tmp).exists(),
+        "the kept rows go once the file is finalized"
+    );
+}
+
+#[test]
 fn a_torn_last_snapshot_falls_back_to_the_one_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
