@@ -65,12 +65,20 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     assert!(page.contains("NanoBot fleet") && !page.contains("src=\"http") && !page.contains("href=\"http"));
 
     let mut s = Value::Null;
-    wait_until("the robot and its node in /api/state", Duration::from_secs(30), || {
-        s = state(web);
-        s["robots"]["r0"]["observations"].as_u64().unwrap_or(0) > 0
-            && s["nodes"]["sim"]["ingest_r0"]["alive"] == true
-            && s["topics"]["nb/r0/obs"]["rate_hz"].as_f64().unwrap_or(0.0) > 0.0
-    });
+    // The first observation reaches the dashboard before the first action chunk that answers
+    // it: wait for both.
+    wait_until(
+        "the robot, its node and its actions in /api/state",
+        Duration::from_secs(30),
+        || {
+            s = state(web);
+            s["robots"]["r0"]["observations"].as_u64().unwrap_or(0) > 0
+                && s["nodes"]["sim"]["ingest_r0"]["alive"] == true
+                && s["topics"]["nb/r0/obs"]["rate_hz"].as_f64().unwrap_or(0.0) > 0.0
+                && s["robots"]["r0"]["source"] != ""
+                && s["topics"]["nb/r0/act"].is_object()
+        },
+    );
     assert_eq!(s["fleet"], "nb");
     assert_eq!(s["robots"]["r0"]["source"], "Expert", "{s}");
     assert_eq!(s["robots"]["r0"]["state"].as_array().map(Vec::len), Some(6), "{s}");
