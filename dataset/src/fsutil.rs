@@ -66,6 +66,14 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Remove `path`; one that is not there is not an error.
+pub(crate) fn remove_if_present(path: &Path) -> Result<(), DatasetError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(DatasetError::io(path)(e)),
+        _ => Ok(()),
+    }
+}
+
 /// A buffered writer whose full buffers go to their own thread, which writes them to `inner`
 /// and hashes them (SHA-256), so that neither the write system call nor the hash runs on the
 /// thread that encodes. A buffer changes hands whole (no copy); buffers come back for reuse.

@@ -21,6 +21,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{encode_arrow_schema, ARROW_SCHEMA_META_KEY};
 use parquet::file::metadata::{FileMetaData, KeyValue, ParquetMetaData, ParquetMetaDataWriter, RowGroupMetaData};
 
+use crate::fsutil::remove_if_present;
 use crate::DatasetError;
 
 const MAGIC: &[u8; 4] = b"NBFS";
@@ -35,21 +36,24 @@ pub fn parse_snapshot_name(name: &str) -> Option<u64> {
     name.strip_prefix("file-")?.strip_suffix(".footer")?.parse().ok()
 }
 
-/// The footer (metadata, its length, `PAR1`) of a file that holds `row_groups`.
-pub fn footer(schema: &SchemaRef, row_groups: &[RowGroupMetaData]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+/// The Arrow schema as Parquet key-value metadata (what `ArrowWriter` stores), so that the
+/// repaired file reads back with the writer's exact types. Encode it once per data file.
+pub fn arrow_schema_kv(schema: &SchemaRef) -> KeyValue {
+    KeyValue::new(ARROW_SCHEMA_META_KEY.to_string(), encode_arrow_schema(schema))
+}
+
+/// The footer (metadata, its length, `PAR1`) of a file that holds `row_groups`, with the Arrow
+/// schema `kv` from [`arrow_schema_kv`].
+pub fn footer(kv: &KeyValue, row_groups: &[RowGroupMetaData]) -> Result<Vec<u8>, parquet::errors::ParquetError> {
     let Some(first) = row_groups.first() else {
         return Ok(Vec::new());
     };
     let rows = row_groups.iter().map(|r| r.num_rows()).sum();
-    let kv = vec![KeyValue::new(
-        ARROW_SCHEMA_META_KEY.to_string(),
-        encode_arrow_schema(schema),
-    )];
     let meta = FileMetaData::new(
         1,
         rows,
         Some("nanobot footer snapshot".into()),
-        Some(kv),
+        Some(vec![kv.clone()]),
         first.schema_descr_ptr(),
         None,
     );
@@ -156,13 +160,8 @@ pub fn kept_path(data: &Path) -> PathBuf {
 /// Remove snapshot log `log` and the rows [`recover`] kept for `data` (the data file is
 /// finalized).
 pub fn remove(data: &Path, log: &Path) -> Result<(), DatasetError> {
-    for f in [log.to_path_buf(), kept_path(data)] {
-        match std::fs::remove_file(&f) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(DatasetError::io(&f)(e)),
-            _ => {}
-        }
-    }
-    Ok(())
+    remove_if_present(log)?;
+    remove_if_present(&kept_path(data))
 }
 
 /// Cut `data` to the length of the log's last whole record and append its footer; false when

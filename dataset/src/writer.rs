@@ -18,7 +18,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use crate::fsutil::{sync_dir, tmp_path, ThreadedFileWriter};
+use crate::fsutil::{remove_if_present, sync_dir, tmp_path, ThreadedFileWriter};
 use crate::journal::{journal_name, parse_journal_name, read_journal, Journal};
 use crate::manifest::{EpisodeSpan, FileEntry, Manifest};
 use crate::snapshot::{self, parse_snapshot_name, snapshot_name, SnapshotLog};
@@ -969,14 +969,6 @@ impl ParquetFile {
         self.write(&b.rows)?;
         self.writer.flush().map_err(DatasetError::parquet(&self.tmp))?;
         self.writer.sync().map_err(DatasetError::io(&self.tmp))?;
-        let footer = snapshot::footer(&self.schema, self.writer.flushed_row_groups())
-            .map_err(DatasetError::parquet(&self.tmp))?;
-        let job = SyncJob {
-            len: self.writer.bytes_written() as u64,
-            footer,
-            last_seq: b.last_seq,
-            rows: b.rows.num_rows() as u64,
-        };
         if self.sync.is_none() {
             let data = self.data.try_clone().map_err(DatasetError::io(&self.tmp))?;
             self.sync = Some(DirectSync::start(
@@ -984,9 +976,19 @@ impl ParquetFile {
                 self.tmp.clone(),
                 self.log.clone(),
                 durable.clone(),
+                snapshot::arrow_schema_kv(&self.schema),
             ));
         }
-        let tx = self.sync.as_ref().and_then(|s| s.tx.clone()).expect("started above");
+        let sync = self.sync.as_ref().expect("started above");
+        let footer = snapshot::footer(&sync.schema_kv, self.writer.flushed_row_groups())
+            .map_err(DatasetError::parquet(&self.tmp))?;
+        let job = SyncJob {
+            len: self.writer.bytes_written() as u64,
+            footer,
+            last_seq: b.last_seq,
+            rows: b.rows.num_rows() as u64,
+        };
+        let tx = sync.tx.clone().expect("open until finished");
         self.writer
             .inner_mut()
             .mark(move |written| {
@@ -1033,10 +1035,18 @@ struct DirectSync {
     /// (whether the data file's writes before the job succeeded, the job).
     tx: Option<std::sync::mpsc::Sender<(bool, SyncJob)>>,
     handle: Option<std::thread::JoinHandle<Result<(), DatasetError>>>,
+    /// The Arrow schema for the snapshot footers, encoded once.
+    schema_kv: parquet::file::metadata::KeyValue,
 }
 
 impl DirectSync {
-    fn start(data: File, data_path: PathBuf, log_path: PathBuf, durable: Durability) -> DirectSync {
+    fn start(
+        data: File,
+        data_path: PathBuf,
+        log_path: PathBuf,
+        durable: Durability,
+        schema_kv: parquet::file::metadata::KeyValue,
+    ) -> DirectSync {
         let (tx, rx) = std::sync::mpsc::channel::<(bool, SyncJob)>();
         let handle = std::thread::Builder::new()
             .name("nb-sync".into())
@@ -1070,6 +1080,7 @@ impl DirectSync {
         DirectSync {
             tx: Some(tx),
             handle: Some(handle),
+            schema_kv,
         }
     }
 
@@ -1205,11 +1216,4 @@ fn last_index(b: &RecordBatch) -> u64 {
 fn rows_where(b: &RecordBatch, keep: impl Fn(u64) -> bool) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let mask: arrow_array::BooleanArray = index_column(b).values().iter().map(|i| Some(keep(*i as u64))).collect();
     arrow_select::filter::filter_record_batch(b, &mask)
-}
-
-fn remove_if_present(path: &Path) -> Result<(), DatasetError> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DatasetError::io(path)(e)),
-        _ => Ok(()),
-    }
 }
