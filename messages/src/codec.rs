@@ -102,10 +102,14 @@ pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Resu
     head.extend_from_slice(&robot_len.to_le_bytes());
     head.extend_from_slice(robot.as_bytes());
     let body_start = head.len();
-    bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| CodecError::Encode {
-        kind: T::KIND,
-        reason: e.to_string(),
-    })?;
+    if let Some(frame) = (msg as &dyn std::any::Any).downcast_ref::<RawFrame>() {
+        crate::wire::write_raw_frame(frame, &mut head);
+    } else {
+        bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| CodecError::Encode {
+            kind: T::KIND,
+            reason: e.to_string(),
+        })?;
+    }
     let body_len = u32::try_from(head.len() - body_start).map_err(|_| CodecError::Encode {
         kind: T::KIND,
         reason: "body over 4 GiB".into(),
@@ -360,12 +364,9 @@ pub fn encode_any(robot: &str, seq: u64, stamp_ns: u64, msg: &AnyMessage) -> Res
     msg.visit(EncodeWith { robot, seq, stamp_ns })
 }
 
-/// Nanoseconds since the Unix epoch, now.
+/// Nanoseconds since the Unix epoch, now (what an envelope is stamped with; see [`crate::clock`]).
 pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    crate::clock::now_ns()
 }
 
 #[cfg(test)]

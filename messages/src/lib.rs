@@ -19,6 +19,7 @@
 //! Big byte fields ([`Blob`]: camera frames, adapters) are kept out of the body so that the bus
 //! can hand them to Zenoh and back without copying them.
 
+pub mod clock;
 pub mod codec;
 pub mod device;
 pub mod foxglove;
@@ -28,6 +29,7 @@ pub mod topics;
 pub mod trace;
 pub mod types;
 pub mod view;
+mod wire;
 
 pub use codec::{decode, decode_any, encode, peek_header, CodecError, Encoded, Header};
 pub use trace::{TraceContext, TraceSampler};

@@ -108,15 +108,6 @@ impl<'de> Deserialize<'de> for Dims {
     }
 }
 
-/// A blob's length as the body carries it (its bytes follow the body).
-struct BlobLen(u64);
-
-impl<'de> Deserialize<'de> for BlobLen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::types::blob_len(d).map(BlobLen)
-    }
-}
-
 /// A borrowed view of a message type.
 pub trait MessageView<'a>: Sized {
     /// The owned type whose bytes this view reads.
@@ -192,15 +183,6 @@ pub struct RawFrameView<'a> {
     pub data: BlobRef<'a>,
 }
 
-#[derive(Deserialize)]
-struct RawFrameBody<'a> {
-    #[serde(borrow)]
-    sensor: &'a str,
-    encoding: Encoding,
-    shape: Dims,
-    data: BlobLen,
-}
-
 /// `len` bytes from the start of `tail`, or the truncation error.
 fn take_blob(tail: &[u8], len: u64, body_end: usize) -> Result<&[u8], CodecError> {
     match usize::try_from(len).ok().filter(|&l| l <= tail.len()) {
@@ -216,15 +198,8 @@ fn take_blob(tail: &[u8], len: u64, body_end: usize) -> Result<&[u8], CodecError
 impl<'a> MessageView<'a> for RawFrameView<'a> {
     type Owned = RawFrame;
     fn decode(body: &'a [u8], tail: &'a [u8]) -> Result<(Self, usize), CodecError> {
-        let (b, used): (RawFrameBody<'a>, usize) = bincode::serde::borrow_decode_from_slice(body, codec::config())
-            .map_err(|e| codec::body_error(Kind::RawFrame, e, body.len()))?;
-        if used != body.len() {
-            return Err(CodecError::Body {
-                kind: Kind::RawFrame,
-                reason: format!("{} unread bytes inside the body", body.len() - used),
-            });
-        }
-        let data = take_blob(tail, b.data.0, body.len())?;
+        let b = crate::wire::read_raw_frame(body)?;
+        let data = take_blob(tail, b.data_len, body.len())?;
         Ok((
             RawFrameView {
                 sensor: b.sensor,
