@@ -220,6 +220,17 @@ impl Actor for NodeSupervisor {
 /// Run one node until SIGINT/SIGTERM, or until its supervisor gives up. `kinds` are the actor
 /// types this build provides (`crate::registry::ACTORS`).
 pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(), NodeError> {
+    // The handlers go in first: a SIGTERM that arrives while the bus opens or the actors start
+    // (a launcher stopping a fleet it just started) stops the node cleanly, instead of killing
+    // it by the default disposition.
+    let stop_signal = |kind: tokio::signal::unix::SignalKind, name: &str| {
+        tokio::signal::unix::signal(kind).map_err(|e| NodeError::Start {
+            node: plan.name.clone(),
+            reason: format!("{name} handler: {e}"),
+        })
+    };
+    let mut sigterm = stop_signal(tokio::signal::unix::SignalKind::terminate(), "SIGTERM")?;
+    let mut sigint = stop_signal(tokio::signal::unix::SignalKind::interrupt(), "SIGINT")?;
     let bus = match Bus::open(&plan.bus, &plan.fleet).await {
         Ok(b) => b,
         Err(e @ BusError::Config(_)) => {
@@ -268,14 +279,9 @@ pub async fn run_node(plan: NodePlan, kinds: &'static [ActorKind]) -> Result<(),
             node: node.clone(),
             reason: e.to_string(),
         })?;
-    let mut sigterm =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| NodeError::Start {
-            node: node.clone(),
-            reason: format!("SIGTERM handler: {e}"),
-        })?;
     let mut handle = handle;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!(node = %node, "SIGINT: stopping"),
+        _ = sigint.recv() => tracing::info!(node = %node, "SIGINT: stopping"),
         _ = sigterm.recv() => tracing::info!(node = %node, "SIGTERM: stopping"),
         _ = &mut handle => {}
     }
