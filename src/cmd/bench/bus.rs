@@ -449,6 +449,23 @@ fn codec_cost(sizes: &[usize]) {
         print!("  {}: {enc:.0} / {dec:.0} / {view:.0} ns", size_label(size));
     }
     println!();
+    // The envelope's stamp beside the system clock it stands in for (once the TSC's rate has
+    // been measured: a process's first stamps read the system clock).
+    nanobot_messages::clock::now_ns();
+    std::thread::sleep(nanobot_messages::clock::CALIBRATE + Duration::from_millis(10));
+    let n = 2_000_000u32;
+    let time = |f: fn() -> u64| {
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(f());
+        }
+        t.elapsed().as_nanos() as f64 / n as f64
+    };
+    let (stamp, system) = (
+        time(nanobot_messages::clock::now_ns),
+        time(nanobot_messages::clock::system_now_ns),
+    );
+    println!("stamp per message: {stamp:.0} ns (the system real-time clock: {system:.0} ns)");
 }
 
 pub async fn bench_bus(
