@@ -7,22 +7,8 @@ use std::time::{Duration, Instant};
 use nanobot_actors::bus::{Bus, BusConfig, Keep, PubQos};
 use nanobot_messages::{Blob, DType, Event, EventKind, Kind, ReplayBatch, ReplayRequest, TensorView, TraceContext};
 
-/// A free port not handed to another test of this process (the kernel may give a port it just
-/// released to the next `bind(0)`, before the test that got it listens).
 fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    nanobot_actors::bus::free_loopback_port().expect("a free loopback port")
 }
 
 /// Two connected sessions: a listening node and a peer that connects to it.

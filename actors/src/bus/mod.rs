@@ -309,6 +309,22 @@ pub struct Subscription {
     _local: LocalGuard,
 }
 
+/// A loopback TCP port nobody listens on right now, never handed out before by this process:
+/// for tests and benchmarks that start sessions side by side. The kernel may give a port it
+/// just released to the next `bind(0)`, so two calls in a row (or two tests at once) could
+/// otherwise get the same one before either listens.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+}
+
 fn owned_key(key: &str) -> Result<OwnedKeyExpr, BusError> {
     OwnedKeyExpr::autocanonize(key.to_string()).map_err(|e| zerr(key, e))
 }

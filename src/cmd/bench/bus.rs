@@ -487,7 +487,7 @@ pub async fn bench_bus(
     codec_cost(sizes);
     let size_list = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     if only != Some("one") {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = nanobot_actors::bus::free_loopback_port()?;
         let endpoint = format!("tcp/127.0.0.1:{port}");
         let cfg = BusConfig {
             listen: vec![endpoint.clone()],

@@ -85,10 +85,7 @@ pub(super) fn child_kill(c: &mut Child) {
 }
 
 pub(super) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(7471)
+    nanobot_actors::bus::free_loopback_port().unwrap_or(7471)
 }
 
 /// A client session on the fleet's node at `port`, retried for a minute while it starts.

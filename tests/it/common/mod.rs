@@ -22,23 +22,9 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A TCP port nobody listens on right now, and never handed out before in this test process.
-/// The kernel may give a port it just released to the next `bind(0)`: two calls in a row, or
-/// two tests at once, once got the same port, and one node could not listen.
+/// A TCP port nobody listens on right now, never handed out before in this test process.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    nanobot_actors::bus::free_loopback_port().expect("a free loopback port")
 }
 
 /// A fresh directory under the system temp dir.
