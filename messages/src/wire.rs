@@ -2,9 +2,10 @@
 //! bytes bincode's serde path writes and reads (fixed-width little-endian integers, a `u64`
 //! before every string and sequence, a `u32` enum variant index; tests hold both paths equal
 //! on every frame and on garbage), without serde's visitor calls. For a 64 B frame the whole
-//! view decode (header included) went from ~93 ns to ~62 ns and the whole encode from ~47 ns
-//! to ~43 ns (its allocation dominates), measured by `nanobot bench bus`; the bus adds these
-//! to Zenoh's own ~700 ns of CPU per message between two processes.
+//! view decode (header included) went from 93–101 ns to 62–88 ns over four runs of
+//! `nanobot bench bus` each; the whole encode did not gain (46–47 ns before, 43–73 after), most
+//! of it being the allocation. The bus adds these to Zenoh's own ~700 ns of CPU per message
+//! between two processes.
 
 use crate::codec::CodecError;
 use crate::types::{Encoding, Kind, RawFrame};
