@@ -364,10 +364,8 @@ pub fn encode_any(robot: &str, seq: u64, stamp_ns: u64, msg: &AnyMessage) -> Res
     msg.visit(EncodeWith { robot, seq, stamp_ns })
 }
 
-/// Nanoseconds since the Unix epoch, now (what an envelope is stamped with; see [`crate::clock`]).
-pub fn now_ns() -> u64 {
-    crate::clock::now_ns()
-}
+/// Nanoseconds since the Unix epoch, now: what an envelope is stamped with.
+pub use crate::clock::now_ns;
 
 #[cfg(test)]
 mod tests {

@@ -7,8 +7,6 @@
 use std::fmt;
 use std::ops::Range;
 
-use serde::{Deserialize, Deserializer};
-
 use crate::codec::{self, CodecError};
 use crate::types::{Blob, Encoding, Kind, Message, RawFrame};
 
@@ -78,33 +76,6 @@ impl Dims {
 impl fmt::Debug for Dims {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.as_slice().fmt(f)
-    }
-}
-
-impl<'de> Deserialize<'de> for Dims {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = Dims;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "at most {} dimensions", Dims::MAX)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Dims, A::Error> {
-                let mut out = Dims {
-                    len: 0,
-                    values: [0; Dims::MAX],
-                };
-                while let Some(v) = seq.next_element::<u32>()? {
-                    if out.len as usize == Dims::MAX {
-                        return Err(serde::de::Error::custom(format!("more than {} dimensions", Dims::MAX)));
-                    }
-                    out.values[out.len as usize] = v;
-                    out.len += 1;
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_seq(Visit)
     }
 }
 

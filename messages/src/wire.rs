@@ -141,8 +141,35 @@ mod tests {
         #[serde(borrow)]
         sensor: &'a str,
         encoding: Encoding,
-        shape: Dims,
+        shape: SerdeDims,
         data: SerdeBlobLen,
+    }
+
+    /// A shape as the view's serde path read it: at most `Dims::MAX` values, the one too many
+    /// read before it is refused.
+    struct SerdeDims(Dims);
+
+    impl<'de> Deserialize<'de> for SerdeDims {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = SerdeDims;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    write!(f, "at most {} dimensions", Dims::MAX)
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<SerdeDims, A::Error> {
+                    let mut values = Vec::new();
+                    while let Some(v) = seq.next_element::<u32>()? {
+                        if values.len() == Dims::MAX {
+                            return Err(serde::de::Error::custom("more than 8 dimensions"));
+                        }
+                        values.push(v);
+                    }
+                    Ok(SerdeDims(Dims::new(&values).expect("at most Dims::MAX")))
+                }
+            }
+            d.deserialize_seq(Visit)
+        }
     }
 
     struct SerdeBlobLen(u64);
@@ -159,7 +186,7 @@ mod tests {
         if used != body.len() {
             return Err(bad(format!("{} unread bytes inside the body", body.len() - used)));
         }
-        Ok((b.sensor, b.encoding, b.shape, b.data.0))
+        Ok((b.sensor, b.encoding, b.shape.0, b.data.0))
     }
 
     fn hand_read(body: &[u8]) -> Result<(&str, Encoding, Dims, u64), CodecError> {
