@@ -27,7 +27,9 @@ use nanobot_policy::runner::Runner;
 /// One tiny policy for the tests of this file (trained once, by whichever test comes first).
 fn shared_policy() -> (PathBuf, PathBuf) {
     static POLICY: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    POLICY.get_or_init(|| tiny_policy(&temp_dir("tiny-policy"))).clone()
+    POLICY
+        .get_or_init(|| tiny_policy(&temp_dir("tiny-policy").until_exit()))
+        .clone()
 }
 
 fn post_json(port: u16, body: &[u8]) -> Vec<u8> {

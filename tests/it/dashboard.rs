@@ -100,7 +100,8 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     assert_eq!(status, 404);
 
     // A real browser: the page loads, shows the robot and its camera, and a value changes live.
-    let shot = temp_dir("dashboard-shot").join("dashboard.png");
+    let shot_dir = temp_dir("dashboard-shot");
+    let shot = shot_dir.join("dashboard.png");
     let browser = std::process::Command::new("python3")
         .arg(repo().join("dashboard/tests/browser_check.py"))
         .arg(format!("http://127.0.0.1:{web}/?token={TOKEN}"))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn sim_fleet(tag: &str, robots: usize) -> (std::path::PathBuf, u16) {
+fn sim_fleet(tag: &str, robots: usize) -> (TempPath, u16) {
     let port = free_port();
     let file = write_launch(
         tag,

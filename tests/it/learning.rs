@@ -73,14 +73,16 @@ set = {{ base = "{base}", state_dir = "{state}", batch = 8, lr = 1e-3, warmup = 
 
     // Interrupted: replay lets 15 batches of 8 through (124 windows), the trainer checkpoints
     // every 7 steps and is killed while it waits for more, its step 15 lost.
-    let mut killed = run(&launch("resume-b", &b, 124.0 / rows as f64, 7, 0));
+    let killed_file = launch("resume-b", &b, 124.0 / rows as f64, 7, 0);
+    let mut killed = run(&killed_file);
     let line = killed.expect_line("trainer waiting", Duration::from_secs(120));
     assert!(line.contains("rate limit"), "{line}");
     killed.signal(libc::SIGKILL);
     killed.wait(Duration::from_secs(10));
 
     // Resumed from step 14 and run to 20: the same adapter, bit for bit.
-    let mut resumed = run(&launch("resume-c", &b, 1e6, 50, 20));
+    let resumed_file = launch("resume-c", &b, 1e6, 50, 20);
+    let mut resumed = run(&resumed_file);
     let line = resumed.expect_line("training resumed", Duration::from_secs(60));
     assert!(line.contains("step=14"), "{line}");
     finish(resumed);

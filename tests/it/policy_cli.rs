@@ -16,7 +16,7 @@ use nanobot_sim::{SimConfig, SimRobot};
 
 /// Demonstrations in `tag`'s temp dir, and a tiny policy trained on them with `args`:
 /// (directory, checkpoint, the trainer's output).
-fn train_demo_policy(tag: &str, args: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, String) {
+fn train_demo_policy(tag: &str, args: &[&str]) -> (TempPath, std::path::PathBuf, String) {
     let dir = temp_dir(tag);
     let data = dir.join("demos");
     demo_dataset(&data);

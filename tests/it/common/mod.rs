@@ -27,8 +27,75 @@ pub fn free_port() -> u16 {
     nanobot_actors::bus::free_loopback_port().expect("a free loopback port")
 }
 
-/// A fresh directory under the system temp dir.
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A path inside a fresh directory under the system temp dir. Dropping it removes the
+/// directory, unless the test is failing (then it stays, for a look at what the fleet wrote).
+pub struct TempPath {
+    path: PathBuf,
+    root: PathBuf,
+}
+
+impl TempPath {
+    /// The path, with the directory kept after the test.
+    pub fn keep(mut self) -> PathBuf {
+        self.root = PathBuf::new();
+        std::mem::take(&mut self.path)
+    }
+
+    /// The path, with the directory kept until this test process exits (for a fixture that
+    /// many tests share).
+    pub fn until_exit(self) -> PathBuf {
+        static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        extern "C" fn remove_all() {
+            if let Ok(dirs) = DIRS.lock() {
+                for d in dirs.iter() {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+        }
+        let mut dirs = DIRS.lock().unwrap();
+        if dirs.is_empty() {
+            // SAFETY: registers a plain function with no arguments; it runs once, at exit.
+            unsafe { libc::atexit(remove_all) };
+        }
+        dirs.push(self.root.clone());
+        self.keep()
+    }
+}
+
+impl std::ops::Deref for TempPath {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempPath {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if self.root.as_os_str().is_empty() {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!("kept for a look: {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir, removed when the returned guard drops.
+pub fn temp_dir(tag: &str) -> TempPath {
     static N: AtomicUsize = AtomicUsize::new(0);
     let d = std::env::temp_dir().join(format!(
         "nanobot-test-{tag}-{}-{}",
@@ -37,24 +104,28 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempPath {
+        path: d.clone(),
+        root: d,
+    }
 }
 
-/// A launch file written into a temp dir (relative config paths resolve to the repo's configs).
-pub fn write_launch(tag: &str, text: &str) -> PathBuf {
-    let dir = temp_dir(tag);
+/// A launch file written into its own temp dir (relative config paths resolve to the repo's
+/// configs); dropping it removes the directory.
+pub fn write_launch(tag: &str, text: &str) -> TempPath {
+    let dir = temp_dir(tag).keep();
     let path = dir.join(format!("{tag}.toml"));
     std::fs::write(
         &path,
         text.replace("@CONFIGS@", &repo().join("configs").display().to_string()),
     )
     .unwrap();
-    path
+    TempPath { path, root: dir }
 }
 
 /// A launch file for one node listening on `port` with one simulated robot `r0` driven by the
 /// scripted expert at 20 Hz, its telemetry through ingest: a small live fleet for the tools.
-pub fn one_robot_fleet(tag: &str, port: u16) -> PathBuf {
+pub fn one_robot_fleet(tag: &str, port: u16) -> TempPath {
     write_launch(
         tag,
         &format!(
