@@ -89,32 +89,31 @@ impl Encoded {
 /// Encode `msg` with its envelope header.
 pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Result<Encoded, CodecError> {
     let robot_len = u16::try_from(robot.len()).map_err(|_| CodecError::RobotIdTooLong(robot.len()))?;
+    if let Some(frame) = (msg as &dyn std::any::Any).downcast_ref::<RawFrame>() {
+        return Ok(encode_raw_frame(robot_len, robot, seq, stamp_ns, frame));
+    }
+    encode_serde(robot_len, robot, seq, stamp_ns, msg)
+}
+
+/// Every other message: the body through serde, its blobs visited.
+pub(crate) fn encode_serde<T: Message>(
+    robot_len: u16,
+    robot: &str,
+    seq: u64,
+    stamp_ns: u64,
+    msg: &T,
+) -> Result<Encoded, CodecError> {
     let mut blob_bytes = 0;
     msg.visit_blobs(&mut |b| blob_bytes += b.len());
     let inline = blob_bytes <= INLINE_BLOB_BYTES;
     let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + 64 + if inline { blob_bytes } else { 0 });
-    head.extend_from_slice(&MAGIC);
-    head.push(SCHEMA_VERSION);
-    head.push(T::KIND as u8);
-    head.extend_from_slice(&0u32.to_le_bytes()); // body length, patched below
-    head.extend_from_slice(&seq.to_le_bytes());
-    head.extend_from_slice(&stamp_ns.to_le_bytes());
-    head.extend_from_slice(&robot_len.to_le_bytes());
-    head.extend_from_slice(robot.as_bytes());
+    write_header(&mut head, T::KIND, seq, stamp_ns, robot_len, robot);
     let body_start = head.len();
-    if let Some(frame) = (msg as &dyn std::any::Any).downcast_ref::<RawFrame>() {
-        crate::wire::write_raw_frame(frame, &mut head);
-    } else {
-        bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| CodecError::Encode {
-            kind: T::KIND,
-            reason: e.to_string(),
-        })?;
-    }
-    let body_len = u32::try_from(head.len() - body_start).map_err(|_| CodecError::Encode {
+    bincode::serde::encode_into_std_write(msg, &mut head, config()).map_err(|e| CodecError::Encode {
         kind: T::KIND,
-        reason: "body over 4 GiB".into(),
+        reason: e.to_string(),
     })?;
-    head[4..8].copy_from_slice(&body_len.to_le_bytes());
+    patch_body_len(&mut head, body_start, T::KIND)?;
     let mut blobs = Vec::new();
     if inline {
         msg.visit_blobs(&mut |b| b.pieces().iter().for_each(|p| head.extend_from_slice(p)));
@@ -122,6 +121,54 @@ pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Resu
         msg.visit_blobs(&mut |b| blobs.extend(b.pieces().iter().cloned()));
     }
     Ok(Encoded { head, blobs })
+}
+
+/// The bus's most frequent message in one pass: the buffer sized exactly, the body written by
+/// hand ([`crate::wire`]), a small blob copied in after it.
+fn encode_raw_frame(robot_len: u16, robot: &str, seq: u64, stamp_ns: u64, frame: &RawFrame) -> Encoded {
+    let body_len = crate::wire::raw_frame_body_len(frame);
+    let data = frame.data.len();
+    let inline = data <= INLINE_BLOB_BYTES;
+    let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + body_len + if inline { data } else { 0 });
+    write_header(&mut head, Kind::RawFrame, seq, stamp_ns, robot_len, robot);
+    // A frame's body is a few fields and its shape: far below 4 GiB.
+    head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    crate::wire::write_raw_frame(frame, &mut head);
+    let pieces = frame.data.pieces();
+    if inline {
+        pieces.iter().for_each(|p| head.extend_from_slice(p));
+        Encoded {
+            head,
+            blobs: Vec::new(),
+        }
+    } else {
+        Encoded {
+            head,
+            blobs: pieces.to_vec(),
+        }
+    }
+}
+
+/// The envelope's fixed header and robot id, the body length left 0 to be patched.
+fn write_header(head: &mut Vec<u8>, kind: Kind, seq: u64, stamp_ns: u64, robot_len: u16, robot: &str) {
+    head.extend_from_slice(&MAGIC);
+    head.push(SCHEMA_VERSION);
+    head.push(kind as u8);
+    head.extend_from_slice(&0u32.to_le_bytes()); // body length, patched by the caller
+    head.extend_from_slice(&seq.to_le_bytes());
+    head.extend_from_slice(&stamp_ns.to_le_bytes());
+    head.extend_from_slice(&robot_len.to_le_bytes());
+    head.extend_from_slice(robot.as_bytes());
+}
+
+/// Write the length of the body that starts at `body_start` into the header.
+fn patch_body_len(head: &mut [u8], body_start: usize, kind: Kind) -> Result<(), CodecError> {
+    let body_len = u32::try_from(head.len() - body_start).map_err(|_| CodecError::Encode {
+        kind,
+        reason: "body over 4 GiB".into(),
+    })?;
+    head[4..8].copy_from_slice(&body_len.to_le_bytes());
+    Ok(())
 }
 
 /// Read the header; returns it with the byte range of the body.
@@ -160,7 +207,7 @@ pub fn peek_header_ref(bytes: &[u8]) -> Result<(crate::view::HeaderRef<'_>, std:
     let robot_len = u16::from_le_bytes([bytes[24], bytes[25]]) as usize;
     let body_start = FIXED_HEADER_LEN + robot_len;
     need(body_start, "robot id")?;
-    let robot = std::str::from_utf8(&bytes[FIXED_HEADER_LEN..body_start]).map_err(|_| CodecError::BadRobotId)?;
+    let robot = crate::wire::utf8(&bytes[FIXED_HEADER_LEN..body_start]).map_err(|_| CodecError::BadRobotId)?;
     need(body_start + body_len, "body")?;
     let header = crate::view::HeaderRef {
         kind,

@@ -48,8 +48,9 @@ impl crate::codec::Header {
 /// `Vec<u32>` (a u64 count, then the values).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Dims {
-    len: u8,
-    values: [u32; Dims::MAX],
+    pub(crate) len: u8,
+    /// Zero past `len` (equality compares the whole array).
+    pub(crate) values: [u32; Dims::MAX],
 }
 
 impl Dims {
