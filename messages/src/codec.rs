@@ -90,7 +90,7 @@ impl Encoded {
 pub fn encode<T: Message>(robot: &str, seq: u64, stamp_ns: u64, msg: &T) -> Result<Encoded, CodecError> {
     let robot_len = u16::try_from(robot.len()).map_err(|_| CodecError::RobotIdTooLong(robot.len()))?;
     if let Some(frame) = (msg as &dyn std::any::Any).downcast_ref::<RawFrame>() {
-        return Ok(encode_raw_frame(robot_len, robot, seq, stamp_ns, frame));
+        return encode_raw_frame(robot_len, robot, seq, stamp_ns, frame);
     }
     encode_serde(robot_len, robot, seq, stamp_ns, msg)
 }
@@ -125,27 +125,38 @@ pub(crate) fn encode_serde<T: Message>(
 
 /// The bus's most frequent message in one pass: the buffer sized exactly, the body written by
 /// hand ([`crate::wire`]), a small blob copied in after it.
-fn encode_raw_frame(robot_len: u16, robot: &str, seq: u64, stamp_ns: u64, frame: &RawFrame) -> Encoded {
+fn encode_raw_frame(
+    robot_len: u16,
+    robot: &str,
+    seq: u64,
+    stamp_ns: u64,
+    frame: &RawFrame,
+) -> Result<Encoded, CodecError> {
     let body_len = crate::wire::raw_frame_body_len(frame);
+    let body_len_le = u32::try_from(body_len)
+        .map_err(|_| CodecError::Encode {
+            kind: Kind::RawFrame,
+            reason: "body over 4 GiB".into(),
+        })?
+        .to_le_bytes();
     let data = frame.data.len();
     let inline = data <= INLINE_BLOB_BYTES;
     let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + body_len + if inline { data } else { 0 });
     write_header(&mut head, Kind::RawFrame, seq, stamp_ns, robot_len, robot);
-    // A frame's body is a few fields and its shape: far below 4 GiB.
-    head[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&body_len_le);
     crate::wire::write_raw_frame(frame, &mut head);
     let pieces = frame.data.pieces();
     if inline {
         pieces.iter().for_each(|p| head.extend_from_slice(p));
-        Encoded {
+        Ok(Encoded {
             head,
             blobs: Vec::new(),
-        }
+        })
     } else {
-        Encoded {
+        Ok(Encoded {
             head,
             blobs: pieces.to_vec(),
-        }
+        })
     }
 }
 
