@@ -115,11 +115,7 @@ pub(crate) fn encode_serde<T: Message>(
     })?;
     patch_body_len(&mut head, body_start, T::KIND)?;
     let mut blobs = Vec::new();
-    if inline {
-        msg.visit_blobs(&mut |b| b.pieces().iter().for_each(|p| head.extend_from_slice(p)));
-    } else {
-        msg.visit_blobs(&mut |b| blobs.extend(b.pieces().iter().cloned()));
-    }
+    msg.visit_blobs(&mut |b| place_blob(b, inline, &mut head, &mut blobs));
     Ok(Encoded { head, blobs })
 }
 
@@ -132,31 +128,26 @@ fn encode_raw_frame(
     stamp_ns: u64,
     frame: &RawFrame,
 ) -> Result<Encoded, CodecError> {
-    let body_len = crate::wire::raw_frame_body_len(frame);
-    let body_len_le = u32::try_from(body_len)
-        .map_err(|_| CodecError::Encode {
-            kind: Kind::RawFrame,
-            reason: "body over 4 GiB".into(),
-        })?
-        .to_le_bytes();
     let data = frame.data.len();
     let inline = data <= INLINE_BLOB_BYTES;
+    let body_len = crate::wire::raw_frame_body_len(frame);
     let mut head = Vec::with_capacity(FIXED_HEADER_LEN + robot.len() + body_len + if inline { data } else { 0 });
     write_header(&mut head, Kind::RawFrame, seq, stamp_ns, robot_len, robot);
-    head[4..8].copy_from_slice(&body_len_le);
+    let body_start = head.len();
     crate::wire::write_raw_frame(frame, &mut head);
-    let pieces = frame.data.pieces();
+    patch_body_len(&mut head, body_start, Kind::RawFrame)?;
+    let mut blobs = Vec::new();
+    place_blob(&frame.data, inline, &mut head, &mut blobs);
+    Ok(Encoded { head, blobs })
+}
+
+/// A blob's bytes after the body: copied into `head` when the message's blobs are small
+/// (`inline`), else its pieces shared as they are.
+fn place_blob(b: &Blob, inline: bool, head: &mut Vec<u8>, blobs: &mut Vec<Bytes>) {
     if inline {
-        pieces.iter().for_each(|p| head.extend_from_slice(p));
-        Ok(Encoded {
-            head,
-            blobs: Vec::new(),
-        })
+        b.pieces().iter().for_each(|p| head.extend_from_slice(p));
     } else {
-        Ok(Encoded {
-            head,
-            blobs: pieces.to_vec(),
-        })
+        blobs.extend(b.pieces().iter().cloned());
     }
 }
 

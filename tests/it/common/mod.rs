@@ -35,15 +35,9 @@ pub struct TempPath {
 }
 
 impl TempPath {
-    /// The path, with the directory kept after the test.
-    pub fn keep(mut self) -> PathBuf {
-        self.root = PathBuf::new();
-        std::mem::take(&mut self.path)
-    }
-
     /// The path, with the directory kept until this test process exits (for a fixture that
     /// many tests share).
-    pub fn until_exit(self) -> PathBuf {
+    pub fn until_exit(mut self) -> PathBuf {
         static DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
         extern "C" fn remove_all() {
             if let Ok(dirs) = DIRS.lock() {
@@ -57,8 +51,9 @@ impl TempPath {
             // SAFETY: registers a plain function with no arguments; it runs once, at exit.
             unsafe { libc::atexit(remove_all) };
         }
-        dirs.push(self.root.clone());
-        self.keep()
+        // The directory is the exit hook's now, not this guard's.
+        dirs.push(std::mem::take(&mut self.root));
+        std::mem::take(&mut self.path)
     }
 }
 
@@ -84,7 +79,7 @@ impl AsRef<std::ffi::OsStr> for TempPath {
 impl Drop for TempPath {
     fn drop(&mut self) {
         if self.root.as_os_str().is_empty() {
-            return;
+            return; // handed to the exit hook
         }
         if std::thread::panicking() {
             eprintln!("kept for a look: {}", self.root.display());
@@ -113,14 +108,14 @@ pub fn temp_dir(tag: &str) -> TempPath {
 /// A launch file written into its own temp dir (relative config paths resolve to the repo's
 /// configs); dropping it removes the directory.
 pub fn write_launch(tag: &str, text: &str) -> TempPath {
-    let dir = temp_dir(tag).keep();
-    let path = dir.join(format!("{tag}.toml"));
+    let mut launch = temp_dir(tag);
+    launch.path = launch.root.join(format!("{tag}.toml"));
     std::fs::write(
-        &path,
+        &launch.path,
         text.replace("@CONFIGS@", &repo().join("configs").display().to_string()),
     )
     .unwrap();
-    TempPath { path, root: dir }
+    launch
 }
 
 /// A launch file for one node listening on `port` with one simulated robot `r0` driven by the
