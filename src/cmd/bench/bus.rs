@@ -9,6 +9,10 @@
 //! borrowed `RawFrameView` first (the owned `RawFrame` where the echo publishes it again);
 //! echoes answer from the callback. Blocking congestion control and batching
 //! for throughput, express publications for latency.
+//!
+//! Beside each rate, the CPU time both processes spent per message sent (`/proc`, clock-tick
+//! resolution over a run of seconds): the two processes share the machine's cores, so the
+//! rate ratio follows the CPU ratio, and the CPU figure says where a difference comes from.
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -373,26 +377,44 @@ async fn measure(
 ) -> anyhow::Result<()> {
     println!("\n== {label} ==");
     println!(
-        "{:<9} {:>11} {:>11} {:>6} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "size", "raw msg/s", "nanobot", "ratio", "nb MB/s", "raw p50", "raw p99", "nb p50", "nb p99", "added p50"
+        "{:<9} {:>11} {:>11} {:>6} {:>14} {:>6} {:>9} | {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "size",
+        "raw msg/s",
+        "nanobot",
+        "ratio",
+        "CPU/msg raw/nb",
+        "ratio",
+        "nb MB/s",
+        "raw p50",
+        "raw p99",
+        "nb p50",
+        "nb p99",
+        "added p50"
     );
+    let me = std::process::id();
     for &size in sizes {
         // Rounds alternate the order (raw first, then NanoBot first) and each variant keeps
         // its best, so that neither gets the quieter stretch of a noisy machine.
         let mut thr = [0.0f64; 2];
+        // CPU per message, publisher and subscriber processes together: what the two cores
+        // were busy with, and steadier than the rate on a shared machine.
+        let mut cpu = [f64::INFINITY; 2];
         for round in 0..THROUGHPUT_ROUNDS {
             for (i, v) in Variant::BOTH.into_iter().enumerate().cycle().skip(round).take(2) {
                 let which = format!("{}/{size}", v.key());
                 blast(bus, v, size, 0.3).await?; // warm the route
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 sinks.ctl("reset", &which).await?;
+                let cpu0 = super::cpu_seconds(me);
                 let sent = blast(bus, v, size, secs).await?;
                 tokio::time::sleep(Duration::from_millis(300)).await;
+                let cpu1 = super::cpu_seconds(me);
                 let (got, rate) = sinks.ctl("report", &which).await?;
                 if got < sent {
                     bail!("{which}: sent {sent} but the sink counted {got} with blocking congestion control");
                 }
                 thr[i] = thr[i].max(rate);
+                cpu[i] = cpu[i].min((cpu1 - cpu0) * 1e9 / sent.max(1) as f64);
             }
         }
         let n = if size >= 65536 { round_trips / 2 } else { round_trips };
@@ -405,11 +427,13 @@ async fn measure(
             percentile(&nb, 0.99),
         );
         println!(
-            "{:<9} {:>11} {:>11} {:>5.2}x {:>9.1} | {:>6.1}µs {:>6.1}µs {:>6.1}µs {:>6.1}µs {:>7.1}µs",
+            "{:<9} {:>11} {:>11} {:>5.2}x {:>14} {:>5.2}x {:>9.1} | {:>6.1}µs {:>6.1}µs {:>6.1}µs {:>6.1}µs {:>7.1}µs",
             size_label(size),
             human(thr[0]),
             human(thr[1]),
             thr[1] / thr[0].max(1e-9),
+            format!("{:.0}/{:.0} ns", cpu[0], cpu[1]),
+            cpu[0] / cpu[1],
             thr[1] * size as f64 / 1e6,
             r50,
             r99,

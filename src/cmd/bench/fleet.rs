@@ -114,41 +114,6 @@ pub fn run(rt: &tokio::runtime::Runtime, a: FleetArgs) -> anyhow::Result<u8> {
     Ok(if all_met { 0 } else { 1 })
 }
 
-/// (parent pid, utime + stime in clock ticks) of a process, from /proc.
-fn stat(pid: u32) -> Option<(u32, f64)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command's closing parenthesis: ppid is the 2nd, utime and stime
-    // the 12th and 13th.
-    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-    Some((
-        f.get(1)?.parse().ok()?,
-        f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?,
-    ))
-}
-
-/// CPU clock ticks used so far by `pid` and every process under it (the launcher and its nodes).
-fn cpu_ticks(pid: u32) -> f64 {
-    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|p| stat(p).map(|(pp, t)| (p, pp, t)))
-        .collect();
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        tree.extend(procs.iter().filter(|(_, pp, _)| *pp == parent).map(|(p, _, _)| *p));
-        i += 1;
-    }
-    procs
-        .iter()
-        .filter(|(p, _, _)| tree.contains(p))
-        .map(|(_, _, t)| t)
-        .sum()
-}
-
 async fn measure(
     exe: &std::path::Path,
     checkpoint: &std::path::Path,
@@ -230,14 +195,13 @@ async fn measure(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         tokio::time::sleep(Duration::from_secs_f64(warmup_s)).await;
-        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
         let before = stats.lock().unwrap().clone();
-        let cpu0 = cpu_ticks(pid);
+        let cpu0 = super::cpu_seconds(pid);
         lat.lock().unwrap().clear();
         let t1 = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         // Stats come once a second: wait for a fresh set.
-        let cpu1 = cpu_ticks(pid);
+        let cpu1 = super::cpu_seconds(pid);
         let wall = t1.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let after = stats.lock().unwrap().clone();
@@ -263,7 +227,7 @@ async fn measure(
             obs_to_action_p99: quantile(&lat, 0.99),
             missed: (delta("policy", "missed_deadlines") + delta("sim_robot", "missed_actions")) as u64,
             batch,
-            cpu: (cpu1 - cpu0) / tick / wall * 100.0,
+            cpu: (cpu1 - cpu0) / wall * 100.0,
             secs: wall,
         })
     }

@@ -138,6 +138,47 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
     }
 }
 
+/// (parent pid, utime + stime in clock ticks) of a process, from /proc.
+fn stat(pid: u32) -> Option<(u32, f64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command's closing parenthesis: ppid is the 2nd, utime and stime
+    // the 12th and 13th.
+    let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((
+        f.get(1)?.parse().ok()?,
+        f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?,
+    ))
+}
+
+/// CPU clock ticks used so far by `pid` and every process under it (the launcher and its nodes).
+fn cpu_ticks(pid: u32) -> f64 {
+    let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| stat(p).map(|(pp, t)| (p, pp, t)))
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|(_, pp, _)| *pp == parent).map(|(p, _, _)| *p));
+        i += 1;
+    }
+    procs
+        .iter()
+        .filter(|(p, _, _)| tree.contains(p))
+        .map(|(_, _, t)| t)
+        .sum()
+}
+
+/// CPU seconds used so far by `pid` and every process under it (a launcher and its nodes, a
+/// bench and its peer), counting threads that have exited; clock-tick resolution (10 ms).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    cpu_ticks(pid) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// The `p` quantile (0..=1) of `sorted` (ascending); 0 for no samples.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
