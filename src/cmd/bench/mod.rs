@@ -150,8 +150,9 @@ fn stat(pid: u32) -> Option<(u32, f64)> {
     ))
 }
 
-/// CPU clock ticks used so far by `pid` and every process under it (the launcher and its nodes).
-fn cpu_ticks(pid: u32) -> f64 {
+/// CPU seconds used so far by `pid` and every process under it (a launcher and its nodes, a
+/// bench and its peer), counting threads that have exited; clock-tick resolution (10 ms).
+pub fn cpu_seconds(pid: u32) -> f64 {
     let procs: Vec<(u32, u32, f64)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
@@ -166,17 +167,12 @@ fn cpu_ticks(pid: u32) -> f64 {
         tree.extend(procs.iter().filter(|(_, pp, _)| *pp == parent).map(|(p, _, _)| *p));
         i += 1;
     }
-    procs
+    let ticks: f64 = procs
         .iter()
         .filter(|(p, _, _)| tree.contains(p))
         .map(|(_, _, t)| t)
-        .sum()
-}
-
-/// CPU seconds used so far by `pid` and every process under it (a launcher and its nodes, a
-/// bench and its peer), counting threads that have exited; clock-tick resolution (10 ms).
-pub fn cpu_seconds(pid: u32) -> f64 {
-    cpu_ticks(pid) / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        .sum();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// The `p` quantile (0..=1) of `sorted` (ascending); 0 for no samples.
