@@ -2,7 +2,6 @@
 
 mod cmd;
 mod conn;
-mod python;
 mod signals;
 
 use std::path::PathBuf;
@@ -10,8 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use cmd::{
-    bench, ckpt, collect, dashboard, export, fleet, foxglove, launcher, record, schema, serve, shadow, topic, train,
-    tune,
+    ckpt, collect, dashboard, demos, doctor, eval, export, foxglove, keys, launcher, node, record, schema, serve,
+    topic, train, tune, verify,
 };
 
 #[derive(Parser)]
@@ -63,7 +62,7 @@ enum Cmd {
     /// Nodes and actors of a running fleet.
     Node {
         #[command(subcommand)]
-        cmd: fleet::NodeCmd,
+        cmd: node::NodeCmd,
     },
     /// Check config, endpoints, connectivity and data flow.
     Doctor {
@@ -79,11 +78,11 @@ enum Cmd {
         dirs: Vec<PathBuf>,
     },
     /// Record the scripted expert's demonstrations in the simulator, as LeRobot datasets.
-    Demos(shadow::DemosArgs),
+    Demos(demos::DemosArgs),
     /// Pretrain the policy's base from LeRobot datasets (AdamW, warmup, checkpoints).
     Train(train::TrainArgs),
     /// Closed-loop success of a checkpoint in the simulator, beside the expert's, per condition.
-    Eval(shadow::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Measure this machine's best settings (policy worker threads and batch, DDIM steps,
     /// weight precision, trainer batch and learning rate) and write them for launch files.
     Tune(tune::TuneArgs),
@@ -96,7 +95,7 @@ enum Cmd {
     /// The fleet's signing keys.
     Keys {
         #[command(subcommand)]
-        cmd: ckpt::KeysCmd,
+        cmd: keys::KeysCmd,
     },
     /// A running fleet's candidates, decisions and rollout (its promoter's ledger).
     Ckpt {
@@ -106,7 +105,7 @@ enum Cmd {
     /// Benchmarks, each printed beside a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
-        cmd: bench::BenchCmd,
+        cmd: nanobot_bench::BenchCmd,
     },
 }
 
@@ -188,11 +187,11 @@ fn main() -> ExitCode {
         }
         Cmd::Node { cmd } => {
             init_tracing("warn,zenoh=error");
-            runtime().and_then(|rt| rt.block_on(fleet::node_cmd(cmd)))
+            runtime().and_then(|rt| rt.block_on(node::node_cmd(cmd)))
         }
         Cmd::Doctor { conn } => {
             init_tracing("warn,zenoh=error");
-            runtime().and_then(|rt| rt.block_on(fleet::doctor(conn)))
+            runtime().and_then(|rt| rt.block_on(doctor::doctor(conn)))
         }
         Cmd::Collect(args) => {
             init_tracing("info");
@@ -200,7 +199,7 @@ fn main() -> ExitCode {
         }
         Cmd::Verify { dirs } => {
             init_tracing("warn");
-            collect::verify_cmd(&dirs)
+            verify::verify_cmd(&dirs)
         }
         Cmd::Train(args) => {
             init_tracing("warn");
@@ -208,11 +207,11 @@ fn main() -> ExitCode {
         }
         Cmd::Demos(args) => {
             init_tracing("warn");
-            shadow::demos(args)
+            demos::demos(args)
         }
         Cmd::Eval(args) => {
             init_tracing("warn");
-            shadow::eval(args)
+            eval::eval(args)
         }
         Cmd::Tune(args) => {
             init_tracing("warn");
@@ -232,7 +231,7 @@ fn main() -> ExitCode {
         }
         Cmd::Keys { cmd } => {
             init_tracing("warn");
-            ckpt::keys_cmd(cmd)
+            keys::keys_cmd(cmd)
         }
         Cmd::Ckpt { cmd } => {
             init_tracing("warn,zenoh=error");
@@ -240,7 +239,7 @@ fn main() -> ExitCode {
         }
         Cmd::Bench { cmd } => {
             init_tracing("warn,zenoh=error");
-            bench::run(cmd)
+            nanobot_bench::run(cmd)
         }
     };
     match result {

@@ -337,7 +337,7 @@ impl NodeActor for Logger {
         if cfg.flush_ms == 0 || cfg.queue == 0 {
             return Err(ctx.config_error("flush_ms and queue must be positive"));
         }
-        let root = PathBuf::from(cfg.root.replace("{fleet}", fleet).replace("{robot}", &robot));
+        let root = ctx.path(&cfg.root);
         // A dataset that cannot be opened is a configuration problem (path, permissions,
         // features that differ from the existing dataset's): say which.
         let (spec, wcfg, at) = (cfg.spec(), cfg.writer_config(), root.clone());

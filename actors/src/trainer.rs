@@ -499,7 +499,7 @@ impl NodeActor for TrainerActor {
             return Err(ctx.config_error("batch, held_out_windows, timeout_ms and lr must be positive"));
         }
         let fleet = ctx.fleet().to_string();
-        let state_dir = PathBuf::from(cfg.state_dir.replace("{fleet}", &fleet).replace("{node}", &ctx.node));
+        let state_dir = ctx.path(&cfg.state_dir);
         let me = TrainerActor {
             key: topics::replay_sample(&fleet),
             candidates: ctx.publisher(&topics::ckpt_candidate(&fleet), "", PubQos::Data).await?,
@@ -573,7 +573,7 @@ impl NodeActor for TrainerActor {
 #[cfg(test)]
 mod tests {
     use nanobot_policy::checkpoint::NormStats;
-    use nanobot_replay::Strategy;
+    use nanobot_sampling::Strategy;
 
     use super::*;
     use crate::replay::fixtures::dataset;

@@ -28,6 +28,7 @@ use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use nanobot_messages::{codec, decode_any, topics, CkptCommand, CkptReply};
+use nanobot_tap::{payload_bytes, Tap, TapCounters, TapError};
 use serde_json::Value;
 
 pub use view::FleetView;
@@ -81,13 +82,16 @@ enum Arrival {
 struct App {
     view: Arc<Mutex<FleetView>>,
     token: Option<Arc<str>>,
+    /// Messages the full queue refused (the tap's count).
+    tapped: Arc<TapCounters>,
+    /// Liveliness changes the full queue refused.
     dropped: Arc<AtomicU64>,
 }
 
 impl App {
     fn snapshot(&self) -> Value {
         let mut v = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        v.dropped = self.dropped.load(Ordering::Relaxed);
+        v.dropped = self.tapped.dropped() + self.dropped.load(Ordering::Relaxed);
         v.snapshot()
     }
 }
@@ -96,7 +100,7 @@ impl App {
 pub struct Dashboard {
     addr: SocketAddr,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    _subscriber: zenoh::pubsub::Subscriber<()>,
+    _tap: Tap,
     _liveliness: zenoh::pubsub::Subscriber<()>,
 }
 
@@ -139,20 +143,11 @@ pub async fn start(
         reason: e.to_string(),
     };
     let all = format!("{fleet}/**");
-    let (t, d) = (tx.clone(), dropped.clone());
-    let subscriber = session
-        .declare_subscriber(all.clone())
-        .callback(move |s| {
-            let a = Arrival::Message(
-                s.key_expr().as_str().to_string(),
-                Bytes::from(s.payload().to_bytes().into_owned()),
-            );
-            if t.try_send(a).is_err() {
-                d.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-        .await
-        .map_err(|e| zerr(&all, e))?;
+    let tap = Tap::open(session, std::slice::from_ref(&all), tx.clone(), |_, s| {
+        Arrival::Message(s.key_expr().as_str().to_string(), payload_bytes(s.payload()))
+    })
+    .await
+    .map_err(|TapError::Subscribe { key, reason }| DashboardError::Zenoh { key, reason })?;
     let actors = topics::node_actor(fleet, "*", "*");
     let (t, d) = (tx, dropped.clone());
     let liveliness = session
@@ -194,6 +189,7 @@ pub async fn start(
     let app = App {
         view,
         token: opts.token.as_deref().map(Arc::from),
+        tapped: tap.counters.clone(),
         dropped,
     };
     let router = Router::new()
@@ -211,7 +207,7 @@ pub async fn start(
     Ok(Dashboard {
         addr,
         tasks: vec![fold, ledger, serve],
-        _subscriber: subscriber,
+        _tap: tap,
         _liveliness: liveliness,
     })
 }

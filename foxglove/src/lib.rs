@@ -17,6 +17,7 @@ use bytes::Bytes;
 use foxglove::{ChannelBuilder, Context, PartialMetadata, RawChannel, Schema, WebSocketServer, WebSocketServerHandle};
 use nanobot_messages::foxglove::{camera_image, image_schema};
 use nanobot_messages::{codec, decode_any, schema, to_json, Kind};
+use nanobot_tap::{payload_bytes, sample_key, Tap, TapCounters, TapError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -45,18 +46,18 @@ pub struct BridgeStats {
 
 #[derive(Default)]
 struct Counters {
-    received: AtomicU64,
     sent: AtomicU64,
     not_nanobot: AtomicU64,
-    dropped: AtomicU64,
     channels: AtomicU64,
 }
 
 /// A running bridge: its server, its subscriptions and its forwarding thread.
 pub struct Bridge {
     server: WebSocketServerHandle,
-    subscribers: Vec<zenoh::pubsub::Subscriber<()>>,
+    tap: Option<Tap>,
     counters: Arc<Counters>,
+    /// The tap's own counters (received, dropped), kept after it closes.
+    tapped: Arc<TapCounters>,
     forwarder: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -69,18 +70,18 @@ impl Bridge {
     pub fn stats(&self) -> BridgeStats {
         let c = &self.counters;
         BridgeStats {
-            received: c.received.load(Ordering::Relaxed),
+            received: self.tapped.received(),
             sent: c.sent.load(Ordering::Relaxed),
             not_nanobot: c.not_nanobot.load(Ordering::Relaxed),
-            dropped: c.dropped.load(Ordering::Relaxed),
+            dropped: self.tapped.dropped(),
             channels: c.channels.load(Ordering::Relaxed),
         }
     }
 
     /// Undeclare the subscriptions, let the forwarder drain, and stop the server.
     pub async fn stop(mut self) -> BridgeStats {
-        for sub in self.subscribers.drain(..) {
-            let _ = sub.undeclare().await;
+        if let Some(tap) = self.tap.take() {
+            tap.close().await;
         }
         if let Some(f) = self.forwarder.take() {
             let _ = tokio::task::spawn_blocking(move || f.join()).await;
@@ -224,25 +225,11 @@ pub async fn start(session: &zenoh::Session, keys: &[String], opts: &BridgeOptio
         })?;
     let counters = Arc::new(Counters::default());
     let (tx, rx) = flume::bounded::<(Arc<str>, Bytes)>(opts.queue.max(1));
-    let mut subscribers = Vec::new();
-    for key in keys {
-        let (tx, counters) = (tx.clone(), counters.clone());
-        let sub = session
-            .declare_subscriber(key.clone())
-            .callback(move |sample| {
-                counters.received.fetch_add(1, Ordering::Relaxed);
-                let payload = Bytes::from(sample.payload().to_bytes().into_owned());
-                if tx.try_send((sample.key_expr().as_str().into(), payload)).is_err() {
-                    counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .await
-            .map_err(|e| BridgeError::Zenoh {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-        subscribers.push(sub);
-    }
+    let tap = Tap::open(session, &keys, tx, |key, sample| {
+        (sample_key(key, sample), payload_bytes(sample.payload()))
+    })
+    .await
+    .map_err(|TapError::Subscribe { key, reason }| BridgeError::Zenoh { key, reason })?;
     let mut forwarder = Forwarder {
         ctx,
         kind_schemas,
@@ -263,7 +250,8 @@ pub async fn start(session: &zenoh::Session, keys: &[String], opts: &BridgeOptio
         })?;
     Ok(Bridge {
         server,
-        subscribers,
+        tapped: tap.counters.clone(),
+        tap: Some(tap),
         counters,
         forwarder: Some(forwarder),
     })

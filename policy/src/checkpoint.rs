@@ -348,10 +348,10 @@ mod tests {
         }
     }
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("nanobot-ckpt-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d.join(name)
+    /// A scratch directory of the test's own, removed when it is dropped (a failing test's
+    /// unwinding too).
+    fn scratch() -> tempfile::TempDir {
+        tempfile::Builder::new().prefix("nanobot-ckpt-").tempdir().unwrap()
     }
 
     #[test]
@@ -359,7 +359,8 @@ mod tests {
         let (a, b) = (VarMap::new(), VarMap::new());
         model(&a);
         model(&b);
-        let path = tmp("rt.safetensors");
+        let dir = scratch();
+        let path = dir.path().join("rt.safetensors");
         save(&path, &a, &meta()).unwrap();
         let got = load_into(&path, &b, &cfg(), Role::Base).unwrap();
         assert_eq!(got, meta());
@@ -381,7 +382,8 @@ mod tests {
     fn mismatched_files_are_refused_with_what_differs() {
         let a = VarMap::new();
         model(&a);
-        let path = tmp("mm.safetensors");
+        let dir = scratch();
+        let path = dir.path().join("mm.safetensors");
         save(&path, &a, &meta()).unwrap();
         // Another config.
         let mut other = cfg();
@@ -399,11 +401,11 @@ mod tests {
         let e = load_into(&path, &c, &cfg(), Role::Base).unwrap_err().to_string();
         assert!(e.contains("shape"), "{e}");
         // Not a checkpoint at all, and a truncated one.
-        std::fs::write(tmp("junk.safetensors"), b"junk").unwrap();
-        assert!(load_into(&tmp("junk.safetensors"), &a, &cfg(), Role::Base).is_err());
+        std::fs::write(dir.path().join("junk.safetensors"), b"junk").unwrap();
+        assert!(load_into(&dir.path().join("junk.safetensors"), &a, &cfg(), Role::Base).is_err());
         let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(tmp("cut.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-        assert!(load_into(&tmp("cut.safetensors"), &a, &cfg(), Role::Base).is_err());
+        std::fs::write(dir.path().join("cut.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+        assert!(load_into(&dir.path().join("cut.safetensors"), &a, &cfg(), Role::Base).is_err());
     }
 
     #[test]

@@ -27,8 +27,9 @@ fn the_gguf_package_reads_our_files_and_agrees_on_quantized_bytes() {
         g.tensors
             .push(Tensor::quantized(&format!("w.{}", dt.name()), &[3, 64], dt, &w).unwrap());
     }
-    let dir = std::env::temp_dir().join(format!("nanobot-gguf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, a failing test's unwinding too.
+    let scratch = tempfile::Builder::new().prefix("nanobot-gguf-").tempdir().unwrap();
+    let dir = scratch.path();
     let path = dir.join("policy.gguf");
     std::fs::write(&path, g.to_bytes().unwrap()).unwrap();
 
@@ -58,5 +59,4 @@ fn the_gguf_package_reads_our_files_and_agrees_on_quantized_bytes() {
     assert_eq!(v["tensors"]["w.mxfp4"]["type_name"], "MXFP4");
     assert_eq!(v["same_bytes_as_gguf"]["w.mxfp4"], true);
     assert_eq!(v["same_bytes_as_gguf"]["w.q8_0"], true);
-    let _ = std::fs::remove_dir_all(&dir);
 }

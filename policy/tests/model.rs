@@ -270,8 +270,9 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
             .unwrap();
     }
     let norm = NormStats::fit(&[vec![0.0; 6], vec![1.0; 6]], &[vec![-1.0, -1.0], vec![1.0, 1.0]]);
-    let dir = std::env::temp_dir().join(format!("nanobot-adapter-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed when dropped, a failing test's unwinding too.
+    let scratch = tempfile::Builder::new().prefix("nanobot-adapter-").tempdir().unwrap();
+    let dir = scratch.path();
     let meta = |kind, version: &str| Meta {
         kind,
         version: version.into(),
@@ -315,5 +316,4 @@ fn an_adapter_saved_on_its_own_loads_beside_its_base_and_merges_for_export() {
         .unwrap();
     let d = mean_abs_diff(&a_merged, &a_with);
     assert!(d < 1e-4, "merged acts like unmerged: {d}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

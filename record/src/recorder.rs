@@ -6,13 +6,13 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use mcap::records::{MessageHeader, Metadata};
 use nanobot_messages::schema;
 use nanobot_messages::{codec::now_ns, decode_any, from_json, to_json, Kind};
+use nanobot_tap::{payload_bytes, sample_key, Tap, TapError};
 
 use crate::{RecordError, DERIVED_FROM, JSON_ENCODING, KIND, RAW_ENCODING};
 use nanobot_messages::foxglove::{camera_image, image_schema};
@@ -232,31 +232,12 @@ pub async fn record(
 ) -> Result<RecordStats, RecordError> {
     let recorder = McapRecorder::create(path)?;
     let (tx, rx) = flume::bounded::<(Arc<str>, Bytes, u64)>(queue.max(1));
-    let dropped = Arc::new(AtomicU64::new(0));
-    let mut subscribers = Vec::new();
-    for key in keys {
-        let (tx, dropped, name) = (tx.clone(), dropped.clone(), Arc::<str>::from(key.as_str()));
-        let sub = session
-            .declare_subscriber(key.clone())
-            .callback(move |sample| {
-                let key: Arc<str> = if sample.key_expr().as_str() == &*name {
-                    name.clone()
-                } else {
-                    sample.key_expr().as_str().into()
-                };
-                let payload = Bytes::from(sample.payload().to_bytes().into_owned());
-                if tx.try_send((key, payload, now_ns())).is_err() {
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .await
-            .map_err(|e| RecordError::Zenoh {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-        subscribers.push(sub);
-    }
-    drop(tx);
+    let tap = Tap::open(session, keys, tx, |key, sample| {
+        (sample_key(key, sample), payload_bytes(sample.payload()), now_ns())
+    })
+    .await
+    .map_err(|TapError::Subscribe { key, reason }| RecordError::Zenoh { key, reason })?;
+    let counters = tap.counters.clone();
     let keys_owned = keys.to_vec();
     let writer = std::thread::Builder::new()
         .name("nb-record".into())
@@ -273,10 +254,8 @@ pub async fn record(
         })?;
     started();
     stop.await;
-    // Undeclaring the subscribers drops their senders: the writer drains the queue and ends.
-    for sub in subscribers {
-        let _ = sub.undeclare().await;
-    }
+    // Closing the tap drops its senders: the writer drains the queue and ends.
+    tap.close().await;
     let thread = |e: String| RecordError::Writer {
         path: path.to_path_buf(),
         reason: e,
@@ -285,7 +264,7 @@ pub async fn record(
         .await
         .map_err(|e| thread(e.to_string()))?
         .map_err(|_| thread("it panicked".into()))??;
-    recorder.add_dropped(dropped.load(Ordering::Relaxed));
+    recorder.add_dropped(counters.dropped());
     tokio::task::spawn_blocking(move || recorder.finish(&keys_owned))
         .await
         .map_err(|e| thread(e.to_string()))?

@@ -160,18 +160,18 @@ async fn arrivals(session: &zenoh::Session, key: &str) -> (zenoh::pubsub::Subscr
 }
 
 #[test]
-fn play_keeps_the_order_remaps_keys_and_never_runs_ahead_of_the_recorded_pace() {
+fn play_keeps_the_order_remaps_keys_and_the_recorded_pace_scaled_by_its_rate() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("paced.mcap");
     let mut rec = McapRecorder::create(&path).unwrap();
-    // Ten messages 40 ms apart, on two keys.
+    // Ten messages 200 ms apart, on two keys.
     let mut sent = Vec::new();
     for i in 0..10u64 {
         let key = if i % 3 == 0 { "nb/r0/event" } else { "nb/r0/raw/state" };
         let payload = encode("r0", i, i, &RawFrame::f32_vector("state", &[i as f32]))
             .unwrap()
             .to_vec();
-        rec.record(key, Bytes::from(payload.clone()), 1_000_000_000 + i * 40_000_000)
+        rec.record(key, Bytes::from(payload.clone()), 1_000_000_000 + i * 200_000_000)
             .unwrap();
         sent.push((key.replace("nb/", "lab/"), payload));
     }
@@ -181,7 +181,7 @@ fn play_keeps_the_order_remaps_keys_and_never_runs_ahead_of_the_recorded_pace() 
         let session = lone_session().await;
         let (_sub, got) = arrivals(&session, "lab/**").await;
         let opts = nanobot_record::PlayOptions {
-            rate: 2.0,
+            rate: 4.0,
             remaps: vec!["nb=lab".parse().unwrap()],
             ..Default::default()
         };
@@ -197,16 +197,22 @@ fn play_keeps_the_order_remaps_keys_and_never_runs_ahead_of_the_recorded_pace() 
             keys_and_bytes, sent,
             "the same messages in the same order, under the remapped keys"
         );
-        // At twice the speed, message i is due 20 ms × i after the first: never earlier.
+        // At four times the speed, message i is due 50 ms × i after the first: never earlier,
+        // and the last (due at 450 ms) long before the recorded pace would bring it (1.8 s).
         let first = got[0].2;
         assert!(first >= start);
         for (i, (_, _, at)) in got.iter().enumerate() {
-            let due = std::time::Duration::from_millis(20 * i as u64);
+            let due = std::time::Duration::from_millis(50 * i as u64);
             assert!(
                 at.duration_since(first) + std::time::Duration::from_millis(1) >= due,
                 "message {i} early"
             );
         }
+        let last = got[9].2.duration_since(first);
+        assert!(
+            last < std::time::Duration::from_millis(1200),
+            "--rate 4 plays 1.8 s of recording in about 0.45 s, not {last:?}"
+        );
         let bad = nanobot_record::PlayOptions {
             rate: 0.0,
             ..Default::default()

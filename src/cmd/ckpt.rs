@@ -1,39 +1,13 @@
-//! `nanobot keys init DIR`: the fleet's signing key pair. `nanobot ckpt list | show ID | promote
-//! ID | rollback`: ask a running fleet's promoter (the queryable `{fleet}/ckpt/control`) about
+//! `nanobot ckpt list | show ID | promote ID | rollback`: ask a running fleet's promoter (the queryable `{fleet}/ckpt/control`) about
 //! its candidates, decisions and rollout, or change the rollout by hand.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
 use clap::Subcommand;
-use nanobot_actors::keys::{key_paths, SigningKey};
 use nanobot_messages::{topics, CkptCommand, CkptReply};
 
 use crate::conn::ConnectArgs;
-
-#[derive(Subcommand)]
-pub enum KeysCmd {
-    /// Make the fleet key pair: DIR/fleet.key (secret, stays on the promoter's node) and
-    /// DIR/fleet.pub (copy it to every robot). An existing key is never overwritten.
-    Init {
-        #[arg(default_value = "state/nb/keys")]
-        dir: PathBuf,
-    },
-}
-
-pub fn keys_cmd(cmd: KeysCmd) -> anyhow::Result<u8> {
-    match cmd {
-        KeysCmd::Init { dir } => {
-            let key = SigningKey::generate(&dir)?;
-            let (secret, public) = key_paths(&dir);
-            println!("fleet key {}", key.public_hex());
-            println!("  secret: {} (keep it on the promoter's node)", secret.display());
-            println!("  public: {} (every robot's policy trusts it)", public.display());
-            Ok(0)
-        }
-    }
-}
 
 #[derive(Subcommand)]
 pub enum CkptCmd {

@@ -311,7 +311,7 @@ fn make_base(b: &nanobot_actors::launch::BaseSetup) -> anyhow::Result<()> {
     let datasets: Vec<std::path::PathBuf> = if demos.join("r0").exists() {
         (0..b.robots).map(|i| demos.join(format!("r{i}"))).collect()
     } else {
-        super::shadow::record_demos(demos, b.robots, b.episodes, nanobot_sim::Shift::None, 0)?
+        super::demos::record_demos(demos, b.robots, b.episodes, nanobot_sim::Shift::None, 0)?
     };
     let mut args: Vec<String> = vec!["train".into()];
     for d in &datasets {

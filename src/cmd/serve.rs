@@ -430,14 +430,9 @@ mod tests {
     use nanobot_policy::PolicyConfig;
 
     fn tiny_runner() -> Runner {
-        // One directory per call: the tests run in parallel.
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "nb-serve-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        // One directory per call (the tests run in parallel), removed when dropped.
+        let scratch = tempfile::Builder::new().prefix("nb-serve-test-").tempdir().unwrap();
+        let dir = scratch.path();
         let cfg =
             PolicyConfig::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/policy/tiny.toml"))
                 .unwrap();
@@ -452,9 +447,7 @@ mod tests {
         };
         let path = dir.join("tiny.safetensors");
         checkpoint::save(&path, &vars, &meta).unwrap();
-        let r = Runner::load(&path, None).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        r
+        Runner::load(&path, None).unwrap()
     }
 
     fn observation() -> Observation {

@@ -20,7 +20,7 @@ use nanobot_policy::runner::{Request, Runner};
 use nanobot_policy::train::{Row, TrainConfig, Trainer, Windows};
 use nanobot_policy::Policy;
 
-use super::bench::quantile;
+use nanobot_bench::quantile;
 
 #[derive(Args)]
 pub struct TuneArgs {
@@ -55,7 +55,7 @@ struct Obs {
 }
 
 fn datasets(dir: &std::path::Path) -> anyhow::Result<Vec<PathBuf>> {
-    let found = super::collect::dataset_roots(dir)
+    let found = super::verify::dataset_roots(dir)
         .with_context(|| format!("{}: no datasets (nanobot demos makes some)", dir.display()))?;
     if found.is_empty() {
         bail!(

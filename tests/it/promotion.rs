@@ -14,7 +14,7 @@ use candle_core::{Tensor, Var};
 use common::*;
 use nanobot_actors::keys::SigningKey;
 use nanobot_messages::{
-    ActionChunk, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, Metric, PolicyStatus, Promoted,
+    ActionChunk, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, Metric, PolicyStatus, Promoted, Stats,
 };
 use nanobot_policy::checkpoint::{self, Meta, Role};
 use nanobot_policy::runner::Runner;
@@ -59,7 +59,11 @@ fn manifest(key: &SigningKey, id: &str, base: &str, bytes: &[u8]) -> AdapterMani
 #[derive(Default)]
 struct Seen {
     status: BTreeMap<String, PolicyStatus>,
+    /// PolicyStatus messages received, all robots.
+    status_count: u64,
     chunks: BTreeMap<String, (u64, String)>,
+    /// Each actor's latest Stats metrics.
+    metrics: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 fn watch(
@@ -67,10 +71,12 @@ fn watch(
     bus: &nanobot_actors::bus::Bus,
 ) -> (Arc<Mutex<Seen>>, Vec<Box<dyn std::any::Any>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let (s1, s2) = (seen.clone(), seen.clone());
+    let (s1, s2, s3) = (seen.clone(), seen.clone(), seen.clone());
     let a = rt
         .block_on(bus.subscribe_callback::<PolicyStatus>("nb/*/policy", move |r| {
-            s1.lock().unwrap().status.insert(r.header.robot.clone(), r.msg);
+            let mut s = s1.lock().unwrap();
+            s.status_count += 1;
+            s.status.insert(r.header.robot.clone(), r.msg);
         }))
         .unwrap();
     let b = rt
@@ -81,7 +87,25 @@ fn watch(
             e.1 = r.msg.adapter_version;
         }))
         .unwrap();
-    (seen, vec![Box::new(a), Box::new(b)])
+    let c = rt
+        .block_on(bus.subscribe_callback::<Stats>("nb/node/*/*", move |r| {
+            let mut m: BTreeMap<String, f64> = r.msg.extra.iter().map(|m| (m.name.clone(), m.value)).collect();
+            m.insert("handled".into(), r.msg.handled as f64);
+            s3.lock().unwrap().metrics.insert(r.msg.actor.clone(), m);
+        }))
+        .unwrap();
+    (seen, vec![Box::new(a), Box::new(b), Box::new(c)])
+}
+
+/// An actor's latest reported metric (0 before it reported one).
+fn metric(seen: &Arc<Mutex<Seen>>, actor: &str, name: &str) -> f64 {
+    seen.lock()
+        .unwrap()
+        .metrics
+        .get(actor)
+        .and_then(|m| m.get(name))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 fn chunks(seen: &Arc<Mutex<Seen>>, robot: &str) -> u64 {
@@ -239,15 +263,31 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     }
     // The promoter announces its rollout again every second: a refused one is not retried.
     rt.block_on(announce.put(last.as_ref().unwrap())).unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // Two more of the robot's statuses (it reports every 2 s) say whether it retried.
+    let reports = seen.lock().unwrap().status_count;
+    wait_until(
+        "the robot's status after the re-announcement",
+        Duration::from_secs(10),
+        || seen.lock().unwrap().status_count >= reports + 2,
+    );
     assert_eq!(
         status(&seen, "r0").unwrap().refused,
         n_cases,
         "a re-announced refusal is not retried"
     );
-    // A good one is swapped in between two observations: chunks never stop.
+    // A good one is swapped in between two observations: chunks never stop, and the robot
+    // misses no tick (its count of ticks without a planned action, and the policy's count of
+    // chunks that came after the last one ran out, stay where they were).
     generation += 1;
     let before = chunks(&seen, "r0");
+    let missed = || {
+        (
+            metric(&seen, "sim_robot_r0", "missed_actions"),
+            metric(&seen, "policy_r0", "missed_deadlines"),
+        )
+    };
+    let swaps_before = metric(&seen, "policy_r0", "adapters_swapped");
+    let missed_before = missed();
     rt.block_on(announce.put(&Promoted {
         generation,
         fleet: Some(manifest(&key, "tiny-base+lora.7", "tiny-base", &good)),
@@ -263,6 +303,19 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
             .is_some_and(|c| c.1 == "tiny-base+lora.7")
     });
     assert!(chunks(&seen, "r0") > before);
+    // The Stats published after the swap (once a second) cover it.
+    wait_until("the swap in the policy's Stats", Duration::from_secs(10), || {
+        metric(&seen, "policy_r0", "adapters_swapped") > swaps_before
+    });
+    let ticks = metric(&seen, "sim_robot_r0", "handled");
+    wait_until("the robot's Stats after the swap", Duration::from_secs(10), || {
+        metric(&seen, "sim_robot_r0", "handled") > ticks
+    });
+    assert_eq!(
+        missed(),
+        missed_before,
+        "(missed actions, missed deadlines) across the swap"
+    );
     let s = status(&seen, "r0").unwrap();
     assert_eq!(
         (s.adapter_id.as_str(), s.refused, s.last_error.as_str()),
@@ -353,7 +406,10 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     wait_until("both robots reporting", Duration::from_secs(30), || {
         status(&seen, "r0").is_some() && status(&seen, "r1").is_some()
     });
-    std::thread::sleep(Duration::from_secs(2)); // the promoter hears them too
+    // Readiness, not a sleep: the promoter's own Stats count both robots.
+    wait_until("the promoter hears both robots", Duration::from_secs(30), || {
+        metric(&seen, "promoter", "robots") >= 2.0
+    });
 
     // Bad candidates: refused, and the fleet keeps acting on the base.
     let good1 = adapter(&base, "tiny-base+lora.1", |_| {});

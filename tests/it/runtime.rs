@@ -254,8 +254,50 @@ config = "@CONFIGS@/sim_robot.toml"
     let hz = run(&["topic", "hz", "nb/r0/raw/state", "--duration", "3"]);
     let rate = number_after(&hz, "nb/r0/raw/state").unwrap_or_else(|| panic!("{hz}"));
     assert!((12.0..=28.0).contains(&rate), "about 20 Hz: {hz}");
+    // `bw` against the test's own count of the camera's bytes over the same seconds.
+    let rt = runtime();
+    let bus = rt.block_on(client(port));
+    let sizes = Arc::new(Mutex::new(Vec::<usize>::new()));
+    let seen = sizes.clone();
+    let _sub = rt
+        .block_on(async {
+            bus.session()
+                .declare_subscriber("nb/r0/raw/camera")
+                .callback(move |s| seen.lock().unwrap().push(s.payload().len()))
+                .await
+        })
+        .unwrap();
     let bw = run(&["topic", "bw", "nb/r0/raw/camera", "--duration", "3"]);
-    assert!(bw.contains("nb/r0/raw/camera"), "{bw}");
+    let sizes = sizes.lock().unwrap().clone();
+    assert!(!sizes.is_empty(), "the camera published nothing");
+    let mean_kb = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64 / 1e3;
+    let line = bw
+        .lines()
+        .rev()
+        .find(|l| l.contains("nb/r0/raw/camera"))
+        .unwrap_or_else(|| panic!("{bw}"));
+    // "KEY: R KB/s mean M KB min A KB max B KB n N"
+    let nums: Vec<f64> = line
+        .split_once(": ")
+        .unwrap_or_else(|| panic!("{line}"))
+        .1
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [rate_kbs, mean, min, max, n] = nums[..] else {
+        panic!("five figures: {line}")
+    };
+    assert!((40.0..=80.0).contains(&n), "about 20 frames/s for 3 s: {line}");
+    assert!(
+        (mean - mean_kb).abs() <= 0.1 * mean_kb + 0.1,
+        "mean size {mean_kb:.2} KB as counted: {line}"
+    );
+    assert!(min <= mean && mean <= max && min > 0.0, "{line}");
+    let expected = mean_kb * 20.0;
+    assert!(
+        (0.7 * expected..=1.3 * expected).contains(&rate_kbs),
+        "about {expected:.1} KB/s: {line}"
+    );
 }
 
 /// The first number on the last line that mentions `key`.
@@ -306,8 +348,16 @@ set = {{ period_s = 0.5 }}
         s.iter().any(|x| x.actor == "sim_robot_r0") && s.iter().any(|x| x.actor == "stats_echo")
     });
     let s = stats.lock().unwrap().clone();
-    let robot = s.iter().rev().find(|x| x.actor == "sim_robot_r0").unwrap();
-    assert!(robot.extra.iter().any(|m| m.name == "inputs.act.received"), "{robot:?}");
+    // The inbox the runtime built is the launch file's (a queue of 8), not the actor's default
+    // (latest-only, reported as 0); stats_echo's input keeps its code default (a queue of 1024).
+    let metric = |actor: &str, name: &str| {
+        s.iter()
+            .rev()
+            .find(|x| x.actor == actor)
+            .and_then(|x| x.extra.iter().find(|m| m.name == name).map(|m| m.value))
+    };
+    assert_eq!(metric("sim_robot_r0", "inputs.act.queue"), Some(8.0), "{s:?}");
+    assert_eq!(metric("stats_echo", "inputs.stats.queue"), Some(1024.0), "{s:?}");
     wait_until("stats_echo saw the fleet", Duration::from_secs(10), || {
         stats
             .lock()

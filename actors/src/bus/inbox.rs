@@ -48,6 +48,9 @@ pub struct InboxStats {
     pub overflowed: AtomicU64,
     /// Messages the source could not decode (counted by the source).
     pub decode_errors: AtomicU64,
+    /// The bound the inbox was built with: its queue size, or 0 for latest-only (what the
+    /// runtime reports as `inputs.NAME.queue`, so an engineer sees what a config override did).
+    pub queue: AtomicU64,
 }
 
 impl InboxStats {
@@ -98,7 +101,13 @@ pub fn inbox<T>(keep: Keep, wake: impl Fn() + Send + Sync + 'static) -> (Feeder<
     let shared = Arc::new(Shared {
         queue: Mutex::new(VecDeque::with_capacity(cap.min(1024))),
         keep,
-        stats: Arc::new(InboxStats::default()),
+        stats: Arc::new(InboxStats {
+            queue: AtomicU64::new(match keep {
+                Keep::Latest => 0,
+                Keep::All { queue } => queue.max(1) as u64,
+            }),
+            ..InboxStats::default()
+        }),
         wake: Box::new(wake),
         notify: tokio::sync::Notify::new(),
     });

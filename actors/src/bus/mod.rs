@@ -10,19 +10,15 @@
 //! The trace context travels only with sampled traces ([`BusConfig::trace_sample_ratio`]).
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nanobot_messages::{codec, CodecError, Header, HeaderRef, Message, TraceContext, TraceSampler, Viewable};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zenoh::bytes::ZBytes;
-use zenoh::key_expr::{KeyExpr, OwnedKeyExpr};
-use zenoh::qos::{CongestionControl, Priority};
+use zenoh::key_expr::OwnedKeyExpr;
 use zenoh::sample::{Locality, Sample};
 use zenoh::Session;
 
@@ -35,6 +31,14 @@ use local::{Delivery, LocalGuard, LocalRoute, LocalRouter};
 
 pub use inbox::{Feeder, Inbox, InboxStats, Keep};
 
+mod config;
+mod publisher;
+mod queryable;
+
+pub use config::{BusConfig, Mode, PubQos, DEFAULT_TRACE_SAMPLE_RATIO};
+pub use publisher::Publisher;
+pub use queryable::{Queryable, Request};
+
 #[derive(Debug, Error)]
 pub enum BusError {
     #[error("zenoh config: {0}")]
@@ -45,129 +49,6 @@ pub enum BusError {
     Zenoh { key: String, reason: String },
     #[error("message on {key}: {source}")]
     Codec { key: String, source: CodecError },
-}
-
-/// The role of this process in the Zenoh network.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Peer,
-    Client,
-    Router,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Peer => "peer",
-            Mode::Client => "client",
-            Mode::Router => "router",
-        }
-    }
-}
-
-/// The share of new traces sampled when a config does not say: a 20 Hz fleet still yields a
-/// trace every few seconds per robot, and an unsampled message carries no trace context.
-pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.01;
-
-/// How to open the session. Peer by default, multicast scouting off unless asked.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct BusConfig {
-    pub mode: Mode,
-    /// Endpoints to listen on, e.g. `tcp/127.0.0.1:7447` or `unixsock-stream//tmp/nb.sock`.
-    pub listen: Vec<String>,
-    /// Endpoints to connect to (other nodes, or a `zenohd` router).
-    pub connect: Vec<String>,
-    pub multicast_scouting: bool,
-    /// A Zenoh JSON5 config file; the fields above are applied on top of it.
-    pub config_file: Option<PathBuf>,
-    /// How long opening the session keeps trying its connect endpoints (Zenoh's
-    /// `connect/timeout_ms`; -1 forever). Default: Zenoh's (peers forever, clients once).
-    pub connect_timeout_ms: Option<i64>,
-    /// The share of new traces that are recorded and carry their W3C trace context on the wire
-    /// (0 to 1). The decision is made where a trace starts; every message downstream follows it.
-    pub trace_sample_ratio: f64,
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        BusConfig {
-            mode: Mode::default(),
-            listen: Vec::new(),
-            connect: Vec::new(),
-            multicast_scouting: false,
-            config_file: None,
-            connect_timeout_ms: None,
-            trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
-        }
-    }
-}
-
-impl BusConfig {
-    pub fn to_zenoh(&self) -> Result<zenoh::Config, BusError> {
-        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
-            return Err(BusError::Config(format!(
-                "trace_sample_ratio = {} is not between 0 and 1",
-                self.trace_sample_ratio
-            )));
-        }
-        let mut cfg = match &self.config_file {
-            Some(path) => {
-                zenoh::Config::from_file(path).map_err(|e| BusError::Config(format!("{}: {e}", path.display())))?
-            }
-            None => zenoh::Config::default(),
-        };
-        let set = |cfg: &mut zenoh::Config, key: &str, value: String| {
-            cfg.insert_json5(key, &value)
-                .map_err(|e| BusError::Config(format!("{key} = {value}: {e}")))
-        };
-        set(&mut cfg, "mode", format!("{:?}", self.mode.as_str()))?;
-        set(
-            &mut cfg,
-            "scouting/multicast/enabled",
-            self.multicast_scouting.to_string(),
-        )?;
-        let list = |v: &[String]| serde_json::to_string(v).expect("strings serialize");
-        if !self.listen.is_empty() {
-            set(&mut cfg, "listen/endpoints", list(&self.listen))?;
-        } else if self.config_file.is_none() && self.mode != Mode::Router {
-            // No listener: a peer that only connects out (CLI tools, robots behind NAT).
-            set(&mut cfg, "listen/endpoints", "[]".into())?;
-        }
-        if !self.connect.is_empty() {
-            set(&mut cfg, "connect/endpoints", list(&self.connect))?;
-        }
-        if let Some(ms) = self.connect_timeout_ms {
-            set(&mut cfg, "connect/timeout_ms", ms.to_string())?;
-        }
-        Ok(cfg)
-    }
-
-    pub fn describe(&self) -> String {
-        format!(
-            "mode={} listen=[{}] connect=[{}] multicast_scouting={}",
-            self.mode.as_str(),
-            self.listen.join(", "),
-            self.connect.join(", "),
-            self.multicast_scouting
-        )
-    }
-}
-
-/// Publication QoS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PubQos {
-    /// Control paths (actions, raw sensor streams): never block, send at once; a congested link
-    /// drops (Zenoh waits `wait_before_drop`, 1 ms by default, for a free transmit batch).
-    Control,
-    /// Observations: sent at once with control priority like `Control`, but never dropped. The
-    /// policy wants them promptly and the logger wants every one: it acknowledges rows, and a
-    /// row dropped on a starved link between two acknowledged ones would be lost silently.
-    Sensor,
-    /// Data that must arrive (logging, checkpoints): block on congestion.
-    Data,
 }
 
 /// A session on the fleet's Zenoh network.
@@ -249,20 +130,7 @@ pub fn payload_pieces(z: &ZBytes) -> Vec<Bytes> {
 }
 
 /// The bytes of a Zenoh payload: shared with Zenoh when contiguous, else gathered once.
-pub fn payload_bytes(z: &ZBytes) -> Bytes {
-    struct Whole(ZBytes);
-    impl AsRef<[u8]> for Whole {
-        fn as_ref(&self) -> &[u8] {
-            self.0.slices().next().unwrap_or(&[])
-        }
-    }
-    let mut slices = z.slices();
-    match (slices.next(), slices.next()) {
-        (None, _) => Bytes::new(),
-        (Some(_), None) => Bytes::from_owner(Whole(z.clone())),
-        _ => Bytes::from(z.to_bytes().into_owned()),
-    }
-}
+pub use nanobot_tap::payload_bytes;
 
 /// The trace context of a sample, if its attachment holds a `traceparent`.
 pub fn sample_trace(sample: &Sample) -> Option<TraceContext> {
@@ -401,50 +269,6 @@ impl Bus {
     }
     pub fn fleet(&self) -> &str {
         &self.fleet
-    }
-
-    /// A typed publisher that stamps `robot` and a per-publisher sequence in every envelope.
-    pub async fn publisher<T: Message>(&self, key: &str, robot: &str, qos: PubQos) -> Result<Publisher<T>, BusError> {
-        let (cc, prio, express) = match qos {
-            PubQos::Control => (CongestionControl::Drop, Priority::InteractiveHigh, true),
-            PubQos::Sensor => (CongestionControl::Block, Priority::InteractiveHigh, true),
-            PubQos::Data => (CongestionControl::Block, Priority::Data, false),
-        };
-        let key_expr = KeyExpr::from(owned_key(key)?);
-        // Zenoh carries the message to other sessions only: this session's subscribers get it
-        // from the local router.
-        let inner = self
-            .session
-            .declare_publisher(key_expr.clone())
-            .congestion_control(cc)
-            .priority(prio)
-            .express(express)
-            .allowed_destination(Locality::Remote)
-            .await
-            .map_err(|e| zerr(key, e))?;
-        let remote = Arc::new(AtomicBool::new(false));
-        let r = remote.clone();
-        inner
-            .matching_listener()
-            .callback(move |m| r.store(m.matching(), Ordering::Release))
-            .background()
-            .await
-            .map_err(|e| zerr(key, e))?;
-        // The listener reports changes; a subscriber that matched before it was declared is
-        // read here (never cleared here: the listener may already have seen a newer state).
-        if inner.matching_status().await.is_ok_and(|m| m.matching()) {
-            remote.store(true, Ordering::Release);
-        }
-        Ok(Publisher {
-            inner,
-            remote,
-            local: LocalRoute::new(self.local.clone(), key_expr),
-            key: key.to_string(),
-            robot: robot.to_string(),
-            seq: AtomicU64::new(0),
-            sampler: self.sampler,
-            _t: PhantomData,
-        })
     }
 
     /// Declare a subscription that decodes every sample as `T`, counts arrivals and decode
@@ -655,60 +479,6 @@ impl Bus {
         })
     }
 
-    /// A typed queryable: requests of type `Q` arrive on a bounded queue.
-    pub async fn queryable<Q: Message>(&self, key: &str, capacity: usize) -> Result<Queryable<Q>, BusError> {
-        let inner = self
-            .session
-            .declare_queryable(key.to_string())
-            .with(flume::bounded(capacity.max(1)))
-            .await
-            .map_err(|e| zerr(key, e))?;
-        Ok(Queryable {
-            inner,
-            key: key.to_string(),
-            stats: InboxStats::default(),
-            warn: DecodeWarn::default(),
-            _q: PhantomData,
-        })
-    }
-
-    /// Ask every matching queryable; each reply decodes to `R` or an error naming the key.
-    pub async fn get<Q: Message, R: Message>(
-        &self,
-        key: &str,
-        robot: &str,
-        request: &Q,
-        timeout: Duration,
-    ) -> Result<Vec<Result<Received<R>, BusError>>, BusError> {
-        let enc = codec::encode(robot, 0, codec::now_ns(), request).map_err(|e| BusError::Codec {
-            key: key.into(),
-            source: e,
-        })?;
-        let mut get = self
-            .session
-            .get(key.to_string())
-            .payload(encoded_zbytes(enc))
-            .timeout(timeout);
-        if let Some(trace) = self.new_trace() {
-            get = get.attachment(trace.to_bytes().to_vec());
-        }
-        let replies = get.await.map_err(|e| zerr(key, e))?;
-        let mut out = Vec::new();
-        while let Ok(reply) = replies.recv_async().await {
-            out.push(match reply.result() {
-                Ok(sample) => decode_sample::<R>(sample).map_err(|e| BusError::Codec {
-                    key: sample.key_expr().as_str().to_string(),
-                    source: e,
-                }),
-                Err(err) => Err(zerr(
-                    key,
-                    format!("error reply: {}", err.payload().try_to_string().unwrap_or_default()),
-                )),
-            });
-        }
-        Ok(out)
-    }
-
     /// Announce an actor: its liveliness token on `{fleet}/node/{node}/{actor}`.
     pub async fn liveliness_token(
         &self,
@@ -755,121 +525,6 @@ impl Bus {
     }
 }
 
-/// A typed publisher. Subscribers on the same [`Bus`] get the message typed, without
-/// encoding; Zenoh carries it to remote subscribers, encoded once, only while one matches.
-pub struct Publisher<T> {
-    inner: zenoh::pubsub::Publisher<'static>,
-    /// A remote subscriber matches (kept by Zenoh's matching listener).
-    remote: Arc<AtomicBool>,
-    local: LocalRoute,
-    key: String,
-    robot: String,
-    seq: AtomicU64,
-    sampler: TraceSampler,
-    _t: PhantomData<fn(T)>,
-}
-
-impl<T: Message> Publisher<T> {
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
-    /// Start a trace here, if the bus's sampler picks it.
-    pub fn new_trace(&self) -> Option<TraceContext> {
-        self.sampler.root()
-    }
-
-    /// Publish `msg` as the start of a new trace (sampled at the bus's ratio). Returns its
-    /// sequence number.
-    pub async fn put(&self, msg: &T) -> Result<u64, BusError> {
-        self.put_traced(msg, self.new_trace().as_ref()).await
-    }
-
-    /// Publish `msg` in the trace `trace` (pass `parent.child()` to continue a trace; `None`
-    /// for a message of an unsampled trace).
-    pub async fn put_traced(&self, msg: &T, trace: Option<&TraceContext>) -> Result<u64, BusError> {
-        self.put_wait(msg, trace)
-    }
-
-    /// Publish with an explicit sequence number and stamp (bridges that forward a device's own).
-    pub async fn put_with(
-        &self,
-        msg: &T,
-        seq: u64,
-        stamp_ns: u64,
-        trace: Option<&TraceContext>,
-    ) -> Result<(), BusError> {
-        self.publish(msg, seq, stamp_ns, trace)
-    }
-
-    /// [`Publisher::put_traced`] without an async runtime (tight loops, bridges, benchmarks).
-    pub fn put_wait(&self, msg: &T, trace: Option<&TraceContext>) -> Result<u64, BusError> {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.publish(msg, seq, codec::now_ns(), trace)?;
-        Ok(seq)
-    }
-
-    /// Hand `msg` to the local subscribers, then to Zenoh if a remote one matches. A Zenoh put
-    /// resolves at once (it queues, or waits for room under blocking congestion control, as
-    /// Zenoh's async put does too).
-    fn publish(&self, msg: &T, seq: u64, stamp_ns: u64, trace: Option<&TraceContext>) -> Result<(), BusError> {
-        use zenoh::Wait;
-        let locals = self.local.current();
-        let remote = self.remote.load(Ordering::Acquire);
-        let wants_payload = locals.as_ref().is_some_and(|l| l.wants_payload());
-        let encoded = if remote || wants_payload {
-            Some(
-                codec::encode(&self.robot, seq, stamp_ns, msg).map_err(|e| BusError::Codec {
-                    key: self.key.clone(),
-                    source: e,
-                })?,
-            )
-        } else {
-            None
-        };
-        if let Some(locals) = locals {
-            let payload = match &encoded {
-                Some(e) if wants_payload => Some(Bytes::from(e.to_vec())),
-                _ => None,
-            };
-            locals.deliver(&Delivery {
-                key: self.local.key(),
-                robot: &self.robot,
-                seq,
-                stamp_ns,
-                kind: T::KIND,
-                msg,
-                trace: trace.copied(),
-                payload: payload.as_ref(),
-            });
-        }
-        if let (true, Some(e)) = (remote, encoded) {
-            let put = self.inner.put(encoded_zbytes(e));
-            let put = match trace {
-                Some(t) => put.attachment(t.to_bytes().to_vec()),
-                None => put,
-            };
-            put.wait().map_err(|e| zerr(&self.key, e))?;
-        }
-        Ok(())
-    }
-
-    /// Wait until at least one subscriber, local or remote, matches this publisher (a
-    /// readiness signal for tools and tests, instead of sleeping); false after `timeout`.
-    pub async fn wait_matched(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.remote.load(Ordering::Acquire) || self.local.current().is_some() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
 /// A callback subscription; dropping it undeclares.
 pub struct Callback {
     _subscriber: Subscription,
@@ -879,85 +534,5 @@ pub struct Callback {
 impl Callback {
     pub fn stats(&self) -> &InboxStats {
         &self.stats
-    }
-}
-
-/// A typed queryable.
-pub struct Queryable<Q> {
-    inner: zenoh::query::Queryable<flume::Receiver<zenoh::query::Query>>,
-    key: String,
-    stats: InboxStats,
-    warn: DecodeWarn,
-    _q: PhantomData<fn(Q)>,
-}
-
-/// One request to a [`Queryable`].
-pub struct Request<Q> {
-    query: zenoh::query::Query,
-    pub header: Header,
-    pub msg: Q,
-    pub trace: Option<TraceContext>,
-}
-
-impl<Q: Message> Queryable<Q> {
-    /// The next well-formed request; malformed ones get an error reply and are counted.
-    pub async fn recv(&self) -> Option<Request<Q>> {
-        loop {
-            let query = self.inner.recv_async().await.ok()?;
-            self.stats.received.fetch_add(1, Ordering::Relaxed);
-            let trace = query
-                .attachment()
-                .and_then(|a| a.try_to_string().ok())
-                .and_then(|t| TraceContext::parse(&t));
-            let decoded = match query.payload() {
-                Some(p) => codec::decode_pieces::<Q>(&payload_pieces(p)),
-                None => Err(CodecError::Truncated {
-                    what: "header",
-                    need: 4,
-                    have: 0,
-                }),
-            };
-            match decoded {
-                Ok((header, msg)) => {
-                    return Some(Request {
-                        query,
-                        header,
-                        msg,
-                        trace,
-                    })
-                }
-                Err(e) => {
-                    self.warn.warn(&self.stats, &self.key, &e);
-                    let _ = query.reply_err(format!("{}: {e}", Q::KIND)).await;
-                }
-            }
-        }
-    }
-    pub fn stats(&self) -> &InboxStats {
-        &self.stats
-    }
-}
-
-impl<Q> Request<Q> {
-    /// Answer with an error (a request that cannot be served as asked).
-    pub async fn reply_err(&self, reason: &str) -> Result<(), BusError> {
-        let key = self.query.key_expr().as_str().to_string();
-        self.query
-            .reply_err(reason.to_string())
-            .await
-            .map_err(|e| zerr(&key, e))
-    }
-
-    pub async fn reply<R: Message>(&self, robot: &str, msg: &R) -> Result<(), BusError> {
-        let key = self.query.key_expr().as_str().to_string();
-        let enc = codec::encode(robot, self.header.seq, codec::now_ns(), msg).map_err(|e| BusError::Codec {
-            key: key.clone(),
-            source: e,
-        })?;
-        let mut reply = self.query.reply(self.query.key_expr().clone(), encoded_zbytes(enc));
-        if let Some(t) = &self.trace {
-            reply = reply.attachment(t.child().to_bytes().to_vec());
-        }
-        reply.await.map_err(|e| zerr(&key, e))
     }
 }

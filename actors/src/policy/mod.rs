@@ -231,7 +231,7 @@ impl NodeActor for PolicyActor {
             .publisher(&topics::policy_status(fleet, &robot), &robot, PubQos::Data)
             .await?;
         ctx.every(std::time::Duration::from_secs(2));
-        let key_path = PathBuf::from(cfg.trusted_key.replace("{fleet}", fleet));
+        let key_path = ctx.path(&cfg.trusted_key);
         let act = ctx
             .bus
             .publisher(&topics::act(fleet, &robot), &robot, PubQos::Control)

@@ -156,8 +156,8 @@ impl NodeActor for Promoter {
                 .map_err(|e| ctx.config_error(format!("condition: {e} (or \"fleet\")")))?;
         }
         let fleet = ctx.fleet().to_string();
-        let state_dir = PathBuf::from(cfg.state_dir.replace("{fleet}", &fleet));
-        let keys = PathBuf::from(cfg.keys.replace("{fleet}", &fleet));
+        let state_dir = ctx.path(&cfg.state_dir);
+        let keys = ctx.path(&cfg.keys);
         let key = if cfg.generate_key {
             SigningKey::load_or_generate(&keys)
         } else {

@@ -149,7 +149,7 @@ impl NodeActor for Replay {
             _server: AbortOnDrop(server),
         };
         for dir in &cfg.datasets {
-            let dir = std::path::PathBuf::from(dir.replace("{fleet}", &fleet));
+            let dir = ctx.path(dir);
             let (results, stats) = me
                 .store
                 .call(move |s| (s.index_datasets(&dir), s.stats()))

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nanobot_dataset::{read_events, sha256_file, Columns, DatasetSpec, Manifest};
 use nanobot_messages::{Blob, DType, Event, EventKind, ReplayBatch, ReplayRequest, TensorView};
-use nanobot_replay::{EpisodeFeedback, RateLimiter, Rng, RowKind, RowMeta, Sampler, Strategy, WeightConfig};
+use nanobot_sampling::{EpisodeFeedback, RateLimiter, Rng, RowKind, RowMeta, Sampler, Strategy, WeightConfig};
 use serde::Deserialize;
 
 use super::frames::FrameCache;

@@ -100,6 +100,7 @@ impl<A: NodeActor> HostedState<A> {
                 s.received.load(Ordering::Relaxed) as f64,
             );
             m.set(format!("inputs.{name}.dropped"), dropped as f64);
+            m.set(format!("inputs.{name}.queue"), s.queue.load(Ordering::Relaxed) as f64);
         }
         self.actor.metrics(&mut m);
         let stats = Stats {

@@ -2,6 +2,7 @@
 //! the means to open inputs whose queueing is configuration, send itself events, and tick.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -133,6 +134,17 @@ impl<A: NodeActor> Ctx<A> {
             actor: self.spec.name.clone(),
             reason: reason.into(),
         }
+    }
+
+    /// A path from this actor's config, with the instance's placeholders expanded: `{fleet}`,
+    /// `{node}` and, for an instance that serves one robot, `{robot}` (for example a logger's
+    /// `root = "data/{fleet}/{robot}"`). The one expansion every actor's paths go through.
+    pub fn path(&self, template: &str) -> PathBuf {
+        let mut s = template.replace("{fleet}", self.fleet()).replace("{node}", &self.node);
+        if let Some(robot) = &self.spec.robot {
+            s = s.replace("{robot}", robot);
+        }
+        PathBuf::from(s)
     }
 
     /// The robot this instance serves (launch files give it with `for_each_robot`).

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::percentile;
+use crate::percentile;
 use bytes::Bytes;
 use nanobot_actors::bus::{Bus, BusConfig, PubQos};
 use nanobot_messages::{Blob, Encoding, RawFrame};
@@ -405,10 +405,10 @@ async fn measure(
                 blast(bus, v, size, 0.3).await?; // warm the route
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 sinks.ctl("reset", &which).await?;
-                let cpu0 = super::cpu_seconds(me);
+                let cpu0 = crate::cpu_seconds(me);
                 let sent = blast(bus, v, size, secs).await?;
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                let cpu1 = super::cpu_seconds(me);
+                let cpu1 = crate::cpu_seconds(me);
                 let (got, rate) = sinks.ctl("report", &which).await?;
                 if got < sent {
                     bail!("{which}: sent {sent} but the sink counted {got} with blocking congestion control");

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{peak_rss_mb, quantile};
+use crate::{peak_rss_mb, quantile};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use nanobot_policy::checkpoint::{Meta, NormStats, Role};

@@ -69,7 +69,7 @@ struct Watch {
     rollouts: Vec<(f64, u64, String)>,
 }
 
-pub(super) fn child_kill(c: &mut Child) {
+pub(crate) fn child_kill(c: &mut Child) {
     unsafe {
         libc::kill(c.id() as i32, libc::SIGTERM);
     }
@@ -84,12 +84,12 @@ pub(super) fn child_kill(c: &mut Child) {
     let _ = c.wait();
 }
 
-pub(super) fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     nanobot_actors::bus::free_loopback_port().unwrap_or(7471)
 }
 
 /// A client session on the fleet's node at `port`, retried for a minute while it starts.
-pub(super) async fn client(port: u16) -> anyhow::Result<Bus> {
+pub(crate) async fn client(port: u16) -> anyhow::Result<Bus> {
     let t0 = Instant::now();
     loop {
         let bus = Bus::open(
@@ -387,7 +387,7 @@ async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Wat
 /// A launch file's text for one node listening on `port` with `robots` simulated robots (worlds
 /// 10, 11, …; no onboard expert), each with ingest and a policy actor whose config gets
 /// `policy_set` (TOML key = value pairs).
-pub(super) fn sim_fleet(port: u16, robots: usize, policy_set: &str) -> anyhow::Result<String> {
+pub(crate) fn sim_fleet(port: u16, robots: usize, policy_set: &str) -> anyhow::Result<String> {
     let configs = std::env::current_dir()?.join("configs");
     Ok(format!(
         r#"fleet = "nb"

@@ -1,4 +1,4 @@
-//! Replay: what the trainer trains on next.
+//! Sampling: what replay hands the trainer next.
 //!
 //! - [`limiter`]: a samples-per-insert rate limiter (as DeepMind's Reverb has), so the trainer
 //!   neither overfits a trickle of new data nor stalls the fleet;

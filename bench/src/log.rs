@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{reset_peak_rss, rss_mb};
+use crate::{reset_peak_rss, rss_mb};
 use bytes::Bytes;
 use nanobot_actors::ingest::{sample_from_device, IngestConfig, IngestCore};
 use nanobot_dataset::{CameraSpec, DatasetSpec, DatasetWriter, Frame, WriterConfig};
@@ -111,7 +111,7 @@ fn write_rows(
 }
 
 fn pyarrow(rows: u64, per_file: u64, blobs_file: &Path, out: &Path) -> anyhow::Result<serde_json::Value> {
-    let script = include_str!("log.py");
+    let script = include_str!("../python/log.py");
     let o = Command::new(crate::python::interpreter())
         .arg("-c")
         .arg(script)

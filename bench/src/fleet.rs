@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nanobot_messages::{ActionChunk, Observation, Stats};
 
-use super::learning::{child_kill, client, free_port, sim_fleet};
-use super::quantile;
+use crate::learning::{child_kill, client, free_port, sim_fleet};
+use crate::quantile;
 
 #[derive(clap::Args)]
 pub struct FleetArgs {
@@ -196,12 +196,12 @@ async fn measure(
         }
         tokio::time::sleep(Duration::from_secs_f64(warmup_s)).await;
         let before = stats.lock().unwrap().clone();
-        let cpu0 = super::cpu_seconds(pid);
+        let cpu0 = crate::cpu_seconds(pid);
         lat.lock().unwrap().clear();
         let t1 = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         // Stats come once a second: wait for a fresh set.
-        let cpu1 = super::cpu_seconds(pid);
+        let cpu1 = crate::cpu_seconds(pid);
         let wall = t1.elapsed().as_secs_f64();
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let after = stats.lock().unwrap().clone();

@@ -19,7 +19,7 @@ use nanobot_policy::checkpoint::{self, Meta, NormStats, Role};
 use nanobot_policy::model::seeded_init;
 use nanobot_policy::train::{LrSchedule, TrainBatch, TrainConfig};
 use nanobot_policy::{Policy, PolicyConfig};
-use nanobot_replay::Strategy;
+use nanobot_sampling::Strategy;
 use nanobot_sim::{SimConfig, SimRobot};
 
 /// A fleet's worth of expert episodes: `robots` datasets of `rows` rows each under `dir`.

@@ -1,12 +1,15 @@
-//! `nanobot bench`: every figure printed beside a baseline measured in the same run (raw Zenoh
-//! for the bus, pyarrow for Parquet, ...), because these machines are noisy. One module per
-//! bench; the helpers they share are here.
+//! NanoBot's benchmarks, behind `nanobot bench`: every figure printed beside a baseline measured
+//! in the same run (raw Zenoh for the bus, pyarrow for Parquet, one robot at a time for the
+//! fleet's batching, ...), because these machines are noisy. One module per bench; the helpers
+//! they share are here; their Python baselines are in `bench/python/`. Benches that run a fleet
+//! start the calling executable (the `nanobot` CLI) as their nodes.
 
 mod bus;
 mod fleet;
 mod learning;
 mod log;
 mod policy;
+mod python;
 mod replay;
 mod train;
 
