@@ -225,7 +225,7 @@ pub async fn start(session: &zenoh::Session, keys: &[String], opts: &BridgeOptio
         })?;
     let counters = Arc::new(Counters::default());
     let (tx, rx) = flume::bounded::<(Arc<str>, Bytes)>(opts.queue.max(1));
-    let tap = Tap::open(session, &keys, tx, |key, sample| {
+    let tap = Tap::open(session, keys, tx, |key, sample| {
         (sample_key(key, sample), payload_bytes(sample.payload()))
     })
     .await

@@ -4,9 +4,32 @@
 
 use crate::common;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use nanobot_messages::Stats;
+
+/// Each actor's latest Stats metrics on a node, kept current by a subscription on `port`.
+type Metrics = Arc<Mutex<BTreeMap<String, BTreeMap<String, f64>>>>;
+
+fn watch_metrics(rt: &tokio::runtime::Runtime, port: u16) -> (Metrics, Box<dyn std::any::Any>) {
+    let bus = rt.block_on(client(port));
+    let seen: Metrics = Arc::default();
+    let s = seen.clone();
+    let sub = rt
+        .block_on(bus.subscribe_callback::<Stats>("nb/node/*/*", move |r| {
+            let m = r.msg.extra.iter().map(|m| (m.name.clone(), m.value)).collect();
+            s.lock().unwrap().insert(r.msg.actor.clone(), m);
+        }))
+        .unwrap();
+    (seen, Box::new((bus, sub)))
+}
+
+fn metric(seen: &Metrics, actor: &str, name: &str) -> Option<f64> {
+    seen.lock().unwrap().get(actor)?.get(name).copied()
+}
 
 #[test]
 fn a_recording_played_into_a_fleet_without_robots_logs_the_same_rows() {
@@ -73,10 +96,17 @@ set = {{ rate_hz = 50.0 }}
             logger(&live_root)
         ),
     );
+    let rt = runtime();
     let mut fleet = Proc::launch(&live, &[]);
     fleet.expect_line("ran its episodes", Duration::from_secs(60));
-    // The last rows reach the logger and are flushed; then everything stops cleanly.
-    std::thread::sleep(Duration::from_millis(500));
+    let (live_stats, _watch) = watch_metrics(&rt, port);
+    // Readiness, not a sleep: the logger has written every observation ingest made (its Stats,
+    // once a second); then everything stops cleanly.
+    wait_until("the logger caught up with ingest", Duration::from_secs(20), || {
+        let obs = metric(&live_stats, "ingest_r0", "observations");
+        obs.is_some_and(|n| n > 0.0) && metric(&live_stats, "logger_r0", "rows") == obs
+    });
+    let live_rows = metric(&live_stats, "logger_r0", "rows").unwrap();
     fleet.signal(libc::SIGTERM);
     assert!(fleet.wait(Duration::from_secs(30)).success());
     recorder.signal(libc::SIGINT);
@@ -93,6 +123,7 @@ set = {{ rate_hz = 50.0 }}
     );
     let mut fleet = Proc::launch(&replay, &[]);
     fleet.expect_actors(1, Duration::from_secs(30));
+    let (replay_stats, _watch) = watch_metrics(&rt, replay_port);
     // Nothing subscribes to the camera here: playback waits for it only `--wait` seconds.
     let out = tool(&[
         "play",
@@ -110,7 +141,11 @@ set = {{ rate_hz = 50.0 }}
         err.contains("no subscriber when playback started: nb/r0/raw/camera"),
         "{err}"
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until(
+        "the replay's logger wrote the live run's rows",
+        Duration::from_secs(20),
+        || metric(&replay_stats, "logger_r0", "rows") == Some(live_rows),
+    );
     fleet.signal(libc::SIGTERM);
     assert!(fleet.wait(Duration::from_secs(30)).success());
 
