@@ -17,20 +17,11 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use common::*;
 use nanobot_messages::{ActionChunk, Blob, Encoding, Grid, Image, Observation};
 use nanobot_policy::preprocess::step_of;
 use nanobot_policy::runner::Runner;
-
-/// One tiny policy for the tests of this file (trained once, by whichever test comes first).
-fn shared_policy() -> (PathBuf, PathBuf) {
-    static POLICY: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    POLICY
-        .get_or_init(|| tiny_policy(&temp_dir("tiny-policy").until_exit()))
-        .clone()
-}
 
 fn post_json(port: u16, body: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -65,7 +56,7 @@ fn agreement(pairs: &[([f32; 2], [f32; 2])]) -> (f32, f32) {
 
 #[test]
 fn the_tiny_policy_trained_on_demonstrations_succeeds_in_closed_loop_and_agrees_with_the_expert() {
-    let (ckpt, demos) = shared_policy();
+    let (ckpt, demos) = shared_tiny_policy();
     // Closed loop on worlds the demonstrations (seeds 0, 1) never saw, beside the expert.
     let policy = eval_success(&ckpt, None, "none", None);
     assert!(
@@ -130,7 +121,7 @@ fn the_tiny_policy_trained_on_demonstrations_succeeds_in_closed_loop_and_agrees_
 #[test]
 fn success_under_a_shift_climbs_after_online_adaptation_and_a_holds() {
     let dir = temp_dir("adapt");
-    let (base, demos) = shared_policy();
+    let (base, demos) = shared_tiny_policy();
     let port = free_port();
     let data = dir.join("data");
     let state = dir.join("state");

@@ -324,21 +324,8 @@ fn a_trained_policy_drives_the_simulated_robot_with_a_receding_horizon() {
     use nanobot_messages::{RawFrame, Stats};
     use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
-    let (_dir, ckpt, _) = train_demo_policy(
-        "policy-actor",
-        &[
-            "--steps",
-            "600",
-            "--batch",
-            "16",
-            "--lr",
-            "1e-3",
-            "--warmup",
-            "20",
-            "--version",
-            "tiny-demo",
-        ],
-    );
+    // The policy the closed-loop tests check on unseen worlds (trained once per test binary).
+    let (ckpt, _) = shared_tiny_policy();
     let port = free_port();
     // The robot replays the demonstrations' episodes (same seed, 40 steps each): the policy
     // has seen them, so it reaches targets.
@@ -438,9 +425,8 @@ set = {{ checkpoint = "{ckpt}" }}
             .collect()
     };
     // The applied actions point at the target: the mean cosine between the command and the
-    // direction to the target (random or zero commands give about 0), and some episode closes
-    // most of its distance. Reaching targets reliably is the policy-quality work; a tiny policy
-    // after 600 steps on two demonstrations heads the right way.
+    // direction to the target (random or zero commands give about 0; this policy about 0.7),
+    // and every episode it drove closes most of its distance (to about 0.1–0.2 of it).
     let heading = {
         let states = states.lock().unwrap();
         let applied = applied.lock().unwrap();
@@ -457,13 +443,13 @@ set = {{ checkpoint = "{ckpt}" }}
     };
     eprintln!("mean heading cosine {heading:.3}; episodes (start, closest) {progress:?}");
     assert!(
-        heading > 0.1 && progress.iter().any(|(start, closest)| *closest <= 0.7 * start),
+        heading > 0.5 && !progress.is_empty() && progress.iter().all(|(start, closest)| *closest <= 0.35 * start),
         "the robot heads for its target: mean cosine {heading:.3}, (start, closest) {progress:?}"
     );
     let got = chunks.lock().unwrap().clone();
     for ch in &got {
         assert_eq!(ch.source, nanobot_messages::ActionSource::Policy);
-        assert_eq!(ch.policy_version, "tiny-demo");
+        assert_eq!(ch.policy_version, "tiny-demos");
         assert_eq!((ch.horizon, ch.action_dim, ch.actions.len()), (16, 2, 32));
         assert_eq!(ch.dt_ns, 50_000_000);
         assert!(ch.actions.iter().all(|a| a.is_finite() && a.abs() <= 1.0 + 1e-6));

@@ -10,13 +10,16 @@
 //! `{fleet}/{robot}/policy`; the time from the decision to the last robot's report is the
 //! promotion latency.
 //!
-//! Every candidate, decision and rollout change is appended to the ledger (`ledger.rs`,
+//! `rollout.rs` changes what the fleet runs and watches the canary; `control.rs` answers the
+//! operators. Every candidate, decision and rollout change is appended to the ledger (`ledger.rs`,
 //! `{state_dir}/ledger.jsonl`, fsynced first) and the rollout is read back from it at start, so
 //! a restart or `kill -9` loses nothing. Engineers ask it on `{fleet}/ckpt/control`
 //! (`nanobot ckpt list | show ID | promote ID | rollback`).
 
+mod control;
 pub mod gates;
 pub mod ledger;
+mod rollout;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,8 +27,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use nanobot_messages::{
-    topics, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, CkptCommand, CkptReply, Event, EventKind,
-    Metric, PolicyStatus, Promoted,
+    topics, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, CkptCommand, CkptReply, Event, Metric,
+    PolicyStatus, Promoted,
 };
 use nanobot_sim::Shift;
 use serde::Deserialize;
@@ -34,7 +37,8 @@ use crate::bus::{Inbox, Keep, PubQos, Publisher, Received, Request};
 use crate::keys::SigningKey;
 use crate::runtime::{AbortOnDrop, ActorError, Ctx, Input, Metrics, NodeActor, Worker};
 use gates::{GateConfig, Gates, Submission, Verdict};
-use ledger::{now_ms, Ledger, Record, ROLLBACK};
+use ledger::{now_ms, Ledger, Record};
+use rollout::{Canary, RobotView};
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -85,24 +89,6 @@ pub enum PromoterEvent {
     Status,
     Episode,
     Control,
-}
-
-/// A canary being watched.
-#[derive(Default)]
-struct Canary {
-    /// When every canary robot reported running it.
-    since: Option<Instant>,
-    wins: u32,
-    episodes: u32,
-    others_wins: u32,
-    others_episodes: u32,
-}
-
-/// What one robot reported.
-struct RobotView {
-    adapter_id: String,
-    generation: u64,
-    condition: Option<Shift>,
 }
 
 pub struct Promoter {
@@ -500,334 +486,6 @@ impl Promoter {
             let fleet = self.rollout.fleet.clone();
             self.change(ctx, fleet, Some(manifest), robots, "canary: passed the gates")
                 .await
-        }
-    }
-
-    fn manifest(
-        &self,
-        id: &str,
-        base: &str,
-        sha256: &str,
-        bytes: u64,
-        metrics: &BTreeMap<String, f64>,
-    ) -> AdapterManifest {
-        let mut m = AdapterManifest {
-            adapter_id: id.to_string(),
-            base_version: base.to_string(),
-            sha256: sha256.to_string(),
-            bytes,
-            metrics: metrics
-                .iter()
-                .map(|(k, v)| Metric {
-                    name: k.clone(),
-                    value: *v,
-                })
-                .collect(),
-            signature: String::new(),
-        };
-        m.signature = self.key.sign(&m.signed_text());
-        m
-    }
-
-    /// Change the rollout: ledger first, then the gates' reference, then the robots.
-    async fn change(
-        &mut self,
-        ctx: &Ctx<Self>,
-        fleet: Option<AdapterManifest>,
-        canary: Option<AdapterManifest>,
-        canary_robots: Vec<String>,
-        reason: &str,
-    ) -> Result<(), ActorError> {
-        let generation = self.rollout.generation + 1;
-        self.record(
-            ctx,
-            Record::Rollout {
-                t_ms: now_ms(),
-                generation,
-                fleet: fleet.clone(),
-                canary: canary.clone(),
-                canary_robots: canary_robots.clone(),
-                reason: reason.to_string(),
-            },
-        )
-        .await?;
-        let fleet_changed = fleet.as_ref().map(|m| &m.sha256) != self.rollout.fleet.as_ref().map(|m| &m.sha256);
-        tracing::info!(
-            generation,
-            fleet = fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
-            canary = canary.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("none"),
-            robots = ?canary_robots,
-            "rollout: {reason}"
-        );
-        self.canary = canary.as_ref().map(|_| Canary::default());
-        self.rollout = Promoted {
-            generation,
-            fleet,
-            canary,
-            canary_robots,
-        };
-        self.reaching = Some((generation, Instant::now()));
-        self.publish().await;
-        if fleet_changed {
-            let current = self.rollout.fleet.clone();
-            if let Err(e) = self.set_current(current.as_ref()).await {
-                tracing::error!("gates keep comparing with the previous adapter: {e}");
-            }
-        }
-        Ok(())
-    }
-
-    async fn take_statuses(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
-        let mut refused_by_canary = None;
-        while let Some(r) = self.statuses.take() {
-            let robot = r.header.robot.clone();
-            let s = r.msg;
-            let view = self.robots.entry(robot.clone()).or_insert(RobotView {
-                adapter_id: String::new(),
-                generation: 0,
-                condition: None,
-            });
-            view.adapter_id = s.adapter_id.clone();
-            view.generation = s.generation;
-            if s.generation == self.rollout.generation && !s.last_error.is_empty() {
-                if let Some(c) = &self.rollout.canary {
-                    if self.rollout.canary_robots.contains(&robot) && s.adapter_id != c.adapter_id {
-                        refused_by_canary = Some(format!("{robot} refused it: {}", s.last_error));
-                    }
-                }
-            }
-        }
-        if let Some(why) = refused_by_canary {
-            return self.roll_back_canary(ctx, &why).await;
-        }
-        // Everyone on the newest generation: the promotion latency.
-        if let Some((generation, t0)) = self.reaching {
-            let all = !self.robots.is_empty()
-                && self.robots.iter().all(|(name, v)| {
-                    let want = self
-                        .rollout
-                        .for_robot(name)
-                        .map(|m| m.adapter_id.as_str())
-                        .unwrap_or("");
-                    v.generation >= generation && v.adapter_id == want
-                });
-            if all {
-                self.reaching = None;
-                self.last_latency_ms = t0.elapsed().as_secs_f64() * 1e3;
-                tracing::info!(
-                    generation,
-                    robots = self.robots.len(),
-                    ms = self.last_latency_ms,
-                    "rollout reached every robot"
-                );
-                self.record(
-                    ctx,
-                    Record::Reached {
-                        t_ms: now_ms(),
-                        generation,
-                        robots: self.robots.len(),
-                        latency_ms: self.last_latency_ms,
-                    },
-                )
-                .await?;
-            }
-        }
-        if let (Some(canary), Some(m)) = (&mut self.canary, &self.rollout.canary) {
-            if canary.since.is_none()
-                && self.rollout.canary_robots.iter().all(|r| {
-                    self.robots
-                        .get(r)
-                        .is_some_and(|v| v.adapter_id == m.adapter_id && v.generation >= self.rollout.generation)
-                })
-            {
-                canary.since = Some(Instant::now());
-            }
-        }
-        Ok(())
-    }
-
-    fn take_events(&mut self) {
-        while let Some(r) = self.events.take() {
-            let robot = r.header.robot.clone();
-            match r.msg.event {
-                EventKind::EpisodeStart { shift, .. } => {
-                    if let (Some(v), Ok(s)) = (self.robots.get_mut(&robot), shift.parse::<Shift>()) {
-                        v.condition = Some(s);
-                    }
-                }
-                EventKind::Intervention { active: true, .. } => {
-                    self.intervened.insert(robot, true);
-                }
-                EventKind::EpisodeEnd { success, .. } => {
-                    let success = success && !self.intervened.insert(robot.clone(), false).unwrap_or(false);
-                    if let Some(c) = self.canary.as_mut().filter(|c| c.since.is_some()) {
-                        if self.rollout.canary_robots.contains(&robot) {
-                            c.episodes += 1;
-                            c.wins += success as u32;
-                        } else if self.robots.contains_key(&robot) {
-                            c.others_episodes += 1;
-                            c.others_wins += success as u32;
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    async fn watch_canary(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
-        let (Some(c), Some(m)) = (&self.canary, &self.rollout.canary) else {
-            return Ok(());
-        };
-        let Some(since) = c.since else { return Ok(()) };
-        if since.elapsed().as_secs_f64() < self.cfg.canary_hold_s || c.episodes < self.cfg.canary_min_episodes {
-            return Ok(());
-        }
-        let others = (c.others_episodes > 0).then(|| c.others_wins as f64 / c.others_episodes as f64);
-        // Without episodes on one side there is no evidence against the canary.
-        let rate = if c.episodes > 0 {
-            c.wins as f64 / c.episodes as f64
-        } else {
-            others.unwrap_or(1.0)
-        };
-        let others = others.unwrap_or(rate);
-        if rate < others - self.cfg.rollback_drop {
-            let why = format!(
-                "canary success {:.0} % ({} episodes) fell below the fleet's {:.0} %",
-                100.0 * rate,
-                c.episodes,
-                100.0 * others
-            );
-            return self.roll_back_canary(ctx, &why).await;
-        }
-        let m = m.clone();
-        let reason = format!(
-            "promoted: the canary held up ({:.0} % of {} episodes, the fleet {:.0} %)",
-            100.0 * rate,
-            c.episodes,
-            100.0 * others
-        );
-        self.change(ctx, Some(m), None, Vec::new(), &reason).await
-    }
-
-    async fn roll_back_canary(&mut self, ctx: &Ctx<Self>, why: &str) -> Result<(), ActorError> {
-        ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("canary rolled back: {why}");
-        let fleet = self.rollout.fleet.clone();
-        self.change(ctx, fleet, None, Vec::new(), &format!("{ROLLBACK}: {why}"))
-            .await
-    }
-
-    async fn command(&mut self, ctx: &Ctx<Self>, cmd: &CkptCommand) -> Result<String, String> {
-        let rollout = serde_json::json!({
-            "generation": self.rollout.generation,
-            "fleet": self.rollout.fleet.as_ref().map(|m| &m.adapter_id),
-            "canary": self.rollout.canary.as_ref().map(|m| &m.adapter_id),
-            "canary_robots": self.rollout.canary_robots,
-            "robots": self.robots.iter().map(|(k, v)| (k.clone(), serde_json::json!({
-                "adapter": v.adapter_id, "generation": v.generation,
-                "condition": v.condition.map(|c| c.name()),
-            }))).collect::<BTreeMap<_, _>>(),
-            "promotion_ms": self.last_latency_ms,
-        });
-        match cmd.op.as_str() {
-            "list" => {
-                let candidates = self.ledger.call(|l| l.summary()).await.ok_or("ledger thread ended")?;
-                Ok(serde_json::json!({ "rollout": rollout, "candidates": candidates }).to_string())
-            }
-            "show" => {
-                let id = cmd.id.clone();
-                let records = self
-                    .ledger
-                    .call(move |l| l.about(&id).into_iter().cloned().collect::<Vec<_>>())
-                    .await
-                    .ok_or("ledger thread ended")?;
-                if records.is_empty() {
-                    return Err(format!("no candidate {:?} in the ledger", cmd.id));
-                }
-                Ok(serde_json::json!({ "id": cmd.id, "records": records }).to_string())
-            }
-            "promote" => {
-                let id = cmd.id.clone();
-                let found = self
-                    .ledger
-                    .call(move |l| {
-                        l.records().iter().rev().find_map(|r| match r {
-                            Record::Candidate {
-                                id: i,
-                                sha256,
-                                base_version,
-                                bytes,
-                                metrics,
-                                ..
-                            } if *i == id => Some((sha256.clone(), base_version.clone(), *bytes, metrics.clone())),
-                            _ => None,
-                        })
-                    })
-                    .await
-                    .ok_or("ledger thread ended")?;
-                let Some((sha, base, len, metrics)) = found else {
-                    return Err(format!("no candidate {:?} in the ledger", cmd.id));
-                };
-                let path = adapter_path(&self.state_dir, &sha);
-                let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let (id, b, s) = (cmd.id.clone(), base.clone(), sha.clone());
-                let m2 = metrics.clone();
-                self.gates()
-                    .await?
-                    .call(move |g| {
-                        g.load(&Submission {
-                            id: &id,
-                            base_version: &b,
-                            sha256: &s,
-                            bytes: &bytes,
-                            metrics: &m2,
-                        })
-                        .map(|_| ())
-                    })
-                    .await
-                    .ok_or("gates thread ended")??;
-                let mut gate_metrics = metrics;
-                if let Ok(ratio) = gates::held_out_ratio(&gate_metrics) {
-                    gate_metrics.insert("held_out_ratio".into(), ratio);
-                }
-                self.record(
-                    ctx,
-                    Record::Decision {
-                        t_ms: now_ms(),
-                        id: cmd.id.clone(),
-                        accepted: true,
-                        reason: "promoted by an operator".into(),
-                        metrics: BTreeMap::new(),
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-                let m = self.manifest(&cmd.id, &base, &sha, len, &gate_metrics);
-                self.change(ctx, Some(m), None, Vec::new(), "promoted by an operator")
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(serde_json::json!({ "promoted": cmd.id, "generation": self.rollout.generation }).to_string())
-            }
-            "rollback" => {
-                let target = self
-                    .ledger
-                    .call(|l| l.previous_fleet())
-                    .await
-                    .ok_or("ledger thread ended")?;
-                let Some(target) = target else {
-                    return Err("nothing to roll back: the fleet runs the base and always has".into());
-                };
-                let to = target
-                    .as_ref()
-                    .map(|m| m.adapter_id.clone())
-                    .unwrap_or_else(|| "base".into());
-                self.change(ctx, target, None, Vec::new(), &format!("{ROLLBACK} by an operator"))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(serde_json::json!({ "rolled_back_to": to, "generation": self.rollout.generation }).to_string())
-            }
-            other => Err(format!("unknown op {other:?}: list, show, promote or rollback")),
         }
     }
 }

@@ -432,6 +432,15 @@ pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
     (ckpt, demos)
 }
 
+/// One [`tiny_policy`] for every test of this binary that drives robots with a trained policy
+/// (trained once, by whichever test comes first; the others wait for it).
+pub fn shared_tiny_policy() -> (PathBuf, PathBuf) {
+    static POLICY: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    POLICY
+        .get_or_init(|| tiny_policy(&temp_dir("tiny-policy").until_exit()))
+        .clone()
+}
+
 /// `nanobot eval` of a checkpoint (and adapter) under `shift` on worlds 100 and 101, 10 episodes
 /// each: success in percent.
 pub fn eval_success(ckpt: &Path, adapter: Option<&Path>, shift: &str, episode_steps: Option<u32>) -> f64 {
