@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -194,6 +194,7 @@ pub async fn start(
     };
     let router = Router::new()
         .route("/", get(|| async { Html(INDEX) }))
+        .route("/api/login", axum::routing::post(login))
         .route("/api/state", get(state))
         .route("/api/stream", get(stream))
         .route("/api/camera/{robot}", get(camera))
@@ -236,29 +237,58 @@ async fn poll_ledger(session: zenoh::Session, key: String, view: Arc<Mutex<Fleet
     }
 }
 
-#[derive(serde::Deserialize)]
-struct TokenQuery {
-    token: Option<String>,
+/// The cookie `POST /api/login` sets, for the page's own requests (a browser's EventSource
+/// cannot send an Authorization header).
+const SESSION_COOKIE: &str = "nb_dashboard";
+
+/// Equal bytes, in a time that does not depend on where they first differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
-async fn authorize(State(app): State<App>, Query(q): Query<TokenQuery>, req: Request, next: Next) -> Response {
+/// The token a request carries: `Authorization: Bearer T`, or the login cookie. Never a URL's
+/// query: URLs end up in logs, histories and Referer headers.
+fn given_token(req: &Request) -> Option<&str> {
+    let h = req.headers();
+    let bearer = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    bearer.or_else(|| {
+        h.get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+    })
+}
+
+/// With a token configured, every request but the page itself (static, no data) and its login
+/// form must carry it.
+async fn authorize(State(app): State<App>, req: Request, next: Next) -> Response {
     if let Some(want) = &app.token {
-        let bearer = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let given = bearer.or(q.token.as_deref());
-        if given != Some(&**want) {
+        let open = req.method() == axum::http::Method::GET && req.uri().path() == "/";
+        let ok = given_token(&req).is_some_and(|t| same_secret(t.as_bytes(), want.as_bytes()));
+        if !open && !ok {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                "a bearer token is required (Authorization: Bearer T, or ?token=T)",
+                "a token is required: Authorization: Bearer T (or the cookie POST /api/login sets)",
             )
                 .into_response();
         }
     }
     next.run(req).await
+}
+
+/// `POST /api/login` with `Authorization: Bearer T` (checked by [`authorize`]): the token as an
+/// HttpOnly, same-site cookie, so that the page's requests and event stream carry it.
+async fn login(State(app): State<App>) -> Response {
+    let Some(token) = &app.token else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let cookie = format!("{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
 }
 
 async fn state(State(app): State<App>) -> impl IntoResponse {

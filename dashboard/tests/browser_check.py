@@ -3,7 +3,8 @@ chromedriver (Debian's `chromium` and `chromium-driver`; plain HTTP from here, n
 library), and report what the page shows: the robots, a live value read twice, the camera
 picture's size. Saves a screenshot.
 
-usage: browser_check.py URL SCREENSHOT.png ROBOT
+usage: browser_check.py URL SCREENSHOT.png ROBOT [TOKEN]
+(with TOKEN, it types the token into the page's login form, as a person does)
 prints {"robots": [...], "obs_before": N, "obs_after": M, "camera_width": W, ...}; exits 1 on failure
 """
 import base64
@@ -15,6 +16,7 @@ import time
 import urllib.request
 
 url, shot, robot = sys.argv[1], sys.argv[2], sys.argv[3]
+token = sys.argv[4] if len(sys.argv) > 4 else None
 
 
 def free_port():
@@ -62,6 +64,10 @@ try:
     s = f"/session/{session}"
     call("POST", s + "/url", {"url": url})
     js = lambda script: call("POST", s + "/execute/sync", {"script": script, "args": []})
+    if token is not None:
+        until("the login form", lambda: js("return !document.getElementById('login').hidden;"))
+        js(f"document.getElementById('token').value = {json.dumps(token)}; "
+           "document.getElementById('login-go').click(); return true;")
     count = f"const e = document.querySelector('#robot-{robot} .obs-count'); return e ? Number(e.textContent) : 0;"
     before = until("the robot's card with observations", lambda: js(count))
     width = until("the camera picture", lambda: js(

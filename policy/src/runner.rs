@@ -350,6 +350,16 @@ impl Runner {
     }
 
     /// Check one step against the config; the error names the field.
+    /// The JPEGs this policy can use: its own image size, square.
+    pub fn jpeg_limits(&self) -> crate::preprocess::JpegLimits {
+        let side = self.config().vision.image_size as u32;
+        crate::preprocess::JpegLimits {
+            max_width: side,
+            max_height: side,
+            ..Default::default()
+        }
+    }
+
     pub fn check(&self, s: &Step) -> Result<(), RunnerError> {
         let c = self.config();
         let px = c.vision.image_size * c.vision.image_size * 3;

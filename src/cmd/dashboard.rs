@@ -13,8 +13,8 @@ pub struct DashboardArgs {
     /// Address to serve on. Beyond loopback a token is required.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Bearer token every request must carry (`Authorization: Bearer T`, or `?token=T` in the
-    /// page's address). Default: $NANOBOT_DASHBOARD_TOKEN.
+    /// Bearer token every request must carry (`Authorization: Bearer T`; the page asks for it
+    /// once and keeps it in an HttpOnly cookie). Default: $NANOBOT_DASHBOARD_TOKEN.
     #[arg(long)]
     token: Option<String>,
     /// Stop after this many seconds (default: at SIGINT or SIGTERM).

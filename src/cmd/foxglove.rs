@@ -12,7 +12,8 @@ use crate::conn::ConnectArgs;
 pub struct FoxgloveArgs {
     /// Key expressions to bridge (default: `{fleet}/**`).
     keyexprs: Vec<String>,
-    /// Address of the WebSocket server (loopback by default: the bridge has no authentication).
+    /// Address of the WebSocket server: loopback only (Foxglove's WebSocket protocol has no
+    /// authentication; reach it from another machine through an SSH tunnel).
     #[arg(long, default_value = "127.0.0.1:8765")]
     listen: String,
     /// Stop after this many seconds (default: at SIGINT or SIGTERM).
@@ -28,6 +29,13 @@ pub async fn foxglove(args: FoxgloveArgs) -> anyhow::Result<u8> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']).to_string(), p.parse::<u16>().ok()?)))
         .with_context(|| format!("--listen {}: expected HOST:PORT", args.listen))?;
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    anyhow::ensure!(
+        loopback,
+        "--listen {}: the Foxglove bridge has no authentication, so it listens on loopback only; \
+         from another machine, tunnel to it (ssh -L {port}:127.0.0.1:{port} HOST)",
+        args.listen
+    );
     let (_, fleet) = args.conn.resolve()?;
     let keys = if args.keyexprs.is_empty() {
         vec![format!("{fleet}/**")]

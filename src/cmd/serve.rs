@@ -28,7 +28,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use nanobot_messages::{codec, ActionChunk, ActionSource, Observation};
-use nanobot_policy::preprocess::step_of;
+use nanobot_policy::preprocess::step_of_within;
 use nanobot_policy::rollout::Rollout;
 use nanobot_policy::runner::{Runner, RunnerError};
 use serde_json::json;
@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Client sessions kept (least recently used dropped first).
     #[arg(long, default_value_t = 256)]
     max_sessions: usize,
+    /// Bearer token every request but /healthz must carry (`Authorization: Bearer T`);
+    /// required when --listen is beyond loopback. Default: $NANOBOT_SERVE_TOKEN.
+    #[arg(long)]
+    token: Option<String>,
 }
 
 /// Serving limits and the control rate.
@@ -85,6 +89,20 @@ struct Metrics {
     busy: AtomicU64,
     latency_us_sum: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
+    /// Observations whose image was refused, by reason (`width`, `height`, `bytes`, `jpeg`,
+    /// ...: a handful of fixed names).
+    images_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    fn refuse_image(&self, reason: &'static str) {
+        *self
+            .images_refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_default() += 1;
+    }
 }
 
 struct App {
@@ -234,11 +252,16 @@ async fn act(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Re
     let obs = req.obs;
     // JPEG decoding and inference off the async runtime, on the server's one-thread pool.
     let result = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, RunnerError> {
+        // A JPEG larger than the policy's own image is refused before it is decoded.
+        let limits = a.runner.jpeg_limits();
         let steps = obs
             .iter()
-            .map(step_of)
+            .map(|o| step_of_within(o, &limits))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| RunnerError::Input(e.to_string()))?;
+            .map_err(|e| {
+                a.metrics.refuse_image(e.reason());
+                RunnerError::Input(e.to_string())
+            })?;
         a.pool.install(|| match rollout {
             Some(r) => {
                 let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
@@ -340,6 +363,12 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ] {
         s.push_str(&format!("nanobot_act_requests_total{{code=\"{code}\"}} {n}\n"));
     }
+    s.push_str("# HELP nanobot_act_images_refused_total Observations whose image was refused, by reason.\n# TYPE nanobot_act_images_refused_total counter\n");
+    for (reason, n) in m.images_refused.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        s.push_str(&format!(
+            "nanobot_act_images_refused_total{{reason=\"{reason}\"}} {n}\n"
+        ));
+    }
     s.push_str("# HELP nanobot_act_latency_seconds Time to answer a good /v1/act request.\n# TYPE nanobot_act_latency_seconds histogram\n");
     for (i, b) in BUCKETS.iter().enumerate() {
         s.push_str(&format!(
@@ -363,13 +392,40 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }
 
-pub fn router(runner: Runner, limits: ServeLimits) -> anyhow::Result<Router> {
+pub fn router(runner: Runner, limits: ServeLimits, token: Option<String>) -> anyhow::Result<Router> {
+    let token: Option<Arc<str>> = token.map(Arc::from);
     Ok(Router::new()
         .route("/v1/act", post(act))
         .route("/v1/model", get(model))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let token = token.clone();
+                async move {
+                    match token {
+                        Some(want) if !bearer_is(&req, &want) => (
+                            StatusCode::UNAUTHORIZED,
+                            [(header::WWW_AUTHENTICATE, "Bearer")],
+                            "a token is required: Authorization: Bearer T\n",
+                        )
+                            .into_response(),
+                        _ => next.run(req).await,
+                    }
+                }
+            },
+        ))
+        // Liveness for orchestrators, with no token.
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app(runner, limits)?))
+}
+
+/// The request's `Authorization: Bearer …` is `want`, compared in constant time.
+fn bearer_is(req: &axum::extract::Request, want: &str) -> bool {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| subtle::ConstantTimeEq::ct_eq(t.as_bytes(), want.as_bytes()).into())
 }
 
 fn app(runner: Runner, limits: ServeLimits) -> anyhow::Result<Arc<App>> {
@@ -401,13 +457,22 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         .await
         .map_err(|e| anyhow::anyhow!("listen {}: {e}", a.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    let token = a
+        .token
+        .or_else(|| std::env::var("NANOBOT_SERVE_TOKEN").ok())
+        .filter(|t| !t.is_empty());
+    anyhow::ensure!(
+        addr.ip().is_loopback() || token.is_some(),
+        "serve listens on {addr}, beyond loopback: give it a token (--token or $NANOBOT_SERVE_TOKEN), \
+         which every request must send as Authorization: Bearer T"
+    );
     tracing::info!(%addr, version, format = %runner.format, "serving the policy on http://{addr}/v1/act");
     let limits = ServeLimits {
         rate_hz: a.rate_hz,
         queue: a.queue,
         max_sessions: a.max_sessions,
     };
-    axum::serve(listener, router(runner, limits)?)
+    axum::serve(listener, router(runner, limits, token)?)
         .with_graceful_shutdown(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -491,6 +556,71 @@ mod tests {
         drop(held);
         let r = act(State(app.clone()), headers, body).await;
         assert_eq!(r.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_jpeg_bomb_is_refused_with_400_counted_by_reason_and_the_server_goes_on() {
+        let app = app(tiny_runner(), ServeLimits::default()).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        let mut bomb = observation();
+        bomb.image.data = Blob::new(nanobot_policy::preprocess::jpeg_header_declaring(65_535, 65_535));
+        let r = act(
+            State(app.clone()),
+            headers.clone(),
+            Bytes::from(serde_json::to_vec(&bomb).unwrap()),
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("65535"), "{body:?}");
+        let text = axum::body::to_bytes(metrics(State(app.clone())).await.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains("nanobot_act_images_refused_total{reason=\"width\"} 1"),
+            "{text}"
+        );
+        let good = Bytes::from(serde_json::to_vec(&observation()).unwrap());
+        assert_eq!(act(State(app), headers, good).await.status(), StatusCode::OK);
+    }
+
+    /// One HTTP/1.0 request to a local port: the status code.
+    fn status_of(port: u16, req: String) -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_token_every_route_but_healthz_wants_it_in_the_header() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let router = router(tiny_runner(), ServeLimits::default(), Some("s3cret".into())).unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let get = |path: &str, auth: &str| format!("GET {path} HTTP/1.0\r\nHost: x\r\n{auth}\r\n");
+        let codes = tokio::task::spawn_blocking(move || {
+            [
+                status_of(port, get("/v1/model", "")),
+                status_of(port, get("/v1/model", "Authorization: Bearer s3creT\r\n")),
+                status_of(port, get("/v1/model?token=s3cret", "")),
+                status_of(port, get("/metrics", "")),
+                status_of(port, get("/v1/model", "Authorization: Bearer s3cret\r\n")),
+                status_of(port, get("/healthz", "")),
+            ]
+        })
+        .await
+        .unwrap();
+        assert_eq!(codes, [401, 401, 401, 401, 200, 200]);
+        server.abort();
     }
 
     #[test]

@@ -23,7 +23,11 @@ fn state(port: u16) -> Value {
 fn stream(port: u16, n: usize) -> Vec<Value> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "GET /api/stream?token={TOKEN} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /api/stream HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     let mut buf = [0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -44,6 +48,31 @@ fn stream(port: u16, n: usize) -> Vec<Value> {
     }
 }
 
+/// `POST /api/login` with the bearer token: its Set-Cookie header.
+fn login_cookie(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /api/login HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 204") || reply.starts_with("HTTP/1.1 204"),
+        "{reply}"
+    );
+    reply
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("set-cookie: ")
+                .or_else(|| l.strip_prefix("Set-Cookie: "))
+        })
+        .unwrap_or_else(|| panic!("no cookie: {reply}"))
+        .to_string()
+}
+
 #[test]
 fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     let (port, web) = (free_port(), free_port());
@@ -56,10 +85,28 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     let mut fleet = Proc::spawn(cmd);
     fleet.expect_line("dashboard of fleet nb on http://127.0.0.1", Duration::from_secs(60));
 
-    // Without the token: refused. The page itself is self-contained (no CDN).
-    let (status, _, _) = http_with(web, "GET", "/api/state", &[], b"");
+    // Without the token, or with it in the URL, or a wrong one: refused. With it in the
+    // header, the login answers with an HttpOnly cookie that opens the API too.
+    for (path, headers) in [
+        ("/api/state", vec![]),
+        ("/api/state?token=s3cret", vec![]),
+        ("/api/state", vec![("Authorization", "Bearer s3creT")]),
+        ("/api/state", vec![("Cookie", "nb_dashboard=s3cre")]),
+    ] {
+        let (status, _, _) = http_with(web, "GET", path, &headers, b"");
+        assert_eq!(status, 401, "{path} {headers:?}");
+    }
+    let (status, _, _) = http_with(web, "POST", "/api/login", &[("Authorization", "Bearer wrong")], b"");
     assert_eq!(status, 401);
-    let (status, ctype, page) = http_with(web, "GET", &format!("/?token={TOKEN}"), &[], b"");
+    let login = login_cookie(web);
+    assert!(
+        login.contains("nb_dashboard=s3cret") && login.contains("HttpOnly") && login.contains("SameSite=Strict"),
+        "{login}"
+    );
+    let (status, _, _) = http_with(web, "GET", "/api/state", &[("Cookie", "nb_dashboard=s3cret")], b"");
+    assert_eq!(status, 200);
+    // The page itself holds no data: it loads without the token, self-contained (no CDN).
+    let (status, ctype, page) = http_with(web, "GET", "/", &[], b"");
     let page = text(&page);
     assert_eq!((status, ctype.as_str()), (200, "text/html; charset=utf-8"));
     assert!(page.contains("NanoBot fleet") && !page.contains("src=\"http") && !page.contains("href=\"http"));
@@ -104,9 +151,10 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     let shot = shot_dir.join("dashboard.png");
     let browser = std::process::Command::new("python3")
         .arg(repo().join("dashboard/tests/browser_check.py"))
-        .arg(format!("http://127.0.0.1:{web}/?token={TOKEN}"))
+        .arg(format!("http://127.0.0.1:{web}/"))
         .arg(&shot)
         .arg("r0")
+        .arg(TOKEN)
         .output()
         .unwrap();
     assert!(

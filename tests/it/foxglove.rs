@@ -75,3 +75,17 @@ fn a_foxglove_client_sees_the_fleets_channels_and_decodes_a_camera_image() {
     let summary = bridge.expect_line("bridged ", Duration::from_secs(5));
     assert!(summary.contains("0 not NanoBot messages"), "{summary}");
 }
+
+#[test]
+fn the_bridge_refuses_to_listen_beyond_loopback() {
+    // No fleet needed: the address is refused before the bridge joins any.
+    for listen in ["0.0.0.0:0", "[::]:0", "192.0.2.1:8765"] {
+        let out = nanobot()
+            .args(["foxglove", "--listen", listen, "--duration", "1"])
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{listen}: {err}");
+        assert!(err.contains("loopback only") && err.contains(listen), "{listen}: {err}");
+    }
+}

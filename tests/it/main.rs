@@ -9,6 +9,7 @@ mod closed_loop;
 mod dashboard;
 mod fleet;
 mod foxglove;
+mod hardening;
 mod learning;
 mod logging;
 mod policy_cli;

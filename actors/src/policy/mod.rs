@@ -28,7 +28,7 @@ use nanobot_messages::{
     codec::now_ns, topics, ActionChunk, ActionSource, AdapterBytes, AdapterManifest, AdapterRequest, Observation,
     PolicyStatus, Promoted,
 };
-use nanobot_policy::preprocess::step_of;
+use nanobot_policy::preprocess::step_of_within;
 use nanobot_policy::rollout::Rollout;
 use nanobot_policy::runner::Runner;
 use serde::Deserialize;
@@ -110,6 +110,8 @@ pub struct PolicyActor {
     recent_ms: std::collections::VecDeque<f64>,
     /// Robots in the batch of the last chunks.
     recent_batch: std::collections::VecDeque<usize>,
+    /// Observations refused before inference, by reason (a handful of fixed names).
+    obs_refused: std::collections::BTreeMap<&'static str, u64>,
     promo: Promotions,
 }
 
@@ -158,8 +160,9 @@ pub enum PolicyEvent {
 
 /// What the blocking side made of one observation.
 enum Outcome {
-    /// Not usable (the reason names the field).
-    Refused(String),
+    /// Not usable: the reason for counting (`width`, `jpeg`, `shape`, ...) and the message,
+    /// which names the field.
+    Refused(&'static str, String),
     /// In the history; no chunk due yet.
     Recorded,
     /// In the history, and a chunk is due.
@@ -250,6 +253,7 @@ impl NodeActor for PolicyActor {
             last_ms: 0.0,
             recent_ms: Default::default(),
             recent_batch: Default::default(),
+            obs_refused: Default::default(),
             promo: Promotions {
                 rollouts,
                 swaps,
@@ -289,6 +293,10 @@ impl NodeActor for PolicyActor {
     fn metrics(&self, m: &mut Metrics) {
         m.set("chunks", self.chunks as f64);
         m.set("missed_deadlines", self.missed as f64);
+        m.set("obs_refused", self.obs_refused.values().sum::<u64>() as f64);
+        for (reason, n) in &self.obs_refused {
+            m.set(format!("obs_refused.{reason}"), *n as f64);
+        }
         m.set("inference_ms", self.last_ms);
         m.set("ddim_steps", self.runner.sampling_steps() as f64);
         let mut ms: Vec<f64> = self.recent_ms.iter().copied().collect();
@@ -448,12 +456,14 @@ impl PolicyActor {
         // JPEG decoding on a blocking thread, off the bus.
         let check = runner.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let step = match step_of(&o).map_err(|e| e.to_string()).and_then(|st| {
-                check.check(&st).map_err(|e| e.to_string())?;
-                Ok(st)
-            }) {
+            let step = match step_of_within(&o, &check.jpeg_limits())
+                .map_err(|e| (e.reason(), e.to_string()))
+                .and_then(|st| {
+                    check.check(&st).map_err(|e| ("shape", e.to_string()))?;
+                    Ok(st)
+                }) {
                 Ok(st) => st,
-                Err(e) => return (rollout, Outcome::Refused(e)),
+                Err((reason, e)) => return (rollout, Outcome::Refused(reason, e)),
             };
             if rollout.observe(episode, seq, task, step) {
                 (rollout, Outcome::Due)
@@ -465,9 +475,10 @@ impl PolicyActor {
         .map_err(|e| ctx.failed(format!("decoding thread: {e}")))?;
         let (rollout, outcome) = joined;
         match outcome {
-            Outcome::Refused(e) => {
+            Outcome::Refused(reason, e) => {
                 self.rollout = Some(rollout);
                 c.errors.fetch_add(1, Ordering::Relaxed);
+                *self.obs_refused.entry(reason).or_default() += 1;
                 tracing::warn!(robot = %self.robot, seq, "observation not usable: {e}");
                 return Ok(());
             }

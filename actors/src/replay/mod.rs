@@ -74,6 +74,10 @@ impl Replay {
                     tracing::debug!(rows = n, "segment indexed");
                 }
                 Ok(Added::Known) => {}
+                Ok(Added::Refused(why)) => {
+                    ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("segment announcement refused: {why}");
+                }
                 Ok(Added::Quarantined { path, reason, to }) => {
                     ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
                     let moved = to
@@ -173,12 +177,7 @@ impl NodeActor for Replay {
             let seg = r.msg;
             let (result, stats) = self
                 .store
-                .call(move |s| {
-                    (
-                        s.add_file(std::path::Path::new(&seg.path), Some(&seg.sha256)),
-                        s.stats(),
-                    )
-                })
+                .call(move |s| (s.add_announced(std::path::Path::new(&seg.path), &seg.sha256), s.stats()))
                 .await
                 .ok_or_else(ended)?;
             self.stats = stats;
@@ -214,6 +213,7 @@ impl NodeActor for Replay {
         m.set("held_out_rows", s.held_out_rows as f64);
         m.set("segments", s.segments as f64);
         m.set("quarantined", s.quarantined as f64);
+        m.set("refused_announcements", s.refused_announcements as f64);
         m.set("intervention_rows", s.intervention_rows as f64);
         m.set("events", s.events as f64);
         m.set("bad_event_lines", s.bad_event_lines as f64);

@@ -56,6 +56,9 @@ pub struct StoreStats {
     pub rows: u64,
     pub held_out_rows: u64,
     pub quarantined: u64,
+    /// Segment announcements refused: a path outside the dataset roots (after resolving `..`
+    /// and symlinks), not a dataset's data file, or bytes that are not the announced ones.
+    pub refused_announcements: u64,
     pub intervention_rows: u64,
     pub windows_served: u64,
     pub waits: u64,
@@ -74,6 +77,8 @@ pub enum Added {
     Rows(u64),
     /// Already indexed.
     Known,
+    /// An announcement refused: nothing read, nothing moved (the reason names the path).
+    Refused(String),
     /// Unreadable or not what its manifest says: moved aside (`to`, when it could be moved).
     Quarantined {
         path: PathBuf,
@@ -149,6 +154,9 @@ pub struct Store {
     frames: FrameCache,
     shape: Option<Shape>,
     stats: StoreStats,
+    /// The directories datasets may be under (`index_datasets`' arguments): an announced file
+    /// is opened only when, resolved, it lies below one of them.
+    roots: Vec<PathBuf>,
 }
 
 impl Store {
@@ -172,6 +180,7 @@ impl Store {
             intervention: Vec::new(),
             shape: None,
             stats: StoreStats::default(),
+            roots: Vec::new(),
         }
     }
 
@@ -191,6 +200,9 @@ impl Store {
     /// dataset, else each of its subdirectories that is one (a fleet's `data/{fleet}`). Files
     /// in manifest order; a missing `dir` holds none.
     pub fn index_datasets(&mut self, dir: &Path) -> Vec<Result<Added, String>> {
+        if !self.roots.iter().any(|r| r == dir) {
+            self.roots.push(dir.to_path_buf());
+        }
         let mut roots = Vec::new();
         if Manifest::path(dir).exists() {
             roots.push(dir.to_path_buf());
@@ -214,6 +226,59 @@ impl Store {
             }
         }
         out
+    }
+
+    /// A data file a logger announced on the bus. The message is not trusted for anything but a
+    /// name to look at: the path must resolve (`..` and symlinks followed) to a regular file
+    /// below one of the dataset roots, in a dataset's `data/chunk-…/` directory; its bytes are
+    /// checked against the dataset's own manifest when it lists the file (and quarantined on a
+    /// mismatch, as at start), else against the announced sha256, and then a mismatch only
+    /// refuses it: a bus message never moves a file.
+    pub fn add_announced(&mut self, path: &Path, sha256: &str) -> Result<Added, String> {
+        let mut refuse = |why: String| {
+            self.stats.refused_announcements += 1;
+            Ok(Added::Refused(format!("{}: {why}", path.display())))
+        };
+        let file = match path.canonicalize() {
+            Ok(f) => f,
+            Err(e) => return refuse(format!("cannot be resolved: {e}")),
+        };
+        let below = self
+            .roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .any(|r| file.starts_with(&r));
+        if !below {
+            return refuse(format!("{} is outside the dataset roots", file.display()));
+        }
+        if !std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
+            return refuse("not a regular file".into());
+        }
+        let Some(root) = dataset_root(&file) else {
+            return refuse("not a dataset's data file (DATASET/data/chunk-…/file)".into());
+        };
+        if self.files.contains(&file) {
+            return Ok(Added::Known);
+        }
+        let listed = Manifest::load(&root).ok().flatten().and_then(|m| {
+            m.files
+                .iter()
+                .find(|f| root.join(&f.path).canonicalize().ok().as_deref() == Some(file.as_path()))
+                .map(|f| f.sha256.clone())
+        });
+        match listed {
+            Some(sha) => self.add_file(&file, Some(&sha)),
+            None => {
+                let got = match sha256_file(&file) {
+                    Ok((got, _)) => got,
+                    Err(e) => return refuse(e.to_string()),
+                };
+                if got != sha256 {
+                    return refuse(format!("sha256 {got}, announced as {sha256}; not in its manifest"));
+                }
+                self.add_file(&file, Some(&got))
+            }
+        }
     }
 
     /// Index one finalized data file (`{root}/data/chunk-…/file-….parquet`), checking its
@@ -912,6 +977,55 @@ mod tests {
         assert!(floats(&b, "state").iter().step_by(6).all(|seq| *seq < 5.0));
         // Offered again, a known file is not indexed twice.
         assert_eq!(s.add_file(&root.join(&m.files[0].path), None), Ok(Added::Known));
+    }
+
+    #[test]
+    fn an_announcement_outside_the_roots_or_with_forged_bytes_reads_and_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (roots, elsewhere) = (dir.path().join("data"), dir.path().join("elsewhere"));
+        let root = roots.join("r0");
+        dataset(&root, 0..10, 5);
+        let m = Manifest::load(&root).unwrap().unwrap();
+        let mut s = Store::new(cfg());
+        s.index_datasets(&roots);
+        let indexed = s.stats().rows + s.stats().held_out_rows;
+        // A dataset of the same shape outside the roots, a symlink into it from inside, a
+        // `..` path out, and a system file.
+        dataset(&elsewhere.join("r1"), 0..10, 5);
+        let outside = elsewhere.join("r1").join(&m.files[0].path);
+        let link = root.join("data/chunk-000/file-900.parquet");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let dotdot = root
+            .join("data/chunk-000/../../../../elsewhere/r1")
+            .join(&m.files[1].path);
+        for (path, why) in [
+            (PathBuf::from("/etc/passwd"), "outside the dataset roots"),
+            (outside.clone(), "outside the dataset roots"),
+            (link.clone(), "outside the dataset roots"),
+            (dotdot, "outside the dataset roots"),
+            (root.join("meta/manifest.json"), "not a dataset's data file"),
+            (root.join("data/chunk-000/file-404.parquet"), "cannot be resolved"),
+        ] {
+            match s.add_announced(&path, "00") {
+                Ok(Added::Refused(r)) => assert!(r.contains(why), "{}: {r}", path.display()),
+                other => panic!("{} not refused: {other:?}", path.display()),
+            }
+        }
+        assert!(outside.exists() && link.exists(), "nothing moved");
+        // A new file inside the roots, not yet in its manifest, announced with the wrong
+        // sha256: refused, and left where it is.
+        let fresh = root.join("data/chunk-000/file-777.parquet");
+        std::fs::copy(root.join(&m.files[0].path), &fresh).unwrap();
+        assert!(matches!(s.add_announced(&fresh, "00"), Ok(Added::Refused(_))));
+        assert!(fresh.exists(), "a bus message never moves a file");
+        // The same file with its real sha256 is indexed; a file its manifest lists is checked
+        // against the manifest, whatever the message claims.
+        let (sha, _) = sha256_file(&fresh).unwrap();
+        assert!(matches!(s.add_announced(&fresh, &sha), Ok(Added::Rows(5))));
+        assert_eq!(s.add_announced(&root.join(&m.files[1].path), "00"), Ok(Added::Known));
+        assert_eq!(s.stats().refused_announcements, 7);
+        assert_eq!(s.stats().rows + s.stats().held_out_rows, indexed + 5);
+        assert_eq!(s.stats().quarantined, 0);
     }
 
     #[test]
