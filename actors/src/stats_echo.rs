@@ -11,6 +11,9 @@ use serde::Deserialize;
 use crate::bus::{Inbox, Keep, Received};
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor};
 
+/// Actors followed at most.
+const MAX_ACTORS: usize = 4096;
+
 #[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StatsEchoConfig {
@@ -51,6 +54,10 @@ impl NodeActor for StatsEcho {
         while let Some(r) = self.stats.take() {
             let s = r.msg;
             let id = format!("{}/{}", s.node, s.actor);
+            // Actor names come from the network: follow at most MAX_ACTORS of them.
+            if !self.seen.contains_key(&id) && self.seen.len() >= MAX_ACTORS {
+                continue;
+            }
             let last = self.seen.insert(id.clone(), (s.errors, s.dropped)).unwrap_or_default();
             if (s.errors, s.dropped) != last {
                 tracing::warn!(actor = %id, errors = s.errors, dropped = s.dropped, restarts = s.restarts, "actor reports errors or drops");

@@ -207,3 +207,40 @@ fn the_jpeg_check_reads_the_header_and_refuses_the_wrong_size() {
     f.send(camera(b"\xFF\xD8 not a jpeg".to_vec()), 1, MS);
     assert_eq!(f.reasons(), ["image", "image"]);
 }
+
+#[test]
+fn a_flood_of_robot_names_leaves_the_tables_at_their_bound_and_the_known_robots_acting() {
+    let img = jpeg(1);
+    let mut f = Feed::new(IngestConfig {
+        max_robots: 8,
+        ..IngestConfig::default()
+    });
+    f.tick(0, 0, MS, &img);
+    // 10,000 frames, each claiming a robot of its own.
+    for i in 0..10_000u64 {
+        let s = sample_from_raw(&format!("fake-{i}"), 0, MS, state(0.1), None).unwrap();
+        let out = f.core.on_sample(s);
+        f.out.extend(out);
+    }
+    // Eight robots tracked (r0 and seven fakes); every later name refused as `robots` under
+    // `unknown`, in one table entry.
+    assert_eq!(f.core.counts.len(), 9, "{:?}", f.core.counts.keys().collect::<Vec<_>>());
+    assert_eq!(f.core.counts["unknown"].rejects["robots"], 10_000 - 7);
+    assert_eq!(f.reasons().iter().filter(|r| *r == "robots").count(), 10_000 - 7);
+    // A reject naming a new robot is counted under `unknown` too.
+    let r = f.core.refuse(nanobot_actors::ingest::Refused {
+        robot: "fake-99999".into(),
+        sensor: "state".into(),
+        seq: 0,
+        reason: "size",
+        detail: String::new(),
+    });
+    assert!(
+        matches!(r, Produced::Reject { ref robot, .. } if robot == "unknown"),
+        "{r:?}"
+    );
+    assert_eq!(f.core.counts.len(), 9);
+    // The robot it knew goes on.
+    f.tick(1, 50 * MS, MS, &img);
+    assert_eq!(f.counts().observations, 2);
+}

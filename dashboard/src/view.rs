@@ -21,7 +21,7 @@ pub struct ActorView {
     pub stats: Value,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct TopicView {
     pub kind: String,
     pub count: u64,
@@ -78,7 +78,24 @@ pub struct FleetView {
     pub undecodable: u64,
     /// Arrivals the dashboard's queue refused.
     pub dropped: u64,
+    /// Topics, robots, actors or reject reasons not shown because the view holds as many as
+    /// it keeps (key names come from the network: a flood of them stops at the bounds).
+    pub over_bound: u64,
     pub updated_ms: u64,
+}
+
+/// What the view keeps at most.
+pub const MAX_TOPICS: usize = 4096;
+pub const MAX_ROBOTS: usize = 1024;
+pub const MAX_ACTORS: usize = 4096;
+pub const MAX_REJECT_REASONS: usize = 32;
+
+/// `map[key]`, made when there is room for one more entry.
+fn room<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str, max: usize) -> Option<&'m mut V> {
+    if !map.contains_key(key) && map.len() >= max {
+        return None;
+    }
+    Some(map.entry(key.to_string()).or_default())
 }
 
 /// Actors whose metrics are plotted over time.
@@ -114,8 +131,26 @@ impl FleetView {
     pub fn liveliness(&mut self, key: &str, alive: bool) {
         if let Some((node, actor)) = self.node_actor(key) {
             let (node, actor) = (node.to_string(), actor.to_string());
-            self.nodes.entry(node).or_default().entry(actor).or_default().alive = alive;
+            match self.actor(&node, &actor) {
+                Some(v) => v.alive = alive,
+                None => self.over_bound += 1,
+            }
         }
+    }
+
+    /// The view of `node/actor`, made when the view holds fewer than `MAX_ACTORS`.
+    fn actor(&mut self, node: &str, actor: &str) -> Option<&mut ActorView> {
+        let known = self.nodes.get(node).is_some_and(|n| n.contains_key(actor));
+        if !known && self.nodes.values().map(BTreeMap::len).sum::<usize>() >= MAX_ACTORS {
+            return None;
+        }
+        Some(
+            self.nodes
+                .entry(node.to_string())
+                .or_default()
+                .entry(actor.to_string())
+                .or_default(),
+        )
     }
 
     /// A message arrived on `key` (`msg` is `None` when it did not decode).
@@ -124,19 +159,17 @@ impl FleetView {
         let t = ms();
         self.updated_ms = t;
         let kind = decoded.as_ref().map_or("(not NanoBot)", |(h, _)| h.kind.name());
-        let topic = self.topics.entry(key.to_string()).or_insert_with(|| TopicView {
-            kind: kind.to_string(),
-            count: 0,
-            bytes: 0,
-            rate_hz: 0.0,
-            arrivals: VecDeque::new(),
-        });
-        topic.kind = kind.to_string();
-        topic.count += 1;
-        topic.bytes += bytes as u64;
-        topic.arrivals.push_back(now);
-        while topic.arrivals.len() > 10_000 {
-            topic.arrivals.pop_front();
+        match room(&mut self.topics, key, MAX_TOPICS) {
+            Some(topic) => {
+                topic.kind = kind.to_string();
+                topic.count += 1;
+                topic.bytes += bytes as u64;
+                topic.arrivals.push_back(now);
+                while topic.arrivals.len() > 10_000 {
+                    topic.arrivals.pop_front();
+                }
+            }
+            None => self.over_bound += 1,
         }
         let Some((header, msg)) = decoded else {
             self.undecodable += 1;
@@ -144,21 +177,27 @@ impl FleetView {
         };
         if let (AnyMessage::Stats(s), Some((node, actor))) = (&msg, self.node_actor(key)) {
             let (node, actor) = (node.to_string(), actor.to_string());
+            let Some(view) = self.actor(&node, &actor) else {
+                self.over_bound += 1;
+                return;
+            };
+            view.alive = true;
+            view.stats = serde_json::to_value(s).unwrap_or(Value::Null);
             if LEARNING_ACTORS.iter().any(|a| actor.starts_with(a)) {
                 let series = self.learning.entry(format!("{node}/{actor}")).or_default();
                 for m in &s.extra {
                     push(series.entry(m.name.clone()).or_default(), (t, m.value));
                 }
             }
-            let view = self.nodes.entry(node).or_default().entry(actor).or_default();
-            view.alive = true;
-            view.stats = serde_json::to_value(s).unwrap_or(Value::Null);
             return;
         }
         let Some(robot) = topics::robot_of(&self.fleet, key).map(str::to_string) else {
             return;
         };
-        let r = self.robots.entry(robot).or_default();
+        let Some(r) = room(&mut self.robots, &robot, MAX_ROBOTS) else {
+            self.over_bound += 1;
+            return;
+        };
         match msg {
             AnyMessage::Observation(o) => {
                 r.observations += 1;
@@ -203,8 +242,10 @@ impl FleetView {
             },
             AnyMessage::Reject(j) => {
                 // Ingest counts per robot and reason: its count is the truth, a lost message or not.
-                let seen = r.rejects.entry(j.reason).or_default();
-                *seen = if j.count > 0 { j.count.max(*seen) } else { *seen + 1 };
+                match room(&mut r.rejects, &j.reason, MAX_REJECT_REASONS) {
+                    Some(seen) => *seen = if j.count > 0 { j.count.max(*seen) } else { *seen + 1 },
+                    None => self.over_bound += 1,
+                }
             }
             _ => {}
         }
@@ -350,5 +391,45 @@ mod tests {
         assert_eq!(v.camera("r0").as_deref(), Some(&[0xff, 0xd8][..]));
         v.liveliness("nb/node/sim/ingest_r0", false);
         assert_eq!(v.snapshot()["nodes"]["sim"]["ingest_r0"]["alive"], false);
+    }
+
+    #[test]
+    fn a_flood_of_names_leaves_every_table_at_its_bound() {
+        let mut v = FleetView::new("nb");
+        for i in 0..10_000 {
+            let stats = Stats {
+                node: "n".into(),
+                actor: format!("a{i}"),
+                ..Default::default()
+            };
+            v.liveliness(&format!("nb/node/x{i}/a"), true);
+            v.message(
+                &format!("nb/node/n/a{i}"),
+                10,
+                Some((header(Kind::Stats, 0), AnyMessage::Stats(stats))),
+            );
+            let reject = Reject {
+                sensor: "s".into(),
+                reason: format!("why{i}"),
+                detail: String::new(),
+                seq: 0,
+                count: 1,
+            };
+            v.message(
+                &format!("nb/fake{i}/rejects"),
+                10,
+                Some((header(Kind::Reject, 0), AnyMessage::Reject(reject.clone()))),
+            );
+            v.message(
+                "nb/r0/rejects",
+                10,
+                Some((header(Kind::Reject, 0), AnyMessage::Reject(reject))),
+            );
+        }
+        assert_eq!(v.topics.len(), MAX_TOPICS);
+        assert_eq!(v.robots.len(), MAX_ROBOTS);
+        assert_eq!(v.nodes.values().map(BTreeMap::len).sum::<usize>(), MAX_ACTORS);
+        assert_eq!(v.robots["r0"].rejects.len(), MAX_REJECT_REASONS);
+        assert!(v.over_bound > 10_000, "{}", v.over_bound);
     }
 }

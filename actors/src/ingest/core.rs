@@ -40,6 +40,10 @@ pub struct IngestConfig {
     pub serial: Option<SerialConfig>,
     /// Warn about a robot's rejects of one reason at most this often.
     pub reject_log_interval_ms: u64,
+    /// Robots one ingest tracks at most: a robot name is whatever a frame claims, so a frame
+    /// naming one more is refused (reason `robots`, counted under `unknown`) rather than let a
+    /// flood of names grow its tables without bound.
+    pub max_robots: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -64,6 +68,7 @@ impl Default for IngestConfig {
             udp: None,
             serial: None,
             reject_log_interval_ms: 1000,
+            max_robots: 256,
         }
     }
 }
@@ -384,7 +389,7 @@ impl IngestCore {
 
     /// Count a refused frame and turn it into a Reject.
     pub fn refuse(&mut self, r: Refused) -> Produced {
-        let robot = if topics::validate_robot(&r.robot).is_ok() {
+        let robot = if topics::validate_robot(&r.robot).is_ok() && self.admits(&r.robot) {
             r.robot
         } else {
             UNATTRIBUTED.to_string()
@@ -477,8 +482,26 @@ impl IngestCore {
         }
     }
 
+    /// Whether `robot` is tracked, or may be: fewer than `max_robots` are.
+    fn admits(&self, robot: &str) -> bool {
+        self.robots.contains_key(robot) || self.robots.len() < self.cfg.max_robots
+    }
+
     /// Validate a sample; a state sample may complete an observation.
     pub fn on_sample(&mut self, s: SensorSample) -> Option<Produced> {
+        if !self.admits(&s.robot) {
+            let detail = format!(
+                "robot {:?}: this ingest tracks {} robots already (max_robots)",
+                s.robot, self.cfg.max_robots
+            );
+            return Some(self.refuse(Refused {
+                robot: String::new(),
+                sensor: s.sensor.name().into(),
+                seq: s.seq,
+                reason: "robots",
+                detail,
+            }));
+        }
         let refused = |reason, detail| Refused {
             robot: s.robot.clone(),
             sensor: s.sensor.name().into(),

@@ -63,6 +63,9 @@ pub struct PromoterConfig {
     pub rollback_drop: f64,
     /// The rollout is published again this often.
     pub announce_s: f64,
+    /// Robots followed at most: a status from one more robot name is ignored and counted
+    /// (`robots_refused`), so a flood of claimed names cannot grow the promoter's tables.
+    pub max_robots: usize,
 }
 
 impl Default for PromoterConfig {
@@ -79,6 +82,7 @@ impl Default for PromoterConfig {
             canary_min_episodes: 4,
             rollback_drop: 0.25,
             announce_s: 1.0,
+            max_robots: 1024,
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct Promoter {
     last_latency_ms: f64,
     accepted: u64,
     refused: u64,
+    /// Statuses ignored because `max_robots` robots are followed already.
+    robots_refused: u64,
     _servers: [AbortOnDrop; 2],
 }
 
@@ -268,6 +274,7 @@ impl NodeActor for Promoter {
             last_latency_ms: 0.0,
             accepted: 0,
             refused: 0,
+            robots_refused: 0,
             _servers: [AbortOnDrop(bytes_server), AbortOnDrop(control_server)],
         };
         me.publish().await;
@@ -308,6 +315,7 @@ impl NodeActor for Promoter {
         m.set("refused", self.refused as f64);
         m.set("canary", self.rollout.canary.is_some() as u8 as f64);
         m.set("robots", self.robots.len() as f64);
+        m.set("robots_refused", self.robots_refused as f64);
         m.set("promotion_ms", self.last_latency_ms);
     }
 }

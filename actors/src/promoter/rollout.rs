@@ -111,6 +111,11 @@ impl Promoter {
         while let Some(r) = self.statuses.take() {
             let robot = r.header.robot.clone();
             let s = r.msg;
+            // A robot's name is what its status claims: a flood of names stops at the bound.
+            if !self.robots.contains_key(&robot) && self.robots.len() >= self.cfg.max_robots {
+                self.robots_refused += 1;
+                continue;
+            }
             let view = self.robots.entry(robot.clone()).or_insert(RobotView {
                 adapter_id: String::new(),
                 generation: 0,
@@ -184,11 +189,12 @@ impl Promoter {
                         v.condition = Some(s);
                     }
                 }
-                EventKind::Intervention { active: true, .. } => {
+                // Only robots the promoter follows (their statuses, bounded) are remembered.
+                EventKind::Intervention { active: true, .. } if self.robots.contains_key(&robot) => {
                     self.intervened.insert(robot, true);
                 }
                 EventKind::EpisodeEnd { success, .. } => {
-                    let success = success && !self.intervened.insert(robot.clone(), false).unwrap_or(false);
+                    let success = success && !self.intervened.remove(&robot).unwrap_or(false);
                     if let Some(c) = self.canary.as_mut().filter(|c| c.since.is_some()) {
                         if self.rollout.canary_robots.contains(&robot) {
                             c.episodes += 1;
