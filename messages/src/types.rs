@@ -619,6 +619,9 @@ impl AdapterManifest {
 /// The fleet's rollout: `{fleet}/ckpt/promoted` (promoter → policy actors), published on every
 /// change and again every second (so a robot that starts late learns it). Robots named in
 /// `canary_robots` run `canary`, every other robot runs `fleet`; `None` is the base alone.
+/// The whole rollout is signed with the fleet key (`signature`, over [`Promoted::signed_text`]),
+/// so that nobody but the promoter can send robots back to the base, re-send a revoked
+/// adapter, or jump the generation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Promoted {
     /// Grows with every change of the rollout.
@@ -627,9 +630,54 @@ pub struct Promoted {
     pub canary: Option<AdapterManifest>,
     #[serde(deserialize_with = "bounded_seq")]
     pub canary_robots: Vec<String>,
+    /// Adapter ids rolled back: a robot refuses a rollout that asks it to run one of them.
+    #[serde(deserialize_with = "bounded_seq")]
+    pub revoked: Vec<String>,
+    /// Wall-clock ms after which a robot refuses this rollout (the promoter re-announces it,
+    /// with a new expiry, every second): an old signed rollout cannot be replayed later.
+    pub expires_ms: u64,
+    /// Lower-case hex ed25519 signature of `signed_text()`.
+    pub signature: String,
 }
 
 impl Promoted {
+    /// A rollout not yet signed (no revocations, no expiry).
+    pub fn unsigned(
+        generation: u64,
+        fleet: Option<AdapterManifest>,
+        canary: Option<AdapterManifest>,
+        canary_robots: Vec<String>,
+    ) -> Promoted {
+        Promoted {
+            generation,
+            fleet,
+            canary,
+            canary_robots,
+            revoked: Vec::new(),
+            expires_ms: 0,
+            signature: String::new(),
+        }
+    }
+
+    /// What the signature covers: every field but the signature (each manifest by its own
+    /// signed text and signature, names one a line, counted).
+    pub fn signed_text(&self) -> String {
+        let manifest = |m: &Option<AdapterManifest>| match m {
+            Some(m) => format!("{}\n{}", m.signed_text(), m.signature),
+            None => "-".into(),
+        };
+        let list = |v: &[String]| format!("{}\n{}", v.len(), v.join("\n"));
+        format!(
+            "nanobot-rollout/1\n{}\nfleet\n{}\ncanary\n{}\ncanary_robots {}\nrevoked {}\nexpires {}",
+            self.generation,
+            manifest(&self.fleet),
+            manifest(&self.canary),
+            list(&self.canary_robots),
+            list(&self.revoked),
+            self.expires_ms
+        )
+    }
+
     /// The adapter `robot` should run (`None`: the base alone).
     pub fn for_robot(&self, robot: &str) -> Option<&AdapterManifest> {
         if self.canary.is_some() && self.canary_robots.iter().any(|r| r == robot) {

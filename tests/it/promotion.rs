@@ -13,6 +13,7 @@ use std::time::Duration;
 use candle_core::{Tensor, Var};
 use common::*;
 use nanobot_actors::keys::SigningKey;
+use nanobot_messages::codec::now_ns;
 use nanobot_messages::{
     ActionChunk, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, Metric, PolicyStatus, Promoted, Stats,
 };
@@ -53,6 +54,14 @@ fn manifest(key: &SigningKey, id: &str, base: &str, bytes: &[u8]) -> AdapterMani
     };
     m.signature = key.sign(&m.signed_text());
     m
+}
+
+/// A rollout as the promoter announces it: signed whole with `key`, valid for 30 s.
+fn rollout(key: &SigningKey, generation: u64, fleet: Option<AdapterManifest>) -> Promoted {
+    let mut p = Promoted::unsigned(generation, fleet, None, vec![]);
+    p.expires_ms = now_ns() / 1_000_000 + 30_000;
+    p.signature = key.sign(&p.signed_text());
+    p
 }
 
 /// The newest PolicyStatus of each robot, and the adapter of each robot's newest chunk.
@@ -237,12 +246,7 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     for (i, (m, why)) in cases.into_iter().enumerate() {
         generation += 1;
         let before = chunks(&seen, "r0");
-        let p = Promoted {
-            generation,
-            fleet: Some(m),
-            canary: None,
-            canary_robots: vec![],
-        };
+        let p = rollout(&key, generation, Some(m));
         rt.block_on(announce.put(&p)).unwrap();
         last = Some(p);
         wait_until(&format!("refusal {} ({why})", i + 1), Duration::from_secs(20), || {
@@ -275,6 +279,83 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
         n_cases,
         "a re-announced refusal is not retried"
     );
+    // Forged rollouts of the good adapter: refused whole, counted, the robot keeps acting on
+    // the base, and the generation it follows does not move (so a genuine one still counts).
+    let good_m = manifest(&key, "tiny-base+lora.7", "tiny-base", &good);
+    let unsigned = Promoted::unsigned(generation + 1, Some(good_m.clone()), None, vec![]);
+    let mut max = unsigned.clone();
+    max.generation = u64::MAX;
+    let by_stranger = rollout(&stranger, generation + 1, Some(good_m.clone()));
+    let replayed = rollout(&key, generation - 1, Some(good_m.clone()));
+    let far = rollout(&key, generation + 2_000_000, Some(good_m.clone()));
+    let mut expired = Promoted::unsigned(generation + 1, Some(good_m.clone()), None, vec![]);
+    expired.expires_ms = now_ns() / 1_000_000 - 60_000;
+    expired.signature = key.sign(&expired.signed_text());
+    let mut revoked = Promoted::unsigned(generation + 1, Some(good_m.clone()), None, vec![]);
+    revoked.revoked = vec!["tiny-base+lora.7".into()];
+    revoked.expires_ms = now_ns() / 1_000_000 + 30_000;
+    revoked.signature = key.sign(&revoked.signed_text());
+    let forgeries = [
+        (unsigned, "not signed by the fleet key"),
+        (max, "not signed by the fleet key"),
+        (by_stranger, "not signed by the fleet key"),
+        (replayed, "a replay"),
+        (far, "ahead of"),
+        (expired, "expired"),
+        (revoked, "revokes"),
+    ];
+    let n_forgeries = forgeries.len() as u64;
+    for (i, (p, why)) in forgeries.into_iter().enumerate() {
+        let before = chunks(&seen, "r0");
+        let refused = n_cases + i as u64 + 1;
+        rt.block_on(announce.put(&p)).unwrap();
+        wait_until(
+            &format!("forged rollout {} ({why})", i + 1),
+            Duration::from_secs(20),
+            || status(&seen, "r0").is_some_and(|s| s.refused == refused),
+        );
+        let s = status(&seen, "r0").unwrap();
+        assert!(
+            s.last_error.contains(why),
+            "forgery {}: {:?} should say {why:?}",
+            i + 1,
+            s.last_error
+        );
+        assert_eq!(
+            (s.adapter_id.as_str(), s.generation),
+            ("", generation),
+            "forgery {}",
+            i + 1
+        );
+        wait_until("the robot keeps acting", Duration::from_secs(10), || {
+            chunks(&seen, "r0") > before + 3
+        });
+    }
+    wait_until("the refusals in the policy's Stats", Duration::from_secs(10), || {
+        metric(&seen, "policy_r0", "rollouts_refused") as u64 == n_forgeries
+    });
+    // A rogue peer answers every adapter fetch at once with other bytes of the right length:
+    // the robot checks each reply and takes the genuine one.
+    let rogue = rt
+        .block_on(bus.queryable::<AdapterRequest>("nb/ckpt/adapter", 16))
+        .unwrap();
+    let impostor = swapped.clone();
+    rt.spawn(async move {
+        while let Some(req) = rogue.recv().await {
+            let reply = AdapterBytes {
+                adapter_id: String::new(),
+                sha256: req.msg.sha256.clone(),
+                data: Blob::new(impostor.clone()),
+            };
+            let _ = req.reply("", &reply).await;
+        }
+    });
+    assert_eq!(
+        good.len(),
+        swapped.len(),
+        "the impostor's bytes have the manifest's length"
+    );
+    let n_cases = n_cases + n_forgeries;
     // A good one is swapped in between two observations: chunks never stop, and the robot
     // misses no tick (its count of ticks without a planned action, and the policy's count of
     // chunks that came after the last one ran out, stay where they were).
@@ -288,12 +369,11 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     };
     let swaps_before = metric(&seen, "policy_r0", "adapters_swapped");
     let missed_before = missed();
-    rt.block_on(announce.put(&Promoted {
+    rt.block_on(announce.put(&rollout(
+        &key,
         generation,
-        fleet: Some(manifest(&key, "tiny-base+lora.7", "tiny-base", &good)),
-        canary: None,
-        canary_robots: vec![],
-    }))
+        Some(manifest(&key, "tiny-base+lora.7", "tiny-base", &good)),
+    )))
     .unwrap();
     wait_until("the good adapter acting", Duration::from_secs(20), || {
         seen.lock()
@@ -322,13 +402,7 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
         ("tiny-base+lora.7", n_cases, "")
     );
     // Back to the base alone.
-    rt.block_on(announce.put(&Promoted {
-        generation: generation + 1,
-        fleet: None,
-        canary: None,
-        canary_robots: vec![],
-    }))
-    .unwrap();
+    rt.block_on(announce.put(&rollout(&key, generation + 1, None))).unwrap();
     wait_until("back on the base", Duration::from_secs(20), || {
         seen.lock().unwrap().chunks.get("r0").is_some_and(|c| c.1.is_empty())
     });

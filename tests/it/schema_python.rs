@@ -112,6 +112,9 @@ fn samples() -> Vec<AnyMessage> {
                 signature: "ab".repeat(64),
             }),
             canary_robots: vec!["r0".into(), "r3".into()],
+            revoked: vec!["a0".into()],
+            expires_ms: 1_700_000_000_000,
+            signature: "ef".repeat(64),
         }
         .into(),
         AdapterRequest {

@@ -43,6 +43,9 @@ impl Bus {
             .session
             .get(key.to_string())
             .payload(encoded_zbytes(enc))
+            // Every reply, even several on one key: any peer may answer, and the caller checks
+            // which answer is genuine (Zenoh's default would keep one per key).
+            .consolidation(zenoh::query::ConsolidationMode::None)
             .timeout(timeout);
         if let Some(trace) = self.new_trace() {
             get = get.attachment(trace.to_bytes().to_vec());

@@ -72,6 +72,9 @@ pub struct PolicyActorConfig {
     pub trusted_key: String,
     /// How long fetching an adapter's bytes may take.
     pub fetch_timeout_ms: u64,
+    /// A signed rollout more than this many generations ahead of the one followed is refused
+    /// (a promoter that went wrong cannot push the generation out of reach).
+    pub max_generation_step: u64,
 }
 
 impl Default for PolicyActorConfig {
@@ -89,6 +92,7 @@ impl Default for PolicyActorConfig {
             promotions: true,
             trusted_key: "state/{fleet}/keys/fleet.pub".into(),
             fetch_timeout_ms: 3000,
+            max_generation_step: 1_000_000,
         }
     }
 }
@@ -135,6 +139,9 @@ struct Promotions {
     /// again, only when it changes.
     refused_for: Option<(u64, String)>,
     refused: u64,
+    /// Rollouts refused whole (unsigned, stale, expired, too far ahead, naming a revoked
+    /// adapter): they change nothing, not even the generation followed.
+    rollouts_refused: u64,
     swaps_done: u64,
     last_error: String,
 }
@@ -266,6 +273,7 @@ impl NodeActor for PolicyActor {
                 fetching: None,
                 refused_for: None,
                 refused: 0,
+                rollouts_refused: 0,
                 swaps_done: 0,
                 last_error: String::new(),
             },
@@ -325,6 +333,7 @@ impl NodeActor for PolicyActor {
         m.set("adapter_generation", self.promo.generation as f64);
         m.set("adapters_swapped", self.promo.swaps_done as f64);
         m.set("adapters_refused", self.promo.refused as f64);
+        m.set("rollouts_refused", self.promo.rollouts_refused as f64);
     }
 }
 
@@ -358,7 +367,16 @@ impl PolicyActor {
             return;
         };
         // Generation 0: nothing was ever promoted; the launch file's adapter stands.
-        if p.generation == 0 || p.generation < self.promo.generation {
+        if p.generation == 0 {
+            return;
+        }
+        if let Err(why) = self.check_rollout(&p) {
+            self.promo.rollouts_refused += 1;
+            self.promo.refused += 1;
+            ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(robot = %self.robot, generation = p.generation, "rollout refused, keeping {:?}: {why}", self.runner.adapter_version());
+            self.promo.last_error = format!("rollout {}: {why}", p.generation);
+            self.report().await;
             return;
         }
         let want: Option<AdapterManifest> = p.for_robot(&self.robot).cloned();
@@ -417,6 +435,40 @@ impl PolicyActor {
             feeder: self.promo.swap_feeder.clone(),
         };
         tokio::spawn(job.run());
+    }
+
+    /// Whether a rollout is the promoter's and current: signed whole with the fleet key, not
+    /// older than the generation followed, not expired, not too far ahead, and not asking
+    /// this robot to run an adapter it revokes.
+    fn check_rollout(&mut self, p: &Promoted) -> Result<(), String> {
+        if self.promo.key.is_none() {
+            self.promo.key = TrustedKey::load(&self.promo.key_path)
+                .map_err(|e| tracing::warn!(robot = %self.robot, "{e}"))
+                .ok();
+        }
+        let Some(key) = &self.promo.key else {
+            return Err(format!("no trusted fleet key at {}", self.promo.key_path.display()));
+        };
+        key.verify(&p.signed_text(), &p.signature)
+            .map_err(|e| format!("not signed by the fleet key ({e})"))?;
+        let current = self.promo.generation;
+        if p.generation < current {
+            return Err(format!("generation {} is older than {current}: a replay", p.generation));
+        }
+        if current > 0 && p.generation - current > self.cfg.max_generation_step {
+            return Err(format!(
+                "generation {} is more than {} ahead of {current}",
+                p.generation, self.cfg.max_generation_step
+            ));
+        }
+        let now = now_ns() / 1_000_000;
+        if p.expires_ms < now {
+            return Err(format!("expired {} ms ago", now - p.expires_ms));
+        }
+        if let Some(m) = p.for_robot(&self.robot).filter(|m| p.revoked.contains(&m.adapter_id)) {
+            return Err(format!("it asks for {}, which it revokes", m.adapter_id));
+        }
+        Ok(())
     }
 
     /// An adapter was fetched and built, or refused: swap it in between two observations.
@@ -600,28 +652,31 @@ impl Fetch {
             .get::<AdapterRequest, AdapterBytes>(&self.key, &self.robot, &req, self.timeout)
             .await
             .map_err(|e| e.to_string())?;
-        let mut errors = Vec::new();
-        let mut bytes = None;
-        for r in replies {
-            match r {
-                Ok(r) => {
-                    bytes = Some(r.msg.data.to_bytes());
-                    break;
-                }
-                Err(e) => errors.push(e.to_string()),
-            }
-        }
-        let bytes = bytes.ok_or_else(|| format!("no bytes from {}: {}", self.key, errors.join("; ")))?;
-        if bytes.len() as u64 != m.bytes {
-            return Err(format!("{} bytes arrived, the manifest says {}", bytes.len(), m.bytes));
+        // Any peer may answer: take the first reply whose bytes are the signed ones.
+        let candidates: Vec<bytes::Bytes> = replies
+            .into_iter()
+            .filter_map(|r| r.map(|r| r.msg.data.to_bytes()).ok())
+            .collect();
+        if candidates.is_empty() {
+            return Err(format!("no bytes from {}", self.key));
         }
         tokio::task::spawn_blocking(move || {
-            let sha = nanobot_dataset::sha256_hex(&bytes);
-            if sha != m.sha256 {
-                return Err(format!("sha256 of the bytes is {sha}, the manifest says {}", m.sha256));
+            let mut errors = Vec::new();
+            for bytes in candidates {
+                if bytes.len() as u64 != m.bytes {
+                    errors.push(format!("{} bytes arrived, the manifest says {}", bytes.len(), m.bytes));
+                    continue;
+                }
+                let sha = nanobot_dataset::sha256_hex(&bytes);
+                if sha != m.sha256 {
+                    errors.push(format!("sha256 of the bytes is {sha}, the manifest says {}", m.sha256));
+                    continue;
+                }
+                return base
+                    .with_adapter_bytes(&bytes, &m.adapter_id)
+                    .map_err(|e| e.to_string());
             }
-            base.with_adapter_bytes(&bytes, &m.adapter_id)
-                .map_err(|e| e.to_string())
+            Err(errors.join("; "))
         })
         .await
         .map_err(|e| e.to_string())?

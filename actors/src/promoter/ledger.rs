@@ -159,12 +159,12 @@ impl Ledger {
                 canary,
                 canary_robots,
                 ..
-            } => Some(Promoted {
-                generation: *generation,
-                fleet: fleet.clone(),
-                canary: canary.clone(),
-                canary_robots: canary_robots.clone(),
-            }),
+            } => Some(Promoted::unsigned(
+                *generation,
+                fleet.clone(),
+                canary.clone(),
+                canary_robots.clone(),
+            )),
             _ => None,
         })
     }

@@ -63,6 +63,10 @@ pub struct PromoterConfig {
     pub rollback_drop: f64,
     /// The rollout is published again this often.
     pub announce_s: f64,
+    /// How long a robot accepts an announced rollout (it is announced again every
+    /// `announce_s`): bounds how late a recorded rollout could be replayed. Allow for the
+    /// clock difference between the promoter's node and the robots'.
+    pub rollout_ttl_s: f64,
     /// Robots followed at most: a status from one more robot name is ignored and counted
     /// (`robots_refused`), so a flood of claimed names cannot grow the promoter's tables.
     pub max_robots: usize,
@@ -82,6 +86,7 @@ impl Default for PromoterConfig {
             canary_min_episodes: 4,
             rollback_drop: 0.25,
             announce_s: 1.0,
+            rollout_ttl_s: 30.0,
             max_robots: 1024,
         }
     }
@@ -118,8 +123,13 @@ pub struct Promoter {
     refused: u64,
     /// Statuses ignored because `max_robots` robots are followed already.
     robots_refused: u64,
+    /// Adapter ids rolled back (the newest `MAX_REVOKED`), announced with every rollout.
+    revoked: Vec<String>,
     _servers: [AbortOnDrop; 2],
 }
+
+/// Revoked adapter ids a rollout carries at most.
+const MAX_REVOKED: usize = 64;
 
 fn adapter_path(dir: &Path, sha256: &str) -> PathBuf {
     dir.join("adapters").join(format!("{sha256}.safetensors"))
@@ -139,8 +149,10 @@ impl NodeActor for Promoter {
     type Event = PromoterEvent;
 
     async fn start(ctx: &Ctx<Self>, cfg: PromoterConfig) -> Result<Self, ActorError> {
-        if !(cfg.announce_s > 0.0 && cfg.canary_hold_s >= 0.0) {
-            return Err(ctx.config_error("announce_s must be positive and canary_hold_s at least 0"));
+        if !(cfg.announce_s > 0.0 && cfg.canary_hold_s >= 0.0 && cfg.rollout_ttl_s > cfg.announce_s) {
+            return Err(ctx.config_error(
+                "announce_s must be positive, canary_hold_s at least 0 and rollout_ttl_s above announce_s",
+            ));
         }
         if cfg.condition != "fleet" {
             cfg.condition
@@ -169,12 +181,7 @@ impl NodeActor for Promoter {
             .call(|l| l.rollout())
             .await
             .ok_or_else(|| ctx.failed("ledger thread ended"))?
-            .unwrap_or(Promoted {
-                generation: 0,
-                fleet: None,
-                canary: None,
-                canary_robots: Vec::new(),
-            });
+            .unwrap_or(Promoted::unsigned(0, None, None, Vec::new()));
         tracing::info!(
             generation = rollout.generation,
             fleet = rollout.fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
@@ -275,6 +282,7 @@ impl NodeActor for Promoter {
             accepted: 0,
             refused: 0,
             robots_refused: 0,
+            revoked: Vec::new(),
             _servers: [AbortOnDrop(bytes_server), AbortOnDrop(control_server)],
         };
         me.publish().await;
@@ -321,8 +329,13 @@ impl NodeActor for Promoter {
 }
 
 impl Promoter {
+    /// Announce the rollout, signed whole with the fleet key, valid for `rollout_ttl_s`.
     async fn publish(&self) {
-        if let Err(e) = self.announce.put(&self.rollout).await {
+        let mut signed = self.rollout.clone();
+        signed.revoked = self.revoked.clone();
+        signed.expires_ms = now_ms() + (self.cfg.rollout_ttl_s * 1000.0) as u64;
+        signed.signature = self.key.sign(&signed.signed_text());
+        if let Err(e) = self.announce.put(&signed).await {
             tracing::warn!(error = %e, "rollout not published");
         }
     }

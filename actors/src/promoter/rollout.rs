@@ -81,6 +81,22 @@ impl Promoter {
         )
         .await?;
         let fleet_changed = fleet.as_ref().map(|m| &m.sha256) != self.rollout.fleet.as_ref().map(|m| &m.sha256);
+        // A rollback revokes what it takes off the robots; promoting an adapter again lifts it.
+        let in_new = |id: &str| {
+            [&fleet, &canary]
+                .iter()
+                .any(|n| n.as_ref().is_some_and(|n| n.adapter_id == id))
+        };
+        if reason.starts_with(ROLLBACK) {
+            for m in [&self.rollout.fleet, &self.rollout.canary].into_iter().flatten() {
+                if !in_new(&m.adapter_id) && !self.revoked.contains(&m.adapter_id) {
+                    self.revoked.push(m.adapter_id.clone());
+                }
+            }
+            let excess = self.revoked.len().saturating_sub(MAX_REVOKED);
+            self.revoked.drain(..excess);
+        }
+        self.revoked.retain(|id| !in_new(id));
         tracing::info!(
             generation,
             fleet = fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
@@ -89,12 +105,7 @@ impl Promoter {
             "rollout: {reason}"
         );
         self.canary = canary.as_ref().map(|_| Canary::default());
-        self.rollout = Promoted {
-            generation,
-            fleet,
-            canary,
-            canary_robots,
-        };
+        self.rollout = Promoted::unsigned(generation, fleet, canary, canary_robots);
         self.reaching = Some((generation, Instant::now()));
         self.publish().await;
         if fleet_changed {
