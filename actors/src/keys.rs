@@ -33,6 +33,41 @@ pub fn key_paths(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join("fleet.key"), dir.join("fleet.pub"))
 }
 
+/// An operator's key files in the fleet key directory `dir`: `operators/NAME.key` (stays with
+/// the operator) and `operators/NAME.pub` (the promoter's `operators` lists it).
+pub fn operator_key_paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let d = dir.join("operators");
+    (d.join(format!("{name}.key")), d.join(format!("{name}.pub")))
+}
+
+/// An operator's name: what the ledger records and key files are named after.
+pub fn validate_operator(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    ok.then_some(())
+        .ok_or_else(|| format!("operator name {name:?}: letters, digits, '-', '_' and '.', not starting with '.'"))
+}
+
+/// Write a secret atomically, readable by its owner only from its first byte: a temporary file
+/// created with mode 0600 (never wider, whatever the umask), fsynced, renamed into place.
+fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = nanobot_dataset::tmp_path(path);
+    let _ = std::fs::remove_file(&tmp);
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    let mut f = open.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// The signing half, on the promoter's node.
 pub struct SigningKey {
     pair: Ed25519KeyPair,
@@ -42,21 +77,31 @@ impl SigningKey {
     /// Make a new key pair in `dir`; an existing key is never overwritten.
     pub fn generate(dir: &Path) -> Result<SigningKey, KeyError> {
         let (secret, public) = key_paths(dir);
+        SigningKey::generate_at(&secret, &public)
+    }
+
+    /// Make operator `name`'s key pair in the fleet key directory `dir` (never overwritten).
+    pub fn generate_operator(dir: &Path, name: &str) -> Result<SigningKey, KeyError> {
+        let (secret, public) = operator_key_paths(dir, name);
+        validate_operator(name).map_err(|e| file_err(&secret, e))?;
+        SigningKey::generate_at(&secret, &public)
+    }
+
+    /// A new key pair: the secret at `secret` (mode 0600 from its first byte), the public key
+    /// (hex) at `public`.
+    fn generate_at(secret: &Path, public: &Path) -> Result<SigningKey, KeyError> {
         if secret.exists() {
-            return Err(file_err(&secret, "exists: a fleet key is never overwritten"));
+            return Err(file_err(secret, "exists: a key is never overwritten"));
+        }
+        if let Some(parent) = secret.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| file_err(parent, e))?;
         }
         let doc =
-            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| file_err(&secret, "no randomness"))?;
-        let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|e| file_err(&secret, e))?;
-        write_atomic(&secret, doc.as_ref()).map_err(|e| file_err(&secret, e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| file_err(&secret, e))?;
-        }
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| file_err(secret, "no randomness"))?;
+        let pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|e| file_err(secret, e))?;
+        write_secret(secret, doc.as_ref()).map_err(|e| file_err(secret, e))?;
         let key = SigningKey { pair };
-        write_atomic(&public, format!("{}\n", key.public_hex()).as_bytes()).map_err(|e| file_err(&public, e))?;
+        write_atomic(public, format!("{}\n", key.public_hex()).as_bytes()).map_err(|e| file_err(public, e))?;
         Ok(key)
     }
 
@@ -75,6 +120,17 @@ impl SigningKey {
             SigningKey::load(&secret)
         } else {
             SigningKey::generate(dir)
+        }
+    }
+
+    /// Operator `name`'s key in the fleet key directory `dir`, made there if it has none (the
+    /// development fleet's operator; a real one runs `nanobot keys init --operator NAME`).
+    pub fn load_or_generate_operator(dir: &Path, name: &str) -> Result<SigningKey, KeyError> {
+        let (secret, _) = operator_key_paths(dir, name);
+        if secret.exists() {
+            SigningKey::load(&secret)
+        } else {
+            SigningKey::generate_operator(dir, name)
         }
     }
 
@@ -135,6 +191,34 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_keys_are_private_from_their_first_byte_and_operators_have_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = SigningKey::generate(dir.path()).unwrap();
+        let alice = SigningKey::generate_operator(dir.path(), "alice").unwrap();
+        let (secret, public) = operator_key_paths(dir.path(), "alice");
+        #[cfg(unix)]
+        for f in [key_paths(dir.path()).0, secret.clone()] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+        let trusted = TrustedKey::load(&public).unwrap();
+        assert!(trusted.verify("x", &alice.sign("x")).is_ok());
+        assert!(trusted.verify("x", &fleet.sign("x")).is_err());
+        assert!(
+            SigningKey::generate_operator(dir.path(), "alice").is_err(),
+            "never overwritten"
+        );
+        assert!(SigningKey::generate_operator(dir.path(), "../bob").is_err());
+        assert_eq!(
+            SigningKey::load_or_generate_operator(dir.path(), "alice")
+                .unwrap()
+                .public_hex(),
+            alice.public_hex()
+        );
+    }
 
     #[test]
     fn a_signature_verifies_only_for_its_text_and_key() {

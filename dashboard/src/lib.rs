@@ -215,10 +215,7 @@ pub async fn start(
 
 /// Ask the promoter for its ledger now and then (no promoter: the ledger stays empty).
 async fn poll_ledger(session: zenoh::Session, key: String, view: Arc<Mutex<FleetView>>, every: Duration) {
-    let cmd = CkptCommand {
-        op: "list".into(),
-        id: String::new(),
-    };
+    let cmd = CkptCommand::read("list", "");
     loop {
         if let Ok(req) = codec::encode("dashboard", 0, codec::now_ns(), &cmd) {
             if let Ok(replies) = session.get(key.clone()).payload(req.to_vec()).timeout(every).await {

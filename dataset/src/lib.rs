@@ -28,7 +28,7 @@ pub mod writer;
 pub use columns::{Columns, Floats};
 pub use error::DatasetError;
 pub use events::{read_events, EventLog, StoredEvent};
-pub use fsutil::{hex, sha256_file, sha256_hex, sync_dir, write_atomic};
+pub use fsutil::{hex, sha256_file, sha256_hex, sync_dir, tmp_path, write_atomic};
 pub use manifest::{EpisodeSpan, FileEntry, Manifest};
 pub use read::{read_dataset, StoredFrame};
 pub use spec::{CameraSpec, DatasetSpec};

@@ -718,11 +718,45 @@ pub struct PolicyStatus {
 }
 
 /// An engineer's command to the promoter: the query on `{fleet}/ckpt/control`. `op` is `list`,
-/// `show` (`id`), `promote` (`id`: skip the canary) or `rollback`.
+/// `show` (`id`), `promote` (`id`: skip the canary) or `rollback`. The last two change what the
+/// fleet runs: they count only signed by an operator the promoter trusts (`signature` over
+/// [`CkptCommand::signed_text`], made within a minute of `issued_ms`, never twice).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CkptCommand {
     pub op: String,
     pub id: String,
+    /// The operator's name (empty for a command that changes nothing).
+    pub operator: String,
+    /// Wall-clock ms when the operator signed it.
+    pub issued_ms: u64,
+    /// Lower-case hex ed25519 signature of `signed_text(fleet)` by the operator's key.
+    pub signature: String,
+}
+
+impl CkptCommand {
+    /// A command that changes nothing (`list`, `show`): no operator, no signature.
+    pub fn read(op: &str, id: &str) -> CkptCommand {
+        CkptCommand {
+            op: op.into(),
+            id: id.into(),
+            operator: String::new(),
+            issued_ms: 0,
+            signature: String::new(),
+        }
+    }
+
+    /// Whether it changes what the fleet runs (and so must be signed).
+    pub fn changes_state(&self) -> bool {
+        matches!(self.op.as_str(), "promote" | "rollback")
+    }
+
+    /// What the operator's signature covers: the fleet, the command, who and when.
+    pub fn signed_text(&self, fleet: &str) -> String {
+        format!(
+            "nanobot-ckpt/1\n{fleet}\n{}\n{}\n{}\n{}",
+            self.op, self.id, self.operator, self.issued_ms
+        )
+    }
 }
 
 /// The promoter's answer to a [`CkptCommand`]: JSON for the CLI to print.

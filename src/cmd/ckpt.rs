@@ -1,11 +1,13 @@
 //! `nanobot ckpt list | show ID | promote ID | rollback`: ask a running fleet's promoter (the queryable `{fleet}/ckpt/control`) about
 //! its candidates, decisions and rollout, or change the rollout by hand.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::Subcommand;
-use nanobot_messages::{topics, CkptCommand, CkptReply};
+use nanobot_actors::keys::{operator_key_paths, validate_operator, SigningKey};
+use nanobot_messages::{codec::now_ns, topics, CkptCommand, CkptReply};
 
 use crate::conn::ConnectArgs;
 
@@ -23,29 +25,74 @@ pub enum CkptCmd {
         conn: ConnectArgs,
     },
     /// Promote a candidate to every robot now (it must load on the base; the gates and the
-    /// canary are skipped: an operator's decision, recorded as such).
+    /// canary are skipped: an operator's decision, recorded with the operator's name).
     Promote {
         id: String,
+        #[command(flatten)]
+        operator: OperatorArgs,
         #[command(flatten)]
         conn: ConnectArgs,
     },
     /// Put the fleet back on the adapter it ran before the current one.
     Rollback {
         #[command(flatten)]
+        operator: OperatorArgs,
+        #[command(flatten)]
         conn: ConnectArgs,
     },
 }
 
+/// Who signs a command that changes the rollout.
+#[derive(clap::Args)]
+pub struct OperatorArgs {
+    /// The operator's name, as the promoter's `operators` lists it (default:
+    /// $NANOBOT_OPERATOR, else `dev`, the development fleet's operator).
+    #[arg(long)]
+    operator: Option<String>,
+    /// The operator's secret key (default: $NANOBOT_OPERATOR_KEY, else
+    /// `state/{fleet}/keys/operators/{NAME}.key`, where `nanobot keys init --operator NAME`
+    /// and the development fleet put it).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    /// `cmd`, signed by the operator for `fleet`.
+    fn sign(self, mut cmd: CkptCommand, fleet: &str) -> anyhow::Result<CkptCommand> {
+        let name = self
+            .operator
+            .or_else(|| std::env::var("NANOBOT_OPERATOR").ok())
+            .unwrap_or_else(|| "dev".into());
+        validate_operator(&name).map_err(anyhow::Error::msg)?;
+        let path = self
+            .key
+            .or_else(|| std::env::var_os("NANOBOT_OPERATOR_KEY").map(PathBuf::from))
+            .unwrap_or_else(|| operator_key_paths(&PathBuf::from(format!("state/{fleet}/keys")), &name).0);
+        let key = SigningKey::load(&path).with_context(|| {
+            format!("operator {name:?}'s key (make one with `nanobot keys init --operator {name}`, or give --key)")
+        })?;
+        cmd.operator = name;
+        cmd.issued_ms = now_ns() / 1_000_000;
+        cmd.signature = key.sign(&cmd.signed_text(fleet));
+        Ok(cmd)
+    }
+}
+
 pub async fn ckpt_cmd(cmd: CkptCmd) -> anyhow::Result<u8> {
-    let (op, id, conn) = match cmd {
-        CkptCmd::List { conn } => ("list", String::new(), conn),
-        CkptCmd::Show { id, conn } => ("show", id, conn),
-        CkptCmd::Promote { id, conn } => ("promote", id, conn),
-        CkptCmd::Rollback { conn } => ("rollback", String::new(), conn),
+    let (op, id, operator, conn) = match cmd {
+        CkptCmd::List { conn } => ("list", String::new(), None, conn),
+        CkptCmd::Show { id, conn } => ("show", id, None, conn),
+        CkptCmd::Promote { id, operator, conn } => ("promote", id, Some(operator), conn),
+        CkptCmd::Rollback { operator, conn } => ("rollback", String::new(), Some(operator), conn),
+    };
+    let (_, fleet) = conn.resolve()?;
+    let req = CkptCommand::read(op, &id);
+    let req = match operator {
+        Some(o) => o.sign(req, &fleet)?,
+        None => req,
     };
     let bus = conn.open().await?;
     let key = topics::ckpt_control(bus.fleet());
-    let req = CkptCommand { op: op.into(), id };
     let replies = bus
         .get::<CkptCommand, CkptReply>(&key, "", &req, Duration::from_secs(10))
         .await?;

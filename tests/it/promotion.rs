@@ -15,7 +15,8 @@ use common::*;
 use nanobot_actors::keys::SigningKey;
 use nanobot_messages::codec::now_ns;
 use nanobot_messages::{
-    ActionChunk, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, Metric, PolicyStatus, Promoted, Stats,
+    ActionChunk, AdapterBytes, AdapterManifest, AdapterRequest, Blob, Candidate, CkptCommand, CkptReply, Metric,
+    PolicyStatus, Promoted, Stats,
 };
 use nanobot_policy::checkpoint::{self, Meta, Role};
 use nanobot_policy::runner::Runner;
@@ -430,6 +431,13 @@ fn candidate(base: &Runner, id: &str, bytes: Vec<u8>, claimed_sha: Option<String
     }
 }
 
+/// Every robot still runs `adapter`.
+fn list_unchanged(seen: &Arc<Mutex<Seen>>, adapter: &str) -> bool {
+    ["r0", "r1"]
+        .iter()
+        .all(|r| status(seen, r).is_some_and(|s| s.adapter_id == adapter))
+}
+
 fn ckpt(port: u16, args: &[&str]) -> String {
     let out = nanobot()
         .arg("ckpt")
@@ -449,12 +457,21 @@ fn the_promoter_gates_signs_rolls_out_rolls_back_and_its_ledger_survives_kill_9(
     let port = free_port();
     let keys = dir.join("keys");
     let state = dir.join("promoter");
+    // Two people with keys: alice, whom the promoter trusts, and eve, whom it does not.
+    for name in ["alice", "eve"] {
+        let out = nanobot()
+            .args(["keys", "init", keys.to_str().unwrap(), "--operator", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let operator_key = |name: &str| keys.join(format!("operators/{name}.key"));
     let promoter = format!(
         r#"
 [[node.actor]]
 type = "promoter"
 config = "@CONFIGS@/promoter.toml"
-set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key = true, canary_hold_s = 0.5, canary_min_episodes = 0, gates = {{ held_out_tolerance = 10.0, margin = -1.0, max_drop = 1.0, shadow = {{ seeds = [1000], episodes_per_seed = 1, sim = {{ episode_steps = 30 }} }} }} }}
+set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key = true, operators = {{ alice = "{keys}/operators/alice.pub" }}, canary_hold_s = 0.5, canary_min_episodes = 0, gates = {{ held_out_tolerance = 10.0, margin = -1.0, max_drop = 1.0, shadow = {{ seeds = [1000], episodes_per_seed = 1, sim = {{ episode_steps = 30 }} }} }} }}
 "#,
         base = base_path.display(),
         state = state.display(),
@@ -530,7 +547,70 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
             .iter()
             .all(|r| status(&seen, r).is_some_and(|s| s.adapter_id == "tiny-base+lora.2"))
     });
-    let out = ckpt(port, &["rollback"]);
+    // Changing the rollout takes a trusted operator's signature.
+    let refused = |args: &[&str]| {
+        let out = nanobot()
+            .arg("ckpt")
+            .args(args)
+            .args(["--connect", &format!("tcp/127.0.0.1:{port}")])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "ckpt {args:?} was carried out");
+        text(&out.stderr)
+    };
+    let err = refused(&[
+        "rollback",
+        "--operator",
+        "eve",
+        "--key",
+        operator_key("eve").to_str().unwrap(),
+    ]);
+    assert!(err.contains("not one this promoter trusts"), "{err}");
+    let err = refused(&[
+        "rollback",
+        "--operator",
+        "alice",
+        "--key",
+        operator_key("eve").to_str().unwrap(),
+    ]);
+    assert!(err.contains("does not verify"), "{err}");
+    let ask = |cmd: &CkptCommand| {
+        let replies = rt
+            .block_on(bus.get::<CkptCommand, CkptReply>("nb/ckpt/control", "", cmd, Duration::from_secs(10)))
+            .unwrap();
+        replies.into_iter().next().expect("the promoter answers").unwrap().msg
+    };
+    let r = ask(&CkptCommand::read("rollback", ""));
+    assert!(!r.ok && r.json.contains("must be signed"), "{r:?}");
+    // A signed command is carried out once: the same bytes again are a replay.
+    let alice = SigningKey::load(&operator_key("alice")).unwrap();
+    let mut once = CkptCommand::read("promote", "no-such-candidate");
+    once.operator = "alice".into();
+    once.issued_ms = now_ns() / 1_000_000;
+    once.signature = alice.sign(&once.signed_text("nb"));
+    let r = ask(&once);
+    assert!(!r.ok && r.json.contains("no candidate"), "{r:?}");
+    let r = ask(&once);
+    assert!(!r.ok && r.json.contains("a replay"), "{r:?}");
+    let mut stale = once.clone();
+    stale.issued_ms -= 3_600_000;
+    stale.signature = alice.sign(&stale.signed_text("nb"));
+    let r = ask(&stale);
+    assert!(!r.ok && r.json.contains("sign it again"), "{r:?}");
+    assert!(
+        list_unchanged(&seen, "tiny-base+lora.2"),
+        "nothing refused changed what the robots run"
+    );
+    let out = ckpt(
+        port,
+        &[
+            "rollback",
+            "--operator",
+            "alice",
+            "--key",
+            operator_key("alice").to_str().unwrap(),
+        ],
+    );
     assert!(out.contains("tiny-base+lora.1"), "{out}");
     wait_until("every robot back on lora.1", Duration::from_secs(20), || {
         ["r0", "r1"]
@@ -561,6 +641,8 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     });
     let show = ckpt(port, &["show", "tiny-base+lora.2"]);
     assert!(show.contains("\"accepted\": true"), "{show}");
+    // The ledger names who rolled the fleet back.
+    assert!(ledger.contains("rollback by operator alice"), "{ledger}");
     fleet.signal(libc::SIGTERM);
     assert!(fleet.wait(Duration::from_secs(30)).success());
 }

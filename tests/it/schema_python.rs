@@ -136,8 +136,11 @@ fn samples() -> Vec<AnyMessage> {
         }
         .into(),
         CkptCommand {
-            op: "show".into(),
+            op: "promote".into(),
             id: "c1".into(),
+            operator: "alice".into(),
+            issued_ms: 1_700_000_000_000,
+            signature: "12".repeat(64),
         }
         .into(),
         CkptReply {

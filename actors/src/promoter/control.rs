@@ -12,7 +12,47 @@ use crate::runtime::Ctx;
 use super::*;
 
 impl Promoter {
+    /// Who sent a state-changing command: an operator this promoter trusts, whose signature
+    /// over the command verifies, made within `COMMAND_WINDOW_MS` of now and not seen before.
+    fn operator_of(&mut self, fleet: &str, cmd: &CkptCommand) -> Result<String, String> {
+        let name = &cmd.operator;
+        if name.is_empty() || cmd.signature.is_empty() {
+            return Err(format!(
+                "{} changes what the fleet runs: it must be signed by an operator (nanobot ckpt {} --operator NAME)",
+                cmd.op, cmd.op
+            ));
+        }
+        let Some(key) = self.operators.get(name) else {
+            return Err(format!(
+                "operator {name:?} is not one this promoter trusts (its `operators`)"
+            ));
+        };
+        key.verify(&cmd.signed_text(fleet), &cmd.signature)
+            .map_err(|e| format!("operator {name:?}: the command's signature does not verify ({e})"))?;
+        let now = now_ms();
+        if now.abs_diff(cmd.issued_ms) > COMMAND_WINDOW_MS {
+            return Err(format!(
+                "operator {name:?}: the command was signed {} s from now; sign it again (or check the clocks)",
+                now.abs_diff(cmd.issued_ms) / 1000
+            ));
+        }
+        self.commands_seen
+            .retain(|(t, _)| now.abs_diff(*t) <= COMMAND_WINDOW_MS);
+        if self.commands_seen.iter().any(|(_, s)| *s == cmd.signature) {
+            return Err(format!(
+                "operator {name:?}: this signed command was carried out already (a replay)"
+            ));
+        }
+        self.commands_seen.push_back((cmd.issued_ms, cmd.signature.clone()));
+        Ok(name.clone())
+    }
+
     pub(super) async fn command(&mut self, ctx: &Ctx<Self>, cmd: &CkptCommand) -> Result<String, String> {
+        let by = if cmd.changes_state() {
+            self.operator_of(ctx.fleet(), cmd)?
+        } else {
+            String::new()
+        };
         let rollout = serde_json::json!({
             "generation": self.rollout.generation,
             "fleet": self.rollout.fleet.as_ref().map(|m| &m.adapter_id),
@@ -91,14 +131,14 @@ impl Promoter {
                         t_ms: now_ms(),
                         id: cmd.id.clone(),
                         accepted: true,
-                        reason: "promoted by an operator".into(),
+                        reason: format!("promoted by operator {by}"),
                         metrics: BTreeMap::new(),
                     },
                 )
                 .await
                 .map_err(|e| e.to_string())?;
                 let m = self.manifest(&cmd.id, &base, &sha, len, &gate_metrics);
-                self.change(ctx, Some(m), None, Vec::new(), "promoted by an operator")
+                self.change(ctx, Some(m), None, Vec::new(), &format!("promoted by operator {by}"))
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "promoted": cmd.id, "generation": self.rollout.generation }).to_string())
@@ -116,7 +156,7 @@ impl Promoter {
                     .as_ref()
                     .map(|m| m.adapter_id.clone())
                     .unwrap_or_else(|| "base".into());
-                self.change(ctx, target, None, Vec::new(), &format!("{ROLLBACK} by an operator"))
+                self.change(ctx, target, None, Vec::new(), &format!("{ROLLBACK} by operator {by}"))
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(serde_json::json!({ "rolled_back_to": to, "generation": self.rollout.generation }).to_string())

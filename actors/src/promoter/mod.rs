@@ -34,7 +34,7 @@ use nanobot_sim::Shift;
 use serde::Deserialize;
 
 use crate::bus::{Inbox, Keep, PubQos, Publisher, Received, Request};
-use crate::keys::SigningKey;
+use crate::keys::{SigningKey, TrustedKey};
 use crate::runtime::{AbortOnDrop, ActorError, Ctx, Input, Metrics, NodeActor, Worker};
 use gates::{GateConfig, Gates, Submission, Verdict};
 use ledger::{now_ms, Ledger, Record};
@@ -63,6 +63,13 @@ pub struct PromoterConfig {
     pub rollback_drop: f64,
     /// The rollout is published again this often.
     pub announce_s: f64,
+    /// The operators whose signed `ckpt promote` and `rollback` count: name → the path of
+    /// their public key (`nanobot keys init --operator NAME` makes the pair; `{fleet}`
+    /// expands). Anyone may ask `list` and `show`.
+    pub operators: BTreeMap<String, String>,
+    /// A development fleet's operator: its key is made in `keys/operators/` if it has none, and
+    /// trusted (launch/sim.toml's `dev`, so that the README's `ckpt rollback` works as is).
+    pub generate_operator: Option<String>,
     /// How long a robot accepts an announced rollout (it is announced again every
     /// `announce_s`): bounds how late a recorded rollout could be replayed. Allow for the
     /// clock difference between the promoter's node and the robots'.
@@ -86,6 +93,8 @@ impl Default for PromoterConfig {
             canary_min_episodes: 4,
             rollback_drop: 0.25,
             announce_s: 1.0,
+            operators: BTreeMap::new(),
+            generate_operator: None,
             rollout_ttl_s: 30.0,
             max_robots: 1024,
         }
@@ -125,11 +134,19 @@ pub struct Promoter {
     robots_refused: u64,
     /// Adapter ids rolled back (the newest `MAX_REVOKED`), announced with every rollout.
     revoked: Vec<String>,
+    /// The operators trusted to change the rollout, by name.
+    operators: BTreeMap<String, TrustedKey>,
+    /// Signatures of the state-changing commands accepted within the last `COMMAND_WINDOW_MS`
+    /// (with when they were issued): the same signed command is not carried out twice.
+    commands_seen: std::collections::VecDeque<(u64, String)>,
     _servers: [AbortOnDrop; 2],
 }
 
 /// Revoked adapter ids a rollout carries at most.
 const MAX_REVOKED: usize = 64;
+
+/// How far a signed command's `issued_ms` may be from the promoter's clock (either way).
+const COMMAND_WINDOW_MS: u64 = 60_000;
 
 fn adapter_path(dir: &Path, sha256: &str) -> PathBuf {
     dir.join("adapters").join(format!("{sha256}.safetensors"))
@@ -173,6 +190,19 @@ impl NodeActor for Promoter {
                 keys.display()
             ))
         })?;
+        let mut operators = BTreeMap::new();
+        for (name, path) in &cfg.operators {
+            crate::keys::validate_operator(name).map_err(|e| ctx.config_error(format!("operators: {e}")))?;
+            let k =
+                TrustedKey::load(&ctx.path(path)).map_err(|e| ctx.config_error(format!("operators.{name}: {e}")))?;
+            operators.insert(name.clone(), k);
+        }
+        if let Some(name) = &cfg.generate_operator {
+            let k = SigningKey::load_or_generate_operator(&keys, name)
+                .map_err(|e| ctx.config_error(format!("generate_operator: {e}")))?;
+            let public = TrustedKey::from_hex(&k.public_hex()).ok_or_else(|| ctx.failed("operator key"))?;
+            operators.insert(name.clone(), public);
+        }
         let ledger_path = state_dir.join("ledger.jsonl");
         let ledger = Worker::spawn("nb-ledger".into(), move || Ledger::open(&ledger_path))
             .await
@@ -283,6 +313,8 @@ impl NodeActor for Promoter {
             refused: 0,
             robots_refused: 0,
             revoked: Vec::new(),
+            operators,
+            commands_seen: Default::default(),
             _servers: [AbortOnDrop(bytes_server), AbortOnDrop(control_server)],
         };
         me.publish().await;
