@@ -192,7 +192,6 @@ pub fn record_demonstrations(
     episodes: u32,
     jpeg_quality: u8,
 ) -> Result<u64, ShadowError> {
-    let rate = sim.rate_hz as f64;
     let mut world = SimRobot::new(sim)?;
     let mut seq = 0u64;
     for _ in 0..episodes {
@@ -200,7 +199,10 @@ pub fn record_demonstrations(
             let a = world.expert_action();
             writer.push(Frame {
                 seq,
-                stamp_ns: (seq as f64 * 1e9 / rate) as u64,
+                // When the row was recorded, on the wall clock, as a robot's logger stamps its
+                // rows: replay's data age (the trainer's `data_age_s`) is then the time since
+                // the demonstrations were made, not since 1970.
+                stamp_ns: nanobot_messages::codec::now_ns(),
                 source_episode: world.episode(),
                 task: 0,
                 image: Some(world.render_jpeg(jpeg_quality).into()),

@@ -59,7 +59,7 @@ pub enum BenchCmd {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
-    /// Training samples/s, LoRA beside full fine-tuning, beside PyTorch's figures.
+    /// Training samples/s, LoRA beside full fine-tuning (PyTorch's figures as a labelled reference).
     Train {
         #[arg(long, default_value = "configs/policy/small.toml")]
         config: std::path::PathBuf,

@@ -204,9 +204,10 @@ pub fn run(config: &Path, runs: usize) -> anyhow::Result<u8> {
             }
         );
     }
+    // Not measured here: a reference with its source, never a column that reads as this run's.
     println!(
-        "{:<26} {:>9.2} {:>9}   (PyTorch 2.10, same architecture and parameters, 1 thread, measured on this machine for issue 11; 5.01 ms on 2 threads)",
-        "PyTorch anchor", 5.74, "—"
+        "reference, NOT measured in this run: PyTorch 2.10, same architecture, p50 16.9 ms on a 2-vCPU AMD EPYC \
+         (2026-12-03) and 5.74 ms on 1 thread of another host (2026-11-27); see DESIGN.md"
     );
     println!(
         "engine speed-up over candle, streaming p50: {:.2}×",

@@ -36,7 +36,11 @@ pub struct TopicView {
 #[derive(Clone, Debug, Serialize)]
 pub struct EpisodePoint {
     pub t_ms: u64,
+    /// The robot reached its goal itself: no intervention during the episode.
     pub success: bool,
+    /// The goal was reached, but only after an intervention (the expert's, an operator's): no
+    /// success of the policy's, counted apart.
+    pub rescued: bool,
     pub steps: u32,
     /// `policy_version+adapter_version` of the last chunk the robot got before the episode ended.
     pub version: String,
@@ -53,8 +57,13 @@ pub struct RobotView {
     pub source: String,
     pub version: String,
     pub episodes: VecDeque<EpisodePoint>,
+    /// Episodes the robot finished itself (rescued ones are `rescued`).
     pub successes: u64,
+    pub rescued: u64,
     pub interventions: u64,
+    /// An intervention happened during the current episode.
+    #[serde(skip)]
+    intervened: bool,
     /// Frames ingest refused, by reason.
     pub rejects: BTreeMap<String, u64>,
     #[serde(skip)]
@@ -224,20 +233,30 @@ impl FleetView {
                 };
             }
             AnyMessage::Event(e) => match e.event {
+                EventKind::EpisodeStart { .. } => r.intervened = false,
                 EventKind::EpisodeEnd { success, steps, .. } => {
+                    // "Success" is the robot's own: an episode someone had to rescue is not.
+                    let rescued = success && r.intervened;
+                    let success = success && !r.intervened;
+                    r.intervened = false;
                     r.successes += success as u64;
+                    r.rescued += rescued as u64;
                     let version = r.version.clone();
                     push(
                         &mut r.episodes,
                         EpisodePoint {
                             t_ms: t,
                             success,
+                            rescued,
                             steps,
                             version,
                         },
                     );
                 }
-                EventKind::Intervention { active: true, .. } => r.interventions += 1,
+                EventKind::Intervention { active: true, .. } => {
+                    r.interventions += 1;
+                    r.intervened = true;
+                }
                 _ => {}
             },
             AnyMessage::Reject(j) => {
@@ -431,5 +450,42 @@ mod tests {
         assert_eq!(v.nodes.values().map(BTreeMap::len).sum::<usize>(), MAX_ACTORS);
         assert_eq!(v.robots["r0"].rejects.len(), MAX_REJECT_REASONS);
         assert!(v.over_bound > 10_000, "{}", v.over_bound);
+    }
+
+    #[test]
+    fn an_episode_someone_rescued_is_no_success() {
+        let mut v = FleetView::new("nb");
+        let mut send = |seq: u64, event: EventKind| {
+            let e = Event { episode: 0, event };
+            v.message(
+                "nb/r0/event",
+                10,
+                Some((header(Kind::Event, seq), AnyMessage::Event(e))),
+            );
+        };
+        let start = || EventKind::EpisodeStart {
+            task: 0,
+            shift: "none".into(),
+        };
+        let end = || EventKind::EpisodeEnd {
+            success: true,
+            steps: 60,
+            reward: 1.0,
+        };
+        send(1, start());
+        send(
+            2,
+            EventKind::Intervention {
+                active: true,
+                reason: "no action".into(),
+            },
+        );
+        send(3, end());
+        send(4, start());
+        send(5, end());
+        let r = &v.robots["r0"];
+        assert_eq!((r.successes, r.rescued, r.interventions), (1, 1, 1));
+        let flags: Vec<(bool, bool)> = r.episodes.iter().map(|e| (e.success, e.rescued)).collect();
+        assert_eq!(flags, [(false, true), (true, false)]);
     }
 }

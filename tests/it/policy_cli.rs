@@ -325,7 +325,18 @@ fn a_trained_policy_drives_the_simulated_robot_with_a_receding_horizon() {
     use std::collections::BTreeMap;
     use std::sync::{Arc, Mutex};
     // The policy the closed-loop tests check on unseen worlds (trained once per test binary).
-    let (ckpt, _) = shared_tiny_policy();
+    let (ckpt, demos) = shared_tiny_policy();
+    // Its demonstrations are stamped on the wall clock as they were recorded, as a logger
+    // stamps a robot's rows: replay's data age is the time since then (not since 1970).
+    let (_, rows) = nanobot_dataset::read_dataset(&demos.join("r0")).unwrap();
+    let now = nanobot_messages::codec::now_ns();
+    assert!(
+        rows.iter()
+            .all(|r| r.stamp_ns <= now && now - r.stamp_ns < 3_600_000_000_000),
+        "stamps {:?} against now {now}",
+        rows.iter().map(|r| r.stamp_ns).take(3).collect::<Vec<_>>()
+    );
+    assert!(rows.windows(2).all(|w| w[0].stamp_ns <= w[1].stamp_ns));
     let port = free_port();
     // The robot replays the demonstrations' episodes (same seed, 40 steps each): the policy
     // has seen them, so it reaches targets.
