@@ -19,7 +19,8 @@ fn changing_any_signed_field_changes_the_signed_text() {
     p.revoked = vec!["old".into()];
     p.expires_ms = 1_000;
     let text = p.signed_text();
-    let changes: Vec<(&str, Box<dyn Fn(&mut Promoted)>)> = vec![
+    type Change = Box<dyn Fn(&mut Promoted)>;
+    let changes: Vec<(&str, Change)> = vec![
         ("generation", Box::new(|p| p.generation = u64::MAX)),
         ("fleet", Box::new(|p| p.fleet = None)),
         (
