@@ -31,32 +31,10 @@ fn a_jpeg_bomb_on_the_bus_is_refused_counted_and_the_robot_keeps_acting() {
     let dir = temp_dir("jpeg-bomb");
     let base = tiny_base(&dir);
     let port = free_port();
+    // Without a fleet key: the policy never needs one here.
     let file = write_launch(
         "jpeg-bomb",
-        &format!(
-            r#"
-[robots]
-ids = ["r0"]
-[[node]]
-name = "fleet"
-listen = ["tcp/127.0.0.1:{port}"]
-[[node.actor]]
-type = "sim_robot"
-for_each_robot = true
-config = "@CONFIGS@/sim_robot.toml"
-set = {{ intervene_after_ms = 0 }}
-[[node.actor]]
-type = "ingest"
-for_each_robot = true
-config = "@CONFIGS@/ingest.toml"
-[[node.actor]]
-type = "policy"
-for_each_robot = true
-config = "@CONFIGS@/policy_actor.toml"
-set = {{ checkpoint = "{base}" }}
-"#,
-            base = base.display()
-        ),
+        &policy_fleet("\"r0\"", port, &dir.join("no-key.pub"), &base, ""),
     );
     // The node in this process's child, so that its memory is the child's.
     let mut cmd = nanobot();

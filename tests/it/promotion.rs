@@ -6,7 +6,6 @@
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -126,37 +125,6 @@ fn status(seen: &Arc<Mutex<Seen>>, robot: &str) -> Option<PolicyStatus> {
     seen.lock().unwrap().status.get(robot).cloned()
 }
 
-/// A launch file: `robots`, one node listening on `port`, each robot's sim_robot, ingest and
-/// policy (trusting `key`, on `base`), and `extra` actors.
-fn launch_text(robots: &str, port: u16, key: &Path, base: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[robots]
-ids = [{robots}]
-[[node]]
-name = "fleet"
-listen = ["tcp/127.0.0.1:{port}"]
-[[node.actor]]
-type = "sim_robot"
-for_each_robot = true
-config = "@CONFIGS@/sim_robot.toml"
-set = {{ intervene_after_ms = 0, sim = {{ episode_steps = 60 }} }}
-[[node.actor]]
-type = "ingest"
-for_each_robot = true
-config = "@CONFIGS@/ingest.toml"
-[[node.actor]]
-type = "policy"
-for_each_robot = true
-config = "@CONFIGS@/policy_actor.toml"
-set = {{ checkpoint = "{base}", trusted_key = "{key}" }}
-{extra}
-"#,
-        base = base.display(),
-        key = key.display(),
-    )
-}
-
 #[test]
 fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     let dir = temp_dir("refuse");
@@ -167,7 +135,7 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     let port = free_port();
     let file = write_launch(
         "refuse",
-        &launch_text("\"r0\"", port, &dir.join("keys/fleet.pub"), &base_path, ""),
+        &policy_fleet("\"r0\"", port, &dir.join("keys/fleet.pub"), &base_path, ""),
     );
     let mut fleet = Proc::launch(&file, &[]);
     fleet.expect_line("policy loaded", Duration::from_secs(30));
@@ -479,7 +447,7 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     );
     let file = write_launch(
         "promote",
-        &launch_text("\"r0\", \"r1\"", port, &keys.join("fleet.pub"), &base_path, &promoter),
+        &policy_fleet("\"r0\", \"r1\"", port, &keys.join("fleet.pub"), &base_path, &promoter),
     );
     let node = || {
         let mut cmd = nanobot();
@@ -558,22 +526,12 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
         assert!(!out.status.success(), "ckpt {args:?} was carried out");
         text(&out.stderr)
     };
-    let err = refused(&[
-        "rollback",
-        "--operator",
-        "eve",
-        "--key",
-        operator_key("eve").to_str().unwrap(),
-    ]);
-    assert!(err.contains("not one this promoter trusts"), "{err}");
-    let err = refused(&[
-        "rollback",
-        "--operator",
-        "alice",
-        "--key",
-        operator_key("eve").to_str().unwrap(),
-    ]);
-    assert!(err.contains("does not verify"), "{err}");
+    // eve as herself (not trusted), then eve's key claiming to be alice.
+    for (name, why) in [("eve", "not one this promoter trusts"), ("alice", "does not verify")] {
+        let eve = operator_key("eve");
+        let err = refused(&["rollback", "--operator", name, "--key", eve.to_str().unwrap()]);
+        assert!(err.contains(why), "as {name}: {err}");
+    }
     let ask = |cmd: &CkptCommand| {
         let replies = rt
             .block_on(bus.get::<CkptCommand, CkptReply>("nb/ckpt/control", "", cmd, Duration::from_secs(10)))

@@ -512,3 +512,34 @@ pub fn http_with(port: u16, method: &str, path: &str, headers: &[(&str, &str)], 
         .unwrap_or_default();
     (status, ctype, raw[split + 4..].to_vec())
 }
+
+/// A launch file: `robots`, one node listening on `port`, each robot's sim_robot, ingest and
+/// policy (trusting `key`, on `base`), and `extra` actors.
+pub fn policy_fleet(robots: &str, port: u16, key: &Path, base: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[robots]
+ids = [{robots}]
+[[node]]
+name = "fleet"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+set = {{ intervene_after_ms = 0, sim = {{ episode_steps = 60 }} }}
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+[[node.actor]]
+type = "policy"
+for_each_robot = true
+config = "@CONFIGS@/policy_actor.toml"
+set = {{ checkpoint = "{base}", trusted_key = "{key}" }}
+{extra}
+"#,
+        base = base.display(),
+        key = key.display(),
+    )
+}
