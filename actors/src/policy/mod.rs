@@ -399,15 +399,9 @@ impl PolicyActor {
             .map(|m| m.adapter_id.clone())
             .unwrap_or_else(|| "base".into());
         if let Some(m) = &want {
-            if self.promo.key.is_none() {
-                self.promo.key = TrustedKey::load(&self.promo.key_path)
-                    .map_err(|e| tracing::warn!(robot = %self.robot, "{e}"))
-                    .ok();
-            }
-            let verified = match &self.promo.key {
-                None => Err(format!("no trusted fleet key at {}", self.promo.key_path.display())),
-                Some(k) => k.verify(&m.signed_text(), &m.signature).map_err(|e| e.to_string()),
-            };
+            let verified = self
+                .trusted_key()
+                .and_then(|k| k.verify(&m.signed_text(), &m.signature).map_err(|e| e.to_string()));
             if let Err(e) = verified {
                 self.refuse(ctx, p.generation, &want_sha, &what, e);
                 self.report().await;
@@ -437,19 +431,25 @@ impl PolicyActor {
         tokio::spawn(job.run());
     }
 
-    /// Whether a rollout is the promoter's and current: signed whole with the fleet key, not
-    /// older than the generation followed, not expired, not too far ahead, and not asking
-    /// this robot to run an adapter it revokes.
-    fn check_rollout(&mut self, p: &Promoted) -> Result<(), String> {
+    /// The fleet's public key, read from `trusted_key` when a promotion first needs it.
+    fn trusted_key(&mut self) -> Result<&TrustedKey, String> {
         if self.promo.key.is_none() {
             self.promo.key = TrustedKey::load(&self.promo.key_path)
                 .map_err(|e| tracing::warn!(robot = %self.robot, "{e}"))
                 .ok();
         }
-        let Some(key) = &self.promo.key else {
-            return Err(format!("no trusted fleet key at {}", self.promo.key_path.display()));
-        };
-        key.verify(&p.signed_text(), &p.signature)
+        self.promo
+            .key
+            .as_ref()
+            .ok_or_else(|| format!("no trusted fleet key at {}", self.promo.key_path.display()))
+    }
+
+    /// Whether a rollout is the promoter's and current: signed whole with the fleet key, not
+    /// older than the generation followed, not expired, not too far ahead, and not asking
+    /// this robot to run an adapter it revokes.
+    fn check_rollout(&mut self, p: &Promoted) -> Result<(), String> {
+        self.trusted_key()?
+            .verify(&p.signed_text(), &p.signature)
             .map_err(|e| format!("not signed by the fleet key ({e})"))?;
         let current = self.promo.generation;
         if p.generation < current {

@@ -260,10 +260,12 @@ impl Store {
         if self.files.contains(&file) {
             return Ok(Added::Known);
         }
+        // `root` comes from the resolved path, so the file's place in it is the manifest's.
+        let rel = file.strip_prefix(&root).unwrap_or(&file);
         let listed = Manifest::load(&root).ok().flatten().and_then(|m| {
             m.files
                 .iter()
-                .find(|f| root.join(&f.path).canonicalize().ok().as_deref() == Some(file.as_path()))
+                .find(|f| Path::new(&f.path) == rel)
                 .map(|f| f.sha256.clone())
         });
         match listed {
@@ -1026,6 +1028,14 @@ mod tests {
         assert_eq!(s.stats().refused_announcements, 7);
         assert_eq!(s.stats().rows + s.stats().held_out_rows, indexed + 5);
         assert_eq!(s.stats().quarantined, 0);
+        // A store that started before the dataset existed: a file its manifest lists is checked
+        // against the manifest, whatever sha256 the announcement claims.
+        let later = tempfile::tempdir().unwrap();
+        let mut s = Store::new(cfg());
+        s.index_datasets(later.path());
+        dataset(&later.path().join("r0"), 0..10, 5);
+        let listed = later.path().join("r0").join(&m.files[0].path);
+        assert_eq!(s.add_announced(&listed, "00"), Ok(Added::Rows(5)));
     }
 
     #[test]
