@@ -371,12 +371,15 @@ set = {{ checkpoint = "{ckpt}" }}
     let mut fleet = Proc::launch(&file, &[]);
     fleet.expect_actors(3, Duration::from_secs(30));
     let bus = rt.block_on(client(port));
-    let chunks = Arc::new(Mutex::new(Vec::<ActionChunk>::new()));
+    // Chunks with their publisher's sequence number: actions go out under dropping
+    // congestion control, so a loaded machine may drop one on the way to this test's
+    // session (the robot, in the policy's process, gets every one).
+    let chunks = Arc::new(Mutex::new(Vec::<(u64, ActionChunk)>::new()));
     let applied = Arc::new(Mutex::new(BTreeMap::<u64, Vec<f32>>::new()));
     let robot_stats = Arc::new(Mutex::new(Vec::<Stats>::new()));
     let c = chunks.clone();
     let _a = rt
-        .block_on(bus.subscribe_callback::<ActionChunk>("nb/r0/act", move |r| c.lock().unwrap().push(r.msg)))
+        .block_on(bus.subscribe_callback::<ActionChunk>("nb/r0/act", move |r| c.lock().unwrap().push((r.header.seq, r.msg))))
         .unwrap();
     let states = Arc::new(Mutex::new(BTreeMap::<u64, Vec<f32>>::new()));
     let sv = states.clone();
@@ -457,7 +460,8 @@ set = {{ checkpoint = "{ckpt}" }}
         heading > 0.5 && !progress.is_empty() && progress.iter().all(|(start, closest)| *closest <= 0.35 * start),
         "the robot heads for its target: mean cosine {heading:.3}, (start, closest) {progress:?}"
     );
-    let got = chunks.lock().unwrap().clone();
+    let received = chunks.lock().unwrap().clone();
+    let got: Vec<ActionChunk> = received.iter().map(|(_, c)| c.clone()).collect();
     for ch in &got {
         assert_eq!(ch.source, nanobot_messages::ActionSource::Policy);
         assert_eq!(ch.policy_version, "tiny-demos");
@@ -482,6 +486,16 @@ set = {{ checkpoint = "{ckpt}" }}
         got.iter()
             .any(|c| t > c.obs_seq && t < c.obs_seq + c.horizon as u64 && c.action((t - c.obs_seq) as usize) == Some(a))
     };
+    // Ticks a chunk this session never received may have planned (a gap in the publisher's
+    // sequence between two received chunks) are not checked; they must stay few.
+    let unseen: Vec<(u64, u64)> = received
+        .windows(2)
+        .filter(|w| w[1].0 != w[0].0 + 1)
+        .map(|w| (w[0].1.obs_seq, w[1].1.obs_seq))
+        .collect();
+    let seen = |t: u64| !unseen.iter().any(|(from, to)| t > *from && t <= *to);
+    assert!(unseen.len() * 10 <= received.len(), "chunks lost on the way to the test: {unseen:?}");
+    let ticks: Vec<u64> = ticks.into_iter().filter(|t| seen(*t)).collect();
     let unplanned: Vec<u64> = ticks.iter().copied().filter(|t| !planned(*t, &applied[t])).collect();
     assert!(ticks.len() >= 60, "{} ticks reported", ticks.len());
     assert!(
