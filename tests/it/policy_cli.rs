@@ -379,7 +379,9 @@ set = {{ checkpoint = "{ckpt}" }}
     let robot_stats = Arc::new(Mutex::new(Vec::<Stats>::new()));
     let c = chunks.clone();
     let _a = rt
-        .block_on(bus.subscribe_callback::<ActionChunk>("nb/r0/act", move |r| c.lock().unwrap().push((r.header.seq, r.msg))))
+        .block_on(
+            bus.subscribe_callback::<ActionChunk>("nb/r0/act", move |r| c.lock().unwrap().push((r.header.seq, r.msg))),
+        )
         .unwrap();
     let states = Arc::new(Mutex::new(BTreeMap::<u64, Vec<f32>>::new()));
     let sv = states.clone();
@@ -494,7 +496,10 @@ set = {{ checkpoint = "{ckpt}" }}
         .map(|w| (w[0].1.obs_seq, w[1].1.obs_seq))
         .collect();
     let seen = |t: u64| !unseen.iter().any(|(from, to)| t > *from && t <= *to);
-    assert!(unseen.len() * 10 <= received.len(), "chunks lost on the way to the test: {unseen:?}");
+    assert!(
+        unseen.len() * 10 <= received.len(),
+        "chunks lost on the way to the test: {unseen:?}"
+    );
     let ticks: Vec<u64> = ticks.into_iter().filter(|t| seen(*t)).collect();
     let unplanned: Vec<u64> = ticks.iter().copied().filter(|t| !planned(*t, &applied[t])).collect();
     assert!(ticks.len() >= 60, "{} ticks reported", ticks.len());
