@@ -62,6 +62,11 @@ impl NodeActor for Expert {
     type Config = ExpertConfig;
     type Event = StateWaiting;
 
+    fn grants(fleet: &str, robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default().put(robots.iter().map(|r| topics::act(fleet, r)))
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: ExpertConfig) -> Result<Self, ActorError> {
         if cfg.horizon == 0 || !(cfg.rate_hz > 0.0 && cfg.max_speed > 0.0) {
             return Err(ctx.config_error("horizon, rate_hz and max_speed must be positive"));

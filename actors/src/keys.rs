@@ -52,7 +52,7 @@ pub fn validate_operator(name: &str) -> Result<(), String> {
 
 /// Write a secret atomically, readable by its owner only from its first byte: a temporary file
 /// created with mode 0600 (never wider, whatever the umask), fsynced, renamed into place.
-fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = nanobot_dataset::tmp_path(path);

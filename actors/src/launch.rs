@@ -93,7 +93,52 @@ struct FileDecl {
     #[serde(default)]
     tuned: Option<Spanned<String>>,
     #[serde(default)]
+    security: Option<Spanned<SecurityDecl>>,
+    #[serde(default)]
     node: Vec<Spanned<NodeDecl>>,
+}
+
+/// `[security]`: TLS with mutual authentication on every endpoint, and Zenoh access control
+/// generated from this file (default deny; see [`crate::access`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecurityDecl {
+    #[serde(default = "Security::default_keys")]
+    keys: String,
+    #[serde(default)]
+    generate: bool,
+    #[serde(default)]
+    operators: Vec<String>,
+    #[serde(default)]
+    engineers: Vec<String>,
+}
+
+/// A secured fleet: where its certificates are and who, beyond its nodes, may join.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Security {
+    /// The fleet key directory (relative to the working directory, `{fleet}` expanded): its
+    /// `tls/` holds the fleet's authority and every party's certificate (`nanobot keys init`).
+    pub keys: PathBuf,
+    /// Make the authority and every missing certificate (nodes and the people listed) when the
+    /// fleet starts: for development fleets, whose keys stay on this machine.
+    pub generate: bool,
+    /// People who may change the rollout (`operator.NAME` certificates).
+    pub operators: Vec<String>,
+    /// People who may watch (`engineer.NAME` certificates).
+    pub engineers: Vec<String>,
+    /// What each party may do.
+    pub rights: Vec<crate::access::Rights>,
+}
+
+impl Security {
+    fn default_keys() -> String {
+        "state/{fleet}/keys".into()
+    }
+
+    /// Every party that needs a certificate: the nodes, then the people.
+    pub fn identities(&self) -> Vec<crate::pki::Identity> {
+        self.rights.iter().map(|r| r.identity.clone()).collect()
+    }
 }
 
 /// How the fleet's base policy is made when its checkpoint does not exist yet: `nanobot launch`
@@ -212,6 +257,8 @@ pub struct LaunchFile {
     pub nodes: Vec<NodePlan>,
     /// How to make the base checkpoint if it is missing.
     pub base: Option<BaseSetup>,
+    /// TLS and access control (`[security]`), if the fleet is secured.
+    pub security: Option<Security>,
 }
 
 /// What one node process runs.
@@ -454,6 +501,8 @@ pub fn parse(
             multicast_scouting: decl.zenoh.multicast_scouting,
             config_file: decl.zenoh.config_file.as_ref().map(|p| base_dir.join(p)),
             trace_sample_ratio: decl.zenoh.trace_sample_ratio,
+            tls: None,
+            access_control: None,
         };
         let mut actors: Vec<ActorSpec> = Vec::new();
         for actor_sp in &node.actor {
@@ -557,14 +606,64 @@ pub fn parse(
             actors,
         });
     }
-    Ok(LaunchFile {
+    let mut lf = LaunchFile {
         path: path.to_path_buf(),
         fleet,
         robots,
         restart,
         nodes,
         base: decl.base,
-    })
+        security: None,
+    };
+    if let Some(sp) = &decl.security {
+        let line = at(sp.span());
+        let sd = sp.get_ref();
+        for (role, names) in [
+            (crate::pki::Role::Operator, &sd.operators),
+            (crate::pki::Role::Engineer, &sd.engineers),
+        ] {
+            for name in names {
+                crate::pki::Identity::new(role, name).map_err(|e| err(line, format!("[security]: {e}")))?;
+            }
+        }
+        // Every endpoint is TLS: a plain one would admit anyone who reaches it.
+        for (node_sp, node) in decl.node.iter().zip(&mut lf.nodes) {
+            let nline = at(node_sp.get_ref().name.span());
+            if let Some(e) = node
+                .bus
+                .listen
+                .iter()
+                .chain(&node.bus.connect)
+                .find(|e| !e.starts_with("tls/"))
+            {
+                return Err(err(
+                    nline,
+                    format!(
+                        "node {:?}: endpoint {e} is not tls/, and [security] needs TLS on every endpoint (write tls/HOST:PORT)",
+                        node.name
+                    ),
+                ));
+            }
+        }
+        let mut vars = BTreeMap::new();
+        vars.insert("fleet", lf.fleet.clone());
+        let keys = PathBuf::from(template(&sd.keys, &vars));
+        let rights = crate::access::rights(&lf, &sd.operators, &sd.engineers);
+        let acl = crate::access::access_control(&rights);
+        for node in &mut lf.nodes {
+            let id = crate::pki::Identity::node(&node.name).map_err(|e| err(line, e.to_string()))?;
+            node.bus.tls = Some(crate::pki::files(&keys, &id));
+            node.bus.access_control = Some(acl.clone());
+        }
+        lf.security = Some(Security {
+            keys,
+            generate: sd.generate,
+            operators: sd.operators.clone(),
+            engineers: sd.engineers.clone(),
+            rights,
+        });
+    }
+    Ok(lf)
 }
 
 #[cfg(test)]

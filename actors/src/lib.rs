@@ -5,8 +5,10 @@
 //! Adding an actor: one module implementing [`runtime::NodeActor`] and one line in
 //! [`registry::ACTORS`].
 
+pub mod access;
 pub mod bus;
 pub mod launch;
+pub mod pki;
 pub mod registry;
 pub mod runtime;
 pub mod shadow;

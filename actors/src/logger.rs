@@ -331,6 +331,15 @@ impl NodeActor for Logger {
     type Config = LoggerConfig;
     type Event = ();
 
+    fn grants(fleet: &str, robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default().put(
+            robots
+                .iter()
+                .flat_map(|r| [topics::log_ack(fleet, r), topics::segment(fleet, r)]),
+        )
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: LoggerConfig) -> Result<Self, ActorError> {
         let robot = ctx.robot()?.to_string();
         let fleet = ctx.fleet();

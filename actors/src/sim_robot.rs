@@ -304,6 +304,15 @@ impl NodeActor for SimRobot {
     type Config = SimRobotConfig;
     type Event = ();
 
+    fn grants(fleet: &str, robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default().put(
+            robots
+                .iter()
+                .flat_map(|r| [topics::raw(fleet, r, "**"), topics::event(fleet, r)]),
+        )
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: SimRobotConfig) -> Result<Self, ActorError> {
         let robot_id = ctx.robot()?.to_string();
         let world = World::new(cfg.sim.clone()).map_err(|e| ctx.config_error(e.to_string()))?;

@@ -494,6 +494,13 @@ impl NodeActor for TrainerActor {
     type Config = TrainerConfig;
     type Event = TrainerEvent;
 
+    fn grants(fleet: &str, _robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default()
+            .put([topics::ckpt_candidate(fleet)])
+            .query([topics::replay_sample(fleet)])
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: TrainerConfig) -> Result<Self, ActorError> {
         if cfg.batch == 0 || cfg.held_out_windows == 0 || cfg.timeout_ms == 0 || cfg.lr.is_nan() || cfg.lr <= 0.0 {
             return Err(ctx.config_error("batch, held_out_windows, timeout_ms and lr must be positive"));

@@ -182,7 +182,7 @@ pub async fn start(
     });
     let ledger = tokio::spawn(poll_ledger(
         session.clone(),
-        topics::ckpt_control(fleet),
+        topics::ckpt_control(fleet, "list"),
         view.clone(),
         opts.ledger_every,
     ));

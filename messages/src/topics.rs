@@ -94,9 +94,18 @@ pub fn ckpt_promoted(fleet: &str) -> String {
 pub fn ckpt_adapter(fleet: &str) -> String {
     format!("{fleet}/ckpt/adapter")
 }
-pub fn ckpt_control(fleet: &str) -> String {
-    format!("{fleet}/ckpt/control")
+/// The promoter's control queryable, one key per command (`nb/ckpt/control/list`): access
+/// control can then let engineers list and only operators promote or roll back.
+pub fn ckpt_control(fleet: &str, op: &str) -> String {
+    format!("{fleet}/ckpt/control/{op}")
 }
+/// Every command's key (what the promoter declares).
+pub fn ckpt_control_all(fleet: &str) -> String {
+    format!("{fleet}/ckpt/control/*")
+}
+/// The commands that change what the fleet runs: signed by an operator, and the only ones
+/// access control keeps from engineers.
+pub const CKPT_CHANGES: [&str; 2] = ["promote", "rollback"];
 pub fn policy_status(fleet: &str, robot: &str) -> String {
     format!("{fleet}/{robot}/policy")
 }

@@ -717,7 +717,7 @@ pub struct PolicyStatus {
     pub last_error: String,
 }
 
-/// An engineer's command to the promoter: the query on `{fleet}/ckpt/control`. `op` is `list`,
+/// An engineer's command to the promoter: the query on `{fleet}/ckpt/control/{op}`. `op` is `list`,
 /// `show` (`id`), `promote` (`id`: skip the canary) or `rollback`. The last two change what the
 /// fleet runs: they count only signed by an operator the promoter trusts (`signature` over
 /// [`CkptCommand::signed_text`], made within a minute of `issued_ms`, never twice).
@@ -747,7 +747,7 @@ impl CkptCommand {
 
     /// Whether it changes what the fleet runs (and so must be signed).
     pub fn changes_state(&self) -> bool {
-        matches!(self.op.as_str(), "promote" | "rollback")
+        crate::topics::CKPT_CHANGES.contains(&self.op.as_str())
     }
 
     /// What the operator's signature covers: the fleet, the command, who and when.

@@ -1,4 +1,4 @@
-//! `nanobot ckpt list | show ID | promote ID | rollback`: ask a running fleet's promoter (the queryable `{fleet}/ckpt/control`) about
+//! `nanobot ckpt list | show ID | promote ID | rollback`: ask a running fleet's promoter (the queryable `{fleet}/ckpt/control/{op}`) about
 //! its candidates, decisions and rollout, or change the rollout by hand.
 
 use std::path::PathBuf;
@@ -58,11 +58,16 @@ pub struct OperatorArgs {
 
 impl OperatorArgs {
     /// `cmd`, signed by the operator for `fleet`.
-    fn sign(self, mut cmd: CkptCommand, fleet: &str) -> anyhow::Result<CkptCommand> {
-        let name = self
-            .operator
+    /// The operator's name: --operator, else $NANOBOT_OPERATOR, else `dev`.
+    fn name(&self) -> String {
+        self.operator
+            .clone()
             .or_else(|| std::env::var("NANOBOT_OPERATOR").ok())
-            .unwrap_or_else(|| "dev".into());
+            .unwrap_or_else(|| "dev".into())
+    }
+
+    fn sign(self, mut cmd: CkptCommand, fleet: &str) -> anyhow::Result<CkptCommand> {
+        let name = self.name();
         validate_operator(&name).map_err(anyhow::Error::msg)?;
         let path = self
             .key
@@ -85,6 +90,13 @@ pub async fn ckpt_cmd(cmd: CkptCmd) -> anyhow::Result<u8> {
         CkptCmd::Promote { id, operator, conn } => ("promote", id, Some(operator), conn),
         CkptCmd::Rollback { operator, conn } => ("rollback", String::new(), Some(operator), conn),
     };
+    let mut conn = conn;
+    // The promoter's own node: on a secured fleet it admits a command that changes the rollout
+    // only from an operator connected to it.
+    conn.near_actor = Some("promoter");
+    if let Some(o) = &operator {
+        conn.default_identity = Some(format!("operator.{}", o.name()));
+    }
     let (_, fleet) = conn.resolve()?;
     let req = CkptCommand::read(op, &id);
     let req = match operator {
@@ -92,12 +104,15 @@ pub async fn ckpt_cmd(cmd: CkptCmd) -> anyhow::Result<u8> {
         None => req,
     };
     let bus = conn.open().await?;
-    let key = topics::ckpt_control(bus.fleet());
+    let key = topics::ckpt_control(bus.fleet(), op);
     let replies = bus
         .get::<CkptCommand, CkptReply>(&key, "", &req, Duration::from_secs(10))
         .await?;
     let Some(reply) = replies.into_iter().next() else {
-        bail!("no promoter answered on {key}: is one running in this fleet?");
+        bail!(
+            "no promoter answered on {key}: is one running in this fleet? (On a secured fleet, only an operator's \
+             certificate may send promote and rollback, connected to the promoter's node: see `nanobot doctor`.)"
+        );
     };
     let reply = reply?.msg;
     let value: serde_json::Value = serde_json::from_str(&reply.json)?;

@@ -38,7 +38,10 @@ pub async fn dashboard(args: DashboardArgs) -> anyhow::Result<u8> {
         // Refused before connecting anywhere.
         return Err(nanobot_dashboard::DashboardError::NeedsToken(opts.listen).into());
     }
-    let bus = args.conn.open().await?;
+    let mut conn = args.conn;
+    // The ledger comes from the promoter, which a secured fleet answers only on its own node.
+    conn.near_actor = Some("promoter");
+    let bus = conn.open().await?;
     let d = nanobot_dashboard::start(bus.session(), bus.fleet(), &opts)
         .await
         .context("starting the dashboard")?;

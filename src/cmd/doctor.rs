@@ -9,10 +9,58 @@ use nanobot_actors::bus::payload_bytes;
 use nanobot_messages::{codec, topics};
 
 use crate::conn::ConnectArgs;
+use nanobot_actors::{access, launch, registry};
+
+/// Whether an endpoint is reachable from this host only (loopback or a unix socket).
+pub fn loopback_only(endpoint: &str) -> bool {
+    let Some((proto, addr)) = endpoint.split_once('/') else {
+        return false;
+    };
+    if proto.starts_with("unixsock") {
+        return true;
+    }
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Who may do what on the fleet, and every node that listens beyond loopback without TLS.
+fn security_report(lf: &launch::LaunchFile) {
+    for node in &lf.nodes {
+        for e in node
+            .bus
+            .listen
+            .iter()
+            .filter(|e| !loopback_only(e) && !e.starts_with("tls/"))
+        {
+            println!(
+                "WARN      node {} listens on {e} beyond loopback without TLS: anyone who reaches it can steer the \
+                 fleet; add a [security] table (docs/security.md)",
+                node.name
+            );
+        }
+    }
+    match &lf.security {
+        Some(s) => {
+            println!(
+                "ok        secured: TLS with mutual authentication (certificates in {}), access control default deny",
+                nanobot_actors::pki::tls_dir(&s.keys).display()
+            );
+            for line in access::describe(&s.rights).lines() {
+                println!("access    {}", line.trim_start());
+            }
+        }
+        None => println!("note      not secured: no [security] table, so anyone who reaches a node's port is trusted"),
+    }
+}
 
 pub async fn doctor(conn: ConnectArgs) -> anyhow::Result<u8> {
     let (cfg, fleet) = conn.resolve()?;
     println!("config    fleet={fleet} {}", cfg.describe());
+    if let Some(path) = &conn.launch {
+        let lf = launch::load(path, &registry::names()).map_err(anyhow::Error::msg)?;
+        security_report(&lf);
+    }
     let bus = match conn.open().await {
         Ok(b) => b,
         Err(e) => {

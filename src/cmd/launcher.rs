@@ -171,6 +171,7 @@ pub fn launch(file: &Path, only: &[String], grace_s: f64, dashboard: Option<&str
             return Ok(2);
         }
     }
+    crate::cmd::keys::prepare_security(&lf, only)?;
     if let Some(base) = &lf.base {
         make_base(base)?;
     }

@@ -21,6 +21,10 @@ pub fn run_node(file: &std::path::Path, name: &str) -> anyhow::Result<u8> {
         );
         return Ok(2);
     };
+    if let Err(e) = crate::cmd::keys::prepare_security(&lf, &[name.to_string()]) {
+        eprintln!("nanobot: error: {e:#}");
+        return Ok(2);
+    }
     let rt = crate::runtime()?;
     match rt.block_on(runtime::run_node(plan, registry::ACTORS)) {
         Ok(()) => Ok(0),

@@ -18,5 +18,6 @@ mod python_interop;
 mod record;
 mod runtime;
 mod schema_python;
+mod secured;
 mod telemetry;
 mod tune;

@@ -21,7 +21,7 @@ use nanobot_policy::checkpoint::{self, Meta, Role};
 use nanobot_policy::runner::Runner;
 
 /// Adapter bytes for `base` named `version`, after `mangle` had its way with the tensors.
-fn adapter(base: &Runner, version: &str, mangle: impl FnOnce(&mut BTreeMap<String, Var>)) -> Vec<u8> {
+pub(crate) fn adapter(base: &Runner, version: &str, mangle: impl FnOnce(&mut BTreeMap<String, Var>)) -> Vec<u8> {
     let (vars, _) = base.fresh_adapter(version).unwrap();
     {
         let mut data = vars.data().lock().unwrap();
@@ -379,7 +379,7 @@ fn every_kind_of_bad_adapter_is_refused_and_the_robot_keeps_acting() {
     assert!(fleet.wait(Duration::from_secs(30)).success());
 }
 
-fn candidate(base: &Runner, id: &str, bytes: Vec<u8>, claimed_sha: Option<String>) -> Candidate {
+pub(crate) fn candidate(base: &Runner, id: &str, bytes: Vec<u8>, claimed_sha: Option<String>) -> Candidate {
     Candidate {
         adapter_id: id.into(),
         base_version: base.meta.version.clone(),
@@ -534,7 +534,12 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     }
     let ask = |cmd: &CkptCommand| {
         let replies = rt
-            .block_on(bus.get::<CkptCommand, CkptReply>("nb/ckpt/control", "", cmd, Duration::from_secs(10)))
+            .block_on(bus.get::<CkptCommand, CkptReply>(
+                &format!("nb/ckpt/control/{}", cmd.op),
+                "",
+                cmd,
+                Duration::from_secs(10),
+            ))
             .unwrap();
         replies.into_iter().next().expect("the promoter answers").unwrap().msg
     };

@@ -49,6 +49,11 @@ pub struct BusConfig {
     /// The share of new traces that are recorded and carry their W3C trace context on the wire
     /// (0 to 1). The decision is made where a trace starts; every message downstream follows it.
     pub trace_sample_ratio: f64,
+    /// TLS with mutual authentication: every endpoint is `tls/`, and a peer counts only with a
+    /// certificate the fleet's authority signed (a launch file's `[security]` sets it).
+    pub tls: Option<crate::pki::TlsFiles>,
+    /// Zenoh's `access_control` block (default deny), generated from the launch file.
+    pub access_control: Option<serde_json::Value>,
 }
 
 impl Default for BusConfig {
@@ -61,6 +66,8 @@ impl Default for BusConfig {
             config_file: None,
             connect_timeout_ms: None,
             trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
+            tls: None,
+            access_control: None,
         }
     }
 }
@@ -102,16 +109,60 @@ impl BusConfig {
         if let Some(ms) = self.connect_timeout_ms {
             set(&mut cfg, "connect/timeout_ms", ms.to_string())?;
         }
+        if let Some(tls) = &self.tls {
+            if let Some(missing) = tls.missing() {
+                return Err(BusError::Config(format!(
+                    "TLS file {} does not exist (make it with `nanobot keys init`)",
+                    missing.display()
+                )));
+            }
+            if let Some(e) = self.listen.iter().chain(&self.connect).find(|e| !e.starts_with("tls/")) {
+                return Err(BusError::Config(format!(
+                    "endpoint {e} is not tls/: with TLS on, every endpoint is tls/HOST:PORT"
+                )));
+            }
+            let path =
+                |p: &std::path::Path| serde_json::to_string(&p.display().to_string()).expect("strings serialize");
+            set(&mut cfg, "transport/link/tls/root_ca_certificate", path(&tls.ca))?;
+            for side in ["listen", "connect"] {
+                set(
+                    &mut cfg,
+                    &format!("transport/link/tls/{side}_certificate"),
+                    path(&tls.cert),
+                )?;
+                set(
+                    &mut cfg,
+                    &format!("transport/link/tls/{side}_private_key"),
+                    path(&tls.key),
+                )?;
+            }
+            set(&mut cfg, "transport/link/tls/enable_mtls", "true".into())?;
+            // Peers connect by address; the authority's signature and the common name (which
+            // access control matches) are what count.
+            set(&mut cfg, "transport/link/tls/verify_name_on_connect", "false".into())?;
+        }
+        if let Some(acl) = &self.access_control {
+            set(&mut cfg, "access_control", acl.to_string())?;
+        }
         Ok(cfg)
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "mode={} listen=[{}] connect=[{}] multicast_scouting={}",
+            "mode={} listen=[{}] connect=[{}] multicast_scouting={}{}{}",
             self.mode.as_str(),
             self.listen.join(", "),
             self.connect.join(", "),
-            self.multicast_scouting
+            self.multicast_scouting,
+            match &self.tls {
+                Some(t) => format!(" tls={}", t.cert.display()),
+                None => String::new(),
+            },
+            if self.access_control.is_some() {
+                " access_control=on"
+            } else {
+                ""
+            }
         )
     }
 }

@@ -125,6 +125,11 @@ impl<Q: Message> Queryable<Q> {
 }
 
 impl<Q> Request<Q> {
+    /// The key expression the request was sent on.
+    pub fn key(&self) -> &str {
+        self.query.key_expr().as_str()
+    }
+
     /// Answer with an error (a request that cannot be served as asked).
     pub async fn reply_err(&self, reason: &str) -> Result<(), BusError> {
         let key = self.query.key_expr().as_str().to_string();

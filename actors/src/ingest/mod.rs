@@ -123,6 +123,15 @@ impl NodeActor for Ingest {
     type Config = IngestConfig;
     type Event = Waiting;
 
+    fn grants(fleet: &str, robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default().put(
+            robots
+                .iter()
+                .flat_map(|r| [topics::obs(fleet, r), topics::rejects(fleet, r)]),
+        )
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: IngestConfig) -> Result<Self, ActorError> {
         cfg.validate().map_err(|e| ctx.config_error(e))?;
         let fleet = ctx.fleet();

@@ -181,6 +181,17 @@ impl NodeActor for PolicyActor {
     type Config = PolicyActorConfig;
     type Event = PolicyEvent;
 
+    fn grants(fleet: &str, robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default()
+            .put(
+                robots
+                    .iter()
+                    .flat_map(|r| [topics::act(fleet, r), topics::policy_status(fleet, r)]),
+            )
+            .query([topics::ckpt_adapter(fleet)])
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: PolicyActorConfig) -> Result<Self, ActorError> {
         if cfg.rate_hz.is_nan() || cfg.rate_hz <= 0.0 || cfg.threads == 0 {
             return Err(ctx.config_error("rate_hz and threads must be positive"));

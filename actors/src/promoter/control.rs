@@ -1,5 +1,5 @@
 //! The promoter's control plane: `nanobot ckpt list | show ID | promote ID | rollback`, asked on
-//! `{fleet}/ckpt/control`.
+//! `{fleet}/ckpt/control/{op}`.
 
 use std::collections::BTreeMap;
 

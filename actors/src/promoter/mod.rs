@@ -13,7 +13,7 @@
 //! `rollout.rs` changes what the fleet runs and watches the canary; `control.rs` answers the
 //! operators. Every candidate, decision and rollout change is appended to the ledger (`ledger.rs`,
 //! `{state_dir}/ledger.jsonl`, fsynced first) and the rollout is read back from it at start, so
-//! a restart or `kill -9` loses nothing. Engineers ask it on `{fleet}/ckpt/control`
+//! a restart or `kill -9` loses nothing. Engineers ask it on `{fleet}/ckpt/control/{op}`
 //! (`nanobot ckpt list | show ID | promote ID | rollback`).
 
 mod control;
@@ -165,6 +165,13 @@ impl NodeActor for Promoter {
     type Config = PromoterConfig;
     type Event = PromoterEvent;
 
+    fn grants(fleet: &str, _robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default()
+            .put([topics::ckpt_promoted(fleet)])
+            .reply([topics::ckpt_adapter(fleet), topics::ckpt_control_all(fleet)])
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: PromoterConfig) -> Result<Self, ActorError> {
         if !(cfg.announce_s > 0.0 && cfg.canary_hold_s >= 0.0 && cfg.rollout_ttl_s > cfg.announce_s) {
             return Err(ctx.config_error(
@@ -280,7 +287,7 @@ impl NodeActor for Promoter {
         let (feeder, control) = ctx.input("control", Keep::All { queue: 16 }, Some(|| PromoterEvent::Control));
         let queryable = ctx
             .bus
-            .queryable::<CkptCommand>(&topics::ckpt_control(&fleet), 16)
+            .queryable::<CkptCommand>(&topics::ckpt_control_all(&fleet), 16)
             .await
             .map_err(ctx.bus_err())?;
         let control_server = tokio::spawn(async move {
@@ -325,7 +332,19 @@ impl NodeActor for Promoter {
         self.take_statuses(ctx).await?;
         self.take_events();
         while let Some(req) = self.control.take() {
-            let reply = match self.command(ctx, &req.msg).await {
+            // A command counts only on its own key: access control decides who may send on
+            // which (a wildcard or another command's key is refused, never carried out).
+            let expected = topics::ckpt_control(ctx.fleet(), &req.msg.op);
+            let outcome = if req.key() == expected {
+                self.command(ctx, &req.msg).await
+            } else {
+                Err(format!(
+                    "a {:?} command is sent on {expected}, not on {}",
+                    req.msg.op,
+                    req.key()
+                ))
+            };
+            let reply = match outcome {
                 Ok(json) => CkptReply { ok: true, json },
                 Err(e) => CkptReply {
                     ok: false,

@@ -109,6 +109,11 @@ impl NodeActor for Replay {
     type Config = ReplayConfig;
     type Event = ReplayEvent;
 
+    fn grants(fleet: &str, _robots: &[String]) -> crate::access::Grants {
+        use nanobot_messages::topics;
+        crate::access::Grants::default().reply([topics::replay_sample(fleet)])
+    }
+
     async fn start(ctx: &Ctx<Self>, cfg: ReplayConfig) -> Result<Self, ActorError> {
         if cfg.queue == 0 || cfg.store.samples_per_insert.is_nan() || cfg.store.samples_per_insert < 0.0 {
             return Err(ctx.config_error("queue must be positive and samples_per_insert at least 0"));

@@ -16,6 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use serde::de::DeserializeOwned;
 
 use super::context::{ActorError, Ctx, Placement};
+use crate::access::Grants;
 use crate::bus::{PubQos, Publisher};
 
 /// What an actor is handed.
@@ -67,6 +68,14 @@ pub trait NodeActor: Sized + Send + Sync + 'static {
     /// A clean stop (node shutdown): flush what must survive.
     fn stop(&mut self, _ctx: &Ctx<Self>) -> impl Future<Output = ()> + Send {
         async {}
+    }
+
+    /// What it sends on the bus beyond its Stats and liveliness (the runtime's), for the access
+    /// control a secured fleet generates from its launch file: `robots` are the robots this
+    /// instance serves (its own, or every robot of the fleet for a fleet-wide instance). An
+    /// actor that declares nothing may only subscribe.
+    fn grants(_fleet: &str, _robots: &[String]) -> Grants {
+        Grants::default()
     }
 }
 
@@ -180,6 +189,8 @@ type SpawnFuture = Pin<Box<dyn Future<Output = Result<ActorCell, ActorProcessing
 pub struct ActorKind {
     pub name: &'static str,
     spawn: fn(Placement, ActorCell) -> SpawnFuture,
+    /// [`NodeActor::grants`].
+    pub grants: fn(&str, &[String]) -> Grants,
 }
 
 impl ActorKind {
@@ -188,6 +199,7 @@ impl ActorKind {
         ActorKind {
             name: A::KIND,
             spawn: spawn_hosted::<A>,
+            grants: A::grants,
         }
     }
 
