@@ -137,10 +137,18 @@ impl ConnectArgs {
             || env("NANOBOT_KEYS_DIR").is_some();
         if security.is_none() && !explicit {
             // No launch file and nothing said: a secured fleet started from this directory
-            // (the main job) left its certificates here; a tool uses them unless told where to
-            // connect.
-            let told = !self.connect.is_empty() || env("NANOBOT_CONNECT").is_some() || self.zenoh_config.is_some();
-            let dir = keys_dir.clone().unwrap_or_else(|| PathBuf::from(format!("state/{fleet}/keys")));
+            // (the main job) left its certificates here; a tool uses them unless told to
+            // connect somewhere without TLS.
+            let given: Vec<String> = if self.connect.is_empty() {
+                env("NANOBOT_CONNECT").map_or(Vec::new(), |v| v.split(',').map(|e| e.trim().to_string()).collect())
+            } else {
+                self.connect.clone()
+            };
+            let told =
+                self.zenoh_config.is_some() || (!given.is_empty() && !given.iter().any(|e| e.starts_with("tls/")));
+            let dir = keys_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("state/{fleet}/keys")));
             match pki::discover(&dir) {
                 Some((found, _)) if !told => {
                     identity.get_or_insert(found.to_string());

@@ -167,7 +167,10 @@ pub fn discover(keys_dir: &Path) -> Option<(Identity, TlsFiles)> {
         .collect();
     // Engineers first (least privilege), then operators; by name within a role.
     ids.sort_by(|a, b| (a.role == Role::Operator, &a.name).cmp(&(b.role == Role::Operator, &b.name)));
-    ids.into_iter().map(|id| (files(keys_dir, &id), id)).find(|(f, _)| f.missing().is_none()).map(|(f, id)| (id, f))
+    ids.into_iter()
+        .map(|id| (files(keys_dir, &id), id))
+        .find(|(f, _)| f.missing().is_none())
+        .map(|(f, id)| (id, f))
 }
 
 /// The authority's parameters: its name is the fleet's, and a certificate it issued names it

@@ -145,7 +145,7 @@ async fn measure(
         .spawn()?;
     let pid = child.id();
     let result = async {
-        let bus = client(port).await?;
+        let bus = client(port, None).await?;
         let seen: Arc<Mutex<HashMap<(String, u64), Instant>>> = Arc::default();
         let lat: Arc<Mutex<Vec<f64>>> = Arc::default();
         let stats: Arc<Mutex<BTreeMap<String, Stats>>> = Arc::default();

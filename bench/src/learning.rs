@@ -88,23 +88,31 @@ pub(crate) fn free_port() -> u16 {
     nanobot_actors::bus::free_loopback_port().unwrap_or(7471)
 }
 
-/// A client session on the fleet's node at `port`, retried for a minute while it starts.
-pub(crate) async fn client(port: u16) -> anyhow::Result<Bus> {
+/// A client session on the fleet's node at `port`, retried for a minute while it starts. A
+/// secured fleet started in `work` (the main job) made its certificates there: the session
+/// connects over TLS as the first person it finds (engineer.dev).
+pub(crate) async fn client(port: u16, work: Option<&Path>) -> anyhow::Result<Bus> {
     let t0 = Instant::now();
     loop {
-        let bus = Bus::open(
-            &BusConfig {
-                mode: Mode::Client,
-                connect: vec![format!("tcp/127.0.0.1:{port}")],
-                ..BusConfig::default()
-            },
-            "nb",
-        )
-        .await;
+        let tls = work.and_then(|w| nanobot_actors::pki::discover(&w.join("state/nb/keys")));
+        let cfg = BusConfig {
+            mode: Mode::Client,
+            connect: vec![format!(
+                "{}/127.0.0.1:{port}",
+                if tls.is_some() { "tls" } else { "tcp" }
+            )],
+            tls: tls.map(|(_, files)| files),
+            ..BusConfig::default()
+        };
+        // A secured fleet writes its certificates as it starts: until then, wait.
+        let bus = match (work, &cfg.tls) {
+            (Some(_), None) if t0.elapsed() < Duration::from_secs(5) => Err(anyhow::anyhow!("no certificates yet")),
+            _ => Bus::open(&cfg, "nb").await.map_err(anyhow::Error::from),
+        };
         match bus {
             Ok(b) => return Ok(b),
             Err(_) if t0.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(500)).await,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -301,7 +309,7 @@ fn ledger_latencies(path: &Path) -> Vec<f64> {
 }
 
 async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Watch, f64)> {
-    let bus = client(port).await?;
+    let bus = client(port, Some(work)).await?;
     let w = Arc::new(Mutex::new(Watch::default()));
     let start = Arc::new(Mutex::new(None::<Instant>));
     let (w1, s1) = (w.clone(), start.clone());
@@ -453,7 +461,7 @@ set = {{ base = "{base}", state_dir = "{d}/promoter", keys = "{d}/keys", generat
         .spawn()?;
     let result = async {
         let t0 = Instant::now();
-        let bus = client(port).await?;
+        let bus = client(port, None).await?;
         let seen = Arc::new(Mutex::new(BTreeMap::<String, String>::new()));
         let s = seen.clone();
         let _status = bus

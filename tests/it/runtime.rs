@@ -202,10 +202,57 @@ fn every_shipped_launch_file_parses_and_the_main_one_runs() {
             "20",
             "--connect",
         ])
-        .arg(format!("tcp/127.0.0.1:{port}"))
+        .arg(format!("tls/127.0.0.1:{port}"))
+        .current_dir(&work)
         .output()
         .unwrap();
+    // Secured from the first start: the tool found engineer.dev's certificate in state/.
     assert!(acks.status.success(), "{}", text(&acks.stderr));
+    for made in ["the fleet CA", "node.sim", "operator.dev", "engineer.dev"] {
+        assert!(
+            fleet
+                .seen
+                .iter()
+                .any(|l| l.contains("made TLS certificates") && l.contains(made)),
+            "{made}"
+        );
+    }
+    // Anyone without a certificate gets nothing: plain TCP finds no listener, and TLS without
+    // a client certificate no session (a Python eclipse-zenoh client, as any tool would be).
+    // The README's Python client, as written there, reads r0's observations with the
+    // certificate the main job made.
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let snippet = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README has a Python snippet")
+        .replace("127.0.0.1:7447", &format!("127.0.0.1:{port}"));
+    let mut py = std::process::Command::new("python3")
+        .args(["-c", &snippet])
+        .current_dir(&work)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = py.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    let _ = py.kill();
+    let out = py.wait_with_output().unwrap();
+    let line = line.unwrap_or_else(|_| panic!("the README's Python client printed nothing: {}", text(&out.stderr)));
+    assert!(line.starts_with("r0 kind 2 seq "), "{line}");
+    let ca = work.join("state/nb/keys/tls/ca.pem");
+    for endpoint in [format!("tcp/127.0.0.1:{port}"), format!("tls/127.0.0.1:{port}")] {
+        let got = crate::secured::python_client(&[&endpoint, ca.to_str().unwrap()]);
+        assert_eq!(got["session"], false, "{endpoint} without a certificate: {got}");
+    }
     fleet.signal(libc::SIGTERM);
     assert!(fleet.wait(Duration::from_secs(30)).success());
     let out = nanobot().arg("verify").arg(work.join("data/nb")).output().unwrap();
