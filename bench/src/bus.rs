@@ -27,6 +27,7 @@ use anyhow::{bail, Context};
 use crate::percentile;
 use bytes::Bytes;
 use nanobot_actors::bus::{Bus, BusConfig, PubQos};
+use nanobot_actors::pki;
 use nanobot_messages::{Blob, Encoding, RawFrame};
 use serde_json::json;
 use zenoh::qos::CongestionControl;
@@ -156,9 +157,10 @@ async fn serve(bus: &Bus, sizes: &[usize]) -> anyhow::Result<(Counters, Vec<Box<
 }
 
 /// The far process: serve, and answer `bench/ctl/{report,reset}/{variant}/{size}`.
-pub async fn peer(connect: &str, sizes: &[usize]) -> anyhow::Result<u8> {
+pub async fn peer(connect: &str, sizes: &[usize], keys_dir: Option<&std::path::Path>) -> anyhow::Result<u8> {
     let cfg = BusConfig {
         connect: vec![connect.to_string()],
+        tls: keys_dir.map(|d| pki::files(d, &pki::Identity::node("bench-peer").expect("a valid name"))),
         ..BusConfig::default()
     };
     let bus = Bus::open(&cfg, "bench").await?;
@@ -508,52 +510,25 @@ pub async fn bench_bus(
          in one process the bus hands the message over typed, without encoding",
         trace_sample_ratio * 100.0
     );
-    codec_cost(sizes);
-    let size_list = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
-    if only != Some("one") {
-        let port = nanobot_actors::bus::free_loopback_port()?;
-        let endpoint = format!("tcp/127.0.0.1:{port}");
-        let cfg = BusConfig {
-            listen: vec![endpoint.clone()],
-            trace_sample_ratio,
-            ..BusConfig::default()
-        };
-        let bus = Bus::open(&cfg, "bench").await?;
-        let mut child: Child = Command::new(std::env::current_exe()?)
-            .args(["bench", "bus-peer", "--connect", &endpoint, "--sizes", &size_list])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the bench peer process")?;
-        // The peer's "ready" line, read off the async runtime (a blocking pipe read).
-        let stdout = child.stdout.take().context("peer stdout")?;
-        let line = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-            Ok(line)
-        })
-        .await??;
-        if line.trim() != "ready" {
-            bail!("the bench peer did not start: {line:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let result = measure(
-            &bus,
-            Sinks::Remote(&bus),
-            "two processes, tcp on loopback",
-            secs,
-            round_trips,
-            sizes,
-        )
-        .await;
-        let _ = bus.session().put("bench/quit", "").await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = child.kill();
-        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        result?;
-        bus.close().await;
+    if let Some(o) = only.filter(|o| !["one", "two", "tls"].contains(o)) {
+        bail!("--only {o}: say one, two or tls");
     }
-    if only != Some("two") {
+    codec_cost(sizes);
+    if only.is_none() || only == Some("two") {
+        two_processes(None, secs, round_trips, sizes, trace_sample_ratio).await?;
+    }
+    if only.is_none() || only == Some("tls") {
+        // The same over TLS with mutual authentication, as a secured fleet runs: certificates
+        // from a throwaway authority, made here.
+        let dir = std::env::temp_dir().join(format!("nanobot-bench-bus-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ids = [pki::Identity::node("bench")?, pki::Identity::node("bench-peer")?];
+        pki::ensure(&dir, "bench", &ids)?;
+        let result = two_processes(Some(&dir), secs, round_trips, sizes, trace_sample_ratio).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        result?;
+    }
+    if only.is_none() || only == Some("one") {
         let cfg = BusConfig {
             trace_sample_ratio,
             ..BusConfig::default()
@@ -572,4 +547,67 @@ pub async fn bench_bus(
         bus.close().await;
     }
     Ok(0)
+}
+
+/// Both sides in their own process, over tcp, or over TLS with certificates from `keys_dir`.
+async fn two_processes(
+    keys_dir: Option<&std::path::Path>,
+    secs: f64,
+    round_trips: usize,
+    sizes: &[usize],
+    trace_sample_ratio: f64,
+) -> anyhow::Result<()> {
+    let size_list = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
+    let port = nanobot_actors::bus::free_loopback_port()?;
+    let proto = if keys_dir.is_some() { "tls" } else { "tcp" };
+    let endpoint = format!("{proto}/127.0.0.1:{port}");
+    let cfg = BusConfig {
+        listen: vec![endpoint.clone()],
+        trace_sample_ratio,
+        tls: keys_dir.map(|d| pki::files(d, &pki::Identity::node("bench").expect("a valid name"))),
+        ..BusConfig::default()
+    };
+    let bus = Bus::open(&cfg, "bench").await?;
+    let mut peer = Command::new(std::env::current_exe()?);
+    peer.args(["bench", "bus-peer", "--connect", &endpoint, "--sizes", &size_list]);
+    if let Some(d) = keys_dir {
+        peer.arg("--keys-dir").arg(d);
+    }
+    let mut child: Child = peer
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the bench peer process")?;
+    // The peer's "ready" line, read off the async runtime (a blocking pipe read).
+    let stdout = child.stdout.take().context("peer stdout")?;
+    let line = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        Ok(line)
+    })
+    .await??;
+    if line.trim() != "ready" {
+        bail!("the bench peer did not start: {line:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let result = measure(
+        &bus,
+        Sinks::Remote(&bus),
+        if keys_dir.is_some() {
+            "two processes, TLS with mutual authentication on loopback"
+        } else {
+            "two processes, tcp on loopback"
+        },
+        secs,
+        round_trips,
+        sizes,
+    )
+    .await;
+    let _ = bus.session().put("bench/quit", "").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = child.kill();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    result?;
+    bus.close().await;
+    Ok(())
 }

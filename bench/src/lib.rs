@@ -28,7 +28,8 @@ pub enum BenchCmd {
         /// Payload sizes in bytes.
         #[arg(long, value_delimiter = ',', default_values_t = vec![64, 1024, 16384, 262144])]
         sizes: Vec<usize>,
-        /// Only two processes (`two`) or only one (`one`); default both.
+        /// Only two processes over tcp (`two`), over TLS with mutual authentication (`tls`), or
+        /// one process (`one`); default all three.
         #[arg(long)]
         only: Option<String>,
         /// The share of messages that carry a trace context (the bus's default unless given).
@@ -101,6 +102,9 @@ pub enum BenchCmd {
         connect: String,
         #[arg(long, value_delimiter = ',')]
         sizes: Vec<usize>,
+        /// Connect over TLS with the certificate `node.bench-peer` from this key directory.
+        #[arg(long)]
+        keys_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -122,7 +126,11 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
         )),
         BenchCmd::Loop(args) => learning::run(&rt, args),
         BenchCmd::Fleet(args) => fleet::run(&rt, args),
-        BenchCmd::BusPeer { connect, sizes } => rt.block_on(bus::peer(&connect, &sizes)),
+        BenchCmd::BusPeer {
+            connect,
+            sizes,
+            keys_dir,
+        } => rt.block_on(bus::peer(&connect, &sizes, keys_dir.as_deref())),
         BenchCmd::Policy { config, runs } => policy::run(&config, runs),
         BenchCmd::Train { config, batch, steps } => train::run(&config, batch, steps),
         BenchCmd::Replay {
