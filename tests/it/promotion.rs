@@ -469,6 +469,30 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     wait_until("the promoter hears both robots", Duration::from_secs(30), || {
         metric(&seen, "promoter", "robots") >= 2.0
     });
+    // A status on r0's key whose envelope claims another robot counts for nobody: a robot's
+    // results are what its own key carries (which access control gives only its node).
+    let ghost = rt
+        .block_on(bus.publisher::<PolicyStatus>("nb/r0/policy", "ghost", nanobot_actors::bus::PubQos::Data))
+        .unwrap();
+    let ghost_status = PolicyStatus {
+        base_version: "tiny-base".into(),
+        adapter_id: "tiny-base+lora.ghost".into(),
+        generation: 0,
+        refused: 0,
+        last_error: String::new(),
+    };
+    // Sent until counted: a new client publisher's first puts may go out before the node's
+    // subscriptions reach it.
+    wait_until(
+        "the promoter refuses the ghost's status",
+        Duration::from_secs(10),
+        || {
+            rt.block_on(ghost.put(&ghost_status)).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            metric(&seen, "promoter", "results_refused") >= 1.0
+        },
+    );
+    assert_eq!(metric(&seen, "promoter", "robots"), 2.0, "the ghost is not followed");
 
     // Bad candidates: refused, and the fleet keeps acting on the base.
     let good1 = adapter(&base, "tiny-base+lora.1", |_| {});
@@ -594,7 +618,9 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     let mut fleet = node();
     let line = fleet.expect_line("rollout read back", Duration::from_secs(30));
     assert!(
-        line.contains(&format!("generation={generation}")) && line.contains("tiny-base+lora.1"),
+        line.contains(&format!("generation={generation}"))
+            && line.contains("tiny-base+lora.1")
+            && line.contains(r#"revoked=["tiny-base+lora.2"]"#),
         "{line}"
     );
     wait_until("the restarted robots on lora.1", Duration::from_secs(30), || {

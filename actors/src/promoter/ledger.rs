@@ -65,6 +65,31 @@ impl Record {
     }
 }
 
+/// Adapters named in the newest rollout only, announced as revoked so that no robot runs them
+/// again; older ones fall off (a robot refuses a revoked adapter only while it is listed).
+pub const MAX_REVOKED: usize = 64;
+
+/// One rollout's change to the revoked list: a rollback revokes what it takes off the robots
+/// (`old`, the fleet and canary adapters before it); promoting an adapter again lifts it.
+pub fn revoke(
+    revoked: &mut Vec<String>,
+    old: [Option<&AdapterManifest>; 2],
+    new: [Option<&AdapterManifest>; 2],
+    reason: &str,
+) {
+    let in_new = |id: &str| new.iter().any(|n| n.is_some_and(|n| n.adapter_id == id));
+    if reason.starts_with(ROLLBACK) {
+        for m in old.into_iter().flatten() {
+            if !in_new(&m.adapter_id) && !revoked.contains(&m.adapter_id) {
+                revoked.push(m.adapter_id.clone());
+            }
+        }
+        let excess = revoked.len().saturating_sub(MAX_REVOKED);
+        revoked.drain(..excess);
+    }
+    revoked.retain(|id| !in_new(id));
+}
+
 pub struct Ledger {
     path: PathBuf,
     file: File,
@@ -167,6 +192,24 @@ impl Ledger {
             )),
             _ => None,
         })
+    }
+
+    /// The adapters the rollouts so far revoked, oldest first, as the promoter announced them
+    /// before a restart: replayed from the ledger with the same rule ([`revoke`]).
+    pub fn revoked(&self) -> Vec<String> {
+        let mut revoked = Vec::new();
+        let mut current: [Option<&AdapterManifest>; 2] = [None, None];
+        for r in &self.records {
+            if let Record::Rollout {
+                fleet, canary, reason, ..
+            } = r
+            {
+                let new = [fleet.as_ref(), canary.as_ref()];
+                revoke(&mut revoked, current, new, reason);
+                current = new;
+            }
+        }
+        revoked
     }
 
     /// What the fleet ran before its current adapter (a rollback's target): `Some(None)` is
@@ -303,5 +346,25 @@ mod tests {
         );
         l.append(change(5, None, "rollback by an operator")).unwrap();
         assert_eq!(l.previous_fleet(), None);
+    }
+
+    #[test]
+    fn what_a_rollback_revoked_is_read_back_after_a_restart_until_promoted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.jsonl");
+        {
+            let mut l = Ledger::open(&path).unwrap();
+            l.append(rollout(1, Some("a"))).unwrap();
+            l.append(rollout(2, Some("b"))).unwrap();
+            assert!(l.revoked().is_empty(), "promotions revoke nothing");
+            l.append(change(3, Some("a"), "rollback by operator alice")).unwrap();
+        }
+        // As a restarted promoter reads it.
+        let mut l = Ledger::open(&path).unwrap();
+        assert_eq!(l.revoked(), ["b"]);
+        l.append(change(4, None, "rollback by operator alice")).unwrap();
+        assert_eq!(l.revoked(), ["b", "a"]);
+        l.append(rollout(5, Some("b"))).unwrap();
+        assert_eq!(l.revoked(), ["a"], "promoting b again lifts its revocation");
     }
 }

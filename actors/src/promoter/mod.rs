@@ -132,7 +132,10 @@ pub struct Promoter {
     refused: u64,
     /// Statuses ignored because `max_robots` robots are followed already.
     robots_refused: u64,
-    /// Adapter ids rolled back (the newest `MAX_REVOKED`), announced with every rollout.
+    /// Statuses and events whose envelope names another robot than their key.
+    results_refused: u64,
+    /// Adapter ids rolled back (the newest `ledger::MAX_REVOKED`), announced with every
+    /// rollout, and read back from the ledger after a restart.
     revoked: Vec<String>,
     /// The operators trusted to change the rollout, by name.
     operators: BTreeMap<String, TrustedKey>,
@@ -141,9 +144,6 @@ pub struct Promoter {
     commands_seen: std::collections::VecDeque<(u64, String)>,
     _servers: [AbortOnDrop; 2],
 }
-
-/// Revoked adapter ids a rollout carries at most.
-const MAX_REVOKED: usize = 64;
 
 /// How far a signed command's `issued_ms` may be from the promoter's clock (either way).
 const COMMAND_WINDOW_MS: u64 = 60_000;
@@ -214,16 +214,17 @@ impl NodeActor for Promoter {
         let ledger = Worker::spawn("nb-ledger".into(), move || Ledger::open(&ledger_path))
             .await
             .map_err(|e| ctx.failed(e))?;
-        let rollout = ledger
-            .call(|l| l.rollout())
+        let (rollout, revoked) = ledger
+            .call(|l| (l.rollout(), l.revoked()))
             .await
-            .ok_or_else(|| ctx.failed("ledger thread ended"))?
-            .unwrap_or(Promoted::unsigned(0, None, None, Vec::new()));
+            .ok_or_else(|| ctx.failed("ledger thread ended"))?;
+        let rollout = rollout.unwrap_or(Promoted::unsigned(0, None, None, Vec::new()));
         tracing::info!(
             generation = rollout.generation,
             fleet = rollout.fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
             canary = rollout.canary.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("none"),
             key = %&key.public_hex()[..16],
+            revoked = ?revoked,
             "promoter: rollout read back from the ledger"
         );
         let candidates = ctx
@@ -319,7 +320,8 @@ impl NodeActor for Promoter {
             accepted: 0,
             refused: 0,
             robots_refused: 0,
-            revoked: Vec::new(),
+            results_refused: 0,
+            revoked,
             operators,
             commands_seen: Default::default(),
             _servers: [AbortOnDrop(bytes_server), AbortOnDrop(control_server)],
@@ -330,7 +332,7 @@ impl NodeActor for Promoter {
 
     async fn handle(&mut self, ctx: &Ctx<Self>, input: Input<PromoterEvent>) -> Result<(), ActorError> {
         self.take_statuses(ctx).await?;
-        self.take_events();
+        self.take_events(ctx.fleet());
         while let Some(req) = self.control.take() {
             // A command counts only on its own key: access control decides who may send on
             // which (a wildcard or another command's key is refused, never carried out).
@@ -375,6 +377,7 @@ impl NodeActor for Promoter {
         m.set("canary", self.rollout.canary.is_some() as u8 as f64);
         m.set("robots", self.robots.len() as f64);
         m.set("robots_refused", self.robots_refused as f64);
+        m.set("results_refused", self.results_refused as f64);
         m.set("promotion_ms", self.last_latency_ms);
     }
 }

@@ -81,22 +81,12 @@ impl Promoter {
         )
         .await?;
         let fleet_changed = fleet.as_ref().map(|m| &m.sha256) != self.rollout.fleet.as_ref().map(|m| &m.sha256);
-        // A rollback revokes what it takes off the robots; promoting an adapter again lifts it.
-        let in_new = |id: &str| {
-            [&fleet, &canary]
-                .iter()
-                .any(|n| n.as_ref().is_some_and(|n| n.adapter_id == id))
-        };
-        if reason.starts_with(ROLLBACK) {
-            for m in [&self.rollout.fleet, &self.rollout.canary].into_iter().flatten() {
-                if !in_new(&m.adapter_id) && !self.revoked.contains(&m.adapter_id) {
-                    self.revoked.push(m.adapter_id.clone());
-                }
-            }
-            let excess = self.revoked.len().saturating_sub(MAX_REVOKED);
-            self.revoked.drain(..excess);
-        }
-        self.revoked.retain(|id| !in_new(id));
+        super::ledger::revoke(
+            &mut self.revoked,
+            [self.rollout.fleet.as_ref(), self.rollout.canary.as_ref()],
+            [fleet.as_ref(), canary.as_ref()],
+            reason,
+        );
         tracing::info!(
             generation,
             fleet = fleet.as_ref().map(|m| m.adapter_id.as_str()).unwrap_or("base"),
@@ -117,10 +107,30 @@ impl Promoter {
         Ok(())
     }
 
+    /// The robot a status or an event counts for: the one its key names, which a secured
+    /// fleet's access control lets only that robot's own node publish on. One whose envelope
+    /// claims another robot is refused and counted (`results_refused`).
+    fn sender(&mut self, fleet: &str, key: &str, claimed: &str) -> Option<String> {
+        match topics::robot_of(fleet, key) {
+            Some(robot) if robot == claimed => Some(robot.to_string()),
+            _ => {
+                self.results_refused += 1;
+                tracing::debug!(
+                    key,
+                    claimed,
+                    "a result whose envelope names another robot than its key: refused"
+                );
+                None
+            }
+        }
+    }
+
     pub(super) async fn take_statuses(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
         let mut refused_by_canary = None;
         while let Some(r) = self.statuses.take() {
-            let robot = r.header.robot.clone();
+            let Some(robot) = self.sender(ctx.fleet(), r.key.as_str(), &r.header.robot) else {
+                continue;
+            };
             let s = r.msg;
             // A robot's name is what its status claims: a flood of names stops at the bound.
             if !self.robots.contains_key(&robot) && self.robots.len() >= self.cfg.max_robots {
@@ -191,9 +201,11 @@ impl Promoter {
         Ok(())
     }
 
-    pub(super) fn take_events(&mut self) {
+    pub(super) fn take_events(&mut self, fleet: &str) {
         while let Some(r) = self.events.take() {
-            let robot = r.header.robot.clone();
+            let Some(robot) = self.sender(fleet, r.key.as_str(), &r.header.robot) else {
+                continue;
+            };
             match r.msg.event {
                 EventKind::EpisodeStart { shift, .. } => {
                     if let (Some(v), Ok(s)) = (self.robots.get_mut(&robot), shift.parse::<Shift>()) {
