@@ -3,6 +3,7 @@
 mod cmd;
 mod conn;
 mod signals;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

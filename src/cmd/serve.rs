@@ -58,6 +58,14 @@ pub struct ServeArgs {
     /// required when --listen is beyond loopback. Default: $NANOBOT_SERVE_TOKEN.
     #[arg(long)]
     token: Option<String>,
+    /// Serve HTTPS with this certificate (PEM; e.g. `nanobot keys init --node serve` makes
+    /// `state/nb/keys/tls/node.serve.pem`, and clients trust the fleet's `ca.pem`). Required,
+    /// with --tls-key, when --listen is beyond loopback.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Serving limits and the control rate.
@@ -92,6 +100,8 @@ struct Metrics {
     /// Observations whose image was refused, by reason (`width`, `height`, `bytes`, `jpeg`,
     /// ...: a handful of fixed names).
     images_refused: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// TLS handshakes that failed, timed out or found no room (the listener counts them).
+    tls_refused: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -386,13 +396,28 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.params
     ));
     s.push_str(&format!(
+        "# HELP nanobot_tls_handshakes_refused_total TLS handshakes that failed, timed out or found no room.\n# TYPE nanobot_tls_handshakes_refused_total counter\nnanobot_tls_handshakes_refused_total {}\n",
+        m.tls_refused.load(Ordering::Relaxed)
+    ));
+    s.push_str(&format!(
         "# HELP nanobot_uptime_seconds Seconds since the server started.\n# TYPE nanobot_uptime_seconds gauge\nnanobot_uptime_seconds {:.1}\n",
         app.started.elapsed().as_secs_f64()
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()
 }
 
+#[cfg(test)]
 pub fn router(runner: Runner, limits: ServeLimits, token: Option<String>) -> anyhow::Result<Router> {
+    router_counting(runner, limits, token, Arc::default())
+}
+
+/// [`router`], whose `/metrics` reports the TLS listener's refusals from `tls_refused`.
+pub fn router_counting(
+    runner: Runner,
+    limits: ServeLimits,
+    token: Option<String>,
+    tls_refused: Arc<AtomicU64>,
+) -> anyhow::Result<Router> {
     let token: Option<Arc<str>> = token.map(Arc::from);
     Ok(Router::new()
         .route("/v1/act", post(act))
@@ -416,7 +441,7 @@ pub fn router(runner: Runner, limits: ServeLimits, token: Option<String>) -> any
         ))
         // Liveness for orchestrators, with no token.
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(app(runner, limits)?))
+        .with_state(app(runner, limits, tls_refused)?))
 }
 
 /// The request's `Authorization: Bearer …` is `want`, compared in constant time.
@@ -428,7 +453,7 @@ fn bearer_is(req: &axum::extract::Request, want: &str) -> bool {
         .is_some_and(|t| subtle::ConstantTimeEq::ct_eq(t.as_bytes(), want.as_bytes()).into())
 }
 
-fn app(runner: Runner, limits: ServeLimits) -> anyhow::Result<Arc<App>> {
+fn app(runner: Runner, limits: ServeLimits, tls_refused: Arc<AtomicU64>) -> anyhow::Result<Arc<App>> {
     anyhow::ensure!(
         limits.rate_hz > 0.0 && limits.queue > 0,
         "--rate-hz and --queue must be positive"
@@ -444,7 +469,10 @@ fn app(runner: Runner, limits: ServeLimits) -> anyhow::Result<Arc<App>> {
             .thread_name(|_| "nb-serve".into())
             .build()?,
         params,
-        metrics: Metrics::default(),
+        metrics: Metrics {
+            tls_refused,
+            ..Metrics::default()
+        },
         started: Instant::now(),
     });
     Ok(app)
@@ -462,26 +490,40 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         .or_else(|| std::env::var("NANOBOT_SERVE_TOKEN").ok())
         .filter(|t| !t.is_empty());
     anyhow::ensure!(
-        addr.ip().is_loopback() || token.is_some(),
+        addr.ip().is_loopback() || (token.is_some() && a.tls_cert.is_some()),
         "serve listens on {addr}, beyond loopback: give it a token (--token or $NANOBOT_SERVE_TOKEN), \
-         which every request must send as Authorization: Bearer T"
+         which every request must send as Authorization: Bearer T, and a certificate (--tls-cert, --tls-key), \
+         so that the token and the observations travel encrypted"
     );
-    tracing::info!(%addr, version, format = %runner.format, "serving the policy on http://{addr}/v1/act");
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, version, format = %runner.format, "serving the policy on {scheme}://{addr}/v1/act");
     let limits = ServeLimits {
         rate_hz: a.rate_hz,
         queue: a.queue,
         max_sessions: a.max_sessions,
     };
-    axum::serve(listener, router(runner, limits, token)?)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await?;
+    let tls_refused: Arc<AtomicU64> = Arc::default();
+    let router = router_counting(runner, limits, token, tls_refused.clone())?;
+    let stop = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    match tls {
+        Some(config) => {
+            axum::serve(crate::tls::TlsListener::new(listener, config, tls_refused)?, router)
+                .with_graceful_shutdown(stop)
+                .await?
+        }
+        None => axum::serve(listener, router).with_graceful_shutdown(stop).await?,
+    }
     Ok(0)
 }
 
@@ -543,7 +585,7 @@ mod tests {
             queue: 2,
             ..ServeLimits::default()
         };
-        let app = app(tiny_runner(), limits).unwrap();
+        let app = app(tiny_runner(), limits, Arc::default()).unwrap();
         let body = Bytes::from(serde_json::to_vec(&observation()).unwrap());
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
@@ -560,7 +602,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_jpeg_bomb_is_refused_with_400_counted_by_reason_and_the_server_goes_on() {
-        let app = app(tiny_runner(), ServeLimits::default()).unwrap();
+        let app = app(tiny_runner(), ServeLimits::default(), Arc::default()).unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         let mut bomb = observation();

@@ -258,20 +258,15 @@ config = "@CONFIGS@/trainer.toml"
     assert!(list.contains("genuine") && !list.contains("forged"), "{list}");
     // bob may not promote, even with alice's signing key; eve may do nothing.
     for who in ["engineer.bob", "operator.eve"] {
-        let out = ckpt(&[
-            "promote",
-            "tiny-base+lora.genuine",
-            "--operator",
-            "alice",
-            "--identity",
-            who,
-        ]);
-        assert!(!out.status.success(), "{who} promoted");
-        assert!(
-            text(&out.stderr).contains("no promoter answered"),
-            "{who}: {}",
-            text(&out.stderr)
-        );
+        for cmd in [&["promote", "tiny-base+lora.genuine"][..], &["rollback"][..]] {
+            let out = ckpt(&[cmd, &["--operator", "alice", "--identity", who]].concat());
+            assert!(!out.status.success(), "{who}: {cmd:?} carried out");
+            assert!(
+                text(&out.stderr).contains("no promoter answered"),
+                "{who}: {}",
+                text(&out.stderr)
+            );
+        }
     }
     let ledger = || std::fs::read_to_string(state.join("ledger.jsonl")).unwrap_or_default();
     assert!(!ledger().contains("promoted by operator"), "{}", ledger());
@@ -279,6 +274,9 @@ config = "@CONFIGS@/trainer.toml"
     let out = ckpt(&["promote", "tiny-base+lora.genuine", "--operator", "alice"]);
     assert!(out.status.success(), "alice: {}", text(&out.stderr));
     assert!(ledger().contains("promoted by operator alice"), "{}", ledger());
+    let out = ckpt(&["rollback", "--operator", "alice"]);
+    assert!(out.status.success(), "alice: {}", text(&out.stderr));
+    assert!(ledger().contains("rollback by operator alice"), "{}", ledger());
 
     // eve's certificate is the fleet authority's, but nothing lets her in: no data, no reply.
     let eve = open_as(&rt, &keys, "operator.eve", p_learn);
@@ -315,4 +313,104 @@ config = "@CONFIGS@/trainer.toml"
 
     fleet.signal(libc::SIGTERM);
     assert!(fleet.wait(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn serve_beyond_loopback_takes_a_token_and_tls_and_answers_https_only() {
+    let dir = temp_dir("serve-tls");
+    let base = tiny_base(&dir);
+    let keys = dir.join("keys");
+    let out = nanobot()
+        .args(["keys", "init", keys.to_str().unwrap(), "--node", "serve"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let files = pki::files(&keys, &"node.serve".parse().unwrap());
+    let serve = |listen: &str, extra: &[&str]| {
+        let mut cmd = nanobot();
+        cmd.args(["serve", "--checkpoint"])
+            .arg(&base)
+            .args(["--listen", listen])
+            .args(extra)
+            .env_remove("NANOBOT_SERVE_TOKEN");
+        cmd
+    };
+    // Beyond loopback: a token alone is refused, as is TLS alone.
+    let (cert, key) = (files.cert.to_str().unwrap(), files.key.to_str().unwrap());
+    for extra in [vec!["--token", "s3cret"], vec!["--tls-cert", cert, "--tls-key", key]] {
+        let out = serve("0.0.0.0:0", &extra).output().unwrap();
+        assert!(!out.status.success(), "{extra:?} served beyond loopback");
+        assert!(text(&out.stderr).contains("--tls-cert"), "{}", text(&out.stderr));
+    }
+    // With both: HTTPS that a client trusting the fleet's authority reads, the token still
+    // wanted, and nothing for plain HTTP.
+    let port = free_port();
+    let mut server = Proc::spawn(serve(
+        &format!("0.0.0.0:{port}"),
+        &["--token", "s3cret", "--tls-cert", cert, "--tls-key", key],
+    ));
+    server.expect_line("https://", Duration::from_secs(30));
+    let ca = pki::tls_dir(&keys).join("ca.pem");
+    let script = r#"
+import json, ssl, sys, urllib.request, urllib.error
+port, ca = sys.argv[1], sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.check_hostname = False
+def get(path, token=None, context=ctx, scheme="https"):
+    req = urllib.request.Request(f"{scheme}://127.0.0.1:{port}{path}")
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, context=context, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except Exception as e:
+        return type(e).__name__
+print(json.dumps({
+    "healthz": get("/healthz"),
+    "model_no_token": get("/v1/model"),
+    "model": get("/v1/model", "s3cret"),
+    "plain_http": get("/healthz", scheme="http", context=None),
+    "untrusted": get("/healthz", context=ssl.create_default_context()),
+}))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &port.to_string(), ca.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let got: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        (&got["healthz"], &got["model_no_token"], &got["model"]),
+        (&200.into(), &401.into(), &200.into()),
+        "{got}"
+    );
+    assert!(!got["plain_http"].is_number(), "plain HTTP answered: {got}");
+    assert!(
+        !got["untrusted"].is_number(),
+        "a client that does not trust the fleet's authority connected: {got}"
+    );
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import ssl,sys,urllib.request as u;c=ssl.create_default_context(cafile=sys.argv[2]);c.check_hostname=False;\
+             r=u.Request(f'https://127.0.0.1:{sys.argv[1]}/metrics',headers={'Authorization':'Bearer s3cret'});\
+             print(u.urlopen(r,context=c).read().decode())",
+            &port.to_string(),
+            ca.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let metrics = text(&out.stdout);
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nanobot_tls_handshakes_refused_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        refused.is_some_and(|n| n >= 2.0),
+        "plain HTTP and the untrusting client counted: {metrics}"
+    );
+    server.signal(libc::SIGTERM);
+    server.wait(Duration::from_secs(10));
 }
