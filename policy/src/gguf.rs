@@ -259,7 +259,13 @@ impl Gguf {
             let offset = r.u64(&format!("offset of {name}"))? as usize;
             infos.push((name, shape, dtype, offset));
         }
-        let data_start = r.at.div_ceil(align) * align;
+        let data_start =
+            r.at.div_ceil(align)
+                .checked_mul(align)
+                .ok_or_else(|| GgufError::Truncated {
+                    what: format!("data aligned to {align} bytes"),
+                    at: b.len(),
+                })?;
         let mut tensors = Vec::new();
         for (name, shape, dtype, offset) in infos {
             let n = shape

@@ -27,6 +27,8 @@ pub enum QuantError {
         bytes: usize,
         block_bytes: usize,
     },
+    #[error("{format}: {len} values do not fit in memory")]
+    TooLarge { format: &'static str, len: usize },
     #[error("{format}: value {index} is not finite ({value})")]
     NotFinite {
         format: &'static str,
@@ -84,7 +86,10 @@ impl DType {
                 len: n,
             });
         }
-        Ok(n / vals * bytes)
+        (n / vals).checked_mul(bytes).ok_or(QuantError::TooLarge {
+            format: self.name(),
+            len: n,
+        })
     }
 
     pub fn quantize(self, x: &[f32]) -> Result<Vec<u8>, QuantError> {
@@ -244,6 +249,11 @@ mod tests {
     #[test]
     fn sizes_and_errors() {
         assert_eq!(DType::Mxfp4.bytes_for(64).unwrap(), 34);
+        // A count from a file that no memory holds is an error, not an overflow.
+        assert!(matches!(
+            DType::F32.bytes_for(usize::MAX),
+            Err(QuantError::TooLarge { .. })
+        ));
         assert_eq!(DType::Q8_0.bytes_for(64).unwrap(), 68);
         assert!(DType::Mxfp4.quantize(&[1.0; 31]).is_err());
         assert!(matches!(
