@@ -392,6 +392,18 @@ pub fn parse(
     known_actors: &[&str],
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<LaunchFile, LaunchError> {
+    parse_with_files(path, raw, known_actors, env, |p| std::fs::read_to_string(p))
+}
+
+/// [`parse`], reading the config and tuned files it names with `read` (the fuzz target reads
+/// none: a launch file that names `/dev/zero` is the operator's own doing, not an input's).
+pub fn parse_with_files(
+    path: &Path,
+    raw: &str,
+    known_actors: &[&str],
+    env: impl Fn(&str) -> Option<String>,
+    read: impl Fn(&Path) -> std::io::Result<String>,
+) -> Result<LaunchFile, LaunchError> {
     let file = path.display().to_string();
     let err = |line: usize, message: String| LaunchError {
         file: file.clone(),
@@ -468,7 +480,7 @@ pub fn parse(
         None => Table::new(),
         Some(t) => {
             let tpath = base_dir.join(t.get_ref());
-            match std::fs::read_to_string(&tpath) {
+            match read(&tpath) {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Table::new(),
                 Err(e) => return Err(err(at(t.span()), format!("tuned file {}: {e}", tpath.display()))),
                 Ok(ttext) => toml::from_str::<Table>(&ttext).map_err(|e| {
@@ -520,8 +532,8 @@ pub fn parse(
                 Some(cp) => {
                     let cpath = base_dir.join(cp.get_ref());
                     let cline = at(cp.span());
-                    let ctext = std::fs::read_to_string(&cpath)
-                        .map_err(|e| err(cline, format!("config file {}: {e}", cpath.display())))?;
+                    let ctext =
+                        read(&cpath).map_err(|e| err(cline, format!("config file {}: {e}", cpath.display())))?;
                     toml::from_str::<Table>(&ctext).map_err(|e| {
                         let l = e.span().map(|s| line_of(&ctext, s.start)).unwrap_or(0);
                         err(cline, format!("config file {}:{l}: {}", cpath.display(), e.message()))

@@ -132,6 +132,26 @@ pub fn rgb_to_chw(rgb: &[u8], out: &mut Vec<f32>) {
 
 /// An observation as the policy's input step: the image decoded to RGB8. Its sizes are checked
 /// against the model by `Runner::check`.
+/// The observations of a JSON request body (`serve`'s `/v1/act`): one Observation object, or an
+/// array of them, oldest first. The error says where the JSON or which observation is wrong.
+pub fn observations_from_json(body: &[u8]) -> Result<Vec<Observation>, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("JSON: line {} column {}: {e}", e.line(), e.column()))?;
+    let list = match v {
+        serde_json::Value::Array(items) => items,
+        one => vec![one],
+    };
+    let obs = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| serde_json::from_value::<Observation>(x).map_err(|e| format!("observation {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if obs.is_empty() {
+        return Err("no observation".into());
+    }
+    Ok(obs)
+}
+
 pub fn step_of(o: &Observation) -> Result<Step, PreprocessError> {
     step_of_within(o, &JpegLimits::default())
 }

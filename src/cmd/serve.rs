@@ -195,20 +195,7 @@ fn parse(headers: &HeaderMap, body: &Bytes) -> Result<Request, String> {
             session,
         });
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("JSON: line {} column {}: {e}", e.line(), e.column()))?;
-    let list = match v {
-        serde_json::Value::Array(items) => items,
-        one => vec![one],
-    };
-    let obs = list
-        .into_iter()
-        .enumerate()
-        .map(|(i, x)| serde_json::from_value::<Observation>(x).map_err(|e| format!("observation {i}: {e}")))
-        .collect::<Result<Vec<_>, _>>()?;
-    if obs.is_empty() {
-        return Err("no observation".into());
-    }
+    let obs = nanobot_policy::preprocess::observations_from_json(body)?;
     if session.is_some() && obs.len() > 1 {
         return Err("a session request carries one observation (the server keeps the history)".into());
     }
