@@ -131,10 +131,14 @@ impl ConnectArgs {
             .or_else(|| security.map(|s| s.keys.clone()));
         let mut keys_dir = keys_dir;
         let mut identity = identity;
+        // A launch file says whether its fleet is secured (flags still ask for TLS); without
+        // one, the environment may too.
         let explicit = self.identity.is_some()
             || self.keys_dir.is_some()
-            || env("NANOBOT_IDENTITY").is_some()
-            || env("NANOBOT_KEYS_DIR").is_some();
+            || (self.launch.is_none() && (env("NANOBOT_IDENTITY").is_some() || env("NANOBOT_KEYS_DIR").is_some()));
+        if security.is_none() && self.launch.is_some() && !explicit {
+            return Ok(None);
+        }
         if security.is_none() && !explicit {
             // No launch file and nothing said: a secured fleet started from this directory
             // (the main job) left its certificates here; a tool uses them unless told to
