@@ -154,6 +154,22 @@ config = "@CONFIGS@/trainer.toml"
     fleet.expect_line("rollout read back", Duration::from_secs(60));
     let rt = runtime();
 
+    // doctor prints who may do what: each node only its own actors' keys, engineers no change.
+    let out = nanobot().args(["doctor", "--launch"]).arg(&*file).output().unwrap();
+    let doctor = text(&out.stdout);
+    for line in [
+        "access    node.robots: nb/node/robots/** nb/r0/event nb/r0/obs nb/r0/raw/** nb/r0/rejects | - |",
+        "access    node.apu: nb/ckpt/candidate nb/node/apu/** | nb/replay/sample |",
+        "access    engineer.bob: - | ** (not nb/ckpt/control/promote nb/ckpt/control/rollback) | -",
+        "access    operator.alice: - | ** | -",
+    ] {
+        assert!(doctor.contains(line), "doctor lacks {line:?}:\n{doctor}");
+    }
+    assert!(
+        doctor.contains("ok        secured: TLS with mutual authentication") && !doctor.contains("WARN"),
+        "{doctor}"
+    );
+
     // bob, an engineer connected to the promoter's node, watches everything: the robots'
     // node's telemetry reaches him through it.
     let bob = open_as(&rt, &keys, "engineer.bob", p_learn);
@@ -413,4 +429,35 @@ print(json.dumps({
     );
     server.signal(libc::SIGTERM);
     server.wait(Duration::from_secs(10));
+}
+
+#[test]
+fn doctor_warns_about_a_plain_listener_beyond_loopback() {
+    let port = free_port();
+    let file = write_launch(
+        "doctor-plain",
+        &format!(
+            "[robots]\ncount = 1\n[[node]]\nname = \"open\"\nlisten = [\"tcp/0.0.0.0:{port}\"]\n[[node.actor]]\ntype = \"sim_robot\"\nfor_each_robot = true\n\
+             [[node]]\nname = \"local\"\nlisten = [\"tcp/127.0.0.1:{}\"]\n[[node.actor]]\ntype = \"stats_echo\"\n",
+            free_port()
+        ),
+    );
+    let out = nanobot()
+        .args(["doctor", "--connect-timeout", "0.5", "--launch"])
+        .arg(&*file)
+        .output()
+        .unwrap();
+    let doctor = text(&out.stdout);
+    assert!(
+        doctor.contains(&format!(
+            "WARN      node open listens on tcp/0.0.0.0:{port} beyond loopback without TLS"
+        )),
+        "{doctor}"
+    );
+    assert_eq!(
+        doctor.matches("beyond loopback without TLS").count(),
+        1,
+        "the loopback node is fine: {doctor}"
+    );
+    assert!(doctor.contains("not secured"), "{doctor}");
 }
