@@ -21,5 +21,6 @@ pub mod policy;
 pub mod promoter;
 pub mod replay;
 pub mod sim_robot;
+pub mod spool;
 pub mod stats_echo;
 pub mod trainer;

@@ -14,6 +14,14 @@
 //! episodes, interventions, rewards, preferences) go to the dataset's `meta/events.jsonl` at
 //! the same flush, for replay to weight rows by. The writer runs on a thread of its own
 //! (`nb-log-{robot}`): fsyncs, recovery and finalizing never hold up the async runtime.
+//!
+//! With `source = "spool"` the logger takes the robot's observations and events from the
+//! robot's spool (`{fleet}/log/{robot}/spool`, see [`crate::spool`]) instead of live: each one
+//! counts only when it follows the last one the logger holds ([`follows`]), so a message sent
+//! again after a restart or a partition is stored once, and one that comes after a gap waits
+//! until the spool sends what is missing. Its acknowledgements name the last durable row and
+//! event ([`StreamMark`]) and go out every half second even when nothing changed, so that a
+//! spool learns at once what a restarted logger lacks.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -22,17 +30,34 @@ use std::time::{Duration, Instant};
 use nanobot_dataset::{
     CameraSpec, DatasetSpec, DatasetWriter, Durability, EventLog, FileEntry, Frame, StoredEvent, WriterConfig,
 };
-use nanobot_messages::{codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized, TraceContext};
+use nanobot_messages::{
+    codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized, SpoolStream, Spooled, StreamMark,
+    TraceContext,
+};
 use serde::Deserialize;
 
 use crate::bus::{HopKind, Inbox, Keep, PubQos, Publisher, Received};
 use crate::runtime::{ActorError, Ctx, Input, Metrics, NodeActor, Worker};
+
+/// Where the logger takes a robot's observations and events from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogSource {
+    /// `{fleet}/{robot}/obs` and `{fleet}/{robot}/event` as they are published: what the
+    /// logger misses while it is down is not logged.
+    #[default]
+    Live,
+    /// The robot's spool (a `spool` actor on the robot's node): what the logger misses is sent
+    /// again until it is acknowledged.
+    Spool,
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoggerConfig {
     /// Dataset directory; `{fleet}` and `{robot}` expand.
     pub root: String,
+    pub source: LogSource,
     /// How often arrivals are made durable and acknowledged.
     pub flush_ms: u64,
     pub file_max_mb: f64,
@@ -61,6 +86,7 @@ impl Default for LoggerConfig {
         let sim = DatasetSpec::sim(20.0, 64, 8);
         LoggerConfig {
             root: "data/{fleet}/{robot}".into(),
+            source: LogSource::Live,
             flush_ms: 50,
             file_max_mb: 64.0,
             file_max_age_s: 5.0,
@@ -120,6 +146,18 @@ pub fn frame_of(seq: u64, stamp_ns: u64, obs: Observation) -> Frame {
     }
 }
 
+/// Whether a spooled message (`mark`, after `prev`) is the next one for a logger that holds
+/// everything up to `last` of its stream: it names `last` as its predecessor; or it has no
+/// predecessor (the spool's oldest, after a loss it counted) and is newer than `last`; or the
+/// logger holds nothing and it is the spool's oldest.
+pub fn follows(last: Option<StreamMark>, prev: Option<StreamMark>, mark: StreamMark) -> bool {
+    match (last, prev) {
+        (Some(l), Some(p)) => p == l,
+        (Some(l), None) => mark.stamp_ns > l.stamp_ns,
+        (None, p) => p.is_none(),
+    }
+}
+
 /// What the writer thread owns: the dataset, and the events file beside it.
 struct Disk {
     data: DatasetWriter,
@@ -130,6 +168,9 @@ struct Disk {
 struct Flushed {
     events: Result<(), nanobot_dataset::DatasetError>,
     refused: Vec<String>,
+    /// Rows the writer took, and the last of them.
+    taken: u64,
+    last_taken: Option<StreamMark>,
     submit: Result<(), nanobot_dataset::DatasetError>,
     rotated: Result<Vec<FileEntry>, nanobot_dataset::DatasetError>,
     pending: usize,
@@ -143,9 +184,23 @@ pub struct Logger {
     writer: Worker<Disk>,
     /// What the writer's journal thread has made durable (it wakes this actor as it grows).
     durability: Durability,
-    events: Inbox<Received<Event>>,
+    events: Option<Inbox<Received<Event>>>,
     events_logged: u64,
-    obs: Inbox<Received<Observation>>,
+    obs: Option<Inbox<Received<Observation>>>,
+    spool: Option<Inbox<Received<Spooled>>>,
+    /// The last row and event taken (in memory), and the last durable ones.
+    last_obs: Option<StreamMark>,
+    last_event: Option<StreamMark>,
+    durable_obs: Option<StreamMark>,
+    durable_event: Option<StreamMark>,
+    /// Rows handed to the writer so far, and per submitted batch: the row count once it is
+    /// durable, and its last row.
+    taken_rows: u64,
+    batches: std::collections::VecDeque<(u64, StreamMark)>,
+    last_ack: Option<Instant>,
+    /// Spooled messages that did not follow the last one held (sent again, or after a gap).
+    spool_skipped: u64,
+    spool_undecodable: u64,
     ack: Publisher<LogAck>,
     segments: Publisher<SegmentFinalized>,
     rows: u64,
@@ -166,6 +221,9 @@ pub struct Logger {
 /// forgotten: a trace then lacks its logger span, nothing else).
 const TRACED_MAX: usize = 1024;
 
+/// The longest time between two acknowledgements.
+const HEARTBEAT_MS: u64 = 500;
+
 impl Logger {
     fn disk_error(&mut self, ctx: &Ctx<Self>, e: &nanobot_dataset::DatasetError) {
         ctx.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -184,18 +242,34 @@ impl Logger {
     /// Hand what arrived to the writer thread: the rows go to the journal as one batch, the
     /// events to `meta/events.jsonl`; finalize the data file if it is due.
     async fn submit(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
-        let frames = self.take_arrivals(ctx.bus.exports_spans());
-        let events = self.take_events();
+        let (frames, events) = match self.spool.is_some() {
+            true => self.take_spooled(),
+            false => (self.take_arrivals(ctx.bus.exports_spans()), self.take_events()),
+        };
+        let last_event = events.last().map(|e| StreamMark {
+            seq: e.seq,
+            stamp_ns: e.stamp_ns,
+        });
         let check_rotation = self.failing_since.is_none();
         let done = self
             .writer
             .call(move |d| {
                 let events = d.events.append(&events);
                 let w = &mut d.data;
-                let refused = frames
-                    .into_iter()
-                    .filter_map(|f| w.push(f).err().map(|e| e.to_string()))
-                    .collect();
+                let (mut taken, mut last_taken, mut refused) = (0, None, Vec::new());
+                for f in frames {
+                    let mark = StreamMark {
+                        seq: f.seq,
+                        stamp_ns: f.stamp_ns,
+                    };
+                    match w.push(f) {
+                        Ok(()) => {
+                            taken += 1;
+                            last_taken = Some(mark);
+                        }
+                        Err(e) => refused.push(e.to_string()),
+                    }
+                }
                 let submit = w.submit();
                 let rotated = if check_rotation && submit.is_ok() {
                     w.rotate_if_due()
@@ -205,6 +279,8 @@ impl Logger {
                 Flushed {
                     events,
                     refused,
+                    taken,
+                    last_taken,
                     submit,
                     rotated,
                     pending: w.pending_rows(),
@@ -213,8 +289,18 @@ impl Logger {
             })
             .await
             .ok_or_else(|| ctx.failed("writer thread ended"))?;
-        if let Err(e) = &done.events {
-            self.disk_error(ctx, e);
+        match &done.events {
+            Ok(()) if last_event.is_some() => self.durable_event = last_event,
+            Ok(()) => {}
+            Err(e) => {
+                // The spool sends them again from the last durable one.
+                self.last_event = self.durable_event;
+                self.disk_error(ctx, e);
+            }
+        }
+        if let Some(mark) = done.last_taken {
+            self.taken_rows += done.taken;
+            self.batches.push_back((self.taken_rows, mark));
         }
         for e in &done.refused {
             self.refused += 1;
@@ -234,24 +320,36 @@ impl Logger {
     }
 
     /// Acknowledge every row that became durable since the last acknowledgement.
+    /// Every half second the acknowledgement goes out even when nothing changed: the logger's
+    /// heartbeat, from which a robot's spool learns what this logger holds.
     async fn acknowledge(&mut self, ctx: &Ctx<Self>) {
-        let (Some(last_seq), rows) = self.durability.get() else {
+        let (last_seq, rows) = self.durability.get();
+        while self.batches.front().is_some_and(|(n, _)| *n <= rows) {
+            self.durable_obs = self.batches.pop_front().map(|(_, m)| m);
+        }
+        let heartbeat = self
+            .last_ack
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(HEARTBEAT_MS));
+        if rows <= self.rows && !heartbeat {
             return;
+        }
+        if rows > self.rows {
+            if let Some(since) = self.failing_since.take() {
+                tracing::info!(robot = %self.robot, after_s = since.elapsed().as_secs_f32(), "dataset writable again");
+            }
+            ctx.counters.handled.fetch_add(rows - self.rows, Ordering::Relaxed);
+            self.pending = self.pending.saturating_sub((rows - self.rows) as usize);
+            self.rows = rows;
+        }
+        self.last_ack = Some(Instant::now());
+        let last_seq = last_seq.unwrap_or(0);
+        let ack = LogAck {
+            last_seq,
+            rows,
+            last: self.durable_obs,
+            last_event: self.durable_event,
         };
-        if rows <= self.rows {
-            return;
-        }
-        if let Some(since) = self.failing_since.take() {
-            tracing::info!(robot = %self.robot, after_s = since.elapsed().as_secs_f32(), "dataset writable again");
-        }
-        ctx.counters.handled.fetch_add(rows - self.rows, Ordering::Relaxed);
-        self.pending = self.pending.saturating_sub((rows - self.rows) as usize);
-        self.rows = rows;
-        if let Err(e) = self
-            .ack
-            .put_with(&LogAck { last_seq, rows }, last_seq, now_ns(), None)
-            .await
-        {
+        if let Err(e) = self.ack.put_with(&ack, last_seq, now_ns(), None).await {
             tracing::warn!(robot = %self.robot, error = %e, "ack not published");
         }
         // The sampled rows this acknowledgement covers end their traces here.
@@ -269,7 +367,10 @@ impl Logger {
     /// dropped and counted.
     fn take_arrivals(&mut self, follow_traces: bool) -> Vec<Frame> {
         let mut frames = Vec::new();
-        while let Some(r) = self.obs.take() {
+        let Some(obs) = &self.obs else {
+            return frames;
+        };
+        while let Some(r) = obs.take() {
             if self.pending + frames.len() >= self.cfg.max_pending_rows {
                 self.over_budget += 1;
                 continue;
@@ -280,28 +381,126 @@ impl Logger {
                 }
                 self.traced.push_back((t, r.header.seq, now_ns()));
             }
+            self.last_obs = Some(StreamMark {
+                seq: r.header.seq,
+                stamp_ns: r.header.stamp_ns,
+            });
             frames.push(frame_of(r.header.seq, r.header.stamp_ns, r.msg));
         }
         frames
+    }
+
+    /// What the spool sent, in its order: each row and event that follows the last one held,
+    /// within the pending budget (what is not taken now is sent again).
+    fn take_spooled(&mut self) -> (Vec<Frame>, Vec<StoredEvent>) {
+        let (mut frames, mut events) = (Vec::new(), Vec::new());
+        let Some(spool) = &self.spool else {
+            return (frames, events);
+        };
+        while let Some(r) = spool.take() {
+            let bytes = r.msg.message.to_bytes();
+            let Some(mark) = crate::spool::log::mark_of(&bytes) else {
+                self.spool_undecodable += 1;
+                continue;
+            };
+            let last = match r.msg.stream {
+                SpoolStream::Observations => self.last_obs,
+                SpoolStream::Events => self.last_event,
+            };
+            if !follows(last, r.msg.prev, mark) {
+                self.spool_skipped += 1;
+                continue;
+            }
+            match r.msg.stream {
+                SpoolStream::Observations => {
+                    if self.pending + frames.len() >= self.cfg.max_pending_rows {
+                        continue;
+                    }
+                    match nanobot_messages::decode::<Observation>(bytes) {
+                        Ok((h, obs)) => {
+                            self.last_obs = Some(mark);
+                            frames.push(frame_of(h.seq, h.stamp_ns, obs));
+                        }
+                        Err(e) => {
+                            self.spool_undecodable += 1;
+                            tracing::warn!(robot = %self.robot, seq = mark.seq, "spooled observation not readable: {e}");
+                        }
+                    }
+                }
+                SpoolStream::Events => match nanobot_messages::decode::<Event>(bytes) {
+                    Ok((h, ev)) => match serde_json::to_value(&ev) {
+                        Ok(event) => {
+                            self.last_event = Some(mark);
+                            events.push(StoredEvent {
+                                seq: h.seq,
+                                stamp_ns: h.stamp_ns,
+                                event,
+                            });
+                        }
+                        Err(e) => tracing::warn!(robot = %self.robot, "event not logged: {e}"),
+                    },
+                    Err(e) => {
+                        self.spool_undecodable += 1;
+                        tracing::warn!(robot = %self.robot, seq = mark.seq, "spooled event not readable: {e}");
+                    }
+                },
+            }
+        }
+        self.events_logged += events.len() as u64;
+        (frames, events)
     }
 
     /// The events that arrived, as stored lines (`seq` is the envelope's: the robot's tick, the
     /// same numbering as its rows' `seq`).
     fn take_events(&mut self) -> Vec<StoredEvent> {
         let mut out = Vec::new();
-        while let Some(r) = self.events.take() {
+        let Some(inbox) = &self.events else {
+            return out;
+        };
+        while let Some(r) = inbox.take() {
             match serde_json::to_value(&r.msg) {
-                Ok(event) => out.push(StoredEvent {
-                    seq: r.header.seq,
-                    stamp_ns: r.header.stamp_ns,
-                    event,
-                }),
+                Ok(event) => {
+                    self.last_event = Some(StreamMark {
+                        seq: r.header.seq,
+                        stamp_ns: r.header.stamp_ns,
+                    });
+                    out.push(StoredEvent {
+                        seq: r.header.seq,
+                        stamp_ns: r.header.stamp_ns,
+                        event,
+                    })
+                }
                 Err(e) => tracing::warn!(robot = %self.robot, "event not logged: {e}"),
             }
         }
         self.events_logged += out.len() as u64;
         out
     }
+}
+
+/// The last row of the dataset and the last event of its events file, as they are on disk.
+fn last_marks(d: &Disk) -> Result<(Option<StreamMark>, Option<StreamMark>), String> {
+    let w = &d.data;
+    let row = match w.manifest().files.last() {
+        Some(f) if f.rows > 0 => {
+            let path = w.root().join(&f.path);
+            let c = nanobot_dataset::Columns::read(&path, &w.manifest().spec).map_err(|e| e.to_string())?;
+            c.rows.checked_sub(1).map(|i| {
+                let r = c.frame(i);
+                StreamMark {
+                    seq: r.seq,
+                    stamp_ns: r.stamp_ns,
+                }
+            })
+        }
+        _ => None,
+    };
+    let (events, _, _) = nanobot_dataset::read_events(w.root(), 0).map_err(|e| e.to_string())?;
+    let event = events.last().map(|e| StreamMark {
+        seq: e.seq,
+        stamp_ns: e.stamp_ns,
+    });
+    Ok((row, event))
 }
 
 /// Announce finalized files on `{fleet}/log/{robot}/segment`.
@@ -357,28 +556,41 @@ impl NodeActor for Logger {
         })
         .await
         .map_err(|e| ctx.config_error(format!("dataset {}: {e}", root.display())))?;
-        let (durability, files) = writer
-            .call(|d| (d.data.durability(), d.data.manifest().files.len()))
+        let (durability, files, marks) = writer
+            .call(|d| (d.data.durability(), d.data.manifest().files.len(), last_marks(d)))
             .await
             .ok_or_else(|| ctx.failed("writer thread ended"))?;
+        let (last_obs, last_event) = marks.map_err(|e| ctx.config_error(format!("dataset {}: {e}", root.display())))?;
         let (last, rows) = durability.get();
         let wake = ctx.sender();
         durability.on_durable(move || {
             wake.send(());
         });
         tracing::info!(robot, root = %root.display(), rows, last_seq = ?last, "logging");
+        let keep = Keep::All { queue: cfg.queue };
+        let live = cfg.source == LogSource::Live;
         let state = Logger {
-            obs: ctx
-                .subscribe("obs", &topics::obs(fleet, &robot), Keep::All { queue: cfg.queue }, None)
-                .await?,
-            events: ctx
-                .subscribe(
-                    "events",
-                    &topics::event(fleet, &robot),
-                    Keep::All { queue: cfg.queue },
-                    None,
-                )
-                .await?,
+            obs: match live {
+                true => Some(ctx.subscribe("obs", &topics::obs(fleet, &robot), keep, None).await?),
+                false => None,
+            },
+            events: match live {
+                true => Some(ctx.subscribe("events", &topics::event(fleet, &robot), keep, None).await?),
+                false => None,
+            },
+            spool: match live {
+                true => None,
+                false => Some(ctx.subscribe("spool", &topics::spool(fleet, &robot), keep, None).await?),
+            },
+            last_obs,
+            last_event,
+            durable_obs: last_obs,
+            durable_event: last_event,
+            taken_rows: rows,
+            batches: std::collections::VecDeque::new(),
+            last_ack: None,
+            spool_skipped: 0,
+            spool_undecodable: 0,
             events_logged: 0,
             ack: ctx
                 .publisher(&topics::log_ack(fleet, &robot), &robot, PubQos::Data)
@@ -420,13 +632,19 @@ impl NodeActor for Logger {
         m.set("dropped_over_budget", self.over_budget as f64);
         m.set("files", self.files as f64);
         m.set("events", self.events_logged as f64);
+        if self.spool.is_some() {
+            m.set("spool_skipped", self.spool_skipped as f64);
+            m.set("spool_undecodable", self.spool_undecodable as f64);
+        }
     }
 
     async fn stop(&mut self, _ctx: &Ctx<Self>) {
         // A clean stop finalizes the open file; a crash leaves the journal for the next start.
         // (No acknowledgement follows, so no trace is followed further.)
-        let frames = self.take_arrivals(false);
-        let events = self.take_events();
+        let (frames, events) = match self.spool.is_some() {
+            true => self.take_spooled(),
+            false => (self.take_arrivals(false), self.take_events()),
+        };
         let done = self
             .writer
             .call(move |d| {

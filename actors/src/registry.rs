@@ -12,6 +12,7 @@ pub const ACTORS: &[ActorKind] = &[
     ActorKind::of::<crate::policy::PolicyActor>(),
     ActorKind::of::<crate::promoter::Promoter>(),
     ActorKind::of::<crate::replay::Replay>(),
+    ActorKind::of::<crate::spool::Spool>(),
     ActorKind::of::<crate::stats_echo::StatsEcho>(),
     ActorKind::of::<crate::trainer::TrainerActor>(),
 ];

@@ -79,6 +79,11 @@ fn main() {
             AnyMessage::LogAck(LogAck {
                 last_seq: u64::MAX,
                 rows: 3,
+                last: Some(StreamMark {
+                    seq: u64::MAX,
+                    stamp_ns: u64::MAX,
+                }),
+                last_event: None,
             }),
         ),
         (

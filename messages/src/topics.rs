@@ -79,6 +79,10 @@ pub fn rejects(fleet: &str, robot: &str) -> String {
 pub fn log_ack(fleet: &str, robot: &str) -> String {
     format!("{fleet}/log/{robot}/ack")
 }
+/// A robot's spool → its logger: what the robot produced, kept until acknowledged.
+pub fn spool(fleet: &str, robot: &str) -> String {
+    format!("{fleet}/log/{robot}/spool")
+}
 pub fn segment(fleet: &str, robot: &str) -> String {
     format!("{fleet}/log/{robot}/segment")
 }

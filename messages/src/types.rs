@@ -309,6 +309,7 @@ message_table! {
     15 => PolicyStatus,
     16 => CkptCommand,
     17 => CkptReply,
+    18 => Spooled [message],
 }
 
 /// How the bytes of a frame or image are encoded.
@@ -796,10 +797,49 @@ pub struct Reject {
 }
 
 /// The logger's acknowledgement: `{fleet}/log/{robot}/ack`. Every observation up to `last_seq`
-/// that reached the logger is durable (it survives `kill -9`).
+/// that reached the logger is durable (it survives `kill -9`). Published when rows become
+/// durable and, as the logger's heartbeat, every half second: a robot's spool trims what
+/// `last` and `last_event` name and sends again what follows them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LogAck {
     pub last_seq: u64,
     /// Durable rows in the robot's dataset.
     pub rows: u64,
+    /// The last durable row (none while the dataset is empty).
+    #[serde(default)]
+    pub last: Option<StreamMark>,
+    /// The last durable event in the dataset's `meta/events.jsonl`.
+    #[serde(default)]
+    pub last_event: Option<StreamMark>,
+}
+
+/// One message of a robot's stream, named by its envelope's sequence number (the robot's tick)
+/// and stamp: a tick number alone repeats when a robot restarts, the pair does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StreamMark {
+    pub seq: u64,
+    pub stamp_ns: u64,
+}
+
+/// Which of a robot's streams a spooled message belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SpoolStream {
+    /// Observations (`{fleet}/{robot}/obs`): the dataset's rows.
+    Observations,
+    /// Events (`{fleet}/{robot}/event`): the dataset's `meta/events.jsonl`.
+    Events,
+}
+
+/// A message a robot's spool kept on the robot's node and sends on to the logger:
+/// `{fleet}/log/{robot}/spool`, in the order it was produced. `prev` names the message before
+/// it in its stream, so the logger takes each one exactly once and in order (after a logger
+/// restart or a partition, the spool sends again from the last acknowledged one); none when
+/// nothing before it can still come (the spool's first message, or the first after messages
+/// were dropped over the spool's disk budget).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spooled {
+    pub stream: SpoolStream,
+    pub prev: Option<StreamMark>,
+    /// The message as it was published: a whole envelope (an Observation or an Event).
+    pub message: Blob,
 }

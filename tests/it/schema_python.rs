@@ -173,6 +173,20 @@ fn samples() -> Vec<AnyMessage> {
         LogAck {
             last_seq: 99,
             rows: 100,
+            last: Some(StreamMark {
+                seq: 99,
+                stamp_ns: 1_700_000_000_000_000_000,
+            }),
+            last_event: None,
+        }
+        .into(),
+        Spooled {
+            stream: SpoolStream::Events,
+            prev: Some(StreamMark {
+                seq: 98,
+                stamp_ns: 1_699_999_999_000_000_000,
+            }),
+            message: Blob::new(vec![7u8; 12]),
         }
         .into(),
     ];

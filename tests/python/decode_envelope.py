@@ -12,7 +12,8 @@ import zenoh
 
 KINDS = {1: "RawFrame", 2: "Observation", 3: "ActionChunk", 4: "Event", 5: "SegmentFinalized",
          6: "ReplayRequest", 7: "ReplayBatch", 8: "Candidate", 9: "Promoted", 10: "Stats", 11: "Reject", 12: "LogAck",
-         13: "AdapterRequest", 14: "AdapterBytes", 15: "PolicyStatus", 16: "CkptCommand", 17: "CkptReply"}
+         13: "AdapterRequest", 14: "AdapterBytes", 15: "PolicyStatus", 16: "CkptCommand", 17: "CkptReply",
+         18: "Spooled"}
 ENCODINGS = ["Jpeg", "Rgb8", "F32Le", "Bytes"]
 
 

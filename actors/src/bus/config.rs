@@ -179,4 +179,8 @@ pub enum PubQos {
     Sensor,
     /// Data that must arrive (logging, checkpoints): block on congestion.
     Data,
+    /// Data that its sender keeps and sends again until it is acknowledged (a robot's spool):
+    /// drops on congestion rather than stall its sender, at the lowest priority, behind
+    /// control and sensor traffic.
+    Bulk,
 }

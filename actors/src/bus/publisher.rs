@@ -21,6 +21,7 @@ impl Bus {
             PubQos::Control => (CongestionControl::Drop, Priority::InteractiveHigh, true),
             PubQos::Sensor => (CongestionControl::Block, Priority::InteractiveHigh, true),
             PubQos::Data => (CongestionControl::Block, Priority::Data, false),
+            PubQos::Bulk => (CongestionControl::Drop, Priority::Background, false),
         };
         let key_expr = KeyExpr::from(owned_key(key)?);
         // Zenoh carries the message to other sessions only: this session's subscribers get it
