@@ -618,6 +618,23 @@ pub fn parse_with_files(
             actors,
         });
     }
+    // A logger that takes a robot's data from its spool needs that spool somewhere.
+    use crate::runtime::NodeActor;
+    let all = || nodes.iter().flat_map(|n| &n.actors);
+    for a in all().filter(|a| a.kind == crate::logger::Logger::KIND) {
+        let spooled = a.config.get("source").and_then(Value::as_str) == Some("spool");
+        if spooled && !all().any(|s| s.kind == crate::spool::Spool::KIND && s.robot == a.robot) {
+            let line = a.origin.rsplit(':').next().and_then(|l| l.parse().ok()).unwrap_or(0);
+            return Err(err(
+                line,
+                format!(
+                    "actor {}: source = \"spool\", but no spool actor runs for robot {:?} (add one of type \"spool\" with for_each_robot = true on the robot's node)",
+                    a.name,
+                    a.robot.as_deref().unwrap_or("")
+                ),
+            ));
+        }
+    }
     let mut lf = LaunchFile {
         path: path.to_path_buf(),
         fleet,
@@ -682,7 +699,7 @@ pub fn parse_with_files(
 mod tests {
     use super::*;
 
-    const KNOWN: &[&str] = &["sim_robot", "expert"];
+    const KNOWN: &[&str] = &["sim_robot", "expert", "spool", "logger"];
 
     fn parse_str(text: &str) -> Result<LaunchFile, LaunchError> {
         parse(Path::new("test.toml"), text, KNOWN, |k| {
@@ -776,6 +793,22 @@ type = "expert"
         assert!(e.message.contains("window_s"), "{e}");
         let e = parse_str("x = [1,\n").unwrap_err();
         assert!(e.line >= 1 && !e.message.is_empty());
+    }
+
+    #[test]
+    fn a_logger_fed_by_a_spool_needs_that_robots_spool() {
+        let text = |spools: &str| {
+            format!(
+                "[robots]\nids = [\"a\", \"b\"]\n[[node]]\nname = \"n\"\n[[node.actor]]\ntype = \"spool\"\n{spools}\n[[node.actor]]\ntype = \"logger\"\nfor_each_robot = true\nset = {{ source = \"spool\" }}\n"
+            )
+        };
+        let e = parse_str(&text("robots = [\"a\"]")).unwrap_err();
+        assert_eq!(e.line, 8, "{e}");
+        assert!(
+            e.message.contains("logger_b") && e.message.contains("robot \"b\""),
+            "{e}"
+        );
+        assert!(parse_str(&text("for_each_robot = true")).is_ok());
     }
 
     #[test]

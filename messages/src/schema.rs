@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 pub use serde_reflection::Registry;
 use serde_reflection::{ContainerFormat, Format, Named, Tracer, TracerConfig, VariantFormat};
 
-use crate::types::{ActionSource, DType, Encoding, EventKind, Kind, KindVisitor, Message};
+use crate::types::{ActionSource, DType, Encoding, EventKind, Kind, KindVisitor, Message, SpoolStream};
 
 /// Every message kind's types, by name: structs (fields in order), enums (variants by index),
 /// and `Blob`.
@@ -37,6 +37,7 @@ pub fn registry() -> Result<Registry, String> {
     tracer.trace_simple_type::<Encoding>().map_err(err)?;
     tracer.trace_simple_type::<ActionSource>().map_err(err)?;
     tracer.trace_simple_type::<DType>().map_err(err)?;
+    tracer.trace_simple_type::<SpoolStream>().map_err(err)?;
     for k in Kind::ALL {
         k.visit(Trace(&mut tracer))?;
     }

@@ -53,8 +53,8 @@ fn two_nodes_exchange_messages_through_the_shipped_launch_file() {
             ("NB_CHECKPOINT", at("no-base-yet.safetensors")),
         ],
     );
-    // apu: 2 experts, replay, trainer; robot: 2 robots, 2 ingests, 2 loggers.
-    fleet.expect_actors(10, Duration::from_secs(20));
+    // apu: 2 experts, replay, trainer; robot: 2 robots, 2 ingests, 2 spools, 2 loggers.
+    fleet.expect_actors(12, Duration::from_secs(20));
     let ep = format!("tcp/127.0.0.1:{robot}");
     // Actions made on the apu node for the robot on the robot node, answering its state frames.
     let out = tool(&[

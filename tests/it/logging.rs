@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use nanobot_messages::device::{DeviceFrame, Sensor};
-use nanobot_messages::{LogAck, Observation, Reject};
+use nanobot_messages::{Event, LogAck, Observation, Reject};
 
 /// The four device frames of one robot tick: camera, surface, action, then state.
 fn tick_frames(robot: &str, i: u32, jpeg: &[u8]) -> Vec<Vec<u8>> {
@@ -220,6 +220,162 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
         rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
         "pyarrow reads exactly the stored rows"
     );
+}
+
+/// Store-and-forward: with a spool on the robot's node, the logger killed eight times (and left
+/// down for up to a second each time) still ends with every observation and every event the
+/// robot produced, each exactly once, in the order produced.
+#[test]
+fn with_a_spool_nothing_is_lost_or_stored_twice_across_eight_kill_9s_of_the_logger() {
+    let port = free_port();
+    let data = temp_dir("spool-kill9");
+    let file = write_launch(
+        "spool-kill9",
+        &format!(
+            r#"
+[robots]
+ids = ["r0"]
+[[node]]
+name = "robot"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+set = {{ sim = {{ rate_hz = 50.0 }} }}
+[[node.actor]]
+type = "expert"
+for_each_robot = true
+config = "@CONFIGS@/expert.toml"
+set = {{ rate_hz = 50.0 }}
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+set = {{ rate_hz = 50.0 }}
+[[node.actor]]
+type = "spool"
+for_each_robot = true
+config = "@CONFIGS@/spool.toml"
+set = {{ dir = "{root}/spool/{{robot}}", segment_kb = 256, resend_after_ms = 300 }}
+[[node]]
+name = "log"
+connect = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "logger"
+for_each_robot = true
+config = "@CONFIGS@/logger.toml"
+set = {{ root = "{root}/data/{{robot}}", source = "spool", flush_ms = 20, file_max_age_s = 0.3, fps = 50.0 }}
+"#,
+            root = data.display()
+        ),
+    );
+    let run = |node: &str| {
+        let mut c = nanobot();
+        c.args(["run", "--launch"]).arg(&file).args(["--node", node]);
+        Proc::spawn(c)
+    };
+    let mut robot = run("robot");
+    robot.expect_actors(4, Duration::from_secs(30));
+    let rt = runtime();
+    let bus = rt.block_on(client(port));
+    let acks = Arc::new(Mutex::new(Vec::<LogAck>::new()));
+    let a = acks.clone();
+    let _sub = rt
+        .block_on(bus.subscribe_callback::<LogAck>("nb/log/r0/ack", move |r| a.lock().unwrap().push(r.msg)))
+        .unwrap();
+    // What the robot produced, as (seq, stamp), in order.
+    let produced = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let p = produced.clone();
+    let _obs = rt
+        .block_on(bus.subscribe_callback::<Observation>("nb/r0/obs", move |r| {
+            p.lock().unwrap().push((r.header.seq, r.header.stamp_ns))
+        }))
+        .unwrap();
+    let events = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
+    let e = events.clone();
+    let _ev = rt
+        .block_on(bus.subscribe_callback::<Event>("nb/r0/event", move |r| {
+            e.lock().unwrap().push((r.header.seq, r.header.stamp_ns))
+        }))
+        .unwrap();
+    let n_acks = || acks.lock().unwrap().len();
+    let mut rng = 0x2545f4914f6cdd1du64;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng >> 33
+    };
+    for round in 0..8 {
+        let before = n_acks();
+        let mut logger = run("log");
+        wait_until(&format!("acks in round {round}"), Duration::from_secs(30), || {
+            n_acks() >= before + 3
+        });
+        std::thread::sleep(Duration::from_millis(next() % 600));
+        logger.signal(libc::SIGKILL);
+        logger.wait(Duration::from_secs(10));
+        // Down for a while: the robot goes on producing.
+        std::thread::sleep(Duration::from_millis(200 + next() % 800));
+    }
+    // A last run: it must catch up with everything produced before it started, and more.
+    let until = *produced.lock().unwrap().last().expect("observations were produced");
+    let until_event = *events.lock().unwrap().last().expect("events were produced");
+    let mut logger = run("log");
+    wait_until("the logger to catch up with the spool", Duration::from_secs(60), || {
+        acks.lock().unwrap().last().is_some_and(|a| {
+            a.last.is_some_and(|m| m.stamp_ns > until.1)
+                && a.last_event.is_some_and(|m| m.stamp_ns >= until_event.1)
+        })
+    });
+    logger.signal(libc::SIGTERM);
+    assert!(logger.wait(Duration::from_secs(20)).success());
+    drop(robot);
+
+    let last = acks.lock().unwrap().last().cloned().unwrap();
+    let (acked, acked_event) = (last.last.unwrap(), last.last_event.unwrap());
+    let root = data.join("data/r0");
+    let (_, rows) = nanobot_dataset::read_dataset(&root).unwrap();
+    let stored: Vec<(u64, u64)> = rows.iter().map(|r| (r.seq, r.stamp_ns)).collect();
+    let produced = produced.lock().unwrap().clone();
+    let upto = produced.iter().position(|p| *p == (acked.seq, acked.stamp_ns)).unwrap() + 1;
+    let mut count: HashMap<(u64, u64), usize> = HashMap::new();
+    for r in &stored {
+        *count.entry(*r).or_default() += 1;
+    }
+    let dup = count.values().filter(|n| **n > 1).count();
+    let lost = produced[..upto].iter().filter(|p| !count.contains_key(p)).count();
+    eprintln!(
+        "observations: {upto} produced up to the last acknowledgement, {} logged, {lost} lost, {dup} stored twice",
+        stored.len()
+    );
+    assert_eq!((lost, dup), (0, 0));
+    // The test's subscription started after the robot: its first observation is somewhere in.
+    let from = stored.iter().position(|s| *s == produced[0]).unwrap();
+    assert_eq!(
+        stored[from..from + upto],
+        produced[..upto],
+        "every observation once, in the order produced"
+    );
+
+    let (logged, _, bad) = nanobot_dataset::read_events(&root, 0).unwrap();
+    assert_eq!(bad, 0);
+    let logged: Vec<(u64, u64)> = logged.iter().map(|e| (e.seq, e.stamp_ns)).collect();
+    let events = events.lock().unwrap().clone();
+    let upto = events
+        .iter()
+        .position(|p| *p == (acked_event.seq, acked_event.stamp_ns))
+        .unwrap()
+        + 1;
+    eprintln!("events: {upto} produced up to the last acknowledgement, {} logged", logged.len());
+    assert!(upto >= 10, "{upto} events");
+    let from = logged.iter().position(|s| *s == events[0]).unwrap();
+    assert_eq!(
+        logged[from..from + upto],
+        events[..upto],
+        "every event once, in the order produced"
+    );
+    let report = nanobot_dataset::verify(&root).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
 }
 
 #[test]

@@ -189,8 +189,8 @@ fn every_shipped_launch_file_parses_and_the_main_one_runs() {
         .env("NB_PORT", port.to_string())
         .env("NB_CHECKPOINT", &base);
     let mut fleet = Proc::spawn(cmd);
-    // Four robots × (sim_robot, ingest, logger, policy), replay, trainer, promoter.
-    fleet.expect_actors(19, Duration::from_secs(60));
+    // Four robots × (sim_robot, ingest, spool, logger, policy), replay, trainer, promoter.
+    fleet.expect_actors(23, Duration::from_secs(60));
     let acks = nanobot()
         .args([
             "topic",
