@@ -607,8 +607,12 @@ pub fn parse_with_files(
                 });
             }
         }
-        if actors.is_empty() {
-            return Err(err(nline, format!("node {name:?} has no [[node.actor]]")));
+        // A router routes for the others and may run no actor of its own.
+        if actors.is_empty() && mode != Mode::Router {
+            return Err(err(
+                nline,
+                format!("node {name:?} has no [[node.actor]] (only a node with mode = \"router\" may have none)"),
+            ));
         }
         nodes.push(NodePlan {
             name,

@@ -31,8 +31,7 @@ use nanobot_dataset::{
     CameraSpec, DatasetSpec, DatasetWriter, Durability, EventLog, FileEntry, Frame, StoredEvent, WriterConfig,
 };
 use nanobot_messages::{
-    codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized, SpoolStream, Spooled, StreamMark,
-    TraceContext,
+    codec::now_ns, topics, Event, LogAck, Observation, SegmentFinalized, SpoolStream, Spooled, StreamMark, TraceContext,
 };
 use serde::Deserialize;
 
@@ -575,12 +574,18 @@ impl NodeActor for Logger {
                 false => None,
             },
             events: match live {
-                true => Some(ctx.subscribe("events", &topics::event(fleet, &robot), keep, None).await?),
+                true => Some(
+                    ctx.subscribe("events", &topics::event(fleet, &robot), keep, None)
+                        .await?,
+                ),
                 false => None,
             },
             spool: match live {
                 true => None,
-                false => Some(ctx.subscribe("spool", &topics::spool(fleet, &robot), keep, None).await?),
+                false => Some(
+                    ctx.subscribe("spool", &topics::spool(fleet, &robot), keep, None)
+                        .await?,
+                ),
             },
             last_obs,
             last_event,

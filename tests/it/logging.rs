@@ -129,8 +129,13 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     let bus = rt.block_on(client(port));
     let acks = Arc::new(Mutex::new(Vec::<u64>::new()));
     let a = acks.clone();
+    // (An empty dataset's heartbeat acknowledges nothing: rows 0.)
     let _sub = rt
-        .block_on(bus.subscribe_callback::<LogAck>("nb/log/r0/ack", move |r| a.lock().unwrap().push(r.msg.last_seq)))
+        .block_on(bus.subscribe_callback::<LogAck>("nb/log/r0/ack", move |r| {
+            if r.msg.rows > 0 {
+                a.lock().unwrap().push(r.msg.last_seq)
+            }
+        }))
         .unwrap();
     // Every observation ingest published, to check what each run of the logger acknowledged.
     let published = Arc::new(Mutex::new(std::collections::BTreeSet::<u64>::new()));
@@ -193,8 +198,12 @@ set = {{ root = "{root}/{{robot}}", flush_ms = 20, file_max_age_s = 0.3, fps = 5
     let published = published.lock().unwrap().clone();
     let mut covered = 0;
     for r in &runs {
-        let acks_of_run = &acked[r.clone()];
-        assert!(acks_of_run.len() >= 3, "each run acknowledged rows: {acks_of_run:?}");
+        // A run's first acknowledgement restates what its start recovered (rows made durable
+        // by the run before, perhaps after that run's last acknowledgement): the observations
+        // published between the two runs were never received. What the run itself received
+        // is covered from its second on.
+        let acks_of_run = &acked[r.start + 1..r.end];
+        assert!(acks_of_run.len() >= 2, "each run acknowledged rows: {acks_of_run:?}");
         let (first, last) = (acks_of_run[0], *acks_of_run.last().unwrap());
         let lost: Vec<u64> = published
             .range(first + 1..=last)
@@ -323,8 +332,7 @@ set = {{ root = "{root}/data/{{robot}}", source = "spool", flush_ms = 20, file_m
     let mut logger = run("log");
     wait_until("the logger to catch up with the spool", Duration::from_secs(60), || {
         acks.lock().unwrap().last().is_some_and(|a| {
-            a.last.is_some_and(|m| m.stamp_ns > until.1)
-                && a.last_event.is_some_and(|m| m.stamp_ns >= until_event.1)
+            a.last.is_some_and(|m| m.stamp_ns > until.1) && a.last_event.is_some_and(|m| m.stamp_ns >= until_event.1)
         })
     });
     logger.signal(libc::SIGTERM);
@@ -366,7 +374,10 @@ set = {{ root = "{root}/data/{{robot}}", source = "spool", flush_ms = 20, file_m
         .position(|p| *p == (acked_event.seq, acked_event.stamp_ns))
         .unwrap()
         + 1;
-    eprintln!("events: {upto} produced up to the last acknowledgement, {} logged", logged.len());
+    eprintln!(
+        "events: {upto} produced up to the last acknowledgement, {} logged",
+        logged.len()
+    );
     assert!(upto >= 10, "{upto} events");
     let from = logged.iter().position(|s| *s == events[0]).unwrap();
     assert_eq!(

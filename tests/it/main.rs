@@ -16,6 +16,7 @@ mod policy_cli;
 mod promotion;
 mod python_interop;
 mod record;
+mod router;
 mod runtime;
 mod schema_python;
 mod secured;

@@ -331,10 +331,11 @@ impl SpoolLog {
             }
             let (first, file) = open.as_ref().expect("opened above");
             let mut buf = vec![0u8; e.len as usize];
-            file.read_exact_at(&mut buf, e.offset).map_err(|source| SpoolError::Io {
-                path: self.dir.join(format!("{first:020}.seg")),
-                source,
-            })?;
+            file.read_exact_at(&mut buf, e.offset)
+                .map_err(|source| SpoolError::Io {
+                    path: self.dir.join(format!("{first:020}.seg")),
+                    source,
+                })?;
             out.push((index, Bytes::from(buf)));
         }
         Ok(out)
@@ -499,7 +500,11 @@ mod tests {
         assert!(gone > 0 && gone <= 7, "{gone}");
         assert_eq!(log.first(), gone);
         assert!(log.bytes() < bytes);
-        assert_eq!(log.prev(gone), Some(mark(gone - 1)), "the oldest still names its predecessor");
+        assert_eq!(
+            log.prev(gone),
+            Some(mark(gone - 1)),
+            "the oldest still names its predecessor"
+        );
         drop(log);
         let (log, _) = SpoolLog::open(dir.path(), 150).unwrap();
         assert_eq!((log.first(), log.next()), (gone, 12));

@@ -237,9 +237,7 @@ impl Disk {
                 Ok((indices, unreadable)) => {
                     t.kept += indices.len() as u64;
                     t.unreadable += unreadable as u64;
-                    let good = arrivals
-                        .into_iter()
-                        .filter(|b| log::mark_of(b).is_some());
+                    let good = arrivals.into_iter().filter(|b| log::mark_of(b).is_some());
                     fresh[k] = indices.into_iter().zip(good).collect();
                 }
                 Err(e) => t.errors.push(e.to_string()),
@@ -377,7 +375,9 @@ impl NodeActor for Spool {
         let keep = Keep::All { queue: cfg.queue };
         let wake: Option<fn() -> Arrived> = Some(|| Arrived);
         let state = Spool {
-            obs: ctx.subscribe_raw("obs", &topics::obs(fleet, &robot), keep, wake).await?,
+            obs: ctx
+                .subscribe_raw("obs", &topics::obs(fleet, &robot), keep, wake)
+                .await?,
             events: ctx
                 .subscribe_raw("events", &topics::event(fleet, &robot), keep, wake)
                 .await?,
@@ -442,7 +442,9 @@ impl NodeActor for Spool {
             };
             match self.out.put_with(m, mark.seq, mark.stamp_ns, None).await {
                 Ok(()) => self.sent += 1,
-                Err(e) => tracing::debug!(robot = %self.robot, error = %e, "spooled message not sent (sent again later)"),
+                Err(e) => {
+                    tracing::debug!(robot = %self.robot, error = %e, "spooled message not sent (sent again later)")
+                }
             }
         }
         if t.dropped > 0 {
@@ -482,7 +484,14 @@ impl NodeActor for Spool {
         m.set("dropped_over_budget", self.dropped as f64);
         m.set("refused_full", self.refused as f64);
         m.set("unreadable", self.unreadable as f64);
-        m.set("alarm", if self.full && self.on_full == OnFull::Stop { 1.0 } else { 0.0 });
+        m.set(
+            "alarm",
+            if self.full && self.on_full == OnFull::Stop {
+                1.0
+            } else {
+                0.0
+            },
+        );
     }
 }
 
@@ -547,7 +556,10 @@ mod tests {
     struct Rng(u64);
     impl Rng {
         fn chance(&mut self, p: f64) -> bool {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((self.0 >> 11) as f64 / (1u64 << 53) as f64) < p
         }
     }
@@ -642,7 +654,11 @@ mod tests {
             assert!(t.bytes <= 2000 + 400, "{} bytes", t.bytes);
         }
         assert!(dropped > 100, "{dropped}");
-        assert_eq!(dropped + spool.obs.log.len() as u64, 200, "every message kept or counted");
+        assert_eq!(
+            dropped + spool.obs.log.len() as u64,
+            200,
+            "every message kept or counted"
+        );
         // A logger that comes now takes the oldest kept (it has no predecessor) and what follows.
         let mut logger = Logger::default();
         for _ in 0..100 {

@@ -543,3 +543,4 @@ set = {{ checkpoint = "{base}", trusted_key = "{key}" }}
         key = key.display(),
     )
 }
+pub mod netns;

@@ -1,0 +1,177 @@
+//! A fleet across hosts: the shipped `launch/router_fleet.toml` with each node in a network
+//! namespace of its own (robot0, robot1, the APU node, the router), joined only through the
+//! Zenoh router; the test's own session, an engineer's, reaches the fleet through the router
+//! too. A robot is cut off for 30 s while it runs.
+
+use crate::common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::netns::Net;
+use common::*;
+use nanobot_actors::bus::{Bus, BusConfig, Mode};
+use nanobot_messages::{LogAck, Stats};
+
+type Metrics = Arc<Mutex<HashMap<String, HashMap<String, f64>>>>;
+
+fn metric(m: &Metrics, actor: &str, name: &str) -> f64 {
+    m.lock()
+        .unwrap()
+        .get(actor)
+        .and_then(|a| a.get(name))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Robot r0's node loses its link for 30 s: it keeps acting on its own policy with no missed
+/// tick, its spool keeps what it produces, and once the link is back the logger on the APU
+/// node gets all of it: the dataset ends with every observation once, in order, through the
+/// partition. Robot r1's data flows on meanwhile.
+#[test]
+fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data() {
+    let Some(net) = Net::new(&["router", "robot0", "robot1", "apu"]) else {
+        return;
+    };
+    let work = temp_dir("router-fleet");
+    let base = tiny_base(&work);
+    let router = format!("tcp/{}:7447", net.addr("router"));
+    let node = |name: &str| {
+        let mut c = nanobot();
+        c.args(["run", "--launch"])
+            .arg(repo().join("launch/router_fleet.toml"))
+            .args(["--node", name])
+            .env("NB_ROUTER_HOST", net.addr("router"))
+            .env("NB_CHECKPOINT", &base)
+            .env("NB_DATA", work.join("data"))
+            .env("NB_STATE", work.join("state"));
+        Proc::spawn(net.inside(if name == "router" { "router" } else { name }, &c))
+    };
+    let mut nodes = vec![node("router")];
+    nodes[0].expect_line("node starting", Duration::from_secs(30));
+    for (name, actors) in [("robot0", 4), ("robot1", 4), ("apu", 4)] {
+        let mut p = node(name);
+        p.expect_actors(actors, Duration::from_secs(60));
+        nodes.push(p);
+    }
+
+    // The engineer's session: a client of the router, from outside every robot's namespace.
+    let rt = runtime();
+    let bus = rt
+        .block_on(Bus::open(
+            &BusConfig {
+                mode: Mode::Client,
+                connect: vec![router.clone()],
+                ..BusConfig::default()
+            },
+            "nb",
+        ))
+        .unwrap();
+    let metrics: Metrics = Arc::default();
+    let m = metrics.clone();
+    let _stats = rt
+        .block_on(bus.subscribe_callback::<Stats>("nb/node/*/*", move |r| {
+            let values = r.msg.extra.iter().map(|x| (x.name.clone(), x.value)).collect();
+            m.lock().unwrap().insert(r.msg.actor.clone(), values);
+        }))
+        .unwrap();
+    let acks: Arc<Mutex<HashMap<String, (Instant, LogAck)>>> = Arc::default();
+    let a = acks.clone();
+    let _acks = rt
+        .block_on(bus.subscribe_callback::<LogAck>("nb/log/*/ack", move |r| {
+            let robot = r.key.as_str().split('/').nth(2).unwrap_or("").to_string();
+            a.lock().unwrap().insert(robot, (Instant::now(), r.msg));
+        }))
+        .unwrap();
+    let rows = |robot: &str| acks.lock().unwrap().get(robot).map(|(_, a)| a.rows).unwrap_or(0);
+    wait_until(
+        "both robots' rows logged through the router",
+        Duration::from_secs(60),
+        || rows("r0") >= 40 && rows("r1") >= 40,
+    );
+    wait_until("robot0's Stats", Duration::from_secs(10), || {
+        metric(&metrics, "policy_r0", "chunks") > 0.0 || metric(&metrics, "sim_robot_r0", "episodes") > 0.0
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let missed = || {
+        (
+            metric(&metrics, "sim_robot_r0", "missed_actions"),
+            metric(&metrics, "policy_r0", "missed_deadlines"),
+        )
+    };
+    let missed_before = missed();
+    let ingest_before = metric(&metrics, "ingest_r0", "observations");
+
+    net.cut("robot0");
+    let cut_at = Instant::now();
+    let rows_at_cut = rows("r0");
+    std::thread::sleep(Duration::from_secs(10));
+    // Cut off: nothing of r0's reaches the logger (its last acknowledgement is old), while r1's
+    // rows go on.
+    let r1_during = rows("r1");
+    let r0_during = rows("r0");
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(rows("r1") > r1_during + 200, "r1 logs on during r0's partition");
+    assert!(
+        rows("r0") <= r0_during + 5 && r0_during <= rows_at_cut + 40,
+        "r0 is really cut off: {rows_at_cut} rows at the cut, {r0_during} after 10 s, {} after 30 s",
+        rows("r0")
+    );
+    net.heal("robot0");
+    let cut_for = cut_at.elapsed();
+
+    // Back: the spool back-fills, and robot0's Stats come through again.
+    wait_until("r0's rows of the partition logged", Duration::from_secs(90), || {
+        rows("r0") as f64 >= rows_at_cut as f64 + cut_for.as_secs_f64() * 20.0 * 0.9
+    });
+    wait_until("robot0's Stats after the partition", Duration::from_secs(30), || {
+        metric(&metrics, "ingest_r0", "observations") > ingest_before + 500.0
+            && metric(&metrics, "spool_r0", "backlog") < 100.0
+    });
+    let missed_after = missed();
+    let spool_dropped = metric(&metrics, "spool_r0", "dropped_over_budget");
+    let ingest_skipped = metric(&metrics, "ingest_r0", "decimated") + metric(&metrics, "ingest_r0", "stale");
+    let last = acks.lock().unwrap()["r0"].1.clone();
+    eprintln!(
+        "partition of {:.1} s: rows {rows_at_cut} at the cut, {} now; missed (actions, deadlines) {missed_before:?} → {missed_after:?}",
+        cut_for.as_secs_f64(),
+        last.rows
+    );
+    assert_eq!(
+        missed_after, missed_before,
+        "robot0 acted on every tick through the partition"
+    );
+    assert_eq!(spool_dropped, 0.0);
+
+    // The dataset, as durable as the last acknowledgement says: every tick once, in order,
+    // across the partition (a tick may be missing only where ingest itself skipped one).
+    drop(nodes);
+    let (_, stored) = nanobot_dataset::read_dataset(&work.join("data/nb/r0")).unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|r| r.seq).collect();
+    assert!(
+        seqs.len() as u64 >= last.rows,
+        "{} rows stored, {} acknowledged",
+        seqs.len(),
+        last.rows
+    );
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "strictly increasing: no tick twice, none out of order"
+    );
+    let missing: u64 = seqs.windows(2).map(|w| w[1] - w[0] - 1).sum();
+    let widest = seqs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    eprintln!(
+        "r0: {} rows, ticks {}..={}, {missing} missing (ingest skipped {ingest_skipped}), widest step {widest}",
+        seqs.len(),
+        seqs[0],
+        seqs.last().unwrap()
+    );
+    assert!(widest <= 3, "no gap through the partition: widest step {widest}");
+    assert!(
+        missing as f64 <= ingest_skipped,
+        "{missing} ticks missing, ingest skipped {ingest_skipped}"
+    );
+    let report = nanobot_dataset::verify(&work.join("data/nb/r0")).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+}
