@@ -35,12 +35,16 @@ pub fn schema_cmd(a: SchemaArgs) -> anyhow::Result<u8> {
         },
     };
     let registry = schema::registry().map_err(anyhow::Error::msg)?;
-    println!(
-        "Envelope: magic \"NB\", version, kind u8, body length u32, seq u64, stamp_ns u64, robot (u16 length + UTF-8), then the body, then the blobs' bytes in field order. Integers little-endian, fixed width."
+    let mut text = String::from(
+        "Envelope: magic \"NB\", version, kind u8, body length u32, seq u64, stamp_ns u64, robot (u16 length + UTF-8), then the body, then the blobs' bytes in field order. Integers little-endian, fixed width.\n",
     );
     for k in kinds {
-        println!();
-        print!("{}", schema::describe(k, &registry));
+        text.push('\n');
+        text.push_str(&schema::describe(k, &registry));
     }
-    Ok(0)
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(0),
+    }
 }
