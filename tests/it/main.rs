@@ -9,6 +9,7 @@ mod closed_loop;
 mod dashboard;
 mod fleet;
 mod foxglove;
+mod gates;
 mod hardening;
 mod learning;
 mod logging;
