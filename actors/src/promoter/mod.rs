@@ -127,6 +127,8 @@ pub struct Promoter {
     canary: Option<Canary>,
     /// The generation not yet on every robot, and when it was decided.
     reaching: Option<(u64, Instant)>,
+    /// An accepted candidate waiting for its canary (no robot heard from yet).
+    waiting: Option<AdapterManifest>,
     last_latency_ms: f64,
     accepted: u64,
     refused: u64,
@@ -316,6 +318,7 @@ impl NodeActor for Promoter {
             robots: BTreeMap::new(),
             intervened: BTreeMap::new(),
             reaching: None,
+            waiting: None,
             last_latency_ms: 0.0,
             accepted: 0,
             refused: 0,
@@ -364,6 +367,9 @@ impl NodeActor for Promoter {
             }
         }
         if matches!(input, Input::Tick) {
+            if self.waiting.is_some() && !self.robots.is_empty() {
+                self.start_canary(ctx).await?;
+            }
             self.watch_canary(ctx).await?;
             self.publish().await;
         }
@@ -546,21 +552,39 @@ impl Promoter {
             c.adapter.len() as u64,
             &verdict.metrics,
         );
-        let robots: Vec<String> = self.robots.keys().take(self.cfg.canary_robots).cloned().collect();
-        if robots.is_empty() || robots.len() >= self.robots.len() {
-            // No fleet to keep safe from it (or the canary would be everyone): straight out.
-            self.change(
-                ctx,
-                Some(manifest),
-                None,
-                Vec::new(),
-                "promoted: passed the gates (no canary: too few robots)",
-            )
-            .await
-        } else {
-            let fleet = self.rollout.fleet.clone();
-            self.change(ctx, fleet, Some(manifest), robots, "canary: passed the gates")
-                .await
+        if self.cfg.canary_robots == 0 {
+            return self
+                .change(
+                    ctx,
+                    Some(manifest),
+                    None,
+                    Vec::new(),
+                    "promoted: passed the gates (canary_robots = 0)",
+                )
+                .await;
         }
+        self.waiting = Some(manifest);
+        self.start_canary(ctx).await
+    }
+
+    /// Give the accepted candidate to the canary robots (the first `canary_robots` of those
+    /// heard from; the others keep what they run). Until a robot has been heard from, it waits:
+    /// a promoter that just started knows no robot yet, and "no robot known" is never "no robot
+    /// to keep safe". Even a canary that is every robot heard from goes through the hold, and
+    /// robots not heard from yet keep the fleet's adapter until it holds up.
+    async fn start_canary(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
+        let robots: Vec<String> = self.robots.keys().take(self.cfg.canary_robots).cloned().collect();
+        if robots.is_empty() {
+            if let Some(m) = &self.waiting {
+                tracing::info!(id = %m.adapter_id, "accepted: its canary starts when a robot reports");
+            }
+            return Ok(());
+        }
+        let Some(manifest) = self.waiting.take() else {
+            return Ok(());
+        };
+        let fleet = self.rollout.fleet.clone();
+        self.change(ctx, fleet, Some(manifest), robots, "canary: passed the gates")
+            .await
     }
 }
