@@ -3,7 +3,9 @@
 //! linear warmup, DDPM loss on windows of `n_obs_steps` observations and `horizon` actions,
 //! normalization statistics fitted on the data and stored in every checkpoint. The windows and
 //! the step are the policy crate's (`nanobot_policy::train`), shared with the online trainer;
-//! this command only reads the datasets.
+//! this command only reads the datasets. With `--adapter-of BASE` it fine-tunes a LoRA adapter
+//! on that base instead (the base frozen, its config and normalization kept), as the online
+//! trainer does, from datasets already logged.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,9 +26,13 @@ pub struct TrainArgs {
     /// A LeRobot dataset written by the logger or `nanobot collect` (repeatable).
     #[arg(long, required = true)]
     dataset: Vec<PathBuf>,
-    /// Policy config (configs/policy/*.toml).
-    #[arg(long)]
-    config: PathBuf,
+    /// Policy config (configs/policy/*.toml); with --adapter-of, the base's own.
+    #[arg(long, required_unless_present = "adapter_of")]
+    config: Option<PathBuf>,
+    /// Train a LoRA adapter on this base checkpoint (frozen) instead of a base: `--out` is then
+    /// the adapter, for `nanobot eval --adapter`, `serve --adapter` or a promoter.
+    #[arg(long, conflicts_with = "config")]
+    adapter_of: Option<PathBuf>,
     #[arg(long)]
     steps: usize,
     /// Where the base checkpoint goes.
@@ -96,7 +102,14 @@ fn row(d: usize, dir: &Path, f: StoredFrame, cfg: &PolicyConfig) -> anyhow::Resu
 }
 
 pub fn train(a: TrainArgs) -> anyhow::Result<u8> {
-    let cfg = PolicyConfig::load(&a.config)?;
+    if let Some(base) = a.adapter_of.clone() {
+        return train_adapter(a, &base);
+    }
+    let cfg = PolicyConfig::load(
+        a.config
+            .as_deref()
+            .expect("clap requires --config without --adapter-of"),
+    )?;
     let t0 = Instant::now();
     let data = load(&a.dataset, &cfg)?;
     let norm = data.fit_norm();
@@ -158,6 +171,74 @@ pub fn train(a: TrainArgs) -> anyhow::Result<u8> {
         }
     }
     checkpoint::save(&a.out, &vars, &meta)?;
+    println!("{}", a.out.display());
+    Ok(0)
+}
+
+/// `--adapter-of BASE`: a LoRA adapter trained on the datasets, the base frozen.
+fn train_adapter(a: TrainArgs, base: &Path) -> anyhow::Result<u8> {
+    let (base_meta, tensors) = checkpoint::read(base)?;
+    if base_meta.kind != Role::Base {
+        bail!("{}: holds an adapter; --adapter-of takes a base", base.display());
+    }
+    let cfg = base_meta.config.clone();
+    let t0 = Instant::now();
+    let data = load(&a.dataset, &cfg)?;
+    eprintln!(
+        "train: {} rows from {} dataset(s) decoded in {:.1} s; a LoRA adapter on {} (rank {}, targets {:?})",
+        data.len(),
+        a.dataset.len(),
+        t0.elapsed().as_secs_f64(),
+        base_meta.version,
+        cfg.lora.rank,
+        cfg.lora.targets
+    );
+    let dev = Device::Cpu;
+    let adapter = VarMap::new();
+    let policy = Policy::new(
+        &cfg,
+        VarBuilder::from_tensors(tensors, DType::F32, &dev),
+        Some(VarBuilder::from_varmap(&adapter, DType::F32, &dev)),
+    )
+    .with_context(|| base.display().to_string())?;
+    seeded_init(&adapter, a.seed)?;
+    let mut trainer = Trainer::new(
+        Trainer::named(&adapter),
+        TrainConfig {
+            batch: a.batch,
+            lr: a.lr,
+            warmup: a.warmup,
+            weight_decay: a.weight_decay,
+            seed: a.seed,
+            grad_clip: None,
+            schedule: LrSchedule::Constant,
+            shards: a.shards,
+        },
+    )?;
+    let meta = Meta {
+        kind: Role::Adapter,
+        version: a
+            .version
+            .clone()
+            .unwrap_or_else(|| format!("{}+lora.s{}", base_meta.version, a.steps)),
+        config: cfg.clone(),
+        norm: base_meta.norm.clone(),
+    };
+    let mut recent = Vec::new();
+    let t0 = Instant::now();
+    for step in 1..=a.steps {
+        recent.push(trainer.step(&policy, &data, &cfg, &base_meta.norm)?);
+        if step % 50 == 0 || step == a.steps {
+            let mean = recent.iter().sum::<f32>() / recent.len() as f32;
+            eprintln!(
+                "train: step {step}/{} loss {mean:.4} ({:.0} ms/step)",
+                a.steps,
+                t0.elapsed().as_secs_f64() * 1e3 / step as f64
+            );
+            recent.clear();
+        }
+    }
+    checkpoint::save(&a.out, &adapter, &meta)?;
     println!("{}", a.out.display());
     Ok(0)
 }

@@ -170,6 +170,116 @@ set = {{ base = "{base}", state_dir = "{state}", keys = "{keys}", generate_key =
     );
 }
 
+/// The forgetting guard measures on worlds of its own. An adapter fine-tuned on the icy floor
+/// (condition B) with a few demonstrations leaked from the promoter's shadow worlds holds
+/// condition A on those worlds but forgets it elsewhere: the shipped gates, judging under B,
+/// refuse it on the retention worlds; measured on the shadow worlds (no retention worlds of its
+/// own) or with the guard switched off, it passes.
+#[test]
+fn the_forgetting_guard_refuses_an_adapter_that_forgets_a_on_worlds_the_shadow_never_used() {
+    let (tiny, _) = shared_tiny_policy();
+    let dir = temp_dir("forgets");
+    let run = |args: &[&str]| {
+        let out = nanobot().args(args).output().unwrap();
+        assert!(out.status.success(), "nanobot {args:?}: {}", text(&out.stderr));
+    };
+    let at = |p: &str| dir.join(p).display().to_string();
+    run(&[
+        "demos",
+        "--out",
+        &at("icy"),
+        "--robots",
+        "2",
+        "--episodes",
+        "30",
+        "--shift",
+        "icy_floor",
+        "--seed",
+        "20",
+    ]);
+    // The leak: the promoter's own shadow worlds (1000, 1001) under condition A.
+    run(&[
+        "demos",
+        "--out",
+        &at("leak"),
+        "--robots",
+        "2",
+        "--episodes",
+        "10",
+        "--seed",
+        "1000",
+    ]);
+    let adapter_path = dir.join("mixed.safetensors");
+    run(&[
+        "train",
+        "--adapter-of",
+        tiny.to_str().unwrap(),
+        "--dataset",
+        &at("icy/r0"),
+        "--dataset",
+        &at("icy/r1"),
+        "--dataset",
+        &at("leak/r0"),
+        "--dataset",
+        &at("leak/r1"),
+        "--steps",
+        "400",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "20",
+        "--version",
+        "tiny-demos+lora.mixed",
+        "--out",
+        adapter_path.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&adapter_path).unwrap();
+    let base = Runner::load(&tiny, None).unwrap();
+    let c = candidate(&base, "tiny-demos+lora.mixed", bytes, None);
+    let judge = |cfg: GateConfig| {
+        let mut gates = Gates::open(&tiny, cfg).unwrap();
+        let metrics: BTreeMap<String, f64> = c.metrics.iter().map(|m| (m.name.clone(), m.value)).collect();
+        let bytes = c.adapter.to_bytes();
+        gates.judge(
+            &Submission {
+                id: &c.adapter_id,
+                base_version: &c.base_version,
+                sha256: &c.sha256,
+                bytes: &bytes,
+                metrics: &metrics,
+            },
+            Shift::IcyFloor,
+        )
+    };
+    // The shipped gates, with shadow episodes as long as the main job's robots get before help.
+    let mut shipped = shipped_gates();
+    shipped.shadow.sim.episode_steps = 60;
+    assert!(
+        shipped
+            .retention_seeds
+            .iter()
+            .all(|s| !shipped.shadow.seeds.contains(s)),
+        "{shipped:?}"
+    );
+    let v = judge(shipped.clone());
+    eprintln!("shipped: {} {:?}", v.reason, v.metrics);
+    assert!(!v.accepted && v.reason.contains("forgets none"), "{}", v.reason);
+    assert!(
+        v.metrics["shadow_success.icy_floor"] >= v.metrics["current_success.icy_floor"] + 0.5,
+        "{:?}",
+        v.metrics
+    );
+    // Measured on the shadow worlds it leaked, A looks kept.
+    let mut on_shadow = shipped.clone();
+    on_shadow.retention_seeds = Vec::new();
+    let v = judge(on_shadow);
+    eprintln!("retention on the shadow worlds: {} {:?}", v.reason, v.metrics);
+    assert!(v.accepted, "{}", v.reason);
+    let mut off = shipped;
+    off.max_drop = 1.0;
+    assert!(judge(off).accepted, "guard off");
+}
+
 /// A copy of the checkpoint at `src` with one layer of its diffusion head dented by a rank-1
 /// term, `weight += c · u vᵀ` (unit `u`, `v`), saved at `out` as base `version`; and the LoRA
 /// adapter for it that takes the dent out exactly (`B A · α/r = −c · u vᵀ`): a candidate that

@@ -9,7 +9,9 @@
 //! 4. shadow success: closed-loop success in the simulator under the condition the fleet
 //!    reports, on fixed seeds, above the current adapter's by `margin`;
 //! 5. retention (the forgetting guard): under each earlier condition, success may not drop
-//!    below the current adapter's by more than `max_drop`.
+//!    below the current adapter's by more than `max_drop`, measured on worlds of its own
+//!    (`retention_seeds`), kept apart from the shadow worlds: a candidate that learned the
+//!    shadow worlds cannot pass the guard on them.
 //!
 //! The current adapter's shadow figures are kept per condition until it changes. Everything here
 //! runs on the promoter's own thread.
@@ -35,6 +37,9 @@ pub struct GateConfig {
     pub retention: Vec<Shift>,
     /// How far success under a retention condition may drop.
     pub max_drop: f64,
+    /// The worlds the forgetting guard measures on (the shadow settings otherwise); none: the
+    /// shadow worlds.
+    pub retention_seeds: Vec<u64>,
     pub shadow: ShadowConfig,
 }
 
@@ -45,6 +50,7 @@ impl Default for GateConfig {
             margin: 0.05,
             retention: vec![Shift::None],
             max_drop: 0.05,
+            retention_seeds: vec![2000, 2001],
             shadow: ShadowConfig {
                 seeds: vec![1000, 1001],
                 episodes_per_seed: 5,
@@ -60,7 +66,8 @@ pub struct Verdict {
     pub accepted: bool,
     pub reason: String,
     /// The figures measured: `held_out_ratio`, `shadow_success.{condition}` (and the current
-    /// adapter's as `current_success.{condition}`).
+    /// adapter's as `current_success.{condition}`), `retention_success.{condition}` (and
+    /// `current_retention_success.{condition}`) on the retention worlds.
     pub metrics: BTreeMap<String, f64>,
 }
 
@@ -86,13 +93,20 @@ pub fn held_out_ratio(metrics: &BTreeMap<String, f64>) -> Result<f64, String> {
     Ok(loss / base_loss)
 }
 
+/// Which worlds a figure was measured on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Worlds {
+    Shadow,
+    Retention,
+}
+
 pub struct Gates {
     cfg: GateConfig,
     base: Runner,
     /// The adapter the fleet runs: `(id, runner, held-out ratio)`; `None` is the base alone.
     current: Option<(String, Runner, f64)>,
-    /// Shadow figures of the current adapter, by condition.
-    current_shadow: BTreeMap<&'static str, ShadowReport>,
+    /// Figures of the current adapter, by world set and condition.
+    current_shadow: BTreeMap<(Worlds, &'static str), ShadowReport>,
 }
 
 impl Gates {
@@ -149,13 +163,22 @@ impl Gates {
         self.base.with_adapter_bytes(s.bytes, s.id).map_err(|e| e.to_string())
     }
 
-    fn current_report(&mut self, condition: Shift) -> Result<ShadowReport, String> {
-        if let Some(r) = self.current_shadow.get(condition.name()) {
+    /// The shadow settings on `worlds`.
+    fn settings(&self, worlds: Worlds) -> ShadowConfig {
+        let mut cfg = self.cfg.shadow.clone();
+        if worlds == Worlds::Retention && !self.cfg.retention_seeds.is_empty() {
+            cfg.seeds = self.cfg.retention_seeds.clone();
+        }
+        cfg
+    }
+
+    fn current_report(&mut self, condition: Shift, worlds: Worlds) -> Result<ShadowReport, String> {
+        if let Some(r) = self.current_shadow.get(&(worlds, condition.name())) {
             return Ok(r.clone());
         }
         let runner = self.current.as_ref().map(|(_, r, _)| r).unwrap_or(&self.base);
-        let r = evaluate(&Driver::Policy(runner), condition, &self.cfg.shadow).map_err(|e| e.to_string())?;
-        self.current_shadow.insert(condition.name(), r.clone());
+        let r = evaluate(&Driver::Policy(runner), condition, &self.settings(worlds)).map_err(|e| e.to_string())?;
+        self.current_shadow.insert((worlds, condition.name()), r.clone());
         Ok(r)
     }
 
@@ -196,7 +219,7 @@ impl Gates {
             Ok(r) => r,
             Err(e) => return refuse(e, metrics),
         };
-        let theirs = match self.current_report(condition) {
+        let theirs = match self.current_report(condition, Worlds::Shadow) {
             Ok(r) => r,
             Err(e) => return refuse(e, metrics),
         };
@@ -215,24 +238,25 @@ impl Gates {
                 metrics,
             );
         }
-        // 5. Retention of earlier conditions.
+        // 5. Retention of earlier conditions, on the retention worlds.
+        let retention = self.settings(Worlds::Retention);
         for c in self.cfg.retention.clone() {
             if c == condition {
                 continue;
             }
             let (mine, theirs) = match (
-                evaluate(&Driver::Policy(&runner), c, &self.cfg.shadow).map_err(|e| e.to_string()),
-                self.current_report(c),
+                evaluate(&Driver::Policy(&runner), c, &retention).map_err(|e| e.to_string()),
+                self.current_report(c, Worlds::Retention),
             ) {
                 (Ok(m), Ok(t)) => (m, t),
                 (Err(e), _) | (_, Err(e)) => return refuse(e, metrics),
             };
-            metrics.insert(format!("shadow_success.{}", c.name()), mine.success_rate());
-            metrics.insert(format!("current_success.{}", c.name()), theirs.success_rate());
+            metrics.insert(format!("retention_success.{}", c.name()), mine.success_rate());
+            metrics.insert(format!("current_retention_success.{}", c.name()), theirs.success_rate());
             if mine.success_rate() < theirs.success_rate() - self.cfg.max_drop {
                 return refuse(
                     format!(
-                        "forgets {}: shadow success {:.0} %, the current adapter's {:.0} % (may drop {:.0} points)",
+                        "forgets {}: success {:.0} % on the retention worlds, the current adapter's {:.0} % (may drop {:.0} points)",
                         c.name(),
                         100.0 * mine.success_rate(),
                         100.0 * theirs.success_rate(),
