@@ -6,6 +6,7 @@
 mod common;
 
 mod closed_loop;
+mod crash;
 mod dashboard;
 mod fleet;
 mod foxglove;
