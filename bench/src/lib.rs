@@ -11,6 +11,7 @@ mod log;
 mod policy;
 mod python;
 mod replay;
+mod soak;
 mod train;
 
 use clap::Subcommand;
@@ -91,6 +92,10 @@ pub enum BenchCmd {
     /// after adaptation, minutes to recover, interventions per hour, retention, adapter bytes,
     /// promotion latency.
     Loop(learning::LoopArgs),
+    /// The main job for a long time with a fault every few minutes (kill -9 of each node, a
+    /// partition), memory, open files, disk and success sampled each minute; at the end every
+    /// dataset verifies and every row is stored once.
+    Soak(soak::SoakArgs),
     /// Many simulated robots driven by the trained policy on one node, the node's policy worker
     /// batching their chunks, beside one robot at a time: chunk latency, observation to action,
     /// missed deadlines, CPU per fleet size.
@@ -125,6 +130,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
             trace_sample_ratio,
         )),
         BenchCmd::Loop(args) => learning::run(&rt, args),
+        BenchCmd::Soak(args) => soak::run(&rt, args),
         BenchCmd::Fleet(args) => fleet::run(&rt, args),
         BenchCmd::BusPeer {
             connect,
