@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -57,9 +57,21 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// The nanobot executable's path, resolved once at start: a binary upgraded in place while the
+/// fleet runs (a package update, a rebuild) leaves `/proc/self/exe` pointing at a deleted file,
+/// and a node restarted after that must still start (it then runs the new binary).
+fn executable() -> anyhow::Result<&'static Path> {
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = EXE.get() {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("locating the nanobot executable")?;
+    Ok(EXE.get_or_init(|| exe))
+}
+
 fn spawn_node(file: &Path, p: &NodeProc) -> anyhow::Result<Child> {
     let name = &p.name;
-    let exe = std::env::current_exe().context("locating the nanobot executable")?;
+    let exe = executable()?;
     let parent = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(exe);
     match &p.dashboard {
@@ -158,6 +170,8 @@ fn on_exit(p: &mut NodeProc, status: ExitStatus, policy: &RestartPolicy) {
 }
 
 pub fn launch(file: &Path, only: &[String], grace_s: f64, dashboard: Option<&str>) -> anyhow::Result<u8> {
+    // Resolved before anything can replace the binary.
+    executable()?;
     let lf = match launch::load(file, &registry::names()) {
         Ok(lf) => lf,
         Err(e) => {

@@ -428,3 +428,30 @@ set = {{ period_s = 0.5 }}
     let err = text(&out.stderr);
     assert!(err.contains("sim_robot_r0") && err.contains("inputs"), "{err}");
 }
+
+/// A binary upgraded in place while the fleet runs (a new file renamed over the old, as package
+/// managers do; a rebuild): a node that crashes after that is still restarted, on the new binary.
+#[test]
+fn a_node_is_restarted_after_the_nanobot_binary_was_replaced_in_place() {
+    let dir = temp_dir("upgrade");
+    let exe = dir.join("nanobot");
+    std::fs::copy(env!("CARGO_BIN_EXE_nanobot"), &exe).unwrap();
+    let port = free_port();
+    let file = one_robot_fleet("upgrade", port);
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.env("RUST_LOG", "info,zenoh=warn")
+        .arg("launch")
+        .arg(&*file)
+        .args(["--grace", "5"]);
+    let mut fleet = Proc::spawn(cmd);
+    let pid = pid_in(&fleet.expect_line("node sim started", Duration::from_secs(30)));
+    fleet.expect_actors(3, Duration::from_secs(30));
+    let new = dir.join("nanobot.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_nanobot"), &new).unwrap();
+    std::fs::rename(&new, &exe).unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    fleet.expect_line("node sim exited", Duration::from_secs(10));
+    let line = fleet.expect_line("node sim", Duration::from_secs(10));
+    assert!(line.contains("started (pid"), "the node was not restarted: {line}");
+    fleet.expect_actors(3, Duration::from_secs(30));
+}
