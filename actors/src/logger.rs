@@ -68,6 +68,10 @@ pub struct LoggerConfig {
     /// Frames kept in memory while the disk fails; beyond this, new arrivals are dropped
     /// (counted as `dropped_over_budget`) and the older frames already waiting are kept.
     pub max_pending_rows: usize,
+    /// Rows written per second at most (0: as fast as the disk takes them), to bound the disk
+    /// bandwidth logging takes (a robot's SD card). What comes faster waits in the robot's
+    /// spool (`source = "spool"`), or fills the input queue and is dropped and counted (live).
+    pub max_rows_per_s: f64,
     pub fps: f32,
     pub robot_type: String,
     pub tasks: Vec<String>,
@@ -92,6 +96,7 @@ impl Default for LoggerConfig {
             chunks_size: 1000,
             queue: 4096,
             max_pending_rows: 100_000,
+            max_rows_per_s: 0.0,
             fps: sim.fps,
             robot_type: sim.robot_type,
             tasks: sim.tasks,
@@ -200,6 +205,11 @@ pub struct Logger {
     /// Spooled messages that did not follow the last one held (sent again, or after a gap).
     spool_skipped: u64,
     spool_undecodable: u64,
+    /// Rows that may be written now under `max_rows_per_s` (a bucket holding one second's).
+    allowance: f64,
+    refilled: Instant,
+    /// Spooled rows left for the spool to send again, over `max_rows_per_s`.
+    rate_limited: u64,
     ack: Publisher<LogAck>,
     segments: Publisher<SegmentFinalized>,
     rows: u64,
@@ -241,6 +251,13 @@ impl Logger {
     /// Hand what arrived to the writer thread: the rows go to the journal as one batch, the
     /// events to `meta/events.jsonl`; finalize the data file if it is due.
     async fn submit(&mut self, ctx: &Ctx<Self>) -> Result<(), ActorError> {
+        if self.cfg.max_rows_per_s > 0.0 {
+            let now = Instant::now();
+            let per_s = self.cfg.max_rows_per_s;
+            self.allowance =
+                (self.allowance + per_s * now.duration_since(self.refilled).as_secs_f64()).min(per_s.max(1.0));
+            self.refilled = now;
+        }
         let (frames, events) = match self.spool.is_some() {
             true => self.take_spooled(),
             false => (self.take_arrivals(ctx.bus.exports_spans()), self.take_events()),
@@ -369,7 +386,12 @@ impl Logger {
         let Some(obs) = &self.obs else {
             return frames;
         };
-        while let Some(r) = obs.take() {
+        let limited = self.cfg.max_rows_per_s > 0.0;
+        // Over the rate, arrivals stay queued (and a full queue drops and counts them).
+        while let Some(r) = (!limited || self.allowance >= 1.0).then(|| obs.take()).flatten() {
+            if limited {
+                self.allowance -= 1.0;
+            }
             if self.pending + frames.len() >= self.cfg.max_pending_rows {
                 self.over_budget += 1;
                 continue;
@@ -414,6 +436,13 @@ impl Logger {
                 SpoolStream::Observations => {
                     if self.pending + frames.len() >= self.cfg.max_pending_rows {
                         continue;
+                    }
+                    if self.cfg.max_rows_per_s > 0.0 {
+                        if self.allowance < 1.0 {
+                            self.rate_limited += 1;
+                            continue;
+                        }
+                        self.allowance -= 1.0;
                     }
                     match nanobot_messages::decode::<Observation>(bytes) {
                         Ok((h, obs)) => {
@@ -596,6 +625,9 @@ impl NodeActor for Logger {
             last_ack: None,
             spool_skipped: 0,
             spool_undecodable: 0,
+            allowance: 0.0,
+            refilled: Instant::now(),
+            rate_limited: 0,
             events_logged: 0,
             ack: ctx
                 .publisher(&topics::log_ack(fleet, &robot), &robot, PubQos::Data)
@@ -640,6 +672,7 @@ impl NodeActor for Logger {
         if self.spool.is_some() {
             m.set("spool_skipped", self.spool_skipped as f64);
             m.set("spool_undecodable", self.spool_undecodable as f64);
+            m.set("rate_limited", self.rate_limited as f64);
         }
     }
 

@@ -14,6 +14,7 @@ mod gates;
 mod hardening;
 mod learning;
 mod logging;
+mod overload;
 mod policy_cli;
 mod promotion;
 mod python_interop;
