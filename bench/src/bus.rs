@@ -515,7 +515,15 @@ pub async fn bench_bus(
     }
     codec_cost(sizes);
     if only.is_none() || only == Some("two") {
-        two_processes(None, secs, round_trips, sizes, trace_sample_ratio).await?;
+        let port = nanobot_actors::bus::free_loopback_port()?;
+        two_processes(
+            &Link::loopback("tcp", port, None),
+            secs,
+            round_trips,
+            sizes,
+            trace_sample_ratio,
+        )
+        .await?;
     }
     if only.is_none() || only == Some("tls") {
         // The same over TLS with mutual authentication, as a secured fleet runs: certificates
@@ -524,7 +532,9 @@ pub async fn bench_bus(
         let _ = std::fs::remove_dir_all(&dir);
         let ids = [pki::Identity::node("bench")?, pki::Identity::node("bench-peer")?];
         pki::ensure(&dir, "bench", &ids)?;
-        let result = two_processes(Some(&dir), secs, round_trips, sizes, trace_sample_ratio).await;
+        let port = nanobot_actors::bus::free_loopback_port()?;
+        let link = Link::loopback("tls", port, Some(dir.clone()));
+        let result = two_processes(&link, secs, round_trips, sizes, trace_sample_ratio).await;
         let _ = std::fs::remove_dir_all(&dir);
         result?;
     }
@@ -549,27 +559,64 @@ pub async fn bench_bus(
     Ok(0)
 }
 
-/// Both sides in their own process, over tcp, or over TLS with certificates from `keys_dir`.
-async fn two_processes(
-    keys_dir: Option<&std::path::Path>,
+/// How the two processes of a measurement are joined.
+pub struct Link {
+    /// What the table is headed with.
+    pub label: String,
+    /// The endpoint this process listens on, and the one the peer connects to.
+    pub listen: String,
+    pub connect: String,
+    /// TLS with mutual authentication, certificates from this key directory.
+    pub keys_dir: Option<std::path::PathBuf>,
+    /// The peer's command runs under this prefix (`ip netns exec NS`).
+    pub peer_prefix: Vec<String>,
+}
+
+impl Link {
+    /// Both processes on this host's loopback (`proto` tcp or tls).
+    pub fn loopback(proto: &str, port: u16, keys_dir: Option<std::path::PathBuf>) -> Link {
+        let endpoint = format!("{proto}/127.0.0.1:{port}");
+        Link {
+            label: if keys_dir.is_some() {
+                "two processes, TLS with mutual authentication on loopback".into()
+            } else {
+                format!("two processes, {proto} on loopback")
+            },
+            listen: endpoint.clone(),
+            connect: endpoint,
+            keys_dir,
+            peer_prefix: Vec::new(),
+        }
+    }
+}
+
+/// Both sides in their own process, joined as `link` says.
+pub async fn two_processes(
+    link: &Link,
     secs: f64,
     round_trips: usize,
     sizes: &[usize],
     trace_sample_ratio: f64,
 ) -> anyhow::Result<()> {
     let size_list = sizes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
-    let port = nanobot_actors::bus::free_loopback_port()?;
-    let proto = if keys_dir.is_some() { "tls" } else { "tcp" };
-    let endpoint = format!("{proto}/127.0.0.1:{port}");
+    let keys_dir = link.keys_dir.as_deref();
     let cfg = BusConfig {
-        listen: vec![endpoint.clone()],
+        listen: vec![link.listen.clone()],
         trace_sample_ratio,
         tls: keys_dir.map(|d| pki::files(d, &pki::Identity::node("bench").expect("a valid name"))),
         ..BusConfig::default()
     };
     let bus = Bus::open(&cfg, "bench").await?;
-    let mut peer = Command::new(std::env::current_exe()?);
-    peer.args(["bench", "bus-peer", "--connect", &endpoint, "--sizes", &size_list]);
+    let exe = std::env::current_exe()?;
+    let mut peer = match link.peer_prefix.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => Command::new(&exe),
+    };
+    peer.args(["bench", "bus-peer", "--connect", &link.connect, "--sizes", &size_list]);
     if let Some(d) = keys_dir {
         peer.arg("--keys-dir").arg(d);
     }
@@ -590,19 +637,7 @@ async fn two_processes(
         bail!("the bench peer did not start: {line:?}");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let result = measure(
-        &bus,
-        Sinks::Remote(&bus),
-        if keys_dir.is_some() {
-            "two processes, TLS with mutual authentication on loopback"
-        } else {
-            "two processes, tcp on loopback"
-        },
-        secs,
-        round_trips,
-        sizes,
-    )
-    .await;
+    let result = measure(&bus, Sinks::Remote(&bus), &link.label, secs, round_trips, sizes).await;
     let _ = bus.session().put("bench/quit", "").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = child.kill();

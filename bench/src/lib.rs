@@ -13,6 +13,7 @@ mod python;
 mod replay;
 mod soak;
 mod train;
+mod transport;
 
 use clap::Subcommand;
 
@@ -92,6 +93,9 @@ pub enum BenchCmd {
     /// after adaptation, minutes to recover, interventions per hour, retention, adapter bytes,
     /// promotion latency.
     Loop(learning::LoopArgs),
+    /// The fleet's messages between two processes over each link (tcp, TLS, a unix socket;
+    /// tcp and TLS between two network namespaces), beside raw Zenoh on the same link.
+    Transport(transport::TransportArgs),
     /// The main job for a long time with a fault every few minutes (kill -9 of each node, a
     /// partition), memory, open files, disk and success sampled each minute; at the end every
     /// dataset verifies and every row is stored once.
@@ -131,6 +135,7 @@ pub fn run(cmd: BenchCmd) -> anyhow::Result<u8> {
         )),
         BenchCmd::Loop(args) => learning::run(&rt, args),
         BenchCmd::Soak(args) => soak::run(&rt, args),
+        BenchCmd::Transport(args) => rt.block_on(transport::run(args)),
         BenchCmd::Fleet(args) => fleet::run(&rt, args),
         BenchCmd::BusPeer {
             connect,

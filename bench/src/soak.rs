@@ -123,7 +123,9 @@ fn proc_usage(pid: i32) -> (u64, u64) {
         })
         .unwrap_or(0)
         * 1024;
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count() as u64)
+        .unwrap_or(0);
     (rss, fds)
 }
 
@@ -245,7 +247,12 @@ async fn soak(
     let _acks = bus
         .subscribe_callback::<LogAck>("nb/log/*/ack", move |r| {
             if let Some(m) = r.msg.last {
-                s.lock().unwrap().acked.entry(r.header.robot.clone()).or_default().insert(m);
+                s.lock()
+                    .unwrap()
+                    .acked
+                    .entry(r.header.robot.clone())
+                    .or_default()
+                    .insert(m);
             }
         })
         .await?;
