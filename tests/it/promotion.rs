@@ -43,7 +43,7 @@ fn sha(b: &[u8]) -> String {
     nanobot_dataset::sha256_hex(b)
 }
 
-fn manifest(key: &SigningKey, id: &str, base: &str, bytes: &[u8]) -> AdapterManifest {
+pub(crate) fn manifest(key: &SigningKey, id: &str, base: &str, bytes: &[u8]) -> AdapterManifest {
     let mut m = AdapterManifest {
         adapter_id: id.into(),
         base_version: base.into(),
@@ -57,7 +57,7 @@ fn manifest(key: &SigningKey, id: &str, base: &str, bytes: &[u8]) -> AdapterMani
 }
 
 /// A rollout as the promoter announces it: signed whole with `key`, valid for 30 s.
-fn rollout(key: &SigningKey, generation: u64, fleet: Option<AdapterManifest>) -> Promoted {
+pub(crate) fn rollout(key: &SigningKey, generation: u64, fleet: Option<AdapterManifest>) -> Promoted {
     let mut p = Promoted::unsigned(generation, fleet, None, vec![]);
     p.expires_ms = now_ns() / 1_000_000 + 30_000;
     p.signature = key.sign(&p.signed_text());

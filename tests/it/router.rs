@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use common::netns::Net;
 use common::*;
 use nanobot_actors::bus::{Bus, BusConfig, Mode};
-use nanobot_messages::{LogAck, Stats};
+use nanobot_actors::keys::SigningKey;
+use nanobot_messages::{ActionChunk, AdapterBytes, AdapterRequest, Blob, LogAck, PolicyStatus, Promoted, Stats};
+use nanobot_policy::runner::Runner;
 
 type Metrics = Arc<Mutex<HashMap<String, HashMap<String, f64>>>>;
 
@@ -28,7 +30,9 @@ fn metric(m: &Metrics, actor: &str, name: &str) -> f64 {
 /// Robot r0's node loses its link for 30 s: it keeps acting on its own policy with no missed
 /// tick, its spool keeps what it produces, and once the link is back the logger on the APU
 /// node gets all of it: the dataset ends with every observation once, in order, through the
-/// partition. Robot r1's data flows on meanwhile.
+/// partition. Robot r1's data flows on meanwhile. A rollout announced during the partition
+/// reaches r1 at once and r0 after it, and r0 acts on nothing but the base before it has the
+/// whole adapter.
 #[test]
 fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data() {
     let Some(net) = Net::new(&["router", "robot0", "robot1", "apu"]) else {
@@ -36,6 +40,14 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     };
     let work = temp_dir("router-fleet");
     let base = tiny_base(&work);
+    // The fleet key the robots trust (the test plays the promoter).
+    let keys = work.join("state/nb/keys");
+    let out = tool(&["keys", "init", keys.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = SigningKey::load(&keys.join("fleet.key")).unwrap();
+    let runner = Runner::load(&base, None).unwrap();
+    let id = "tiny-base+lora.partition";
+    let bytes = crate::promotion::adapter(&runner, id, |_| {});
     let router = format!("tcp/{}:7447", net.addr("router"));
     let node = |name: &str| {
         let mut c = nanobot();
@@ -85,6 +97,44 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
         }))
         .unwrap();
     let rows = |robot: &str| acks.lock().unwrap().get(robot).map(|(_, a)| a.rows).unwrap_or(0);
+    // What each robot reports running, and every adapter its chunks were made with.
+    let running: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    let acted: Arc<Mutex<HashMap<String, std::collections::BTreeSet<String>>>> = Arc::default();
+    let r = running.clone();
+    let _status = rt
+        .block_on(bus.subscribe_callback::<PolicyStatus>("nb/*/policy", move |m| {
+            r.lock().unwrap().insert(m.header.robot.clone(), m.msg.adapter_id);
+        }))
+        .unwrap();
+    let ac = acted.clone();
+    let _chunks = rt
+        .block_on(bus.subscribe_callback::<ActionChunk>("nb/*/act", move |m| {
+            ac.lock()
+                .unwrap()
+                .entry(m.header.robot.clone())
+                .or_default()
+                .insert(m.msg.adapter_version);
+        }))
+        .unwrap();
+    let runs = |robot: &str| running.lock().unwrap().get(robot).cloned().unwrap_or_default();
+    let q = rt
+        .block_on(bus.queryable::<AdapterRequest>("nb/ckpt/adapter", 16))
+        .unwrap();
+    let (served, sha) = (bytes.clone(), nanobot_dataset::sha256_hex(&bytes));
+    rt.spawn(async move {
+        while let Some(req) = q.recv().await {
+            let reply = AdapterBytes {
+                adapter_id: String::new(),
+                sha256: req.msg.sha256.clone(),
+                data: Blob::new(served.clone()),
+            };
+            let _ = req.reply("", &reply).await;
+        }
+    });
+    let _ = sha;
+    let announce = rt
+        .block_on(bus.publisher::<Promoted>("nb/ckpt/promoted", "", nanobot_actors::bus::PubQos::Control))
+        .unwrap();
     wait_until(
         "both robots' rows logged through the router",
         Duration::from_secs(60),
@@ -111,7 +161,24 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     // rows go on.
     let r1_during = rows("r1");
     let r0_during = rows("r0");
-    std::thread::sleep(Duration::from_secs(20));
+    // A rollout now, announced (signed, fresh) every half second as a promoter does.
+    let manifest = crate::promotion::manifest(&key, id, &runner.meta.version, &bytes);
+    let announcing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let go = announcing.clone();
+    let announcer = std::thread::spawn(move || {
+        while go.load(std::sync::atomic::Ordering::Relaxed) {
+            let _ = rt_put(&announce, &crate::promotion::rollout(&key, 1, Some(manifest.clone())));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    wait_until(
+        "r1 on the new adapter during the partition",
+        Duration::from_secs(15),
+        || runs("r1") == id,
+    );
+    // The rest of the 30 s.
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(cut_at.elapsed()));
+    assert_eq!(runs("r0"), "", "r0 cannot have it while cut off");
     assert!(rows("r1") > r1_during + 200, "r1 logs on during r0's partition");
     assert!(
         rows("r0") <= r0_during + 5 && r0_during <= rows_at_cut + 40,
@@ -120,6 +187,23 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     );
     net.heal("robot0");
     let cut_for = cut_at.elapsed();
+    let healed = Instant::now();
+    wait_until(
+        "r0 on the new adapter after the partition",
+        Duration::from_secs(40),
+        || runs("r0") == id,
+    );
+    eprintln!(
+        "the rollout announced during the partition: r0 runs it {:.1} s after the link came back",
+        healed.elapsed().as_secs_f64()
+    );
+    announcing.store(false, std::sync::atomic::Ordering::Relaxed);
+    announcer.join().unwrap();
+    let r0_adapters = acted.lock().unwrap().get("r0").cloned().unwrap_or_default();
+    assert!(
+        r0_adapters.iter().all(|a| a.is_empty() || a == id),
+        "r0 acted only on the base, then on the whole adapter: {r0_adapters:?}"
+    );
 
     // Back: the spool back-fills, and robot0's Stats come through again.
     wait_until("r0's rows of the partition logged", Duration::from_secs(90), || {
@@ -174,4 +258,9 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     );
     let report = nanobot_dataset::verify(&work.join("data/nb/r0")).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
+}
+
+/// Publish from a thread without a runtime of its own (the publisher's put does not block).
+fn rt_put(p: &nanobot_actors::bus::Publisher<Promoted>, m: &Promoted) -> Result<u64, nanobot_actors::bus::BusError> {
+    p.put_wait(m, None)
 }
