@@ -264,3 +264,78 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
 fn rt_put(p: &nanobot_actors::bus::Publisher<Promoted>, m: &Promoted) -> Result<u64, nanobot_actors::bus::BusError> {
     p.put_wait(m, None)
 }
+
+/// The same across hosts without a router: `launch/two_nodes.toml` with the robots' node and the
+/// APU node in network namespaces of their own, peer to peer (the robots' node connects to the
+/// APU's address). The APU's experts answer the robots' state frames across the link, and an
+/// engineer's tools, from a third host, see both nodes through the APU.
+#[test]
+fn the_two_node_fleet_runs_peer_to_peer_across_two_hosts() {
+    let Some(net) = Net::new(&["apu", "robot"]) else {
+        return;
+    };
+    let work = temp_dir("p2p-hosts");
+    let node = |name: &str| {
+        let mut c = nanobot();
+        c.args(["run", "--launch"])
+            .arg(repo().join("launch/two_nodes.toml"))
+            .args(["--node", name])
+            .env("NB_APU_HOST", net.addr("apu"))
+            .env("NB_DATA", work.join("data"))
+            .env("NB_STATE", work.join("state"))
+            .env("NB_CHECKPOINT", work.join("no-base-yet.safetensors"));
+        Proc::spawn(net.inside(name, &c))
+    };
+    let mut apu = node("apu");
+    apu.expect_actors(4, Duration::from_secs(30));
+    let mut robot = node("robot");
+    robot.expect_actors(8, Duration::from_secs(30));
+    let ep = format!("tcp/{}:7448", net.addr("apu"));
+    let out = tool(&[
+        "topic",
+        "echo",
+        "nb/r1/act",
+        "--json",
+        "--count",
+        "3",
+        "--timeout",
+        "20",
+        "--connect",
+        &ep,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let chunks: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(chunks.len(), 3);
+    assert!(chunks.iter().all(|c| c["msg"]["source"] == "Expert"));
+    let out = tool(&["node", "list", "--connect", &ep]);
+    let listing = text(&out.stdout);
+    for (node, actor) in [
+        ("apu", "expert_r1"),
+        ("apu", "trainer"),
+        ("robot", "sim_robot_r1"),
+        ("robot", "spool_r1"),
+    ] {
+        assert!(
+            listing.lines().any(|l| l.starts_with(node) && l.contains(actor)),
+            "{node}/{actor} missing:\n{listing}"
+        );
+    }
+    // The robots act on what comes back across the link: their episodes end in success.
+    let out = tool(&[
+        "topic",
+        "echo",
+        "nb/r0/event",
+        "--json",
+        "--count",
+        "8",
+        "--timeout",
+        "30",
+        "--connect",
+        &ep,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("\"success\":true"), "{}", text(&out.stdout));
+}
