@@ -13,7 +13,9 @@ use std::time::Duration;
 use common::*;
 use nanobot_actors::bus::{Bus, BusConfig, Mode, PubQos};
 use nanobot_actors::pki;
-use nanobot_messages::{codec, AnyMessage, Candidate, CkptCommand, CkptReply, Event, EventKind, Promoted};
+use nanobot_messages::{
+    codec, AnyMessage, Blob, Candidate, CkptCommand, CkptReply, Event, EventKind, Promoted, SpoolStream, Spooled,
+};
 use nanobot_policy::runner::Runner;
 use serde_json::Value;
 
@@ -45,6 +47,7 @@ fn watch(rt: &tokio::runtime::Runtime, bus: &Bus) -> (Seen, zenoh::pubsub::Subsc
                     let tag = match codec::decode_any(bytes) {
                         Ok((_, AnyMessage::Event(e))) => Some(e.episode),
                         Ok((_, AnyMessage::Promoted(p))) => Some(p.generation),
+                        Ok((h, AnyMessage::Spooled(_))) => Some(h.seq),
                         _ => None,
                     };
                     s.lock().unwrap().push((sample.key_expr().as_str().to_string(), tag));
@@ -120,6 +123,12 @@ type = "ingest"
 robots = ["r0"]
 for_each_robot = true
 config = "@CONFIGS@/ingest.toml"
+[[node.actor]]
+type = "spool"
+robots = ["r0"]
+for_each_robot = true
+config = "@CONFIGS@/spool.toml"
+set = {{ dir = "{spool}/{{robot}}" }}
 [[node]]
 name = "learn"
 listen = ["tls/127.0.0.1:{p_learn}"]
@@ -139,6 +148,7 @@ config = "@CONFIGS@/trainer.toml"
             keys = keys.display(),
             base = base_path.display(),
             state = state.display(),
+            spool = dir.join("spool").display(),
         ),
     );
     let mut cmd = nanobot();
@@ -158,7 +168,7 @@ config = "@CONFIGS@/trainer.toml"
     let out = nanobot().args(["doctor", "--launch"]).arg(&*file).output().unwrap();
     let doctor = text(&out.stdout);
     for line in [
-        "access    node.robots: nb/node/robots/** nb/r0/event nb/r0/obs nb/r0/raw/** nb/r0/rejects | - |",
+        "access    node.robots: nb/log/r0/spool nb/node/robots/** nb/r0/event nb/r0/obs nb/r0/raw/** nb/r0/rejects | - |",
         "access    node.apu: nb/ckpt/candidate nb/node/apu/** | nb/replay/sample |",
         "access    engineer.bob: - | ** (not nb/ckpt/control/promote nb/ckpt/control/rollback) | -",
         "access    operator.alice: - | ** | -",
@@ -219,7 +229,22 @@ config = "@CONFIGS@/trainer.toml"
         "the robots' node asked the promoter: {} replies",
         replies.len()
     );
+    // A robot's spooled telemetry counts only from the node that runs its spool.
+    let put_spooled = |bus: &Bus, robot: &str| {
+        let p = rt
+            .block_on(bus.publisher::<Spooled>(&format!("nb/log/{robot}/spool"), robot, PubQos::Data))
+            .unwrap();
+        let inner = codec::encode(robot, 424_242, 1, &event).unwrap().to_vec();
+        let forged = Spooled {
+            stream: SpoolStream::Events,
+            prev: None,
+            message: Blob::new(inner),
+        };
+        rt.block_on(p.put_with(&forged, 424_242, 1, None)).unwrap();
+    };
+    put_spooled(&robots, "r1");
     put_event(&robots, "r1");
+    put_spooled(&robots, "r0");
     put_event(&robots, "r0");
     wait_until(
         "bob sees the robots' node's own robot's event",
@@ -229,6 +254,11 @@ config = "@CONFIGS@/trainer.toml"
     assert!(
         !saw(&seen, "nb/r1/event", 424_242),
         "the robots' node published r1's telemetry"
+    );
+    assert!(saw(&seen, "nb/log/r0/spool", 424_242), "its own robot's spool passes");
+    assert!(
+        !saw(&seen, "nb/log/r1/spool", 424_242),
+        "the robots' node published r1's spooled telemetry"
     );
     assert!(
         !saw(&seen, "nb/ckpt/promoted", 424_242),
