@@ -11,18 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nanobot_messages::{LogAck, Promoted, Stats, StreamMark};
-
-type Metrics = Arc<Mutex<HashMap<String, HashMap<String, f64>>>>;
-
-fn metric(m: &Metrics, actor: &str, name: &str) -> f64 {
-    m.lock()
-        .unwrap()
-        .get(actor)
-        .and_then(|a| a.get(name))
-        .copied()
-        .unwrap_or(0.0)
-}
+use nanobot_messages::{LogAck, Promoted, StreamMark};
 
 const NODES: [&str; 8] = [
     "spool", "logger", "ingest", "policy", "trainer", "promoter", "replay", "robot",
@@ -121,15 +110,7 @@ set = { sim = { seed = "1{index}", episode_steps = 60 } }"#,
     }
     let rt = runtime();
     let bus = rt.block_on(client(port));
-    let metrics: Metrics = Arc::default();
-    let m = metrics.clone();
-    let _stats = rt
-        .block_on(bus.subscribe_callback::<Stats>("nb/node/*/*", move |r| {
-            let mut values: HashMap<String, f64> = r.msg.extra.iter().map(|x| (x.name.clone(), x.value)).collect();
-            values.insert("restarts".into(), r.msg.restarts as f64);
-            m.lock().unwrap().insert(r.msg.actor.clone(), values);
-        }))
-        .unwrap();
+    let (metrics, _stats) = StatsBoard::follow(&rt, &bus);
     // Every mark any logger acknowledged as durable.
     let acked: Arc<Mutex<BTreeMap<String, HashSet<StreamMark>>>> = Arc::default();
     let a = acked.clone();
@@ -148,15 +129,15 @@ set = { sim = { seed = "1{index}", episode_steps = 60 } }"#,
         }))
         .unwrap();
     wait_until("the trainer training and rows logged", Duration::from_secs(120), || {
-        metric(&metrics, "trainer", "step") >= 10.0 && metric(&metrics, "logger_r0", "rows") >= 100.0
+        metrics.get("trainer", "step") >= 10.0 && metrics.get("logger_r0", "rows") >= 100.0
     });
-    let episodes = |m: &Metrics| metric(m, "sim_robot_r0", "episodes") + metric(m, "sim_robot_r1", "episodes");
+    let episodes = |m: &StatsBoard| m.get("sim_robot_r0", "episodes") + m.get("sim_robot_r1", "episodes");
     let mut rng = 0x9e3779b97f4a7c15u64;
     let mut outcomes = Vec::new();
     for name in NODES {
         rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         std::thread::sleep(Duration::from_millis(300 + (rng >> 33) % 1500));
-        let (step, generation) = (metric(&metrics, "trainer", "step"), *rollout.lock().unwrap());
+        let (step, generation) = (metrics.get("trainer", "step"), *rollout.lock().unwrap());
         let pid = pids[name];
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let t0 = Instant::now();
@@ -205,7 +186,7 @@ set = { sim = { seed = "1{index}", episode_steps = 60 } }"#,
             _ => String::new(),
         };
         // Working again: episodes end (a restarted robot counts from 0 again) and rows are logged.
-        let (before, rows) = (episodes(&metrics), metric(&metrics, "logger_r0", "rows"));
+        let (before, rows) = (episodes(&metrics), metrics.get("logger_r0", "rows"));
         let robot_restarted = name == "robot";
         let mut low = f64::MAX;
         wait_until(
@@ -219,7 +200,7 @@ set = { sim = { seed = "1{index}", episode_steps = 60 } }"#,
                 } else {
                     e > before
                 };
-                ended && metric(&metrics, "logger_r0", "rows") != rows
+                ended && metrics.get("logger_r0", "rows") != rows
             },
         );
         outcomes.push(format!(
@@ -232,7 +213,7 @@ set = { sim = { seed = "1{index}", episode_steps = 60 } }"#,
     wait_until("the spools drained", Duration::from_secs(60), || {
         ["spool_r0", "spool_r1"]
             .iter()
-            .all(|s| metric(&metrics, s, "backlog") < 50.0)
+            .all(|s| metrics.get(s, "backlog") < 50.0)
     });
     std::thread::sleep(Duration::from_secs(1));
     fleet.signal(libc::SIGTERM);

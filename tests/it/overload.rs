@@ -6,23 +6,12 @@
 
 use crate::common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nanobot_messages::{Reject, Stats};
-
-type Metrics = Arc<Mutex<HashMap<String, HashMap<String, f64>>>>;
-
-fn metric(m: &Metrics, actor: &str, name: &str) -> f64 {
-    m.lock()
-        .unwrap()
-        .get(actor)
-        .and_then(|a| a.get(name))
-        .copied()
-        .unwrap_or(0.0)
-}
+use nanobot_messages::Reject;
 
 fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -92,15 +81,7 @@ set = {{ source = "spool", root = "{root}/data/{{robot}}", max_rows_per_s = 2.0 
     logger.expect_actors(1, Duration::from_secs(30));
     let rt = runtime();
     let bus = rt.block_on(client(port));
-    let metrics: Metrics = Arc::default();
-    let m = metrics.clone();
-    let _stats = rt
-        .block_on(bus.subscribe_callback::<Stats>("nb/node/*/*", move |r| {
-            let mut values: HashMap<String, f64> = r.msg.extra.iter().map(|x| (x.name.clone(), x.value)).collect();
-            values.insert("dropped".into(), r.msg.dropped as f64);
-            m.lock().unwrap().insert(r.msg.actor.clone(), values);
-        }))
-        .unwrap();
+    let (metrics, _stats) = StatsBoard::follow(&rt, &bus);
     let alarms = Arc::new(Mutex::new(Vec::<Reject>::new()));
     let a = alarms.clone();
     let _rejects = rt
@@ -108,12 +89,12 @@ set = {{ source = "spool", root = "{root}/data/{{robot}}", max_rows_per_s = 2.0 
         .unwrap();
     let t0 = Instant::now();
     wait_until("the spool over its budget", Duration::from_secs(60), || {
-        metric(&metrics, "spool_r0", "dropped_over_budget") > 0.0
+        metrics.get("spool_r0", "dropped_over_budget") > 0.0
     });
     let missed = || {
         (
-            metric(&metrics, "sim_robot_r0", "missed_actions"),
-            metric(&metrics, "policy_r0", "missed_deadlines"),
+            metrics.get("sim_robot_r0", "missed_actions"),
+            metrics.get("policy_r0", "missed_deadlines"),
         )
     };
     let (missed_before, rss_robot, rss_logger) = (missed(), rss_mb(robot.child.id()), rss_mb(logger.child.id()));
@@ -121,15 +102,15 @@ set = {{ source = "spool", root = "{root}/data/{{robot}}", max_rows_per_s = 2.0 
     let (missed_after, rss_robot_after, rss_logger_after) =
         (missed(), rss_mb(robot.child.id()), rss_mb(logger.child.id()));
     let secs = t0.elapsed().as_secs_f64();
-    let produced = metric(&metrics, "ingest_r0", "observations");
-    let logged = metric(&metrics, "logger_r0", "rows");
-    let dropped = metric(&metrics, "spool_r0", "dropped_over_budget");
-    let spool_mb = metric(&metrics, "spool_r0", "bytes") / 1048576.0;
+    let produced = metrics.get("ingest_r0", "observations");
+    let logged = metrics.get("logger_r0", "rows");
+    let dropped = metrics.get("spool_r0", "dropped_over_budget");
+    let spool_mb = metrics.get("spool_r0", "bytes") / 1048576.0;
     eprintln!(
         "{secs:.0} s: ingest {produced} observations, logged {logged}, spool dropped {dropped} (holds {spool_mb:.2} MB), \
          logger left {} to the spool; RSS robot {rss_robot:.0} → {rss_robot_after:.0} MB, logger {rss_logger:.0} → {rss_logger_after:.0} MB; \
          missed (actions, deadlines) {missed_before:?} → {missed_after:?}",
-        metric(&metrics, "logger_r0", "rate_limited")
+        metrics.get("logger_r0", "rate_limited")
     );
     assert!(
         produced >= 10.0 * 2.0 * (secs - 5.0),
@@ -157,7 +138,7 @@ set = {{ source = "spool", root = "{root}/data/{{robot}}", max_rows_per_s = 2.0 
         .expect("the spool announced its drops");
     assert!(last.count as f64 >= dropped - 100.0 && last.count > 0, "{last:?}");
     // Nothing was dropped on the way in: ingest took every raw frame.
-    assert_eq!(metric(&metrics, "ingest_r0", "dropped"), 0.0, "ingest dropped frames");
+    assert_eq!(metrics.get("ingest_r0", "dropped"), 0.0, "ingest dropped frames");
     drop(logger);
     drop(robot);
     let root = dir.join("data/r0");

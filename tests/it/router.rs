@@ -13,19 +13,8 @@ use common::netns::Net;
 use common::*;
 use nanobot_actors::bus::{Bus, BusConfig, Mode};
 use nanobot_actors::keys::SigningKey;
-use nanobot_messages::{ActionChunk, AdapterBytes, AdapterRequest, Blob, LogAck, PolicyStatus, Promoted, Stats};
+use nanobot_messages::{ActionChunk, AdapterBytes, AdapterRequest, Blob, LogAck, PolicyStatus, Promoted};
 use nanobot_policy::runner::Runner;
-
-type Metrics = Arc<Mutex<HashMap<String, HashMap<String, f64>>>>;
-
-fn metric(m: &Metrics, actor: &str, name: &str) -> f64 {
-    m.lock()
-        .unwrap()
-        .get(actor)
-        .and_then(|a| a.get(name))
-        .copied()
-        .unwrap_or(0.0)
-}
 
 /// Robot r0's node loses its link for 30 s: it keeps acting on its own policy with no missed
 /// tick, its spool keeps what it produces, and once the link is back the logger on the APU
@@ -80,14 +69,7 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
             "nb",
         ))
         .unwrap();
-    let metrics: Metrics = Arc::default();
-    let m = metrics.clone();
-    let _stats = rt
-        .block_on(bus.subscribe_callback::<Stats>("nb/node/*/*", move |r| {
-            let values = r.msg.extra.iter().map(|x| (x.name.clone(), x.value)).collect();
-            m.lock().unwrap().insert(r.msg.actor.clone(), values);
-        }))
-        .unwrap();
+    let (metrics, _stats) = StatsBoard::follow(&rt, &bus);
     let acks: Arc<Mutex<HashMap<String, (Instant, LogAck)>>> = Arc::default();
     let a = acks.clone();
     let _acks = rt
@@ -120,7 +102,7 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     let q = rt
         .block_on(bus.queryable::<AdapterRequest>("nb/ckpt/adapter", 16))
         .unwrap();
-    let (served, sha) = (bytes.clone(), nanobot_dataset::sha256_hex(&bytes));
+    let served = bytes.clone();
     rt.spawn(async move {
         while let Some(req) = q.recv().await {
             let reply = AdapterBytes {
@@ -131,7 +113,6 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
             let _ = req.reply("", &reply).await;
         }
     });
-    let _ = sha;
     let announce = rt
         .block_on(bus.publisher::<Promoted>("nb/ckpt/promoted", "", nanobot_actors::bus::PubQos::Control))
         .unwrap();
@@ -141,17 +122,17 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
         || rows("r0") >= 40 && rows("r1") >= 40,
     );
     wait_until("robot0's Stats", Duration::from_secs(10), || {
-        metric(&metrics, "policy_r0", "chunks") > 0.0 || metric(&metrics, "sim_robot_r0", "episodes") > 0.0
+        metrics.get("policy_r0", "chunks") > 0.0 || metrics.get("sim_robot_r0", "episodes") > 0.0
     });
     std::thread::sleep(Duration::from_millis(1500));
     let missed = || {
         (
-            metric(&metrics, "sim_robot_r0", "missed_actions"),
-            metric(&metrics, "policy_r0", "missed_deadlines"),
+            metrics.get("sim_robot_r0", "missed_actions"),
+            metrics.get("policy_r0", "missed_deadlines"),
         )
     };
     let missed_before = missed();
-    let ingest_before = metric(&metrics, "ingest_r0", "observations");
+    let ingest_before = metrics.get("ingest_r0", "observations");
 
     net.cut("robot0");
     let cut_at = Instant::now();
@@ -167,7 +148,8 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     let go = announcing.clone();
     let announcer = std::thread::spawn(move || {
         while go.load(std::sync::atomic::Ordering::Relaxed) {
-            let _ = rt_put(&announce, &crate::promotion::rollout(&key, 1, Some(manifest.clone())));
+            // put_wait: this thread has no runtime, and a put never blocks.
+            let _ = announce.put_wait(&crate::promotion::rollout(&key, 1, Some(manifest.clone())), None);
             std::thread::sleep(Duration::from_millis(500));
         }
     });
@@ -210,12 +192,11 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
         rows("r0") as f64 >= rows_at_cut as f64 + cut_for.as_secs_f64() * 20.0 * 0.9
     });
     wait_until("robot0's Stats after the partition", Duration::from_secs(30), || {
-        metric(&metrics, "ingest_r0", "observations") > ingest_before + 500.0
-            && metric(&metrics, "spool_r0", "backlog") < 100.0
+        metrics.get("ingest_r0", "observations") > ingest_before + 500.0 && metrics.get("spool_r0", "backlog") < 100.0
     });
     let missed_after = missed();
-    let spool_dropped = metric(&metrics, "spool_r0", "dropped_over_budget");
-    let ingest_skipped = metric(&metrics, "ingest_r0", "decimated") + metric(&metrics, "ingest_r0", "stale");
+    let spool_dropped = metrics.get("spool_r0", "dropped_over_budget");
+    let ingest_skipped = metrics.get("ingest_r0", "decimated") + metrics.get("ingest_r0", "stale");
     let last = acks.lock().unwrap()["r0"].1.clone();
     eprintln!(
         "partition of {:.1} s: rows {rows_at_cut} at the cut, {} now; missed (actions, deadlines) {missed_before:?} → {missed_after:?}",
@@ -258,11 +239,6 @@ fn a_robot_cut_off_from_the_router_for_30_s_keeps_acting_and_back_fills_its_data
     );
     let report = nanobot_dataset::verify(&work.join("data/nb/r0")).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
-}
-
-/// Publish from a thread without a runtime of its own (the publisher's put does not block).
-fn rt_put(p: &nanobot_actors::bus::Publisher<Promoted>, m: &Promoted) -> Result<u64, nanobot_actors::bus::BusError> {
-    p.put_wait(m, None)
 }
 
 /// The same across hosts without a router: `launch/two_nodes.toml` with the robots' node and the

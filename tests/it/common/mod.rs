@@ -544,3 +544,47 @@ set = {{ checkpoint = "{base}", trusted_key = "{key}" }}
     )
 }
 pub mod netns;
+
+/// Each actor's newest Stats, as a test's session hears them on `nb/node/*/*`: its metrics, and
+/// `handled`, `errors`, `dropped` and `restarts` beside them.
+#[derive(Clone, Default)]
+pub struct StatsBoard(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<String, f64>>>>,
+);
+
+impl StatsBoard {
+    /// Follow the fleet's Stats on `bus`; keep the returned subscription alive.
+    pub fn follow(
+        rt: &tokio::runtime::Runtime,
+        bus: &nanobot_actors::bus::Bus,
+    ) -> (StatsBoard, nanobot_actors::bus::Callback) {
+        let board = StatsBoard::default();
+        let b = board.0.clone();
+        let sub = rt
+            .block_on(
+                bus.subscribe_callback::<nanobot_messages::Stats>("nb/node/*/*", move |r| {
+                    let s = r.msg;
+                    let mut values: std::collections::HashMap<String, f64> =
+                        s.extra.iter().map(|x| (x.name.clone(), x.value)).collect();
+                    for (k, v) in [("handled", s.handled), ("errors", s.errors), ("dropped", s.dropped)] {
+                        values.insert(k.into(), v as f64);
+                    }
+                    values.insert("restarts".into(), s.restarts as f64);
+                    b.lock().unwrap().insert(s.actor, values);
+                }),
+            )
+            .unwrap();
+        (board, sub)
+    }
+
+    /// An actor's newest value of `name` (0 before it reported one).
+    pub fn get(&self, actor: &str, name: &str) -> f64 {
+        self.0
+            .lock()
+            .unwrap()
+            .get(actor)
+            .and_then(|a| a.get(name))
+            .copied()
+            .unwrap_or(0.0)
+    }
+}
