@@ -161,6 +161,9 @@ pub struct BaseSetup {
     /// Batch shards trained at once, one core each.
     #[serde(default = "BaseSetup::default_shards")]
     pub shards: usize,
+    /// What the demonstrations' robots observe: `state` or `camera` (the robots' `sim.observe`).
+    #[serde(default)]
+    pub observe: nanobot_sim::Observe,
 }
 
 impl BaseSetup {

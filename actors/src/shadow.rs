@@ -46,6 +46,8 @@ pub struct ShadowConfig {
     pub blend: usize,
     /// Ticks between an observation and the first tick its chunk can act on.
     pub latency_ticks: u64,
+    /// Show the policy a black frame instead of the camera's (does it use its eyes?).
+    pub blank_camera: bool,
 }
 
 impl Default for ShadowConfig {
@@ -59,6 +61,7 @@ impl Default for ShadowConfig {
             lead: 2,
             blend: 4,
             latency_ticks: 1,
+            blank_camera: false,
         }
     }
 }
@@ -156,7 +159,10 @@ fn policy_episode(
             }
         }
         let jpeg = world.render_jpeg(cfg.jpeg_quality);
-        let (_, _, rgb) = decode_jpeg_rgb(&jpeg).map_err(|e| ShadowError::Image(e.to_string()))?;
+        let (_, _, mut rgb) = decode_jpeg_rgb(&jpeg).map_err(|e| ShadowError::Image(e.to_string()))?;
+        if cfg.blank_camera {
+            rgb.fill(0);
+        }
         let step = Step {
             rgb,
             state: world.state().to_vec(),

@@ -34,6 +34,9 @@ pub struct SimRobotConfig {
     /// Seconds after the start at which the world switches to `shift_to`.
     pub shift_after_s: Option<f64>,
     pub shift_to: Shift,
+    /// Conditions in turn, each from a time on: `"icy_floor@60,brightness@300,none@540"`
+    /// (shift names, seconds after the start, in order). Applied after `shift_after_s`.
+    pub sequence: String,
     /// Run this many episodes, then publish nothing more (0: run until stopped). A fixed
     /// amount of data, for recordings, evaluations and tests.
     pub episodes: u64,
@@ -59,6 +62,7 @@ impl Default for SimRobotConfig {
             intervene_after_steps: 0,
             shift_after_s: None,
             shift_to: Shift::None,
+            sequence: String::new(),
             episodes: 0,
             fault: FaultConfig::default(),
         }
@@ -77,6 +81,9 @@ pub struct SimRobot {
     /// The expert finishes this episode (it was failing).
     rescuing: bool,
     shifted: bool,
+    /// `sequence`, parsed, and how many of its phases have begun.
+    phases: Vec<(f64, Shift)>,
+    phases_begun: usize,
     act: Inbox<Received<ActionChunk>>,
     camera: Publisher<RawFrame>,
     state_pub: Publisher<RawFrame>,
@@ -176,6 +183,15 @@ impl SimRobot {
                 self.world.set_shift(self.cfg.shift_to);
                 tracing::info!(robot = %self.robot_id, shift = self.cfg.shift_to.name(), "the world shifts (from the next episode's start on, and the drive now)");
             }
+        }
+        while let Some(&(at, shift)) = self.phases.get(self.phases_begun) {
+            if self.started.elapsed().as_secs_f64() < at {
+                break;
+            }
+            self.phases_begun += 1;
+            self.cfg.sim.shift = shift;
+            self.world.set_shift(shift);
+            tracing::info!(robot = %self.robot_id, shift = shift.name(), phase = self.phases_begun, "the world shifts to the sequence's next condition");
         }
         let limit = self.cfg.intervene_after_steps;
         if limit > 0 && !self.rescuing && self.world.step_in_episode() >= limit {
@@ -316,6 +332,7 @@ impl NodeActor for SimRobot {
     async fn start(ctx: &Ctx<Self>, cfg: SimRobotConfig) -> Result<Self, ActorError> {
         let robot_id = ctx.robot()?.to_string();
         let world = World::new(cfg.sim.clone()).map_err(|e| ctx.config_error(e.to_string()))?;
+        let phases = parse_sequence(&cfg.sequence).map_err(|e| ctx.config_error(format!("sequence: {e}")))?;
         let fleet = ctx.fleet();
         let raw = |sensor: &str| topics::raw(fleet, &robot_id, sensor);
         let act = ctx
@@ -340,6 +357,8 @@ impl NodeActor for SimRobot {
             intervening: false,
             rescuing: false,
             shifted: false,
+            phases,
+            phases_begun: 0,
             robot_id,
             episodes: 0,
             successes: 0,
@@ -433,5 +452,48 @@ mod tests {
         let mut far = chunk(2, 2, vec![0.0; 4]);
         far.obs_seq = u64::MAX;
         assert_eq!(chunk_actions(&far, 5, 2).unwrap().len(), 2);
+    }
+}
+
+/// `"icy_floor@60,brightness@300"` → `[(60.0, IcyFloor), (300.0, Brightness)]`; times must rise.
+pub fn parse_sequence(text: &str) -> Result<Vec<(f64, Shift)>, String> {
+    let mut out: Vec<(f64, Shift)> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, at) = part
+            .split_once('@')
+            .ok_or_else(|| format!("{part:?} is not SHIFT@SECONDS"))?;
+        let shift: Shift = name.trim().parse().map_err(|e: nanobot_sim::SimError| e.to_string())?;
+        let at: f64 = at
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: {at:?} is not a number of seconds"))?;
+        if !at.is_finite() || at < 0.0 || out.last().is_some_and(|&(prev, _)| at <= prev) {
+            return Err(format!("{part:?}: times must be non-negative and rise"));
+        }
+        out.push((at, shift));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    use super::*;
+
+    #[test]
+    fn a_sequence_parses_and_bad_ones_name_the_part() {
+        assert_eq!(
+            parse_sequence("icy_floor@60, brightness@300,none@540").unwrap(),
+            vec![
+                (60.0, Shift::IcyFloor),
+                (300.0, Shift::Brightness),
+                (540.0, Shift::None)
+            ]
+        );
+        assert!(parse_sequence("").unwrap().is_empty());
+        assert!(parse_sequence("icy@60").unwrap_err().contains("icy"));
+        assert!(parse_sequence("none@60,brightness@30")
+            .unwrap_err()
+            .contains("brightness@30"));
+        assert!(parse_sequence("none").unwrap_err().contains("SHIFT@SECONDS"));
     }
 }

@@ -29,12 +29,16 @@ use nanobot_sim::Shift;
 
 #[derive(clap::Args)]
 pub struct LoopArgs {
-    /// The base checkpoint (`nanobot train` on `nanobot demos`).
-    #[arg(long, default_value = "policy.safetensors")]
+    /// The base checkpoint (`nanobot train` on `nanobot demos`; the main job makes it at its
+    /// first start).
+    #[arg(long, default_value = "policy-camera.safetensors")]
     pub checkpoint: PathBuf,
     /// The demonstrations the base was trained on (replay keeps training on them).
-    #[arg(long, default_value = "data/demos")]
+    #[arg(long, default_value = "data/demos-camera")]
     pub demos: PathBuf,
+    /// What the robots observe (`camera`: the target only in the frame; `state`: in the state).
+    #[arg(long, default_value = "camera")]
+    pub observe: nanobot_sim::Observe,
     #[arg(long, default_value = "icy_floor")]
     pub shift: String,
     /// Seconds under condition A before the shift.
@@ -143,7 +147,7 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("nb-bench-loop-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("data"))?;
-    std::os::unix::fs::symlink(&demos, work.join("data/demos"))?;
+    std::os::unix::fs::symlink(&demos, work.join(format!("data/demos-{}", a.observe.name())))?;
     let port = free_port();
     println!(
         "bench loop: launch/sim.toml in {}, base {}, shift to {} after {} s, {} s after it",
@@ -160,6 +164,7 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
         .env("NB_CHECKPOINT", &checkpoint)
         .env("NB_PORT", port.to_string())
         .env("NB_SHIFT", shift.name())
+        .env("NB_OBSERVE", a.observe.name())
         .env("NB_SHIFT_AFTER_S", format!("{:.1}", a.before_s))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join("fleet.log"))?)
@@ -200,6 +205,7 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
         episodes_per_seed: 10,
         sim: nanobot_sim::SimConfig {
             episode_steps: 60,
+            observe: a.observe,
             ..Default::default()
         },
         ..ShadowConfig::default()

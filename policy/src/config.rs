@@ -20,6 +20,13 @@ pub struct VisionConfig {
     pub dim: usize,
     pub depth: usize,
     pub heads: usize,
+    /// Spatial-softmax keypoints (Levine et al. 2016; Diffusion Policy's image encoder): each
+    /// keypoint scores every pixel by its colour, a softmax over the frame turns the scores
+    /// into an expected (x, y), and the 2K numbers join the robot's state in the sensor token,
+    /// as Diffusion Policy joins its image features to the state: where a thing is in the
+    /// frame, to the pixel, which 16-pixel patches blur. 0: none.
+    #[serde(default)]
+    pub keypoints: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,7 +69,9 @@ pub struct HeadConfig {
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
-    /// Which parts get adapters: "trunk", "head".
+    /// Which parts get adapters: "vision" (the encoder's attention, MLP, projector and keypoint
+    /// scorer), "sensor" (the sensor token's MLP, which reads the state and the keypoints),
+    /// "trunk", "head".
     pub targets: Vec<String>,
 }
 
@@ -134,6 +143,13 @@ impl PolicyConfig {
         if let Some((name, _)) = positive.iter().find(|(_, x)| *x == 0) {
             return Err(format!("{name} must be positive"));
         }
+        if 2 * v.keypoints > self.trunk.width {
+            return Err(format!(
+                "vision.keypoints {} needs a trunk.width of at least {}",
+                v.keypoints,
+                2 * v.keypoints
+            ));
+        }
         if !v.image_size.is_multiple_of(v.patch) {
             return Err(format!(
                 "vision.image_size {} is not a multiple of vision.patch {}",
@@ -157,15 +173,28 @@ impl PolicyConfig {
             .lora
             .targets
             .iter()
-            .find(|t| !["trunk", "head"].contains(&t.as_str()))
+            .find(|t| !["vision", "sensor", "trunk", "head"].contains(&t.as_str()))
         {
-            return Err(format!("lora.targets: unknown part {t:?} (trunk, head)"));
+            return Err(format!(
+                "lora.targets: unknown part {t:?} (vision, sensor, trunk, head)"
+            ));
         }
         Ok(())
     }
 
+    /// The ViT's tokens per frame, one per patch: the frame's tokens in the trunk.
     pub fn image_tokens(&self) -> usize {
         (self.vision.image_size / self.vision.patch).pow(2)
+    }
+    /// Rows of `trunk.width` floats the vision tower makes of a frame: its tokens, and with
+    /// keypoints one more row that carries their 2K coordinates (zero-padded), which go to
+    /// the sensor token.
+    pub fn frame_rows(&self) -> usize {
+        self.image_tokens() + usize::from(self.vision.keypoints > 0)
+    }
+    /// What the sensor token reads: the state, then the keypoints' (x, y).
+    pub fn sensor_inputs(&self) -> usize {
+        self.inputs.state_dim + 2 * self.vision.keypoints
     }
     pub fn surface_tokens(&self) -> usize {
         let i = &self.inputs;

@@ -68,6 +68,44 @@ struct HeadBlock {
 }
 
 /// One DDIM step's constants: the timestep and `√ᾱ_t, √(1−ᾱ_t), √ᾱ_prev, √(1−ᾱ_prev)`.
+/// The spatial-softmax keypoint token's weights ([`crate::model`]'s `Keypoints`).
+#[derive(Clone, Debug)]
+struct Keypoints {
+    score: Linear,
+    gain: Vec<f32>,
+    coords: Vec<f32>,
+}
+
+impl Keypoints {
+    /// One frame's keypoints' (x, y) (`2K` floats) into `out`.
+    fn forward(&self, chw: &[f32], pixels: usize, s: &mut Scratch, out: &mut [f32]) {
+        let k = self.gain.len();
+        let px = grow(&mut s.wide, pixels * 3);
+        for (p, row) in px.chunks_exact_mut(3).enumerate() {
+            for c in 0..3 {
+                row[c] = chw[c * pixels + p];
+            }
+        }
+        let scores = grow(&mut s.att, pixels * k);
+        self.score.forward(&s.wide[..pixels * 3], pixels, scores);
+        let points = out;
+        for (j, g) in self.gain.iter().enumerate() {
+            let max = (0..pixels)
+                .map(|p| scores[p * k + j] * g)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let (mut sum, mut x, mut y) = (0.0f32, 0.0f32, 0.0f32);
+            for p in 0..pixels {
+                let e = (scores[p * k + j] * g - max).exp();
+                sum += e;
+                x += e * self.coords[2 * p];
+                y += e * self.coords[2 * p + 1];
+            }
+            points[2 * j] = x / sum;
+            points[2 * j + 1] = y / sum;
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct DdimStep {
     t: f32,
@@ -87,6 +125,7 @@ pub struct Engine {
     vision_blocks: Vec<Block>,
     vision_ln: Norm,
     projector: Linear,
+    keypoints: Option<Keypoints>,
     sensor1: Linear,
     sensor2: Linear,
     surface: Linear,
@@ -234,7 +273,20 @@ impl Engine {
                 .collect::<Result<_, _>>()?,
             vision_ln: norm(&t, "vision.ln", v.dim)?,
             projector: linear(&t, "vision.projector", v.dim, w)?,
-            sensor1: linear(&t, "sensor1", i.state_dim, w)?,
+            keypoints: if v.keypoints > 0 {
+                let k = v.keypoints;
+                Some(Keypoints {
+                    score: linear(&t, "vision.keypoints.score", 3, k)?,
+                    gain: get(&t, "vision.keypoints.log_gain", k)?
+                        .into_iter()
+                        .map(f32::exp)
+                        .collect(),
+                    coords: crate::model::pixel_centres(v.image_size),
+                })
+            } else {
+                None
+            },
+            sensor1: linear(&t, "sensor1", cfg.sensor_inputs(), w)?,
             sensor2: linear(&t, "sensor2", w, w)?,
             surface: linear(&t, "surface", i.surface_patch * i.surface_patch, w)?,
             task: get(&t, "task.weight", i.n_tasks * w)?,
@@ -265,9 +317,10 @@ impl Engine {
         })
     }
 
-    /// Floats of one frame's vision tokens (`image_tokens × width`).
+    /// Floats of one frame's vision rows (`frame_rows × width`: its tokens, and its
+    /// keypoints' row if it has keypoints).
     pub fn frame_token_len(&self) -> usize {
-        self.cfg.image_tokens() * self.cfg.trunk.width
+        self.cfg.frame_rows() * self.cfg.trunk.width
     }
 
     /// The vision tokens of `frames` camera frames, each `3 × H × W` in [0, 1] (channel-major,
@@ -312,9 +365,22 @@ impl Engine {
         }
         let (x, h) = (&s.x[..rows * d], grow(&mut s.h, rows * d));
         self.vision_ln.forward(x, d, h);
-        let mut out = vec![0.0; rows * self.cfg.trunk.width];
+        let w = self.cfg.trunk.width;
+        let mut out = vec![0.0; rows * w];
         self.projector.forward(h, rows, &mut out);
-        Ok(out)
+        let Some(kp) = &self.keypoints else {
+            return Ok(out);
+        };
+        // Each frame's patch tokens, then its keypoints' row (zero-padded).
+        let per = (tokens + 1) * w;
+        let k2 = 2 * self.cfg.vision.keypoints;
+        let mut all = vec![0.0; frames * per];
+        for f in 0..frames {
+            let dst = &mut all[f * per..(f + 1) * per];
+            dst[..tokens * w].copy_from_slice(&out[f * tokens * w..(f + 1) * tokens * w]);
+            kp.forward(&chw[f * frame..(f + 1) * frame], n * n, s, &mut dst[tokens * w..][..k2]);
+        }
+        Ok(all)
     }
 
     /// Normalized action chunks (`horizon × action_dim` each), one per input, computed as one
@@ -379,11 +445,18 @@ impl Engine {
         let (n_img, n_surf, per) = (c.image_tokens(), c.surface_tokens(), c.tokens_per_step());
         let i = &c.inputs;
         let (sp, cols) = (i.surface_patch, i.surface_cols);
-        let sd = i.state_dim;
-        // Sensor tokens: sensor2(silu(sensor1(state))) for every (request, step).
+        let (state_dim, k2) = (i.state_dim, 2 * c.vision.keypoints);
+        let sd = state_dim + k2;
+        // Sensor tokens: sensor2(silu(sensor1(state ⊕ keypoints))) for every (request, step).
         let states = grow(&mut s.small, b * t * sd);
         for (k, r) in inputs.iter().enumerate() {
-            states[k * t * sd..][..t * sd].copy_from_slice(r.state);
+            for st in 0..t {
+                let row = &mut states[(k * t + st) * sd..][..sd];
+                row[..state_dim].copy_from_slice(&r.state[st * state_dim..][..state_dim]);
+                if k2 > 0 {
+                    row[state_dim..].copy_from_slice(&r.tokens[st][n_img * w..][..k2]);
+                }
+            }
         }
         let s1 = grow(&mut s.o, b * t * w);
         self.sensor1.forward(states, b * t, s1);
@@ -414,7 +487,7 @@ impl Engine {
         for (k, r) in inputs.iter().enumerate() {
             for st in 0..t {
                 let base = (k * n + st * per) * w;
-                x[base..][..n_img * w].copy_from_slice(r.tokens[st]);
+                x[base..][..n_img * w].copy_from_slice(&r.tokens[st][..n_img * w]);
                 x[base + n_img * w..][..w].copy_from_slice(&sensor[(k * t + st) * w..][..w]);
                 x[base + (n_img + 1) * w..][..n_surf * w]
                     .copy_from_slice(&surf[(k * t + st) * n_surf * w..][..n_surf * w]);

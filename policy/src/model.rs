@@ -169,25 +169,36 @@ struct Vision {
     ln: Norm,
     projector: LoraLinear,
     patch: usize,
+    keypoints: Option<Keypoints>,
 }
 
 impl Vision {
-    fn new(cfg: &PolicyConfig, vb: VarBuilder, train: &TrainSwitch) -> Result<Self> {
+    fn new(
+        cfg: &PolicyConfig,
+        vb: VarBuilder,
+        adapter: Option<&(VarBuilder, usize, f64)>,
+        train: &TrainSwitch,
+    ) -> Result<Self> {
         let v = &cfg.vision;
         let n = cfg.image_tokens();
         Ok(Vision {
             patch_embed: linear(3 * v.patch * v.patch, v.dim, &vb, None, "patch_embed")?,
             pos: vb.get_with_hints((n, v.dim), "pos", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?,
             blocks: (0..v.depth)
-                .map(|i| Block::new(v.dim, v.heads, vb.pp(format!("block{i}")), None, train))
+                .map(|i| {
+                    let a = adapter.map(|(vb, r, al)| (vb.pp(format!("block{i}")), *r, *al));
+                    Block::new(v.dim, v.heads, vb.pp(format!("block{i}")), a.as_ref(), train)
+                })
                 .collect::<Result<_>>()?,
             ln: ln(v.dim, vb.pp("ln"), train)?,
-            projector: linear(v.dim, cfg.trunk.width, &vb, None, "projector")?,
+            projector: linear(v.dim, cfg.trunk.width, &vb, adapter, "projector")?,
             patch: v.patch,
+            keypoints: (v.keypoints > 0)
+                .then(|| Keypoints::new(cfg, &vb, adapter))
+                .transpose()?,
         })
     }
 
-    /// (N, 3, H, W) → (N, tokens, width).
     fn forward(&self, img: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = img.dims4()?;
         let p = self.patch;
@@ -199,11 +210,91 @@ impl Vision {
         for b in &self.blocks {
             x = b.forward(&x)?;
         }
-        self.projector.forward(&self.ln.forward(&x)?)
+        let tokens = self.projector.forward(&self.ln.forward(&x)?)?;
+        match &self.keypoints {
+            Some(k) => {
+                let points = k.forward(img)?; // (N, 2K)
+                let width = tokens.dim(2)?;
+                let row = points.pad_with_zeros(1, 0, width - points.dim(1)?)?.unsqueeze(1)?;
+                Tensor::cat(&[tokens, row], 1)
+            }
+            None => Ok(tokens),
+        }
     }
 }
 
-/// Sinusoidal embedding of diffusion timesteps (B) → (B, dim).
+/// Spatial-softmax keypoints: each of K keypoints scores every pixel by its colour (a linear
+/// map of RGB), a softmax over the frame's pixels turns the scores into weights, and the
+/// weighted mean of the pixel centres is the keypoint's (x, y) in `[-1, 1]²`.
+#[derive(Clone, Debug)]
+struct Keypoints {
+    score: LoraLinear,
+    /// The log of each keypoint's softmax gain (its inverse temperature), learned.
+    log_gain: Tensor,
+    /// (H·W, 2): every pixel's centre.
+    coords: Tensor,
+}
+
+impl Keypoints {
+    /// The softmax gain a keypoint starts with: over a 64×64 frame, a colour that scores 0.5
+    /// above the rest takes nearly all of the weight.
+    pub const INITIAL_GAIN: f32 = 20.0;
+
+    /// The scorers' first weights (K × 3): colour-opponent detectors, as the first layer of a
+    /// pretrained image network learns them (red, green, blue against the other two, each
+    /// way round, then brightness each way), repeated for K over 8. A keypoint starts out
+    /// following the most red, green, ... thing in view, and training refines it.
+    pub fn opponent_colours(k: usize) -> Vec<f32> {
+        const ROWS: [[f32; 3]; 8] = [
+            [1.0, -0.5, -0.5],
+            [-0.5, 1.0, -0.5],
+            [-0.5, -0.5, 1.0],
+            [-1.0, 0.5, 0.5],
+            [0.5, -1.0, 0.5],
+            [0.5, 0.5, -1.0],
+            [0.5, 0.5, 0.5],
+            [-0.5, -0.5, -0.5],
+        ];
+        (0..k).flat_map(|i| ROWS[i % ROWS.len()]).collect()
+    }
+
+    fn new(cfg: &PolicyConfig, vb: &VarBuilder, adapter: Option<&(VarBuilder, usize, f64)>) -> Result<Self> {
+        let v = &cfg.vision;
+        let vk = vb.pp("keypoints");
+        let ak = adapter.map(|(a, r, al)| (a.pp("keypoints"), *r, *al));
+        Ok(Keypoints {
+            score: linear(3, v.keypoints, &vk, ak.as_ref(), "score")?,
+            log_gain: vk.get_with_hints(
+                v.keypoints,
+                "log_gain",
+                candle_nn::Init::Const(f64::from(Self::INITIAL_GAIN.ln())),
+            )?,
+            coords: Tensor::from_vec(
+                pixel_centres(v.image_size),
+                (v.image_size * v.image_size, 2),
+                vb.device(),
+            )?,
+        })
+    }
+
+    /// (N, 3, H, W) frames → (N, 2K): each keypoint's (x, y).
+    fn forward(&self, img: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = img.dims4()?;
+        let px = img.reshape((n, c, h * w))?.transpose(1, 2)?.contiguous()?; // (N, HW, 3)
+        let scores = self.score.forward(&px)?.broadcast_mul(&self.log_gain.exp()?)?; // (N, HW, K)
+        let attn = candle_nn::ops::softmax_last_dim(&scores.transpose(1, 2)?.contiguous()?)?; // (N, K, HW)
+        let k = attn.dim(1)?;
+        attn.broadcast_matmul(&self.coords)?.reshape((n, 2 * k)) // (N, K, 2) → (N, 2K)
+    }
+}
+
+/// The centre of every pixel of a `size × size` frame, row-major, as (x, y) in `[-1, 1]²`
+/// (the left or top edge is −1).
+pub fn pixel_centres(size: usize) -> Vec<f32> {
+    let at = |k: usize| 2.0 * (k as f32 + 0.5) / size as f32 - 1.0;
+    (0..size * size).flat_map(|i| [at(i % size), at(i / size)]).collect()
+}
+
 fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let freqs: Vec<f32> = (0..half)
@@ -340,7 +431,13 @@ impl Policy {
                 .filter(|_| cfg.lora.targets(part))
                 .map(|vb| (vb.pp(part), cfg.lora.rank, cfg.lora.alpha))
         };
-        let (trunk_ad, head_ad) = (ad("trunk"), ad("head"));
+        let (vision_ad, trunk_ad, head_ad) = (ad("vision"), ad("trunk"), ad("head"));
+        // The sensor MLP's layers sit at the base's top level (`sensor1`, `sensor2`), and so do
+        // their adapters, so that an adapter's names are its base layer's names.
+        let sensor_ad = adapter
+            .as_ref()
+            .filter(|_| cfg.lora.targets("sensor"))
+            .map(|vb| (vb.clone(), cfg.lora.rank, cfg.lora.alpha));
         let i = &cfg.inputs;
         let sp = i.surface_patch;
         let schedule = DdpmSchedule::squared_cosine(cfg.head.train_steps).map_err(candle_core::Error::msg)?;
@@ -349,9 +446,9 @@ impl Policy {
         let tv = base.pp("trunk");
         let train = TrainSwitch::default();
         Ok(Policy {
-            vision: Vision::new(cfg, base.pp("vision"), &train)?,
-            sensor1: linear(i.state_dim, w, &base, None, "sensor1")?,
-            sensor2: linear(w, w, &base, None, "sensor2")?,
+            vision: Vision::new(cfg, base.pp("vision"), vision_ad.as_ref(), &train)?,
+            sensor1: linear(cfg.sensor_inputs(), w, &base, sensor_ad.as_ref(), "sensor1")?,
+            sensor2: linear(w, w, &base, sensor_ad.as_ref(), "sensor2")?,
             surface: linear(sp * sp, w, &base, None, "surface")?,
             task: candle_nn::embedding(i.n_tasks, w, base.pp("task"))?,
             token_pos: base.get_with_hints(
@@ -390,7 +487,7 @@ impl Policy {
     pub fn encode(&self, obs: &ObsBatch) -> Result<Tensor> {
         let (b, t, c, h, w) = obs.images.dims5()?;
         let img = self.frame_tokens(&obs.images.reshape((b * t, c, h, w))?)?; // (B·T, n_img, W)
-        let img = img.reshape((b, t, self.cfg.image_tokens(), self.cfg.trunk.width))?;
+        let img = img.reshape((b, t, self.cfg.frame_rows(), self.cfg.trunk.width))?;
         self.encode_tokens(&img, obs)
     }
 
@@ -401,14 +498,22 @@ impl Policy {
         self.vision.forward(frames)
     }
 
-    /// [`encode`](Self::encode) with the image tokens (B, T, image_tokens, width) given;
+    /// [`encode`](Self::encode) with the frames' rows (B, T, frame_rows, width) given;
     /// `obs.images` is not read.
-    pub fn encode_tokens(&self, img: &Tensor, obs: &ObsBatch) -> Result<Tensor> {
-        let (b, t, _, width) = img.dims4()?;
-        let img = img.clone();
+    pub fn encode_tokens(&self, rows: &Tensor, obs: &ObsBatch) -> Result<Tensor> {
+        let (b, t, _, width) = rows.dims4()?;
+        let n_img = self.cfg.image_tokens();
+        let img = rows.narrow(2, 0, n_img)?;
+        let sensed = match self.cfg.vision.keypoints {
+            0 => obs.state.clone(),
+            k => {
+                let points = rows.narrow(2, n_img, 1)?.squeeze(2)?.narrow(2, 0, 2 * k)?;
+                Tensor::cat(&[&obs.state, &points], 2)?
+            }
+        };
         let sensor = self
             .sensor2
-            .forward(&silu(&self.sensor1.forward(&obs.state)?)?)?
+            .forward(&silu(&self.sensor1.forward(&sensed)?)?)?
             .unsqueeze(2)?; // (B, T, 1, W)
         let (rows, cols) = (self.cfg.inputs.surface_rows, self.cfg.inputs.surface_cols);
         let sp = self.cfg.inputs.surface_patch;
@@ -573,7 +678,11 @@ pub fn seeded_init(vars: &VarMap, seed: u64) -> Result<()> {
         let dims = var.dims().to_vec();
         let n: usize = dims.iter().product();
         let is_ln = name.contains("ln") && dims.len() == 1;
-        let values: Vec<f32> = if name.ends_with("lora_b") || name.ends_with("bias") {
+        let values: Vec<f32> = if name.ends_with("keypoints.score.weight") {
+            Keypoints::opponent_colours(dims[0])
+        } else if name.ends_with("keypoints.log_gain") {
+            vec![Keypoints::INITIAL_GAIN.ln(); n]
+        } else if name.ends_with("lora_b") || name.ends_with("bias") {
             vec![0.0; n]
         } else if is_ln && name.ends_with("weight") {
             vec![1.0; n]

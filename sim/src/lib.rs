@@ -2,7 +2,9 @@
 //! effector, a rendered 64×64 camera, a contact/roughness surface grid, a scripted expert, and
 //! named distribution shifts. Deterministic from a seed.
 //!
-//! State vector (`STATE_DIM` = 6): `[x, y, vx, vy, target_x, target_y]`, arena `[0, 1]²`.
+//! State vector (`STATE_DIM` = 6): `[x, y, vx, vy, target_x, target_y]`, arena `[0, 1]²`. What a
+//! robot reports of it depends on [`Observe`]: with `observe = "camera"` the target is not in
+//! the state (those two entries are 0) and is seen only in the camera frame, among distractors.
 //! Action (`ACTION_DIM` = 2): a velocity command in `[-1, 1]²`, scaled by `max_speed` and by the
 //! actuator gain.
 
@@ -19,7 +21,7 @@ pub const ACTION_DIM: usize = 2;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum SimError {
-    #[error("unknown distribution shift {0:?} (known: none, actuator_gain, camera_offset, brightness, target_region, actuator_bias, actuator_rotation, edge_targets, icy_floor)")]
+    #[error("unknown distribution shift {0:?} (known: none, actuator_gain, camera_offset, brightness, target_region, actuator_bias, actuator_rotation, edge_targets, icy_floor, warm_light)")]
     UnknownShift(String),
     #[error("invalid sim config: {0}")]
     Config(String),
@@ -33,9 +35,10 @@ pub enum Shift {
     None,
     /// Actuators deliver 55 % of the commanded velocity.
     ActuatorGain,
-    /// The camera is moved by (6, −4) pixels.
+    /// The camera is knocked on its mount: the scene moves by (10, −7) pixels, 0.16 and 0.11 of
+    /// the arena.
     CameraOffset,
-    /// The scene is 35 % brighter.
+    /// Glare: every colour channel +0.6 (clipped), washing the colours out.
     Brightness,
     /// Targets appear in the upper-left region instead of anywhere.
     TargetRegion,
@@ -52,10 +55,47 @@ pub enum Shift {
     /// The drive is mounted turned by 70°: commands move the robot 70° counter-clockwise of
     /// where they point.
     ActuatorRotation,
+    /// Warm, dim lighting: the camera sees every colour through an orange filter (red at 90 %,
+    /// green at 30 %, blue at 15 %), so the green target reads dark olive.
+    WarmLight,
+}
+
+/// What the robot's own sensors report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Observe {
+    /// The state vector carries the target: the task can be solved without the camera.
+    #[default]
+    State,
+    /// The state vector carries only pose and velocity (its target entries are 0); the target
+    /// is seen only in the camera frame, with two distractor discs of other colours (blue and
+    /// yellow). The camera shows the floor and what lies on it, not the robot: the robot knows
+    /// its own pose from its sensors, and reads the target's place against it.
+    Camera,
+}
+
+impl Observe {
+    pub fn name(self) -> &'static str {
+        match self {
+            Observe::State => "state",
+            Observe::Camera => "camera",
+        }
+    }
+}
+
+impl FromStr for Observe {
+    type Err = SimError;
+    fn from_str(s: &str) -> Result<Self, SimError> {
+        match s {
+            "state" => Ok(Observe::State),
+            "camera" => Ok(Observe::Camera),
+            _ => Err(SimError::Config(format!("observe {s:?}: state or camera"))),
+        }
+    }
 }
 
 impl Shift {
-    pub const ALL: [Shift; 9] = [
+    pub const ALL: [Shift; 10] = [
         Shift::None,
         Shift::ActuatorGain,
         Shift::CameraOffset,
@@ -65,6 +105,7 @@ impl Shift {
         Shift::ActuatorRotation,
         Shift::EdgeTargets,
         Shift::IcyFloor,
+        Shift::WarmLight,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +119,7 @@ impl Shift {
             Shift::ActuatorRotation => "actuator_rotation",
             Shift::EdgeTargets => "edge_targets",
             Shift::IcyFloor => "icy_floor",
+            Shift::WarmLight => "warm_light",
         }
     }
     /// What the drive adds to every command.
@@ -120,17 +162,29 @@ impl Shift {
     }
     fn camera_offset(self) -> (i32, i32) {
         if self == Shift::CameraOffset {
-            (6, -4)
+            (10, -7)
         } else {
             (0, 0)
         }
     }
     fn brightness(self) -> f32 {
         if self == Shift::Brightness {
-            0.35
+            0.6
         } else {
             0.0
         }
+    }
+    /// What the lighting multiplies each colour channel by.
+    fn tint(self) -> [f32; 3] {
+        if self == Shift::WarmLight {
+            [0.9, 0.3, 0.15]
+        } else {
+            [1.0; 3]
+        }
+    }
+    /// Whether this shift changes only what the camera sees.
+    pub fn is_visual(self) -> bool {
+        matches!(self, Shift::CameraOffset | Shift::Brightness | Shift::WarmLight)
     }
     /// `[x_min, x_max, y_min, y_max]` of target positions.
     fn target_region(self) -> [f32; 4] {
@@ -170,6 +224,9 @@ pub struct SimConfig {
     pub surface_size: u32,
     pub shift: Shift,
     pub seed: u64,
+    /// What the robot's sensors report: `state` (the target in the state vector) or `camera`
+    /// (the target only in the camera frame).
+    pub observe: Observe,
 }
 
 impl Default for SimConfig {
@@ -183,6 +240,7 @@ impl Default for SimConfig {
             surface_size: 8,
             shift: Shift::None,
             seed: 0,
+            observe: Observe::State,
         }
     }
 }
@@ -230,6 +288,8 @@ pub struct SimRobot {
     pos: [f32; 2],
     vel: [f32; 2],
     target: [f32; 2],
+    /// Discs of other colours the camera sees (with `observe = "camera"`): not the target.
+    distractors: [[f32; 2]; 2],
     step: u32,
     episode: u64,
     episode_reward: f32,
@@ -256,6 +316,7 @@ impl SimRobot {
             pos: [0.5, 0.5],
             vel: [0.0; 2],
             target: [0.5, 0.5],
+            distractors: [[-1.0; 2]; 2],
             step: 0,
             episode: 0,
             episode_reward: 0.0,
@@ -306,6 +367,18 @@ impl SimRobot {
                 break;
             }
         }
+        if self.cfg.observe == Observe::Camera {
+            // Distractors away from the target (state-only worlds draw nothing more, so their
+            // episodes are what they always were).
+            for i in 0..self.distractors.len() {
+                self.distractors[i] = loop {
+                    let p = [0.1 + 0.8 * self.rng.next_f32(), 0.1 + 0.8 * self.rng.next_f32()];
+                    if dist(p, self.target) > 3.0 * self.cfg.success_radius {
+                        break p;
+                    }
+                };
+            }
+        }
         self.vel = [0.0; 2];
         self.step = 0;
         self.episode_reward = 0.0;
@@ -348,8 +421,19 @@ impl SimRobot {
         })
     }
 
-    /// `[x, y, vx, vy, target_x, target_y]`.
+    /// What the robot's sensors report: `[x, y, vx, vy, target_x, target_y]`, with the target
+    /// entries 0 when it observes through the camera.
     pub fn state(&self) -> [f32; STATE_DIM] {
+        let mut s = self.true_state();
+        if self.cfg.observe == Observe::Camera {
+            s[4] = 0.0;
+            s[5] = 0.0;
+        }
+        s
+    }
+
+    /// `[x, y, vx, vy, target_x, target_y]`, target included: what the scripted expert knows.
+    pub fn true_state(&self) -> [f32; STATE_DIM] {
         [
             self.pos[0],
             self.pos[1],
@@ -385,6 +469,13 @@ impl SimRobot {
         let (rx, ry) = to_px(self.pos);
         let tr = ((self.cfg.success_radius * s as f32) as i32).max(2);
         let rr = (s / 20).max(2);
+        let distractors: Vec<((i32, i32), [f32; 3])> = if self.cfg.observe == Observe::Camera {
+            let colours = [[0.15, 0.3, 0.9], [0.9, 0.8, 0.1]];
+            self.distractors.iter().map(|&d| to_px(d)).zip(colours).collect()
+        } else {
+            Vec::new()
+        };
+        let tint = self.cfg.shift.tint();
         let mut img = Vec::with_capacity((s * s * 3) as usize);
         for py in 0..s {
             for px in 0..s {
@@ -402,14 +493,22 @@ impl SimRobot {
                 } else {
                     [0.05, 0.05, 0.05]
                 };
+                for &((dx, dy), colour) in &distractors {
+                    if (px - dx).pow(2) + (py - dy).pow(2) <= tr * tr {
+                        c = colour;
+                    }
+                }
                 if (px - tx).pow(2) + (py - ty).pow(2) <= tr * tr {
                     c = [0.1, 0.8, 0.2];
                 }
-                if (px - rx).pow(2) + (py - ry).pow(2) <= rr * rr {
+                // The camera looks at the floor and what lies on it; a robot that observes
+                // through it knows where it is from its own odometry, and its marker is not
+                // drawn (so the target's place must be read against the robot's sensed pose).
+                if self.cfg.observe == Observe::State && (px - rx).pow(2) + (py - ry).pow(2) <= rr * rr {
                     c = [0.9, 0.1, 0.1];
                 }
-                for v in c {
-                    img.push(((v + bright).clamp(0.0, 1.0) * 255.0) as u8);
+                for (v, t) in c.into_iter().zip(tint) {
+                    img.push(((v * t + bright).clamp(0.0, 1.0) * 255.0) as u8);
                 }
             }
         }
@@ -433,7 +532,7 @@ impl SimRobot {
     pub fn expert_action(&self) -> [f32; 2] {
         self.cfg
             .shift
-            .undrive(expert_action_from_state(&self.state(), self.cfg.max_speed))
+            .undrive(expert_action_from_state(&self.true_state(), self.cfg.max_speed))
     }
 
     /// The scripted expert's next `horizon` actions, rolled out on a copy of the world.
@@ -566,6 +665,74 @@ mod tests {
         assert!(t[0] <= 0.4 && t[1] >= 0.6, "{t:?}");
         assert_eq!("camera_offset".parse::<Shift>().unwrap(), Shift::CameraOffset);
         assert!("sideways".parse::<Shift>().is_err());
+    }
+
+    #[test]
+    fn a_robot_that_observes_through_the_camera_sees_its_target_only_there() {
+        let cfg = |observe| SimConfig {
+            seed: 7,
+            observe,
+            ..SimConfig::default()
+        };
+        let (state, camera) = (
+            SimRobot::new(cfg(Observe::State)).unwrap(),
+            SimRobot::new(cfg(Observe::Camera)).unwrap(),
+        );
+        // Same world, same target; only what the sensors report differs.
+        assert_eq!(state.target(), camera.target());
+        assert_eq!(&state.state()[4..], &state.target());
+        assert_eq!(&camera.state()[..4], &state.state()[..4]);
+        assert_eq!(&camera.state()[4..], &[0.0, 0.0]);
+        assert_eq!(camera.true_state(), state.state());
+        // The target's green disc is in the frame, and so are the distractors (blue, yellow),
+        // but not the robot's red marker.
+        let count = |img: &[u8], want: [u8; 3]| {
+            img.chunks_exact(3)
+                .filter(|p| p.iter().zip(want).all(|(&a, b)| a.abs_diff(b) < 30))
+                .count()
+        };
+        let (s_img, c_img) = (state.render_rgb(), camera.render_rgb());
+        let (green, red, blue, yellow) = ([25, 204, 51], [229, 25, 25], [38, 76, 229], [229, 204, 25]);
+        assert!(count(&c_img, green) >= 9, "the target shows");
+        assert!(
+            count(&c_img, blue) >= 9 && count(&c_img, yellow) >= 9,
+            "the distractors show"
+        );
+        assert_eq!(count(&c_img, red), 0, "the robot is not drawn");
+        assert!(count(&s_img, red) >= 9 && count(&s_img, blue) == 0);
+        // The scripted expert still knows where the target is.
+        let (wins, total) = run_expert(cfg(Observe::Camera), 20);
+        assert!(wins >= 19, "expert won {wins} of {total} observing through the camera");
+        assert_eq!("camera".parse::<Observe>().unwrap(), Observe::Camera);
+        assert!("lidar".parse::<Observe>().is_err());
+    }
+
+    #[test]
+    fn visual_shifts_change_the_frame_and_nothing_else() {
+        let world = |shift| {
+            let mut r = SimRobot::new(SimConfig {
+                seed: 3,
+                shift,
+                observe: Observe::Camera,
+                ..SimConfig::default()
+            })
+            .unwrap();
+            r.step([0.5, -0.2]);
+            r
+        };
+        let nominal = world(Shift::None);
+        for shift in [Shift::CameraOffset, Shift::Brightness, Shift::WarmLight] {
+            assert!(shift.is_visual());
+            let w = world(shift);
+            assert_eq!(w.state(), nominal.state(), "{}", shift.name());
+            assert_eq!(w.surface(), nominal.surface(), "{}", shift.name());
+            assert_ne!(w.render_rgb(), nominal.render_rgb(), "{}", shift.name());
+        }
+        assert!(!Shift::IcyFloor.is_visual());
+        // Warm light: green and blue dimmed far more than red.
+        let mean = |img: &[u8], c: usize| img.chunks_exact(3).map(|p| p[c] as f64).sum::<f64>();
+        let (warm, plain) = (world(Shift::WarmLight).render_rgb(), nominal.render_rgb());
+        assert!(mean(&warm, 1) < 0.4 * mean(&plain, 1) && mean(&warm, 0) > 0.8 * mean(&plain, 0));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use nanobot_actors::shadow::record_demonstrations;
 use nanobot_dataset::{DatasetSpec, DatasetWriter, WriterConfig};
-use nanobot_sim::{Shift, SimConfig};
+use nanobot_sim::{Observe, Shift, SimConfig};
 
 #[derive(Args)]
 pub struct DemosArgs {
@@ -27,17 +27,28 @@ pub struct DemosArgs {
     /// World seeds are this plus the robot's index.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// What the robots observe: `state` (the target in the state vector) or `camera` (the
+    /// target only in the camera frame).
+    #[arg(long, default_value = "state")]
+    observe: Observe,
 }
 
 pub fn demos(args: DemosArgs) -> anyhow::Result<u8> {
     let shift: Shift = args.shift.parse()?;
-    record_demos(&args.out, args.robots, args.episodes, shift, args.seed)?;
+    record_demos(&args.out, args.robots, args.episodes, shift, args.observe, args.seed)?;
     Ok(0)
 }
 
 /// Record `episodes` expert episodes for each of `robots` robots under `out` (`out/r{i}`, world
 /// seed `seed + i`); the datasets' paths.
-pub fn record_demos(out: &Path, robots: u32, episodes: u32, shift: Shift, seed: u64) -> anyhow::Result<Vec<PathBuf>> {
+pub fn record_demos(
+    out: &Path,
+    robots: u32,
+    episodes: u32,
+    shift: Shift,
+    observe: Observe,
+    seed: u64,
+) -> anyhow::Result<Vec<PathBuf>> {
     let t0 = Instant::now();
     let mut total = 0;
     let mut dirs = Vec::new();
@@ -52,6 +63,7 @@ pub fn record_demos(out: &Path, robots: u32, episodes: u32, shift: Shift, seed: 
         let sim = SimConfig {
             seed: seed + i as u64,
             shift,
+            observe,
             ..SimConfig::default()
         };
         let spec = DatasetSpec::sim(sim.rate_hz, sim.image_size, sim.surface_size);
@@ -63,8 +75,9 @@ pub fn record_demos(out: &Path, robots: u32, episodes: u32, shift: Shift, seed: 
         dirs.push(dir);
     }
     println!(
-        "demos: {robots} robots × {episodes} episodes under {}: {total} rows in {:.1} s → {}",
+        "demos: {robots} robots × {episodes} episodes under {}, observing {}: {total} rows in {:.1} s → {}",
         shift.name(),
+        observe.name(),
         t0.elapsed().as_secs_f64(),
         out.display()
     );

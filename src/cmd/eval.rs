@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use nanobot_actors::shadow::{evaluate, Driver, ShadowConfig};
 use nanobot_policy::runner::Runner;
-use nanobot_sim::{Shift, SimConfig};
+use nanobot_sim::{Observe, Shift, SimConfig};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -34,6 +34,12 @@ pub struct EvalArgs {
     /// Ticks before an episode counts as failed (a live robot's `intervene_after_steps`).
     #[arg(long, default_value_t = 200)]
     episode_steps: u32,
+    /// What the robots observe: `state` or `camera` (as the checkpoint was trained).
+    #[arg(long, default_value = "state")]
+    observe: Observe,
+    /// Blank the camera (every frame black): shows whether the policy uses it.
+    #[arg(long)]
+    blank_camera: bool,
 }
 
 pub fn eval(args: EvalArgs) -> anyhow::Result<u8> {
@@ -50,8 +56,10 @@ pub fn eval(args: EvalArgs) -> anyhow::Result<u8> {
         blend: args.blend,
         lead: args.lead,
         n_action_steps: args.n_action_steps,
+        blank_camera: args.blank_camera,
         sim: SimConfig {
             episode_steps: args.episode_steps,
+            observe: args.observe,
             ..SimConfig::default()
         },
         ..ShadowConfig::default()

@@ -315,10 +315,11 @@ fn make_base(b: &nanobot_actors::launch::BaseSetup) -> anyhow::Result<()> {
         return Ok(());
     }
     say(&format!(
-        "no base policy at {}: making one from the scripted expert's demonstrations ({} robots × {} episodes, {}, {} steps)",
+        "no base policy at {}: making one from the scripted expert's demonstrations ({} robots × {} episodes observing {}, {}, {} steps)",
         checkpoint.display(),
         b.robots,
         b.episodes,
+        b.observe.name(),
         b.config,
         b.steps
     ));
@@ -326,7 +327,7 @@ fn make_base(b: &nanobot_actors::launch::BaseSetup) -> anyhow::Result<()> {
     let datasets: Vec<std::path::PathBuf> = if demos.join("r0").exists() {
         (0..b.robots).map(|i| demos.join(format!("r{i}"))).collect()
     } else {
-        super::demos::record_demos(demos, b.robots, b.episodes, nanobot_sim::Shift::None, 0)?
+        super::demos::record_demos(demos, b.robots, b.episodes, nanobot_sim::Shift::None, b.observe, 0)?
     };
     let mut args: Vec<String> = vec!["train".into()];
     for d in &datasets {

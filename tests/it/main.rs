@@ -25,3 +25,4 @@ mod schema_python;
 mod secured;
 mod telemetry;
 mod tune;
+mod vision;
