@@ -53,24 +53,31 @@ pub struct LoopArgs {
     /// Scratch directory (default: a new one under the temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Conditions in turn (`none,icy_floor,brightness,none`), each for `--phase-s`: the
+    /// continual-learning run (replaces `--shift`, `--before-s` and `--after-s`).
+    #[arg(long, value_delimiter = ',')]
+    pub sequence: Vec<String>,
+    /// Seconds of each phase of `--sequence`.
+    #[arg(long, default_value_t = 300.0)]
+    pub phase_s: f64,
 }
 
 /// One finished episode, as the fleet reported it.
 #[derive(Clone, Copy)]
-struct Episode {
-    t: f64,
-    success: bool,
-    intervened: bool,
+pub(crate) struct Episode {
+    pub t: f64,
+    pub success: bool,
+    pub intervened: bool,
 }
 
 #[derive(Default)]
-struct Watch {
-    episodes: Vec<Episode>,
+pub(crate) struct Watch {
+    pub episodes: Vec<Episode>,
     intervening: BTreeMap<String, bool>,
-    interventions: Vec<f64>,
+    pub interventions: Vec<f64>,
     adapters: BTreeMap<String, String>,
     /// (t, generation, fleet adapter)
-    rollouts: Vec<(f64, u64, String)>,
+    pub rollouts: Vec<(f64, u64, String)>,
 }
 
 pub(crate) fn child_kill(c: &mut Child) {
@@ -118,7 +125,8 @@ pub(crate) async fn client(port: u16, work: Option<&Path>) -> anyhow::Result<Bus
     }
 }
 
-fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
+/// Autonomous success of the episodes that ended in `[from, to)`, and how many there were.
+pub(crate) fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
     let w: Vec<&Episode> = eps.iter().filter(|e| e.t >= from && e.t < to).collect();
     let wins = w.iter().filter(|e| e.success && !e.intervened).count();
     (
@@ -132,6 +140,9 @@ fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
 }
 
 pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
+    if !a.sequence.is_empty() {
+        return crate::sequence::run(rt, a);
+    }
     let exe = std::env::current_exe()?;
     let repo = std::env::current_dir()?;
     let launch = repo.join("launch/sim.toml");
@@ -169,9 +180,11 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join("fleet.log"))?)
         .spawn()?;
-    let result = rt.block_on(watch_loop(port, &a, &work));
+    let t_shift = a.before_s;
+    let label = |t: f64| if t < t_shift { "A" } else { "B" }.to_string();
+    let result = rt.block_on(watch_loop(port, &work, a.before_s + a.after_s, &label));
     child_kill(&mut fleet);
-    let (w, t_shift) = result?;
+    let w = result?;
     let eps = &w.episodes;
     let end = a.before_s + a.after_s;
     let (a_before, n_a) = rate(eps, 10.0, t_shift);
@@ -288,7 +301,7 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn find_adapter(work: &Path, id: &str) -> Option<PathBuf> {
+pub(crate) fn find_adapter(work: &Path, id: &str) -> Option<PathBuf> {
     if id.is_empty() {
         return None;
     }
@@ -311,7 +324,14 @@ fn ledger_latencies(path: &Path) -> Vec<f64> {
         .collect()
 }
 
-async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Watch, f64)> {
+/// Follow the fleet on `port` for `end` seconds from its first episode event, printing each
+/// minute's autonomous success under the condition `label(t)` names.
+pub(crate) async fn watch_loop(
+    port: u16,
+    work: &Path,
+    end: f64,
+    label: &dyn Fn(f64) -> String,
+) -> anyhow::Result<Watch> {
     let bus = client(port, Some(work)).await?;
     let w = Arc::new(Mutex::new(Watch::default()));
     let start = Arc::new(Mutex::new(None::<Instant>));
@@ -368,10 +388,8 @@ async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Wat
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let s0 = start.lock().unwrap().expect("set above");
-    // The clock starts at the robots' first EpisodeStart, as they start: they shift `before_s`
-    // after that.
-    let t_shift = a.before_s;
-    let end = a.before_s + a.after_s;
+    // The clock starts at the robots' first EpisodeStart, as they start: their shifts count
+    // from then.
     let mut next = 60.0;
     while s0.elapsed().as_secs_f64() < end {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -385,14 +403,14 @@ async fn watch_loop(port: u16, a: &LoopArgs, work: &Path) -> anyhow::Result<(Wat
             println!(
                 "  t {:>4.0} s  {}  last minute: {:>4} success of {n:>3} episodes, {ints:>3} interventions; fleet on {}",
                 t,
-                if t < t_shift { "A" } else { "B" },
+                label(t - 1.0),
                 if r.is_nan() { "-".into() } else { format!("{:.0}%", 100.0 * r) },
                 if fleet.is_empty() { "the base" } else { fleet }
             );
         }
     }
     let w = std::mem::take(&mut *w.lock().unwrap());
-    Ok((w, t_shift))
+    Ok(w)
 }
 
 /// A launch file's text for one node listening on `port` with `robots` simulated robots (worlds

@@ -11,6 +11,7 @@ mod log;
 mod policy;
 mod python;
 mod replay;
+mod sequence;
 mod soak;
 mod train;
 mod transport;

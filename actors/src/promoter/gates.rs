@@ -35,6 +35,9 @@ pub struct GateConfig {
     pub margin: f64,
     /// Conditions the fleet has seen before, whose success a candidate must keep.
     pub retention: Vec<Shift>,
+    /// Also keep every condition the promoter has seen the fleet under since it started (a
+    /// fleet taken through a sequence of conditions keeps each earlier one).
+    pub retain_seen: bool,
     /// How far success under a retention condition may drop.
     pub max_drop: f64,
     /// The worlds the forgetting guard measures on (the shadow settings otherwise); none: the
@@ -49,6 +52,7 @@ impl Default for GateConfig {
             held_out_tolerance: 0.05,
             margin: 0.05,
             retention: vec![Shift::None],
+            retain_seen: true,
             max_drop: 0.05,
             retention_seeds: vec![2000, 2001],
             shadow: ShadowConfig {
@@ -184,6 +188,12 @@ impl Gates {
 
     /// Run every gate on a candidate under the fleet's `condition`.
     pub fn judge(&mut self, s: &Submission, condition: Shift) -> Verdict {
+        self.judge_retaining(s, condition, &[])
+    }
+
+    /// [`judge`](Self::judge), keeping `seen` (the conditions the fleet has been under) as
+    /// well as the configured retention conditions when `retain_seen` is set.
+    pub fn judge_retaining(&mut self, s: &Submission, condition: Shift, seen: &[Shift]) -> Verdict {
         let mut metrics = BTreeMap::new();
         let refuse = |reason: String, metrics| Verdict {
             accepted: false,
@@ -240,7 +250,11 @@ impl Gates {
         }
         // 5. Retention of earlier conditions, on the retention worlds.
         let retention = self.settings(Worlds::Retention);
-        for c in self.cfg.retention.clone() {
+        let mut keep = self.cfg.retention.clone();
+        if self.cfg.retain_seen {
+            keep.extend(seen.iter().filter(|c| !self.cfg.retention.contains(c)));
+        }
+        for c in keep {
             if c == condition {
                 continue;
             }

@@ -122,6 +122,8 @@ pub struct Promoter {
     announce: Publisher<Promoted>,
     rollout: Promoted,
     robots: BTreeMap<String, RobotView>,
+    /// Every condition a followed robot has started an episode under, in the order first seen.
+    seen: Vec<Shift>,
     /// Robots whose current episode the onboard expert took over (it is no policy success).
     intervened: BTreeMap<String, bool>,
     canary: Option<Canary>,
@@ -316,6 +318,7 @@ impl NodeActor for Promoter {
             announce,
             rollout,
             robots: BTreeMap::new(),
+            seen: Vec::new(),
             intervened: BTreeMap::new(),
             reaching: None,
             waiting: None,
@@ -482,6 +485,7 @@ impl Promoter {
         )
         .await?;
         let condition = self.condition();
+        let seen = self.seen.clone();
         let t0 = Instant::now();
         let dir = self.state_dir.clone();
         let verdict = match self.gates().await {
@@ -501,7 +505,7 @@ impl Promoter {
                             bytes: &bytes,
                             metrics: &metrics,
                         };
-                        let v = g.judge(&s, condition);
+                        let v = g.judge_retaining(&s, condition, &seen);
                         // Its bytes are kept whenever they are what it claims (an operator may
                         // promote a refused candidate by hand).
                         if is_sha256(&sha) && nanobot_dataset::sha256_hex(&bytes) == sha {

@@ -210,6 +210,9 @@ impl Promoter {
                 EventKind::EpisodeStart { shift, .. } => {
                     if let (Some(v), Ok(s)) = (self.robots.get_mut(&robot), shift.parse::<Shift>()) {
                         v.condition = Some(s);
+                        if !self.seen.contains(&s) {
+                            self.seen.push(s);
+                        }
                     }
                 }
                 // Only robots the promoter follows (their statuses, bounded) are remembered.
