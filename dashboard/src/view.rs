@@ -61,6 +61,8 @@ pub struct RobotView {
     pub successes: u64,
     pub rescued: u64,
     pub interventions: u64,
+    /// When each recent intervention began (ms).
+    pub intervention_ms: VecDeque<u64>,
     /// An intervention happened during the current episode.
     #[serde(skip)]
     intervened: bool,
@@ -256,6 +258,7 @@ impl FleetView {
                 EventKind::Intervention { active: true, .. } => {
                     r.interventions += 1;
                     r.intervened = true;
+                    push(&mut r.intervention_ms, t);
                 }
                 _ => {}
             },

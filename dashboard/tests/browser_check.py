@@ -3,8 +3,10 @@ chromedriver (Debian's `chromium` and `chromium-driver`; plain HTTP from here, n
 library), and report what the page shows: the robots, a live value read twice, the camera
 picture's size. Saves a screenshot.
 
-usage: browser_check.py URL SCREENSHOT.png ROBOT [TOKEN]
-(with TOKEN, it types the token into the page's login form, as a person does)
+usage: browser_check.py URL SCREENSHOT.png ROBOT [TOKEN [WATCH_S]]
+(with TOKEN, it types the token into the page's login form, as a person does; with WATCH_S, it
+reads the fleet's autonomous success headline every second for that long and reports each
+reading, `success_readings`, and takes the screenshot at the end)
 prints {"robots": [...], "obs_before": N, "obs_after": M, "camera_width": W, ...}; exits 1 on failure
 """
 import base64
@@ -17,6 +19,7 @@ import urllib.request
 
 url, shot, robot = sys.argv[1], sys.argv[2], sys.argv[3]
 token = sys.argv[4] if len(sys.argv) > 4 else None
+watch_s = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 
 
 def free_port():
@@ -84,6 +87,13 @@ try:
         "node_rows": js("return document.querySelectorAll('#nodes tbody tr').length;"),
         "errors": js("return window.__errors || [];"),
     }
+    readings = []
+    deadline = time.time() + watch_s
+    while time.time() < deadline:
+        readings.append(js("return document.getElementById('fleet-success').textContent;"))
+        time.sleep(1.0)
+    report["success_readings"] = readings
+    report["errors"] = js("return window.__errors || [];")
     png = base64.b64decode(call("GET", s + "/screenshot"))
     open(shot, "wb").write(png)
     report["screenshot_bytes"] = len(png)

@@ -76,7 +76,34 @@ fn login_cookie(port: u16) -> String {
 #[test]
 fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     let (port, web) = (free_port(), free_port());
-    let file = one_robot_fleet("dashboard", port);
+    // One robot driven by the remote expert; after 25 s its drive turns 70° (which that expert
+    // does not know), and an episode not done in 30 ticks is finished by the onboard expert:
+    // the fleet's autonomous success falls, and the page must say so.
+    let file = write_launch(
+        "dashboard",
+        &format!(
+            r#"
+[robots]
+ids = ["r0"]
+[[node]]
+name = "sim"
+listen = ["tcp/127.0.0.1:{port}"]
+[[node.actor]]
+type = "sim_robot"
+for_each_robot = true
+config = "@CONFIGS@/sim_robot.toml"
+set = {{ intervene_after_steps = 30, shift_after_s = 25.0, shift_to = "actuator_rotation" }}
+[[node.actor]]
+type = "expert"
+for_each_robot = true
+config = "@CONFIGS@/expert.toml"
+[[node.actor]]
+type = "ingest"
+for_each_robot = true
+config = "@CONFIGS@/ingest.toml"
+"#
+        ),
+    );
     let mut cmd = nanobot();
     cmd.arg("launch")
         .arg(&file)
@@ -155,6 +182,7 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
         .arg(&shot)
         .arg("r0")
         .arg(TOKEN)
+        .arg("55")
         .output()
         .unwrap();
     assert!(
@@ -174,7 +202,27 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
         "{b}"
     );
     assert_eq!(&std::fs::read(&shot).unwrap()[..4], b"\x89PNG");
-    eprintln!("dashboard screenshot: {}", shot.display());
+    // The headline, read in the browser second by second: high before the shift, well down
+    // after it (rescued episodes are failures).
+    let readings: Vec<f64> = b["success_readings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str()?.split(' ').next()?.parse().ok())
+        .collect();
+    eprintln!("autonomous success on the page, second by second: {}", b["success_readings"]);
+    let peak = readings.iter().cloned().fold(0.0, f64::max);
+    let peak_at = readings.iter().position(|&r| r == peak).unwrap_or(0);
+    let low = readings[peak_at..].iter().cloned().fold(100.0, f64::min);
+    assert!(
+        peak >= 80.0 && low <= peak - 30.0,
+        "autonomous success on the page: {:?}",
+        b["success_readings"]
+    );
+    // Kept where a person can look at it (the test's own directory goes with the test).
+    let kept = repo().join("target/dashboard-during-a-shift.png");
+    let _ = std::fs::copy(&shot, &kept);
+    eprintln!("dashboard screenshot: {}", kept.display());
 }
 
 #[test]
