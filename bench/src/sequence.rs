@@ -53,7 +53,7 @@ pub fn transfer(c: &[Vec<f64>]) -> Transfer {
 
 pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     let phases: Vec<Shift> = a.sequence.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-    if !(a.phase_s >= 60.0) {
+    if a.phase_s.is_nan() || a.phase_s < 60.0 {
         bail!("--phase-s {} : a phase needs at least a minute", a.phase_s);
     }
     let exe = std::env::current_exe()?;

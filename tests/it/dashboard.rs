@@ -210,7 +210,10 @@ config = "@CONFIGS@/ingest.toml"
         .iter()
         .filter_map(|r| r.as_str()?.split(' ').next()?.parse().ok())
         .collect();
-    eprintln!("autonomous success on the page, second by second: {}", b["success_readings"]);
+    eprintln!(
+        "autonomous success on the page, second by second: {}",
+        b["success_readings"]
+    );
     let peak = readings.iter().cloned().fold(0.0, f64::max);
     let peak_at = readings.iter().position(|&r| r == peak).unwrap_or(0);
     let low = readings[peak_at..].iter().cloned().fold(100.0, f64::min);
