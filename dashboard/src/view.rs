@@ -228,8 +228,11 @@ impl FleetView {
                     push(&mut r.actions, (t, a.to_vec()));
                 }
                 r.source = format!("{:?}", c.source);
+                // An adapter's version already names its base (`base+lora.N`): say it once.
                 r.version = if c.adapter_version.is_empty() {
                     c.policy_version
+                } else if c.adapter_version.starts_with(&format!("{}+", c.policy_version)) {
+                    c.adapter_version
                 } else {
                     format!("{}+{}", c.policy_version, c.adapter_version)
                 };
@@ -347,7 +350,7 @@ mod tests {
         v.message(
             "nb/r0/act",
             10,
-            Some((header(Kind::ActionChunk, 4), AnyMessage::ActionChunk(chunk))),
+            Some((header(Kind::ActionChunk, 4), AnyMessage::ActionChunk(chunk.clone()))),
         );
         let end = Event {
             episode: 0,
@@ -399,6 +402,18 @@ mod tests {
             "the episode names the policy that drove it"
         );
         assert_eq!(r0["episodes"][0]["success"], true);
+        // An adapter whose version already names its base is named once.
+        let named = ActionChunk {
+            obs_seq: 5,
+            adapter_version: "base+lora.1800".into(),
+            ..chunk
+        };
+        v.message(
+            "nb/r0/act",
+            10,
+            Some((header(Kind::ActionChunk, 6), AnyMessage::ActionChunk(named))),
+        );
+        assert_eq!(v.snapshot()["robots"]["r0"]["version"], "base+lora.1800");
         assert_eq!(r0["rejects"]["crc"], 4);
         assert_eq!(r0["actions"][0][1], json!([0.1f32, 0.2f32]));
         assert_eq!(s["nodes"]["sim"]["ingest_r0"]["alive"], true);

@@ -11,6 +11,7 @@ prints {"robots": [...], "obs_before": N, "obs_after": M, "camera_width": W, ...
 """
 import base64
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -94,6 +95,10 @@ try:
         time.sleep(1.0)
     report["success_readings"] = readings
     report["errors"] = js("return window.__errors || [];")
+    # SCROLL_TO=ID in the environment: the screenshot shows that section (a person's look).
+    if os.environ.get("SCROLL_TO"):
+        js(f"document.getElementById({json.dumps(os.environ['SCROLL_TO'])}).scrollIntoView(); return true;")
+        time.sleep(1.0)
     png = base64.b64decode(call("GET", s + "/screenshot"))
     open(shot, "wb").write(png)
     report["screenshot_bytes"] = len(png)
