@@ -139,47 +139,82 @@ pub(crate) fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
     )
 }
 
+/// The main job (launch/sim.toml) run by a bench in a scratch directory of its own, on the
+/// given base and demonstrations.
+pub(crate) struct MainJob {
+    pub exe: PathBuf,
+    pub launch: PathBuf,
+    pub checkpoint: PathBuf,
+    pub work: PathBuf,
+    pub port: u16,
+    observe: nanobot_sim::Observe,
+}
+
+impl MainJob {
+    /// Checks the files, makes `--dir` (or a new directory named for `tag`) with the
+    /// demonstrations linked where the launch file looks for them.
+    pub fn prepare(a: &LoopArgs, tag: &str) -> anyhow::Result<MainJob> {
+        let launch = std::env::current_dir()?.join("launch/sim.toml");
+        if !launch.exists() {
+            bail!("run from the repository root: {} is missing", launch.display());
+        }
+        let checkpoint = std::fs::canonicalize(&a.checkpoint).with_context(|| a.checkpoint.display().to_string())?;
+        let demos = std::fs::canonicalize(&a.demos).with_context(|| a.demos.display().to_string())?;
+        let work = a
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("nb-bench-{tag}-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(work.join("data"))?;
+        std::os::unix::fs::symlink(&demos, work.join(format!("data/demos-{}", a.observe.name())))?;
+        Ok(MainJob {
+            exe: std::env::current_exe()?,
+            launch,
+            checkpoint,
+            work,
+            port: free_port(),
+            observe: a.observe,
+        })
+    }
+
+    /// `nanobot launch launch/sim.toml` with `env` beside the base, port and observation mode;
+    /// its log goes to `fleet.log` in the scratch directory.
+    pub fn spawn(&self, env: &[(&str, String)]) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.current_dir(&self.work)
+            .arg("launch")
+            .arg(&self.launch)
+            .env("NB_CHECKPOINT", &self.checkpoint)
+            .env("NB_PORT", self.port.to_string())
+            .env("NB_OBSERVE", self.observe.name())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.work.join("fleet.log"))?);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(cmd.spawn()?)
+    }
+}
+
 pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     if !a.sequence.is_empty() {
         return crate::sequence::run(rt, a);
     }
-    let exe = std::env::current_exe()?;
-    let repo = std::env::current_dir()?;
-    let launch = repo.join("launch/sim.toml");
-    if !launch.exists() {
-        bail!("run from the repository root: {} is missing", launch.display());
-    }
-    let checkpoint = std::fs::canonicalize(&a.checkpoint).with_context(|| a.checkpoint.display().to_string())?;
-    let demos = std::fs::canonicalize(&a.demos).with_context(|| a.demos.display().to_string())?;
     let shift: Shift = a.shift.parse()?;
-    let work = a
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("nb-bench-loop-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("data"))?;
-    std::os::unix::fs::symlink(&demos, work.join(format!("data/demos-{}", a.observe.name())))?;
-    let port = free_port();
+    let job = MainJob::prepare(&a, "loop")?;
     println!(
         "bench loop: launch/sim.toml in {}, base {}, shift to {} after {} s, {} s after it",
-        work.display(),
-        checkpoint.display(),
+        job.work.display(),
+        job.checkpoint.display(),
         shift.name(),
         a.before_s,
         a.after_s
     );
-    let mut fleet = Command::new(&exe)
-        .current_dir(&work)
-        .args(["launch"])
-        .arg(&launch)
-        .env("NB_CHECKPOINT", &checkpoint)
-        .env("NB_PORT", port.to_string())
-        .env("NB_SHIFT", shift.name())
-        .env("NB_OBSERVE", a.observe.name())
-        .env("NB_SHIFT_AFTER_S", format!("{:.1}", a.before_s))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join("fleet.log"))?)
-        .spawn()?;
+    let mut fleet = job.spawn(&[
+        ("NB_SHIFT", shift.name().to_string()),
+        ("NB_SHIFT_AFTER_S", format!("{:.1}", a.before_s)),
+    ])?;
+    let (exe, checkpoint, work, port) = (job.exe.clone(), job.checkpoint.clone(), job.work.clone(), job.port);
     let t_shift = a.before_s;
     let label = |t: f64| if t < t_shift { "A" } else { "B" }.to_string();
     let result = rt.block_on(watch_loop(port, &work, a.before_s + a.after_s, &label));

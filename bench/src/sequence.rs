@@ -7,14 +7,12 @@
 //! phase's condition: the matrix the continual-learning figures come from (LIBERO's, Liu et al.
 //! 2023: forward transfer, negative backward transfer, area under the success curve).
 
-use std::process::{Command, Stdio};
-
-use anyhow::{bail, Context};
+use anyhow::bail;
 use nanobot_actors::shadow::{evaluate, Driver, ShadowConfig};
 use nanobot_policy::runner::Runner;
 use nanobot_sim::Shift;
 
-use crate::learning::{child_kill, find_adapter, free_port, rate, watch_loop, LoopArgs, Watch};
+use crate::learning::{child_kill, find_adapter, rate, watch_loop, LoopArgs, MainJob, Watch};
 
 /// The continual-learning figures of a success matrix `c[i][k]`: success on phase k's condition
 /// with the policy the fleet ran at the end of phase i (LIBERO's definitions, over phases).
@@ -56,22 +54,7 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     if a.phase_s.is_nan() || a.phase_s < 60.0 {
         bail!("--phase-s {} : a phase needs at least a minute", a.phase_s);
     }
-    let exe = std::env::current_exe()?;
-    let repo = std::env::current_dir()?;
-    let launch = repo.join("launch/sim.toml");
-    if !launch.exists() {
-        bail!("run from the repository root: {} is missing", launch.display());
-    }
-    let checkpoint = std::fs::canonicalize(&a.checkpoint).with_context(|| a.checkpoint.display().to_string())?;
-    let demos = std::fs::canonicalize(&a.demos).with_context(|| a.demos.display().to_string())?;
-    let work = a
-        .dir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("nb-bench-sequence-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(work.join("data"))?;
-    std::os::unix::fs::symlink(&demos, work.join(format!("data/demos-{}", a.observe.name())))?;
-    let port = free_port();
+    let job = MainJob::prepare(&a, "sequence")?;
     // The first phase from the first tick; the others through the robots' `sequence`.
     let rest: Vec<String> = phases
         .iter()
@@ -82,25 +65,18 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     let end = phases.len() as f64 * a.phase_s;
     println!(
         "bench loop --sequence: launch/sim.toml in {}, base {}, observing {}, {} for {:.0} s each",
-        work.display(),
-        checkpoint.display(),
+        job.work.display(),
+        job.checkpoint.display(),
         a.observe.name(),
         a.sequence.join(" → "),
         a.phase_s
     );
-    let mut fleet = Command::new(&exe)
-        .current_dir(&work)
-        .args(["launch"])
-        .arg(&launch)
-        .env("NB_CHECKPOINT", &checkpoint)
-        .env("NB_PORT", port.to_string())
-        .env("NB_OBSERVE", a.observe.name())
-        .env("NB_SHIFT", phases[0].name())
-        .env("NB_SHIFT_AFTER_S", "0.0")
-        .env("NB_SEQUENCE", rest.join(","))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join("fleet.log"))?)
-        .spawn()?;
+    let mut fleet = job.spawn(&[
+        ("NB_SHIFT", phases[0].name().to_string()),
+        ("NB_SHIFT_AFTER_S", "0.0".to_string()),
+        ("NB_SEQUENCE", rest.join(",")),
+    ])?;
+    let (checkpoint, work, port) = (job.checkpoint.clone(), job.work.clone(), job.port);
     let phase_s = a.phase_s;
     let label = |t: f64| {
         let k = ((t / phase_s) as usize).min(phases.len() - 1);

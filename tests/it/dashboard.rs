@@ -79,30 +79,10 @@ fn the_dashboard_shows_a_running_fleet_live_in_a_browser() {
     // One robot driven by the remote expert; after 25 s its drive turns 70° (which that expert
     // does not know), and an episode not done in 30 ticks is finished by the onboard expert:
     // the fleet's autonomous success falls, and the page must say so.
-    let file = write_launch(
+    let file = one_robot_fleet_with(
         "dashboard",
-        &format!(
-            r#"
-[robots]
-ids = ["r0"]
-[[node]]
-name = "sim"
-listen = ["tcp/127.0.0.1:{port}"]
-[[node.actor]]
-type = "sim_robot"
-for_each_robot = true
-config = "@CONFIGS@/sim_robot.toml"
-set = {{ intervene_after_steps = 30, shift_after_s = 25.0, shift_to = "actuator_rotation" }}
-[[node.actor]]
-type = "expert"
-for_each_robot = true
-config = "@CONFIGS@/expert.toml"
-[[node.actor]]
-type = "ingest"
-for_each_robot = true
-config = "@CONFIGS@/ingest.toml"
-"#
-        ),
+        port,
+        r#"set = { intervene_after_steps = 30, shift_after_s = 25.0, shift_to = "actuator_rotation" }"#,
     );
     let mut cmd = nanobot();
     cmd.arg("launch")

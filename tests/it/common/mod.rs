@@ -121,6 +121,12 @@ pub fn write_launch(tag: &str, text: &str) -> TempPath {
 /// A launch file for one node listening on `port` with one simulated robot `r0` driven by the
 /// scripted expert at 20 Hz, its telemetry through ingest: a small live fleet for the tools.
 pub fn one_robot_fleet(tag: &str, port: u16) -> TempPath {
+    one_robot_fleet_with(tag, port, "")
+}
+
+/// [`one_robot_fleet`] with `robot_set` (a launch file's `set = ...` line, or "") for its
+/// simulated robot.
+pub fn one_robot_fleet_with(tag: &str, port: u16, robot_set: &str) -> TempPath {
     write_launch(
         tag,
         &format!(
@@ -134,6 +140,7 @@ listen = ["tcp/127.0.0.1:{port}"]
 type = "sim_robot"
 for_each_robot = true
 config = "@CONFIGS@/sim_robot.toml"
+{robot_set}
 [[node.actor]]
 type = "expert"
 for_each_robot = true
