@@ -317,19 +317,26 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A Zenoh client of the node listening on `port` (sees the whole fleet through it).
+/// A Zenoh client of the node listening on `port` (sees the whole fleet through it). A node
+/// whose process has started may not listen yet: it tries again for up to 30 s.
 pub async fn client(port: u16) -> nanobot_actors::bus::Bus {
     use nanobot_actors::bus::{Bus, BusConfig, Mode};
-    Bus::open(
-        &BusConfig {
-            mode: Mode::Client,
-            connect: vec![format!("tcp/127.0.0.1:{port}")],
-            ..BusConfig::default()
-        },
-        "nb",
-    )
-    .await
-    .unwrap()
+    let cfg = BusConfig {
+        mode: Mode::Client,
+        connect: vec![format!("tcp/127.0.0.1:{port}")],
+        ..BusConfig::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Bus::open(&cfg, "nb").await {
+            Ok(bus) => return bus,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("client of port {port}: {e}; trying again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("no node listens on port {port} after 30 s: {e}"),
+        }
+    }
 }
 
 pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
