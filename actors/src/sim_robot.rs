@@ -35,7 +35,7 @@ pub struct SimRobotConfig {
     pub shift_after_s: Option<f64>,
     pub shift_to: Shift,
     /// Conditions in turn, each from a time on: `"icy_floor@60,brightness@300,none@540"`
-    /// (shift names, seconds after the start, in order). Applied after `shift_after_s`.
+    /// (shift names, seconds after the start, in order), after `shift_after_s` → `shift_to`.
     pub sequence: String,
     /// Run this many episodes, then publish nothing more (0: run until stopped). A fixed
     /// amount of data, for recordings, evaluations and tests.
@@ -80,8 +80,8 @@ pub struct SimRobot {
     intervening: bool,
     /// The expert finishes this episode (it was failing).
     rescuing: bool,
-    shifted: bool,
-    /// `sequence`, parsed, and how many of its phases have begun.
+    /// Its conditions in turn (`shift_after_s` → `shift_to`, then `sequence`), and how many
+    /// have begun.
     phases: Vec<(f64, Shift)>,
     phases_begun: usize,
     act: Inbox<Received<ActionChunk>>,
@@ -176,14 +176,6 @@ impl SimRobot {
         if self.finished() {
             return;
         }
-        if let Some(after) = self.cfg.shift_after_s {
-            if !self.shifted && self.started.elapsed().as_secs_f64() >= after {
-                self.shifted = true;
-                self.cfg.sim.shift = self.cfg.shift_to;
-                self.world.set_shift(self.cfg.shift_to);
-                tracing::info!(robot = %self.robot_id, shift = self.cfg.shift_to.name(), "the world shifts (from the next episode's start on, and the drive now)");
-            }
-        }
         while let Some(&(at, shift)) = self.phases.get(self.phases_begun) {
             if self.started.elapsed().as_secs_f64() < at {
                 break;
@@ -191,7 +183,7 @@ impl SimRobot {
             self.phases_begun += 1;
             self.cfg.sim.shift = shift;
             self.world.set_shift(shift);
-            tracing::info!(robot = %self.robot_id, shift = shift.name(), phase = self.phases_begun, "the world shifts to the sequence's next condition");
+            tracing::info!(robot = %self.robot_id, shift = shift.name(), phase = self.phases_begun, "the world shifts (from the next episode's start on, and the drive now)");
         }
         let limit = self.cfg.intervene_after_steps;
         if limit > 0 && !self.rescuing && self.world.step_in_episode() >= limit {
@@ -332,7 +324,7 @@ impl NodeActor for SimRobot {
     async fn start(ctx: &Ctx<Self>, cfg: SimRobotConfig) -> Result<Self, ActorError> {
         let robot_id = ctx.robot()?.to_string();
         let world = World::new(cfg.sim.clone()).map_err(|e| ctx.config_error(e.to_string()))?;
-        let phases = parse_sequence(&cfg.sequence).map_err(|e| ctx.config_error(format!("sequence: {e}")))?;
+        let phases = phases(&cfg).map_err(|e| ctx.config_error(format!("sequence: {e}")))?;
         let fleet = ctx.fleet();
         let raw = |sensor: &str| topics::raw(fleet, &robot_id, sensor);
         let act = ctx
@@ -356,7 +348,6 @@ impl NodeActor for SimRobot {
             started: Instant::now(),
             intervening: false,
             rescuing: false,
-            shifted: false,
             phases,
             phases_begun: 0,
             robot_id,
@@ -455,6 +446,12 @@ mod tests {
     }
 }
 
+/// A robot's conditions in turn: `shift_after_s` → `shift_to`, then its `sequence`.
+fn phases(cfg: &SimRobotConfig) -> Result<Vec<(f64, Shift)>, String> {
+    let first = cfg.shift_after_s.map(|at| format!("{}@{at}", cfg.shift_to.name()));
+    parse_sequence(&[first.unwrap_or_default(), cfg.sequence.clone()].join(","))
+}
+
 /// `"icy_floor@60,brightness@300"` → `[(60.0, IcyFloor), (300.0, Brightness)]`; times must rise.
 pub fn parse_sequence(text: &str) -> Result<Vec<(f64, Shift)>, String> {
     let mut out: Vec<(f64, Shift)> = Vec::new();
@@ -495,5 +492,17 @@ mod sequence_tests {
             .unwrap_err()
             .contains("brightness@30"));
         assert!(parse_sequence("none").unwrap_err().contains("SHIFT@SECONDS"));
+        // `shift_after_s` → `shift_to` is the first phase.
+        let cfg = SimRobotConfig {
+            shift_after_s: Some(60.0),
+            shift_to: Shift::IcyFloor,
+            sequence: "brightness@300".into(),
+            ..SimRobotConfig::default()
+        };
+        assert_eq!(
+            phases(&cfg).unwrap(),
+            vec![(60.0, Shift::IcyFloor), (300.0, Shift::Brightness)]
+        );
+        assert!(phases(&SimRobotConfig::default()).unwrap().is_empty());
     }
 }

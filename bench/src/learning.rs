@@ -139,6 +139,49 @@ pub(crate) fn rate(eps: &[Episode], from: f64, to: f64) -> (f64, usize) {
     )
 }
 
+/// A share as a whole percentage, "-" when there was nothing to count.
+pub(crate) fn pct(v: f64) -> String {
+    if v.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{:.0} %", 100.0 * v)
+    }
+}
+
+/// Minutes from `from` until a one-minute window (sliding by 10 s, within `to`) of at least 4
+/// episodes succeeds ≥ 80 %.
+pub(crate) fn minutes_to_80(eps: &[Episode], from: f64, to: f64) -> Option<f64> {
+    (0..)
+        .map(|k| from + 10.0 * k as f64)
+        .take_while(|t| t + 60.0 <= to)
+        .find(|t| {
+            let (r, n) = rate(eps, *t, t + 60.0);
+            n >= 4 && r >= 0.8
+        })
+        .map(|t| (t + 60.0 - from) / 60.0)
+}
+
+/// Interventions per robot-hour among `robots` robots in `[from, to)`.
+pub(crate) fn per_robot_hour(interventions: &[f64], robots: f64, from: f64, to: f64) -> f64 {
+    let n = interventions.iter().filter(|t| **t >= from && **t < to).count();
+    n as f64 / (robots * (to - from).max(1e-9) / 3600.0)
+}
+
+/// Shadow settings for a bench's closed-loop figures: `seeds` × `episodes`, each episode as long
+/// as a live robot gets before its expert takes over (launch/sim.toml's 60 ticks).
+pub(crate) fn shadow_settings(observe: nanobot_sim::Observe, seeds: Vec<u64>, episodes: u32) -> ShadowConfig {
+    ShadowConfig {
+        seeds,
+        episodes_per_seed: episodes,
+        sim: nanobot_sim::SimConfig {
+            episode_steps: 60,
+            observe,
+            ..Default::default()
+        },
+        ..ShadowConfig::default()
+    }
+}
+
 /// The main job (launch/sim.toml) run by a bench in a scratch directory of its own, on the
 /// given base and demonstrations.
 pub(crate) struct MainJob {
@@ -231,33 +274,12 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     let b_until = first_adapter.unwrap_or(end).min(t_shift + 120.0);
     let (b_before, n_bb) = rate(eps, t_shift, b_until);
     let (b_after, n_ba) = rate(eps, end - 120.0, end);
-    let recovered = (0..)
-        .map(|k| t_shift + 10.0 * k as f64)
-        .take_while(|t| t + 60.0 <= end)
-        .find(|t| {
-            let (r, n) = rate(eps, *t, t + 60.0);
-            n >= 4 && r >= 0.8
-        })
-        .map(|t| (t + 60.0 - t_shift) / 60.0);
-    let robots = 4.0;
-    let per_hour = |from: f64, to: f64| {
-        let n = w.interventions.iter().filter(|t| **t >= from && **t < to).count();
-        n as f64 / (robots * (to - from).max(1e-9) / 3600.0)
-    };
+    let recovered = minutes_to_80(eps, t_shift, end);
+    let per_hour = |from: f64, to: f64| per_robot_hour(&w.interventions, 4.0, from, to);
     // Retention, and what the expert does, in shadow simulation.
     let final_fleet = w.rollouts.last().map(|r| r.2.clone()).unwrap_or_default();
     let base = Runner::load(&checkpoint, None)?;
-    // Episodes as long as a live robot gets before its expert takes over (launch/sim.toml).
-    let cfg = ShadowConfig {
-        seeds: vec![100, 101, 102, 103],
-        episodes_per_seed: 10,
-        sim: nanobot_sim::SimConfig {
-            episode_steps: 60,
-            observe: a.observe,
-            ..Default::default()
-        },
-        ..ShadowConfig::default()
-    };
+    let cfg = shadow_settings(a.observe, vec![100, 101, 102, 103], 10);
     let adapter_file = find_adapter(&work, &final_fleet);
     let adapted = match &adapter_file {
         Some(p) => Some(base.with_adapter_bytes(&std::fs::read(p)?, &final_fleet)?),
@@ -270,13 +292,6 @@ pub fn run(rt: &tokio::runtime::Runtime, a: LoopArgs) -> anyhow::Result<u8> {
     let (ad_a, ad_b) = match &adapted {
         Some(r) => (Some(shadow(r, Shift::None)?), Some(shadow(r, shift)?)),
         None => (None, None),
-    };
-    let pct = |v: f64| {
-        if v.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.0} %", 100.0 * v)
-        }
     };
     println!();
     println!("live fleet (4 robots; an episode the expert finished is a failure):");

@@ -8,11 +8,14 @@
 //! 2023: forward transfer, negative backward transfer, area under the success curve).
 
 use anyhow::bail;
-use nanobot_actors::shadow::{evaluate, Driver, ShadowConfig};
+use nanobot_actors::shadow::{evaluate, Driver};
 use nanobot_policy::runner::Runner;
 use nanobot_sim::Shift;
 
-use crate::learning::{child_kill, find_adapter, rate, watch_loop, LoopArgs, MainJob, Watch};
+use crate::learning::{
+    child_kill, find_adapter, minutes_to_80, pct, per_robot_hour, rate, shadow_settings, watch_loop, LoopArgs, MainJob,
+    Watch,
+};
 
 /// The continual-learning figures of a success matrix `c[i][k]`: success on phase k's condition
 /// with the policy the fleet ran at the end of phase i (LIBERO's definitions, over phases).
@@ -96,14 +99,6 @@ fn report(
     work: &std::path::Path,
 ) -> anyhow::Result<u8> {
     let (eps, p) = (&w.episodes, a.phase_s);
-    let robots = 4.0;
-    let pct = |v: f64| {
-        if v.is_nan() {
-            "-".to_string()
-        } else {
-            format!("{:.0} %", 100.0 * v)
-        }
-    };
     println!();
     println!("per phase, the live fleet (4 robots; an episode the expert finished is a failure):");
     println!(
@@ -117,22 +112,15 @@ fn report(
         let minutes: Vec<String> = (0..((p / 60.0) as usize))
             .map(|m| pct(rate(eps, from + 60.0 * m as f64, from + 60.0 * (m + 1) as f64).0))
             .collect();
-        let reached = (0..)
-            .map(|j| from + 10.0 * j as f64)
-            .take_while(|t| t + 60.0 <= to)
-            .find(|t| {
-                let (r, n) = rate(eps, *t, t + 60.0);
-                n >= 4 && r >= 0.8
-            })
-            .map(|t| format!("{:.1}", (t + 60.0 - from) / 60.0))
+        let reached = minutes_to_80(eps, from, to)
+            .map(|m| format!("{m:.1}"))
             .unwrap_or_else(|| "not reached".into());
-        let ints = w.interventions.iter().filter(|t| **t >= from && **t < to).count();
         println!(
             "  {:<18} {:<42} {:>16} {:>22.0}",
             format!("{} {}", k + 1, shift.name()),
             minutes.join(" "),
             reached,
-            ints as f64 / (robots * p / 3600.0)
+            per_robot_hour(&w.interventions, 4.0, from, to)
         );
         at_end.push(
             w.rollouts
@@ -144,16 +132,7 @@ fn report(
         );
     }
     // Success matrix on unseen worlds.
-    let cfg = ShadowConfig {
-        seeds: vec![3000, 3001, 3002, 3003],
-        episodes_per_seed: 5,
-        sim: nanobot_sim::SimConfig {
-            episode_steps: 60,
-            observe: a.observe,
-            ..Default::default()
-        },
-        ..ShadowConfig::default()
-    };
+    let cfg = shadow_settings(a.observe, vec![3000, 3001, 3002, 3003], 5);
     let base = Runner::load(checkpoint, None)?;
     println!();
     println!("shadow simulation, worlds 3000–3003 × 5 episodes of at most 60 ticks (no part of the system used them):");
@@ -162,30 +141,44 @@ fn report(
         print!(" {:>16}", format!("{} {}", k + 1, s.name()));
     }
     println!();
-    let mut c = Vec::new();
-    let base_row: Vec<f64> = phases
-        .iter()
-        .map(|&s| evaluate(&Driver::Policy(&base), s, &cfg).map(|r| r.success_rate()))
-        .collect::<Result<_, _>>()?;
-    print!("  {:<34}", "(the base)");
-    base_row.iter().for_each(|v| print!(" {:>16}", pct(*v)));
-    println!();
-    for (k, id) in at_end.iter().enumerate() {
+    // Each (policy, condition) is evaluated once: the fleet often keeps one adapter over
+    // several phases, and a sequence may return to a condition. "" is the base.
+    let mut rows: std::collections::HashMap<String, Vec<f64>> = std::collections::HashMap::new();
+    let mut row = |id: &str| -> anyhow::Result<Vec<f64>> {
+        if let Some(r) = rows.get(id) {
+            return Ok(r.clone());
+        }
         let runner = match find_adapter(work, id) {
             Some(f) => base.with_adapter_bytes(&std::fs::read(&f)?, id)?,
             None => base.without_adapter()?,
         };
-        let row: Vec<f64> = phases
-            .iter()
-            .map(|&s| evaluate(&Driver::Policy(&runner), s, &cfg).map(|r| r.success_rate()))
-            .collect::<Result<_, _>>()?;
-        print!(
-            "  {:<34}",
-            format!("{} ({})", k + 1, if id.is_empty() { "the base" } else { id })
-        );
-        row.iter().for_each(|v| print!(" {:>16}", pct(*v)));
+        let mut by_condition: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+        let mut r = Vec::new();
+        for &s in phases {
+            let v = match by_condition.get(s.name()) {
+                Some(v) => *v,
+                None => evaluate(&Driver::Policy(&runner), s, &cfg)?.success_rate(),
+            };
+            by_condition.insert(s.name(), v);
+            r.push(v);
+        }
+        rows.insert(id.to_string(), r.clone());
+        Ok(r)
+    };
+    let print_row = |label: String, values: &[f64]| {
+        print!("  {label:<34}");
+        values.iter().for_each(|v| print!(" {:>16}", pct(*v)));
         println!();
-        c.push(row);
+    };
+    print_row("(the base)".into(), &row("")?);
+    let mut c = Vec::new();
+    for (k, id) in at_end.iter().enumerate() {
+        let values = row(id)?;
+        print_row(
+            format!("{} ({})", k + 1, if id.is_empty() { "the base" } else { id }),
+            &values,
+        );
+        c.push(values);
     }
     let t = transfer(&c);
     println!();

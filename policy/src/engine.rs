@@ -67,8 +67,7 @@ struct HeadBlock {
     fc2: Linear,
 }
 
-/// One DDIM step's constants: the timestep and `√ᾱ_t, √(1−ᾱ_t), √ᾱ_prev, √(1−ᾱ_prev)`.
-/// The spatial-softmax keypoint token's weights ([`crate::model`]'s `Keypoints`).
+/// The spatial-softmax keypoints' weights ([`crate::model`]'s `Keypoints`).
 #[derive(Clone, Debug)]
 struct Keypoints {
     score: Linear,
@@ -106,6 +105,7 @@ impl Keypoints {
     }
 }
 
+/// One DDIM step's constants: the timestep and `√ᾱ_t, √(1−ᾱ_t), √ᾱ_prev, √(1−ᾱ_prev)`.
 #[derive(Clone, Copy, Debug)]
 struct DdimStep {
     t: f32,

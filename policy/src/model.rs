@@ -26,6 +26,11 @@ pub struct ObsBatch {
     pub task: Tensor,
 }
 
+/// The adapter of the sub-module `name` of an adapted module (its builder, rank and alpha).
+fn sub<'a>(adapter: Option<&(VarBuilder<'a>, usize, f64)>, name: &str) -> Option<(VarBuilder<'a>, usize, f64)> {
+    adapter.map(|(vb, r, al)| (vb.pp(name), *r, *al))
+}
+
 fn linear(
     i: usize,
     o: usize,
@@ -186,7 +191,7 @@ impl Vision {
             pos: vb.get_with_hints((n, v.dim), "pos", candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 })?,
             blocks: (0..v.depth)
                 .map(|i| {
-                    let a = adapter.map(|(vb, r, al)| (vb.pp(format!("block{i}")), *r, *al));
+                    let a = sub(adapter, &format!("block{i}"));
                     Block::new(v.dim, v.heads, vb.pp(format!("block{i}")), a.as_ref(), train)
                 })
                 .collect::<Result<_>>()?,
@@ -199,6 +204,7 @@ impl Vision {
         })
     }
 
+    /// (N, 3, H, W) → (N, frame_rows, width): the patch tokens, then the keypoints' row.
     fn forward(&self, img: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = img.dims4()?;
         let p = self.patch;
@@ -261,7 +267,7 @@ impl Keypoints {
     fn new(cfg: &PolicyConfig, vb: &VarBuilder, adapter: Option<&(VarBuilder, usize, f64)>) -> Result<Self> {
         let v = &cfg.vision;
         let vk = vb.pp("keypoints");
-        let ak = adapter.map(|(a, r, al)| (a.pp("keypoints"), *r, *al));
+        let ak = sub(adapter, "keypoints");
         Ok(Keypoints {
             score: linear(3, v.keypoints, &vk, ak.as_ref(), "score")?,
             log_gain: vk.get_with_hints(
@@ -295,6 +301,7 @@ pub fn pixel_centres(size: usize) -> Vec<f32> {
     (0..size * size).flat_map(|i| [at(i % size), at(i / size)]).collect()
 }
 
+/// Sinusoidal embedding of diffusion timesteps (B) → (B, dim).
 fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let freqs: Vec<f32> = (0..half)
@@ -332,7 +339,7 @@ impl Head {
         let blocks = (0..cfg.head.depth)
             .map(|i| {
                 let vbi = vb.pp(format!("block{i}"));
-                let ad = adapter.map(|(a, r, al)| (a.pp(format!("block{i}")), *r, *al));
+                let ad = sub(adapter, &format!("block{i}"));
                 Ok((
                     ln(h, vbi.pp("ln"), train)?,
                     linear(h, 2 * h, &vbi, ad.as_ref(), "film")?,
@@ -463,9 +470,7 @@ impl Policy {
             )?,
             trunk: (0..cfg.trunk.depth)
                 .map(|k| {
-                    let a = trunk_ad
-                        .as_ref()
-                        .map(|(vb, r, al)| (vb.pp(format!("block{k}")), *r, *al));
+                    let a = sub(trunk_ad.as_ref(), &format!("block{k}"));
                     Block::new(w, cfg.trunk.heads, tv.pp(format!("block{k}")), a.as_ref(), &train)
                 })
                 .collect::<Result<_>>()?,

@@ -243,6 +243,19 @@ config = "@CONFIGS@/trainer.toml"
         rt.block_on(p.put_with(&forged, 424_242, 1, None)).unwrap();
     };
     put_spooled(&robots, "r1");
+    // r1's episode under a condition no robot runs: it would add a condition the promoter's
+    // forgetting guard keeps (`retain_seen`), were it taken.
+    let forged_condition = Event {
+        episode: 424_243,
+        event: EventKind::EpisodeStart {
+            task: 0,
+            shift: "warm_light".into(),
+        },
+    };
+    let p = rt
+        .block_on(robots.publisher::<Event>("nb/r1/event", "r1", PubQos::Data))
+        .unwrap();
+    rt.block_on(p.put(&forged_condition)).unwrap();
     put_event(&robots, "r1");
     put_spooled(&robots, "r0");
     put_event(&robots, "r0");
@@ -252,8 +265,8 @@ config = "@CONFIGS@/trainer.toml"
         || saw(&seen, "nb/r0/event", 424_242),
     );
     assert!(
-        !saw(&seen, "nb/r1/event", 424_242),
-        "the robots' node published r1's telemetry"
+        !saw(&seen, "nb/r1/event", 424_242) && !saw(&seen, "nb/r1/event", 424_243),
+        "the robots' node published r1's telemetry (or a condition for it)"
     );
     assert!(saw(&seen, "nb/log/r0/spool", 424_242), "its own robot's spool passes");
     assert!(

@@ -6,51 +6,14 @@
 //! under each visual shift (so the loop has something to recover).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::common::{nanobot, repo, temp_dir, text};
+use crate::common::{demos_and_policy, nanobot, temp_dir, text};
 
 fn run(args: &[&str]) -> String {
     let out = nanobot().args(args).output().unwrap();
     assert!(out.status.success(), "nanobot {args:?}:\n{}", text(&out.stderr));
     text(&out.stdout)
-}
-
-/// The tiny camera policy trained on 2 robots × 60 camera-only demonstrations (seeds 0, 1).
-fn camera_policy(dir: &Path) -> PathBuf {
-    let demos = dir.join("demos");
-    let ckpt = dir.join("tiny_camera.safetensors");
-    let d = demos.to_str().unwrap();
-    run(&[
-        "demos",
-        "--out",
-        d,
-        "--robots",
-        "2",
-        "--episodes",
-        "60",
-        "--observe",
-        "camera",
-    ]);
-    let config = repo().join("configs/policy/tiny_camera.toml");
-    run(&[
-        "train",
-        "--dataset",
-        demos.join("r0").to_str().unwrap(),
-        "--dataset",
-        demos.join("r1").to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-        "--steps",
-        "2000",
-        "--lr",
-        "3e-3",
-        "--warmup",
-        "50",
-        "--out",
-        ckpt.to_str().unwrap(),
-    ]);
-    ckpt
 }
 
 /// `nanobot eval` on worlds 100–103 observing through the camera, episodes cut at 60 ticks (the
@@ -85,8 +48,9 @@ fn eval(ckpt: &Path, extra: &[&str]) -> HashMap<String, f64> {
 
 #[test]
 fn the_camera_only_policy_reads_its_target_from_pixels_and_each_visual_shift_bites() {
+    // The tiny camera policy trained on 2 robots × 60 camera-only demonstrations (seeds 0, 1).
     let dir = temp_dir("vision");
-    let ckpt = camera_policy(&dir);
+    let (ckpt, _) = demos_and_policy(&dir, "tiny_camera", "60", "camera");
     let seen = eval(&ckpt, &[]);
     // The stated floor for the tiny config and a 2-minute training (the main job's small base
     // reaches more: docs/benchmarks.md).

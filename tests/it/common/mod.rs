@@ -408,21 +408,31 @@ pub fn tiny_base(dir: &Path) -> PathBuf {
 /// The README's path in small: `nanobot demos` (2 robots × 40 expert episodes, worlds 0 and 1)
 /// and the tiny policy trained on them for 2000 steps. Returns (checkpoint, demos directory).
 pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
+    demos_and_policy(dir, "tiny", "40", "state")
+}
+
+/// `nanobot demos` (2 robots × `episodes` expert episodes, worlds 0 and 1, observing `observe`)
+/// into `dir/demos`, and `configs/policy/{config}.toml` trained on them for 2000 steps into
+/// `dir/{config}.safetensors` (version `{config}-demos`). Returns (checkpoint, demos directory).
+pub fn demos_and_policy(dir: &Path, config: &str, episodes: &str, observe: &str) -> (PathBuf, PathBuf) {
     let demos = dir.join("demos");
-    let ckpt = dir.join("tiny.safetensors");
-    let config = repo().join("configs/policy/tiny.toml");
+    let ckpt = dir.join(format!("{config}.safetensors"));
+    let config_file = repo().join(format!("configs/policy/{config}.toml"));
     let run = |args: &[&str]| {
         let out = nanobot().args(args).output().unwrap();
         assert!(out.status.success(), "nanobot {args:?}:\n{}", text(&out.stderr));
     };
+    let d = demos.to_str().unwrap();
     run(&[
         "demos",
         "--out",
-        demos.to_str().unwrap(),
+        d,
         "--robots",
         "2",
         "--episodes",
-        "40",
+        episodes,
+        "--observe",
+        observe,
     ]);
     run(&[
         "train",
@@ -431,7 +441,7 @@ pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
         "--dataset",
         demos.join("r1").to_str().unwrap(),
         "--config",
-        config.to_str().unwrap(),
+        config_file.to_str().unwrap(),
         "--steps",
         "2000",
         "--lr",
@@ -439,7 +449,7 @@ pub fn tiny_policy(dir: &Path) -> (PathBuf, PathBuf) {
         "--warmup",
         "50",
         "--version",
-        "tiny-demos",
+        &format!("{config}-demos"),
         "--out",
         ckpt.to_str().unwrap(),
     ]);
